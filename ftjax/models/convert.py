@@ -1,0 +1,144 @@
+"""Hugging Face tensor names <-> ftjax parameter paths, in both directions.
+
+One table per family lists (ftjax path, HF name, kind). Per-layer rows carry `{i}` and map to one
+stacked leaf with a leading 'layers' axis. kind 'linear' transposes PyTorch's [out, in] to our
+[in, out]. Loading asserts every expected name and shape; export writes the same names back.
+"""
+import numpy as np
+
+LINEAR, PLAIN = 'linear', 'plain'
+
+
+def llama_table(cfg):
+    layer = 'model.layers.{i}.'
+    rows = []
+    for p in ('q', 'k', 'v', 'o'):
+        rows.append((('layers', f'{p}_proj', 'kernel'), layer + f'self_attn.{p}_proj.weight', LINEAR))
+        if (cfg.qkv_bias and p != 'o') or (cfg.o_bias and p == 'o'):
+            rows.append((('layers', f'{p}_proj', 'bias'), layer + f'self_attn.{p}_proj.bias', PLAIN))
+    for p in ('gate', 'up', 'down'):
+        rows.append((('layers', f'{p}_proj', 'kernel'), layer + f'mlp.{p}_proj.weight', LINEAR))
+        if cfg.mlp_bias:
+            rows.append((('layers', f'{p}_proj', 'bias'), layer + f'mlp.{p}_proj.bias', PLAIN))
+    rows += [(('layers', 'attn_norm', 'scale'), layer + 'input_layernorm.weight', PLAIN),
+             (('layers', 'mlp_norm', 'scale'), layer + 'post_attention_layernorm.weight', PLAIN),
+             (('embed', 'embedding'), 'model.embed_tokens.weight', PLAIN),
+             (('final_norm', 'scale'), 'model.norm.weight', PLAIN)]
+    if not cfg.tie_embeddings:
+        rows.append((('lm_head', 'kernel'), 'lm_head.weight', LINEAR))
+    return rows
+
+
+def bert_table(cfg, prefix=''):
+    layer = prefix + 'encoder.layer.{i}.'
+    rows = [(('token_embed', 'embedding'), prefix + 'embeddings.word_embeddings.weight', PLAIN),
+            (('position_embed', 'embedding'), prefix + 'embeddings.position_embeddings.weight', PLAIN),
+            (('type_embed', 'embedding'), prefix + 'embeddings.token_type_embeddings.weight', PLAIN),
+            (('embed_norm', 'scale'), prefix + 'embeddings.LayerNorm.weight', PLAIN),
+            (('embed_norm', 'bias'), prefix + 'embeddings.LayerNorm.bias', PLAIN)]
+    linears = {'q_proj': 'attention.self.query', 'k_proj': 'attention.self.key', 'v_proj': 'attention.self.value',
+               'o_proj': 'attention.output.dense', 'up_proj': 'intermediate.dense', 'down_proj': 'output.dense'}
+    for ours, theirs in linears.items():
+        rows.append((('layers', ours, 'kernel'), layer + theirs + '.weight', LINEAR))
+        rows.append((('layers', ours, 'bias'), layer + theirs + '.bias', PLAIN))
+    for ours, theirs in {'attn_norm': 'attention.output.LayerNorm', 'mlp_norm': 'output.LayerNorm'}.items():
+        rows.append((('layers', ours, 'scale'), layer + theirs + '.weight', PLAIN))
+        rows.append((('layers', ours, 'bias'), layer + theirs + '.bias', PLAIN))
+    return rows
+
+
+def bert_head_table(cfg):
+    """The sequence-classification head in the layout of transformers' ...ForSequenceClassification."""
+    if cfg.model_type == 'bert':
+        pooler, classifier = 'bert.pooler.dense', 'classifier'
+    else:
+        pooler, classifier = 'classifier.dense', 'classifier.out_proj'
+    rows = [(('classifier', 'kernel'), classifier + '.weight', LINEAR), (('classifier', 'bias'), classifier + '.bias', PLAIN)]
+    if cfg.pooling == 'cls':
+        rows += [(('pooler', 'kernel'), pooler + '.weight', LINEAR), (('pooler', 'bias'), pooler + '.bias', PLAIN)]
+    return rows
+
+
+def bert_prefix(names, model_type):
+    """'' for a bare BertModel checkpoint, 'bert.' / 'roberta.' for the task-head checkpoints."""
+    for prefix in (f'{model_type}.', ''):
+        if prefix + 'embeddings.word_embeddings.weight' in names:
+            return prefix
+    return f'{model_type}.' if any(n.startswith(model_type + '.') for n in names) else ''
+
+
+def table(cfg, names=()):
+    if cfg.family == 'llama':
+        return llama_table(cfg)
+    return bert_table(cfg, bert_prefix(set(names), cfg.model_type))
+
+
+def _set(tree, path, value):
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _normalize_names(state_dict):
+    """Old BERT checkpoints call LayerNorm's parameters gamma/beta."""
+    return {k.replace('LayerNorm.gamma', 'LayerNorm.weight').replace('LayerNorm.beta', 'LayerNorm.bias'): v
+            for k, v in state_dict.items()}
+
+
+def hf_to_params(state_dict, rows, expected, num_layers, source='checkpoint'):
+    """Builds the ftjax parameter tree from HF-named numpy arrays.
+
+    `expected` is the tree of ShapeDtypeStructs of the model; every row's tensor must exist and
+    have exactly the expected shape, else a ValueError names the tensor and `source`.
+    """
+    state_dict = _normalize_names(state_dict)
+    params = {}
+    for path, name, kind in rows:
+        want = _get(expected, path).shape
+        if '{i}' in name:
+            tensors = [_fetch(state_dict, name.format(i=i), source) for i in range(num_layers)]
+            arr = np.stack([_orient(t, kind) for t in tensors])  # [layers, ...]
+            label = name.format(i='*')
+        else:
+            arr = _orient(_fetch(state_dict, name, source), kind)
+            label = name
+        if tuple(arr.shape) != tuple(want):
+            theirs = arr.shape[::-1] if kind == LINEAR else arr.shape
+            raise ValueError(f"{source}: tensor {label!r} has shape {tuple(theirs)} (as stored), which does not fit "
+                             f"the model config (expects {tuple(want[::-1] if kind == LINEAR else want)} as stored for "
+                             f"ftjax parameter {'/'.join(path)}). Is config.json from the same model as the weights?")
+        _set(params, path, arr)
+    return params
+
+
+def params_to_hf(params, rows, num_layers):
+    """The inverse of `hf_to_params`: HF-named numpy arrays in PyTorch layout."""
+    out = {}
+    for path, name, kind in rows:
+        arr = np.asarray(_get(params, path))
+        if '{i}' in name:
+            for i in range(num_layers):
+                out[name.format(i=i)] = np.ascontiguousarray(_orient(arr[i], kind))
+        else:
+            out[name] = np.ascontiguousarray(_orient(arr, kind))
+    return out
+
+
+def _fetch(state_dict, name, source):
+    if name not in state_dict:
+        close = [k for k in state_dict if k.split('.')[-2:] == name.split('.')[-2:]][:3]
+        hint = f" Similar names present: {close}." if close else ''
+        raise ValueError(f"{source}: missing tensor {name!r}.{hint} The checkpoint does not match the architecture "
+                         f"in its config.json, or it is incomplete.")
+    return state_dict[name]
+
+
+def _orient(t, kind):
+    t = np.asarray(t)
+    return t.T if kind == LINEAR else t

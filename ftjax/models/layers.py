@@ -1,0 +1,230 @@
+"""Building blocks shared by the decoder and encoder families.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`) so that
+`ftjax.sharding` can map them onto the (data, fsdp, tensor) mesh. Kernels are stored
+[in, out] (the transpose of PyTorch's `nn.Linear.weight`).
+
+LoRA lives inside `Dense` (gemma style): a targeted layer keeps its `kernel` (and `bias`)
+and adds `lora_a` [in, r] and `lora_b` [r, out] beside it, plus `lora_magnitude` [out]
+for DoRA. A base checkpoint, a merged export and a LoRA run therefore share one tree.
+"""
+import dataclasses
+import math
+import re
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+DEFAULT_INIT = nn.initializers.normal(stddev=0.02)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Which `Dense` layers get adapters, and how they are scaled (PEFT's semantics)."""
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple = (r"(q|k|v|o)_proj$", r"(gate|up|down)_proj$")  # regexes over module paths
+    dropout: float = 0.0
+    rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
+    dora: bool = False  # add a magnitude vector (Liu et al., 2024)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def matches(self, path: str) -> bool:
+        return any(re.search(t, path) for t in self.targets)
+
+
+def lora_a_init(key, shape, dtype=jnp.float32):
+    """PEFT's default: kaiming_uniform(a=sqrt(5)) on A, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(shape[-2])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Dense(nn.Module):
+    """y = x @ kernel (+ bias), optionally with a LoRA / DoRA adapter beside the kernel."""
+    features: int
+    axes: tuple  # logical names of (in, out), e.g. ('embed', 'mlp')
+    use_bias: bool = False
+    lora: Optional[LoraSpec] = None  # the model-wide spec; applied if it matches this path
+    dtype: Dtype = jnp.float32  # compute dtype
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = DEFAULT_INIT
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        in_axis, out_axis = self.axes
+        kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, self.axes),
+                            (x.shape[-1], self.features), self.param_dtype)  # [in, out]
+        x = x.astype(self.dtype)
+        y = x @ kernel.astype(self.dtype)  # [..., out]
+        spec = self.lora
+        if spec is not None and spec.matches('/'.join(self.path)):
+            a = self.param('lora_a', nn.with_logical_partitioning(lora_a_init, (in_axis, None)),
+                           (x.shape[-1], spec.rank), jnp.float32)  # [in, r]
+            b = self.param('lora_b', nn.with_logical_partitioning(nn.initializers.zeros, (None, out_axis)),
+                           (spec.rank, self.features), jnp.float32)  # [r, out]
+            xd = x
+            if spec.dropout > 0.0:
+                xd = nn.Dropout(spec.dropout)(x, deterministic=deterministic)
+            delta = (xd @ a.astype(self.dtype)) @ b.astype(self.dtype) * spec.scale  # [..., out]
+            if spec.dora:
+                m = self.param('lora_magnitude', nn.with_logical_partitioning(nn.initializers.ones, (out_axis,)),
+                               (self.features,), jnp.float32)  # [out]
+                g = (m / dora_norm(kernel, a, b, spec.scale)).astype(self.dtype)  # [out]
+                base_d = y if xd is x else xd @ kernel.astype(self.dtype)
+                y = y + (g - 1.0) * base_d + g * delta  # PEFT's DoRA forward
+            else:
+                y = y + delta
+        if self.use_bias:
+            bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, (out_axis,)),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def dora_norm(kernel, a, b, scale):
+    """Column norm of the adapted weight, ||W + s A B|| per output feature, detached as in the paper."""
+    w = kernel.astype(jnp.float32) + scale * (a @ b)  # [..., in, out]
+    return jax.lax.stop_gradient(jnp.sqrt(jnp.sum(w * w, axis=-2)))  # [..., out]
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with `scale`/`bias` named like flax's, statistics in float32."""
+    eps: float = 1e-12
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)), (d,),
+                           self.param_dtype)
+        bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('norm',)), (d,),
+                          self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale + bias).astype(self.dtype)
+
+
+class Embed(nn.Module):
+    num_embeddings: int
+    features: int
+    axes: tuple = ('vocab', 'embed')
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param('embedding', nn.with_logical_partitioning(DEFAULT_INIT, self.axes),
+                                    (self.num_embeddings, self.features), self.param_dtype)  # [vocab, embed]
+
+    def __call__(self, ids):
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)  # [batch, seq, embed]
+
+    def attend(self, x):
+        """Tied output projection: [batch, seq, embed] -> [batch, seq, vocab]."""
+        return x @ self.embedding.astype(self.dtype).T
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict] = None):
+    """Inverse frequencies [head_dim // 2], with Llama-3 style scaling when the config has it."""
+    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if not scaling:
+        return inv
+    kind = scaling.get('rope_type', scaling.get('type'))
+    if kind in (None, 'default'):
+        return inv
+    if kind == 'linear':
+        return inv / scaling['factor']
+    if kind != 'llama3':
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+    factor, lo, hi = scaling['factor'], scaling['low_freq_factor'], scaling['high_freq_factor']
+    old = scaling['original_max_position_embeddings']
+    wavelen = 2 * math.pi / inv
+    smooth = (old / wavelen - lo) / (hi - lo)
+    scaled = jnp.where(wavelen > old / lo, inv / factor, inv)
+    mid = (1 - smooth) * inv / factor + smooth * inv
+    is_mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+    return jnp.where(is_mid, mid, scaled)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotary embedding in Hugging Face's rotate-half layout. x: [batch, seq, heads, head_dim]."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, seq, head_dim // 2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attend(q, k, v, mask, dtype):
+    """Grouped-query attention without repeating K/V.
+
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
+    mask: [batch, q_len, kv_len] bool (True = may attend). Returns [batch, q_len, heads, head_dim].
+    """
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    q = q.reshape(b, t, kvh, h // kvh, d)  # [batch, q_len, kv_heads, groups, head_dim]
+    scores = jnp.einsum('btkgd,bskd->bkgts', q, k).astype(jnp.float32) / math.sqrt(d)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [batch, kv_heads, groups, q_len, kv_len]
+    out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def causal_mask(segment_ids, q_positions=None, kv_len=None, kv_valid=None):
+    """[batch, q_len, kv_len] bool: causal, and within one segment when `segment_ids` is given.
+
+    Training/prefill: q and kv are the same tokens. Decoding with a cache: `q_positions` are the
+    cache slots of the queries and `kv_valid` [batch, kv_len] marks filled, non-padding slots.
+    """
+    if q_positions is None:
+        b, t = segment_ids.shape
+        idx = jnp.arange(t)
+        mask = (idx[None, :, None] >= idx[None, None, :])  # [1, q, kv]
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        return mask & same
+    slots = jnp.arange(kv_len)
+    mask = slots[None, None, :] <= q_positions[:, :, None]  # [batch, q, kv]
+    return mask & kv_valid[:, None, :]
+
+
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'everything_saveable': jax.checkpoint_policies.everything_saveable,
+}
+
+
+def remat(block_cls, policy: str, static_argnums=()):
+    """Wraps a block in `nn.remat` with a named policy ('none' returns it unchanged)."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"model.remat={policy!r} is not a known policy; choose one of {sorted(REMAT_POLICIES)}")
+    if policy == 'none':
+        return block_cls
+    return nn.remat(block_cls, policy=REMAT_POLICIES[policy], prevent_cse=False, static_argnums=static_argnums)

@@ -1,0 +1,169 @@
+"""`load_pretrained`: a Hugging Face directory, a GGUF file or a hub name -> (model, params, tokenizer, config).
+
+Weights are read with numpy (safetensors, sharded index included) or the `gguf` package; never torch.
+"""
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax.models import bert, convert, llama
+
+SUPPORTED = {
+    'llama': 'llama', 'mistral': 'llama', 'qwen2': 'llama',
+    'bert': 'bert', 'roberta': 'bert',
+}
+WEIGHT_PATTERNS = ['*.json', '*.safetensors', '*.model', '*.txt', '*.jinja', 'tokenizer*']
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """What `load_pretrained` returns; unpacks as `model, params, tokenizer, config = ...`."""
+    model: nn.Module
+    params: Any
+    tokenizer: Any
+    config: Any  # ftjax's LlamaConfig / BertConfig
+    hf_config: dict = dataclasses.field(default_factory=dict)  # the source config.json, for export
+    path: str = ''
+
+    def __iter__(self):
+        return iter((self.model, self.params, self.tokenizer, self.config))
+
+
+def build_model(cfg):
+    return llama.Llama(cfg) if cfg.family == 'llama' else bert.Bert(cfg)
+
+
+def dummy_inputs(cfg, batch=1, seq=8):
+    return (jnp.zeros((batch, seq), jnp.int32),)
+
+
+def abstract_variables(model, batch=1, seq=8):
+    """Shapes (and logical-axis boxes) of `model.init` without allocating anything."""
+    return jax.eval_shape(lambda: model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)},
+                                             *dummy_inputs(model.cfg, batch, seq)))
+
+
+def init_params(model, rng, batch=1, seq=8):
+    return nn.unbox(model.init({'params': rng, 'dropout': rng}, *dummy_inputs(model.cfg, batch, seq)))['params']
+
+
+def load_pretrained(path: str, dtype=jnp.float32, *, compute_dtype=None, num_labels: Optional[int] = None,
+                    pooling: str = 'cls', remat: str = 'none', scan_unroll: int = 1, seed: int = 0,
+                    adapter: Optional[str] = None, revision: Optional[str] = None) -> Pretrained:
+    """Loads pretrained weights into an ftjax module.
+
+    path: a HF directory (config.json, *.safetensors, tokenizer files), a `.gguf` file, or a hub
+      name such as 'HuggingFaceTB/SmolLM2-135M-Instruct' (needs a network or the local HF cache).
+    dtype: storage dtype of the parameters; compute_dtype defaults to it.
+    num_labels: for encoders, adds a sequence-classification head (new unless the checkpoint has one).
+    adapter: a PEFT LoRA adapter directory to add on top (see `ftjax.export.load_peft_adapter`).
+    """
+    runtime = dict(dtype=compute_dtype or dtype, param_dtype=dtype, remat=remat, scan_unroll=scan_unroll)
+    if str(path).endswith('.gguf'):
+        from ftjax.models import gguf_io
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"GGUF file {path!r} does not exist.")
+        hf_config, state_dict, tokenizer = gguf_io.read_gguf(path)
+        hf_config = hf_config.to_dict() if hasattr(hf_config, 'to_dict') else dict(hf_config)
+        source = path
+    else:
+        path = resolve(path, revision)
+        hf_config = read_config(path)
+        state_dict = read_safetensors(path)
+        tokenizer = read_tokenizer(path)
+        source = path
+    model_type = hf_config.get('model_type')
+    family = SUPPORTED.get(model_type)
+    if family is None:
+        raise ValueError(f"{source}: model_type {model_type!r} is not supported. Supported architectures: "
+                         f"{', '.join(sorted(SUPPORTED))}.")
+    if family == 'llama':
+        if num_labels:
+            raise ValueError("num_labels is for encoders (BERT/RoBERTa); decoders are tuned as language models.")
+        cfg = llama.LlamaConfig.from_hf(hf_config, **runtime)
+    else:
+        cfg = bert.BertConfig.from_hf(hf_config, num_labels=num_labels, pooling=pooling, **runtime)
+    model = build_model(cfg)
+    expected = nn.unbox(abstract_variables(model))['params']
+    rows = convert.table(cfg, state_dict.keys())
+    head_rows = convert.bert_head_table(cfg) if family == 'bert' and num_labels else []
+    have_head = head_rows and all(r[1] in state_dict for r in head_rows) and \
+        np.shape(state_dict[head_rows[0][1]])[0] == num_labels
+    params = convert.hf_to_params(state_dict, rows + (head_rows if have_head else []), expected,
+                                  cfg.num_layers, source)
+    if head_rows and not have_head:  # a fresh head on the pretrained body
+        fresh = init_params(model, jax.random.key(seed))
+        params.update({k: jax.device_get(fresh[k]) for k in ('pooler', 'classifier') if k in fresh})
+        logging.info('Initialised a new %d-label classification head (%s pooling).', num_labels, pooling)
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    pre = Pretrained(model, params, tokenizer, cfg, hf_config, str(path))
+    if adapter:
+        from ftjax.export import load_peft_adapter
+        pre = load_peft_adapter(pre, adapter)
+    return pre
+
+
+def resolve(path: str, revision=None) -> str:
+    """A local directory as is; otherwise a hub repo id, downloaded (or found in the HF cache)."""
+    if os.path.isdir(path):
+        return path
+    looks_local = path.startswith(('.', '/', '~')) or path.count('/') != 1 or os.path.exists(os.path.dirname(path))
+    if looks_local:
+        raise FileNotFoundError(f"Model directory {path!r} does not exist. Pass a Hugging Face directory "
+                                f"(config.json + *.safetensors), a .gguf file, or a hub name like 'org/model'.")
+    import huggingface_hub
+    try:
+        return huggingface_hub.snapshot_download(path, revision=revision, allow_patterns=WEIGHT_PATTERNS)
+    except Exception as e:  # offline, unknown repo, no access
+        raise FileNotFoundError(f"Could not fetch {path!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+                                f"Without a network, pass a local directory or a .gguf file.") from e
+
+
+def read_config(path):
+    f = os.path.join(path, 'config.json')
+    if not os.path.exists(f):
+        raise FileNotFoundError(f"{path}: no config.json; a Hugging Face model directory needs one.")
+    with open(f) as fh:
+        return json.load(fh)
+
+
+def read_safetensors(path):
+    """All tensors of a directory as numpy arrays: model.safetensors or a sharded index."""
+    from safetensors.numpy import load_file
+    index = os.path.join(path, 'model.safetensors.index.json')
+    if os.path.exists(index):
+        with open(index) as fh:
+            files = sorted(set(json.load(fh)['weight_map'].values()))
+    else:
+        files = sorted(f for f in os.listdir(path) if f.endswith('.safetensors'))
+    if not files:
+        extra = ' (found PyTorch .bin weights: re-save them with save_pretrained(..., safe_serialization=True))' \
+            if any(f.endswith('.bin') for f in os.listdir(path)) else ''
+        raise FileNotFoundError(f"{path}: no *.safetensors weights{extra}.")
+    state = {}
+    for name in files:
+        f = os.path.join(path, name)
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"{path}: the index names shard {name!r}, which is missing.")
+        try:
+            state.update(load_file(f))
+        except Exception as e:
+            raise ValueError(f"{f}: cannot read safetensors file ({e}); it is truncated or corrupt. "
+                             f"Download or save it again.") from e
+    return state
+
+
+def read_tokenizer(path):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        logging.warning('%s: no usable tokenizer (%s); continuing without one.', path, e)
+        return None

@@ -1,0 +1,1 @@
+"""Parameter-efficient and partial fine-tuning: adapters and trainable-parameter selection."""

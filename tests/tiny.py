@@ -1,0 +1,118 @@
+"""Tiny tokenizers and checkpoints that tests build themselves (no network, no ../shared).
+
+The checkpoints are written by transformers' PyTorch models with `save_pretrained`, so they are
+exactly what a user's Hugging Face directory looks like. torch is imported lazily, here only.
+"""
+import json
+import os
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Extract the name and age: Alice is 31 years old. {\"name\": \"Alice\", \"age\": 31}",
+    "user assistant system instruction input output response answer question",
+    "0123456789 + - * / = ( ) [ ] { } : , . ! ? ' \"",
+    "a positive review. a negative review. great movie, terrible plot, loved it, hated it.",
+]
+
+
+def make_tokenizer(vocab_size=320):
+    """A byte-level BPE tokenizer with ChatML special tokens and chat template (SmolLM2-like)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+        unk_token="<|endoftext|>", pad_token="<pad>")
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def _save(model, tokenizer, path):
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def make_llama_checkpoint(path, seed=0, arch="llama", **overrides):
+    """A tiny Llama (or Qwen2 with arch='qwen2') with random weights, saved as a HF directory."""
+    import torch
+    import transformers
+
+    tok = make_tokenizer()
+    cfg = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True,
+               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+    elif arch == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg))
+    elif arch == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**cfg))
+    else:
+        raise ValueError(arch)
+    _perturb_norms(model, torch)
+    return _save(model.eval(), tok, path)
+
+
+def make_bert_checkpoint(path, seed=0, arch="bert", num_labels=None, **overrides):
+    """A tiny BERT / RoBERTa encoder (optionally ...ForSequenceClassification) as a HF directory."""
+    import torch
+    import transformers
+
+    tok = make_tokenizer()
+    cfg = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, max_position_embeddings=128, type_vocab_size=2,
+               pad_token_id=tok.pad_token_id)
+    if arch == "roberta":
+        cfg.update(max_position_embeddings=130, type_vocab_size=1, pad_token_id=tok.pad_token_id)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    config_cls = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig}[arch]
+    config = config_cls(**cfg)
+    if num_labels:
+        config.num_labels = num_labels
+        cls = {"bert": transformers.BertForSequenceClassification,
+               "roberta": transformers.RobertaForSequenceClassification}[arch]
+    else:
+        cls = {"bert": transformers.BertModel, "roberta": transformers.RobertaModel}[arch]
+    model = cls(config)
+    _perturb_norms(model, torch)
+    return _save(model.eval(), tok, path)
+
+
+def _perturb_norms(model, torch):
+    """Random init leaves norms at 1/0 and biases at 0, which would hide a mixed-up scale or bias."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
