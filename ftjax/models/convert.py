@@ -109,10 +109,12 @@ def hf_to_params(state_dict, rows, expected, num_layers, source='checkpoint'):
             arr = _orient(_fetch(state_dict, name, source), kind)
             label = name
         if tuple(arr.shape) != tuple(want):
-            theirs = arr.shape[::-1] if kind == LINEAR else arr.shape
-            raise ValueError(f"{source}: tensor {label!r} has shape {tuple(theirs)} (as stored), which does not fit "
-                             f"the model config (expects {tuple(want[::-1] if kind == LINEAR else want)} as stored for "
-                             f"ftjax parameter {'/'.join(path)}). Is config.json from the same model as the weights?")
+            per_layer = want[1:] if '{i}' in name else want  # what one stored tensor should be
+            stored = tuple(np.shape(state_dict[name.format(i=0)] if '{i}' in name else state_dict[name]))
+            expect = tuple(per_layer[::-1] if kind == LINEAR else per_layer)
+            raise ValueError(f"{source}: tensor {label!r} has shape {stored}, but the model config expects "
+                             f"{expect} (ftjax parameter {'/'.join(path)}). Is config.json from the same model "
+                             f"as the weights?")
         _set(params, path, arr)
     return params
 

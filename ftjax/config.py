@@ -1,0 +1,96 @@
+"""The default experiment config. An experiment file (`experiments/*.py`) holds only what differs.
+
+Every key here is part of the command-line surface (`--config.peft.lora.rank=16`): sweeps, docs and
+users' scripts depend on these names, so rename nothing; add keys instead.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+LORA_TARGETS_ATTN_MLP = ['(q|k|v|o)_proj$', '(gate|up|down)_proj$']
+DEFAULT_RULES = [  # logical axis -> mesh axes; first matching, unused mesh axis wins (flax semantics)
+    ('activation_batch', ('data', 'fsdp')),
+    ('activation_length', None),
+    ('activation_embed', 'tensor'),
+    ('layers', None),
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('embed_out', None),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('norm', None),
+]
+
+
+def default_config():
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = config_dict.placeholder(str)  # HF directory, .gguf file or hub name
+    c.model.dtype = 'float32'  # compute dtype: float32 on CPU, bfloat16 on TPU/GPU
+    c.model.param_dtype = 'float32'  # storage dtype of trainable params (the master copy)
+    c.model.frozen_dtype = 'float32'  # storage dtype of frozen params ('bfloat16' halves them)
+    c.model.remat = 'none'  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    c.model.scan_unroll = 1
+    c.model.num_labels = config_dict.placeholder(int)  # classification head for encoders
+    c.model.pooling = 'cls'  # cls | mean
+    c.model.adapter = config_dict.placeholder(str)  # start from a PEFT LoRA adapter directory
+
+    c.peft = ml_collections.ConfigDict()
+    c.peft.method = 'lora'  # full | partial | lora | dora
+    c.peft.trainable = []  # extra regexes over parameter paths that train (partial, or on top of LoRA)
+    c.peft.last_n_blocks = 0  # partial: train the last N blocks
+    c.peft.embeddings = False  # partial: train the embeddings
+    c.peft.norms = False  # train every norm scale/bias
+    c.peft.biases = False  # BitFit: train every bias
+    c.peft.head = True  # train the classification head (when there is one)
+    c.peft.lora = ml_collections.ConfigDict()
+    c.peft.lora.rank = 8
+    c.peft.lora.alpha = 16.0
+    c.peft.lora.targets = list(LORA_TARGETS_ATTN_MLP)
+    c.peft.lora.dropout = 0.0
+    c.peft.lora.rslora = False
+    c.peft.lora.lr_ratio = 1.0  # LoRA+: learning rate of B = lr_ratio x learning rate of A
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = 'adamw'  # adamw | adafactor | sgd
+    c.optim.learning_rate = 1e-4
+    c.optim.schedule = 'cosine'  # cosine | linear | constant
+    c.optim.warmup_steps = 0
+    c.optim.end_lr_ratio = 0.0  # final lr as a fraction of the peak (cosine, linear)
+    c.optim.weight_decay = 0.0
+    c.optim.no_decay = ['norm', 'bias$']  # regexes: no weight decay on norms and biases
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.momentum = 0.9  # sgd
+    c.optim.clip_norm = 1.0  # global-norm clipping; 0 disables
+    c.optim.grad_accum = 1  # micro-batches per step (the batch is split k ways inside the step)
+    c.optim.lr_multipliers = []  # ['regex=multiplier', ...] per-group learning rates
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 100
+    c.train.batch_size = 8  # global batch (all processes)
+    c.train.seed = 0
+    c.train.log_every = 10
+    c.train.eval_every = 50
+    c.train.eval_batches = 8  # 0 = the whole eval split
+    c.train.checkpoint_every = 50
+    c.train.keep_checkpoints = 2
+    c.train.keep_best_by = config_dict.placeholder(str)  # e.g. 'eval/loss' also keeps the best
+    c.train.resume = True  # False refuses a non-empty workdir
+    c.train.nan_policy = 'halt'  # halt | skip
+    c.train.max_nan_skips = 5  # skip: halt after this many bad steps in a row
+    c.train.loss_chunk = 512  # LM loss over the vocabulary in chunks of this many tokens
+    c.train.generate_prompts = 0  # sampled generations for this many eval prompts at each eval
+    c.train.max_new_tokens = 64
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.rules = [list(r) for r in DEFAULT_RULES]
+
+    from ftjax.data.config import default_data_config
+    c.data = default_data_config()
+    return c
