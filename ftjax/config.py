@@ -94,3 +94,50 @@ def default_config():
     from ftjax.data.config import default_data_config
     c.data = default_data_config()
     return c
+
+
+CHOICES = {
+    'peft.method': ('full', 'partial', 'lora', 'dora'),
+    'optim.name': ('adamw', 'adafactor', 'sgd'),
+    'optim.schedule': ('cosine', 'linear', 'constant'),
+    'train.nan_policy': ('halt', 'skip'),
+    'model.remat': ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable', 'everything_saveable'),
+    'model.pooling': ('cls', 'mean'),
+    'model.dtype': ('float32', 'bfloat16', 'float16'),
+    'model.param_dtype': ('float32', 'bfloat16', 'float16'),
+    'model.frozen_dtype': ('float32', 'bfloat16', 'float16'),
+    'data.format': ('alpaca', 'chat', 'prompt_completion', 'text', 'classification'),
+}
+POSITIVE = ('train.steps', 'train.batch_size', 'train.log_every', 'train.eval_every', 'train.checkpoint_every',
+            'train.keep_checkpoints', 'data.max_length', 'optim.grad_accum', 'train.loss_chunk')
+
+
+def _get(config, dotted):
+    node = config
+    for part in dotted.split('.'):
+        node = node[part]
+    return node
+
+
+def validate(config):
+    """Checks choices and ranges up front, so a typo fails before any loading or compilation."""
+    if config.model.path is None:
+        raise ValueError("config.model.path is not set: pass --config.model.path=DIR_OR_GGUF_OR_HUB_NAME.")
+    for key, choices in CHOICES.items():
+        value = _get(config, key)
+        if value not in choices:
+            raise ValueError(f"config.{key}={value!r} is not one of {list(choices)}.")
+    for key in POSITIVE:
+        if _get(config, key) is None or _get(config, key) <= 0:
+            raise ValueError(f"config.{key} must be a positive integer, got {_get(config, key)!r}.")
+    if config.peft.method in ('lora', 'dora') and config.peft.lora.rank <= 0:
+        raise ValueError(f"config.peft.lora.rank must be a positive integer, got {config.peft.lora.rank}.")
+    if config.optim.learning_rate <= 0:
+        raise ValueError(f"config.optim.learning_rate must be positive, got {config.optim.learning_rate}.")
+    if config.train.batch_size % config.optim.grad_accum:
+        raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible by "
+                         f"config.optim.grad_accum={config.optim.grad_accum}.")
+    for rule in config.optim.lr_multipliers:
+        if '=' not in rule:
+            raise ValueError(f"config.optim.lr_multipliers: {rule!r} should look like 'regex=multiplier'.")
+    return config

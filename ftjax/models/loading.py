@@ -102,7 +102,8 @@ def load_pretrained(path: str, dtype=jnp.float32, *, compute_dtype=None, num_lab
         fresh = init_params(model, jax.random.key(seed))
         params.update({k: jax.device_get(fresh[k]) for k in ('pooler', 'classifier') if k in fresh})
         logging.info('Initialised a new %d-label classification head (%s pooling).', num_labels, pooling)
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    # Host (numpy) arrays: `ftjax.sharding.place` puts each shard straight onto its device.
+    params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params)
     pre = Pretrained(model, params, tokenizer, cfg, hf_config, str(path))
     if adapter:
         from ftjax.export import load_peft_adapter

@@ -1,0 +1,209 @@
+"""`train_and_evaluate(config, workdir)`: the one training loop for every fine-tuning mode.
+
+load model -> apply the PEFT method -> data -> sharded state -> restore if a checkpoint exists ->
+jitted train steps with periodic eval, metrics, checkpoints and preemption handling.
+"""
+import json
+import logging
+import math
+import os
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from ftjax import checkpoint, data as data_lib, logs, optim, sharding
+from ftjax import state as state_lib
+from ftjax import train as train_lib
+from ftjax.config import validate
+from ftjax.models import abstract_variables
+from ftjax.train_step import make_eval_step, make_train_step
+
+
+def prepare_workdir(config, workdir):
+    """Refuses a used workdir when resume is off; writes the resolved config."""
+    os.makedirs(workdir, exist_ok=True)
+    ckpt_dir = os.path.join(workdir, 'checkpoints')
+    used = os.path.exists(ckpt_dir) and any(not n.startswith('.') for n in os.listdir(ckpt_dir))
+    if used and not config.train.resume:
+        raise FileExistsError(f"{workdir} already holds checkpoints and config.train.resume=False; choose a new "
+                              f"--workdir, or drop --config.train.resume=false to continue that run.")
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, 'config.json'), 'w') as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def task_of(pre):
+    return 'classification' if pre.config.family == 'bert' else 'lm'
+
+
+def eval_batches(dataset, batch_size, limit=0):
+    """The eval split in order, in full batches (a short last batch is padded with masked rows)."""
+    n = len(dataset)
+    steps = math.ceil(n / batch_size)
+    if limit:
+        steps = min(steps, limit)
+    for i in range(steps):
+        idx = np.arange(i * batch_size, (i + 1) * batch_size)
+        valid = idx < n
+        yield data_lib.take_rows(dataset, np.where(valid, idx, 0), valid)
+
+
+def evaluate(p_eval, state, dataset, config, batch_sh, task):
+    """Eval loss / perplexity / token accuracy (LM) or accuracy / F1 (classification)."""
+    sums = {}
+    preds, labels = [], []
+    for batch in eval_batches(dataset, config.train.batch_size, config.train.eval_batches):
+        out = jax.device_get(p_eval(state, data_lib.to_global(batch, batch_sh)))
+        for k, v in out.items():
+            if k in ('pred', 'label'):
+                continue
+            sums[k] = sums.get(k, 0.0) + float(v)
+        if task == 'classification':
+            keep = batch['valid'] if 'valid' in batch else np.ones(len(batch['label']), bool)
+            preds.append(np.asarray(out['pred'])[keep])
+            labels.append(np.asarray(batch['label'])[keep])
+    count = max(sums.get('count', 0.0), 1.0)
+    loss = sums.get('loss_sum', 0.0) / count
+    result = {'eval/loss': loss, 'eval/accuracy': sums.get('correct', 0.0) / count}
+    if task == 'lm':
+        result['eval/perplexity'] = float(math.exp(min(loss, 50.0)))
+    else:
+        result['eval/f1'] = macro_f1(np.concatenate(preds), np.concatenate(labels))
+    return result
+
+
+def macro_f1(pred, label):
+    f1s = []
+    for c in np.unique(np.concatenate([pred, label])):
+        tp = np.sum((pred == c) & (label == c))
+        fp = np.sum((pred == c) & (label != c))
+        fn = np.sum((pred != c) & (label == c))
+        f1s.append(2 * tp / max(2 * tp + fp + fn, 1))
+    return float(np.mean(f1s)) if f1s else 0.0
+
+
+def _meta(config, it, base_ref, trainable_sig, step):
+    return {'step': int(step), 'data': {k: int(v) for k, v in it.state.items()}, 'base': base_ref,
+            'trainable': trainable_sig, 'peft_method': config.peft.method}
+
+
+def train_and_evaluate(config, workdir):
+    """Trains (or resumes) the run described by `config` in `workdir`; returns the final metrics."""
+    t_start = time.time()
+    validate(config)
+    prepare_workdir(config, workdir)
+    primary = jax.process_index() == 0
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_from_config(config.mesh.rules)
+    logging.info('Mesh %s over %d devices (%d processes)', dict(mesh.shape), mesh.size, jax.process_count())
+
+    pre, mask = train_lib.build_model_and_mask(config)
+    task = task_of(pre)
+    train_data = data_lib.build_dataset(config.data, pre.tokenizer, 'train')
+    eval_data = data_lib.build_dataset(config.data, pre.tokenizer, 'eval')
+    it = data_lib.make_iterator(train_data, config.train.batch_size, config.train.seed,
+                                shuffle=config.data.shuffle, process_index=jax.process_index(),
+                                process_count=jax.process_count())
+
+    trainable, _ = state_lib.partition(pre.params, mask)
+    tx, schedule = optim.make_optimizer(config, trainable, config.train.steps)
+    param_sh = sharding.param_shardings(sharding.logical_specs(abstract_variables(pre.model)), mesh, rules)
+    make_state = lambda params: state_lib.create_state(params, mask, tx, config.model.frozen_dtype)
+    abstract_state = jax.eval_shape(make_state, pre.params)
+    state_sh = sharding.tree_shardings(abstract_state, param_sh, mesh)
+    batch_sh = sharding.batch_sharding(mesh)
+    with jax.set_mesh(mesh):
+        placed = sharding.place(pre.params, sharding.tree_shardings(pre.params, param_sh, mesh))
+        state = jax.jit(make_state, out_shardings=state_sh, donate_argnums=0)(placed)
+    del placed
+    n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.trainable))
+    n_total = n_trainable + sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.frozen))
+
+    mngr = checkpoint.make_manager(workdir, config.train)
+    base_ref = checkpoint.base_reference(config.model.path)
+    trainable_sig = checkpoint.leaf_signature(state.trainable)
+    start = 0
+    resume_step = config.train.get('resume_step', None) or mngr.latest_step()
+    if resume_step is not None:
+        meta = checkpoint.read_meta(mngr, resume_step) if os.path.exists(
+            os.path.join(checkpoint.step_dir(mngr, resume_step), 'meta')) else {}
+        checkpoint.check_compatible(meta, base_ref, trainable_sig, checkpoint.step_dir(mngr, resume_step))
+        state, meta = checkpoint.restore(mngr, resume_step, state)
+        it.restore(meta['data'])
+        start = int(resume_step)
+        logging.info('Resumed from %s', checkpoint.step_dir(mngr, resume_step))
+
+    step_fn = make_train_step(pre.model, config, tx, schedule)
+    eval_fn = make_eval_step(pre.model, config)
+    p_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, None), out_shardings=(state_sh, None),
+                     donate_argnums=0)
+    p_eval = jax.jit(lambda s, b: eval_fn(s.params(), b), in_shardings=(state_sh, batch_sh))
+    key = jax.random.key(config.train.seed)
+    log = logs.MetricsLog(workdir, config.train.steps, start)
+    preempt = checkpoint.Preemption(mngr)
+    if primary:
+        print(f'ftjax: {config.peft.method} fine-tuning of {config.model.path}: {n_trainable:,} of {n_total:,} '
+              f'params train ({100 * n_trainable / max(n_total, 1):.2f}%); {len(train_data)} train rows, '
+              f'steps {start}->{config.train.steps}', flush=True)
+    result = {'exit_code': 0, 'trainable_params': n_trainable, 'total_params': n_total}
+    last = {}
+    bad_in_a_row = 0
+    compile_s = None
+    meter = logs.Throughput()
+    tokens_per_batch = config.train.batch_size * config.data.max_length
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        for step in range(start, config.train.steps):
+            if preempt.should_stop(step):
+                checkpoint.save(mngr, step, state, _meta(config, it, base_ref, trainable_sig, step), force=True)
+                mngr.wait_until_finished()
+                print(f'ftjax: preempted; saved step {step} to {checkpoint.step_dir(mngr, step)}; rerun the same '
+                      f'command to resume.', flush=True)
+                result['exit_code'] = checkpoint.PREEMPTED_EXIT_CODE
+                break
+            batch = data_lib.to_global(next(it), batch_sh)
+            t0 = time.perf_counter()
+            state, metrics = p_step(state, batch, jax.random.fold_in(key, step))
+            metrics = jax.device_get(metrics)  # one sync per step: the NaN policy must see every step
+            if compile_s is None:
+                compile_s = time.perf_counter() - t0
+                meter = logs.Throughput()
+            else:
+                meter.add(tokens_per_batch)
+            done = step + 1
+            if not metrics.get('is_finite', True):
+                bad_in_a_row += 1
+                msg = f'non-finite loss/gradients at step {done}'
+                if config.train.nan_policy == 'halt' or bad_in_a_row > config.train.max_nan_skips:
+                    mngr.wait_until_finished()
+                    kept = mngr.latest_step()
+                    raise FloatingPointError(
+                        f"{msg} (train.nan_policy={config.train.nan_policy!r}, {bad_in_a_row} in a row); "
+                        f"stopped. The last good checkpoint is step {kept} in {workdir}. Lower "
+                        f"optim.learning_rate, check the data, or set train.nan_policy='skip'.")
+                logging.warning('%s: update skipped (%d in a row)', msg, bad_in_a_row)
+            else:
+                bad_in_a_row = 0
+            last = {k: float(np.asarray(v)) for k, v in metrics.items()}
+            evals = {}
+            if eval_data is not None and (done % config.train.eval_every == 0 or done == config.train.steps):
+                evals = evaluate(p_eval, state, eval_data, config, batch_sh, task)
+            if done % config.train.log_every == 0 or done == config.train.steps or evals:
+                row = dict(last, tokens_per_s=meter.rate() if done > start + 1 else 0.0, **evals)
+                log.write(done, row)
+                log.progress(done, last.get('loss'), row['tokens_per_s'])
+            if done % config.train.checkpoint_every == 0 or done == config.train.steps:
+                checkpoint.save(mngr, done, state, _meta(config, it, base_ref, trainable_sig, done),
+                                metrics=evals or None, force=done == config.train.steps)
+            result.update(evals)
+    mngr.wait_until_finished()
+    log.close()
+    wall = time.time() - t_start
+    result.update({'step': int(state.step), 'loss': last.get('loss'), 'wall_s': wall, 'compile_s': compile_s})
+    if primary and result['exit_code'] == 0:
+        ev = ', '.join(f'{k}={v:.4f}' for k, v in result.items() if k.startswith('eval/'))
+        print(f"ftjax: done. step {result['step']}, loss {result['loss']}, {ev}, wall {wall:.0f}s", flush=True)
+        with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+            json.dump(result, f, indent=2)
+    return result

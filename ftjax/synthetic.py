@@ -1,0 +1,67 @@
+"""A small instruction task built by ftjax itself (no download): extract fields from a sentence as JSON.
+
+  "Nadia Okafor, a 42-year-old pilot, lives in Lisbon."  ->  {"name": "Nadia Okafor", "age": 42, "city": "Lisbon", "job": "pilot"}
+
+Small pretrained models answer in prose or invent keys; a short LoRA run learns the exact format.
+Scored by exact match of the parsed JSON object. `write_task(dir, n_train, n_eval, seed)` writes
+chat-format `train.jsonl` / `eval.jsonl` (`messages` lists) that `data.format='chat'` reads.
+"""
+import json
+import os
+import random
+
+FIRST = ['Nadia', 'Tom', 'Aiko', 'Lucas', 'Priya', 'Omar', 'Elena', 'Kwame', 'Sofia', 'Jonas', 'Mei', 'Diego',
+         'Fatima', 'Ivan', 'Chloe', 'Ravi', 'Hana', 'Mateo', 'Zara', 'Felix', 'Amara', 'Leo', 'Ines', 'Yusuf']
+LAST = ['Okafor', 'Berg', 'Tanaka', 'Silva', 'Patel', 'Haddad', 'Rossi', 'Mensah', 'Novak', 'Weber', 'Chen',
+        'Garcia', 'Khan', 'Petrov', 'Martin', 'Rao', 'Kim', 'Lopez', 'Ahmed', 'Fischer', 'Diallo', 'Moreau']
+CITIES = ['Lisbon', 'Oslo', 'Kyoto', 'Lagos', 'Lima', 'Cairo', 'Vienna', 'Accra', 'Prague', 'Hamburg', 'Seoul',
+          'Madrid', 'Karachi', 'Kazan', 'Lyon', 'Pune', 'Busan', 'Bogota', 'Nairobi', 'Dublin', 'Turin', 'Quito']
+JOBS = ['pilot', 'nurse', 'teacher', 'chef', 'engineer', 'painter', 'farmer', 'lawyer', 'baker', 'dentist',
+        'architect', 'librarian', 'plumber', 'journalist', 'pharmacist', 'carpenter', 'biologist', 'tailor']
+TEMPLATES = [
+    '{name}, a {age}-year-old {job}, lives in {city}.',
+    '{name} is {age} and works as a {job} in {city}.',
+    'Meet {name}: {job}, {age} years old, based in {city}.',
+    'In {city}, {name} ({age}) has worked as a {job} for years.',
+    'The {job} {name}, aged {age}, moved to {city} last spring.',
+    '{name} from {city} is a {age}-year-old {job}.',
+]
+INSTRUCTION = ('Extract the person\'s name, age, city and job from the sentence. Answer with one JSON object '
+               'with keys "name", "age", "city", "job" and nothing else.')
+
+
+def make_example(rng):
+    rec = {'name': f'{rng.choice(FIRST)} {rng.choice(LAST)}', 'age': rng.randint(19, 79),
+           'city': rng.choice(CITIES), 'job': rng.choice(JOBS)}
+    sentence = rng.choice(TEMPLATES).format(**rec)
+    answer = json.dumps({k: rec[k] for k in ('name', 'age', 'city', 'job')})
+    return {'messages': [{'role': 'user', 'content': f'{INSTRUCTION}\nSentence: {sentence}'},
+                         {'role': 'assistant', 'content': answer}]}
+
+
+def write_task(out_dir, n_train=2000, n_eval=100, seed=0):
+    """Writes train.jsonl and eval.jsonl (disjoint sentences); returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    rng = random.Random(seed)
+    seen, rows = set(), []
+    while len(rows) < n_train + n_eval:
+        ex = make_example(rng)
+        key = ex['messages'][0]['content']
+        if key not in seen:
+            seen.add(key)
+            rows.append(ex)
+    paths = {}
+    for split, part in (('train', rows[:n_train]), ('eval', rows[n_train:])):
+        paths[split] = os.path.join(out_dir, f'{split}.jsonl')
+        with open(paths[split], 'w') as f:
+            for r in part:
+                f.write(json.dumps(r) + '\n')
+    return paths
+
+
+def score_json(prediction: str, reference: str) -> bool:
+    """Exact match of the JSON objects (key order and spacing do not matter)."""
+    try:
+        return json.loads(prediction.strip()) == json.loads(reference)
+    except (ValueError, TypeError):
+        return False

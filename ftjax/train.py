@@ -1,0 +1,64 @@
+"""Fine-tuning entry point.
+
+  python -m ftjax.train --config=experiments/quickstart.py[:smoke] --workdir=/tmp/run \\
+      [--config.peft.lora.rank=16 ...] [--distributed] [--coordinator_address=host:port ...]
+
+A thin `main` (flags only) calls `train_and_evaluate(config, workdir)`. Running the same command
+again in the same workdir resumes from the latest complete checkpoint.
+"""
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file (experiments/*.py[:arg]).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and TensorBoard logs.')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (auto-detects TPU pods).')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host outside TPU pods).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).')
+flags.DEFINE_integer('process_id', None, 'This process index (with --coordinator_address).')
+
+
+def main(argv):
+    del argv
+    from ftjax import sharding
+    from ftjax.loop import train_and_evaluate
+    if FLAGS.workdir is None:
+        raise app.UsageError('--workdir is required.')
+    sharding.maybe_initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                                          FLAGS.process_id)
+    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    sys.exit(result.get('exit_code', 0))
+
+
+def load_workdir_config(workdir):
+    """The resolved config a run wrote to `workdir/config.json` at its start."""
+    import ml_collections
+    path = os.path.join(workdir, 'config.json')
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir}: no config.json, so this is not an ftjax workdir (or the run never "
+                                f"started).")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def build_model_and_mask(config, rng=None):
+    """Loads the base model (+ adapter) and applies the fine-tuning method: (Pretrained, trainable mask)."""
+    import jax
+    from ftjax import peft
+    from ftjax.models import load_pretrained
+    m = config.model
+    pre = load_pretrained(m.path, dtype=m.param_dtype, compute_dtype=m.dtype, num_labels=m.num_labels,
+                          pooling=m.pooling, remat=m.remat, scan_unroll=m.scan_unroll, seed=config.train.seed,
+                          adapter=m.adapter)
+    rng = jax.random.key(config.train.seed) if rng is None else rng
+    return peft.prepare(pre, config, jax.random.fold_in(rng, 1))
+
+
+if __name__ == '__main__':
+    flags.mark_flags_as_required(['config'])
+    app.run(main)
