@@ -82,8 +82,14 @@ def default_config():
     c.train.nan_policy = 'halt'  # halt | skip
     c.train.max_nan_skips = 5  # skip: halt after this many bad steps in a row
     c.train.loss_chunk = 512  # LM loss over the vocabulary in chunks of this many tokens
-    c.train.generate_prompts = 0  # sampled generations for this many eval prompts at each eval
-    c.train.max_new_tokens = 64
+    c.train.resume_step = config_dict.placeholder(int)  # resume from this step instead of the latest
+
+    c.eval = ml_collections.ConfigDict()  # generation-based eval on held-out prompts (decoders)
+    c.eval.generate = 0  # answer this many eval prompts greedily before training and at the end; 0 = off
+    c.eval.scorer = 'exact'  # exact | json | last_number (GSM8K's final number)
+    c.eval.max_new_tokens = 64
+    c.eval.batch_size = 8
+    c.eval.log_samples = 3  # generations printed and written to TensorBoard
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axes
@@ -106,6 +112,7 @@ CHOICES = {
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.param_dtype': ('float32', 'bfloat16', 'float16'),
     'model.frozen_dtype': ('float32', 'bfloat16', 'float16'),
+    'eval.scorer': ('exact', 'json', 'last_number'),
     'data.format': ('alpaca', 'chat', 'prompt_completion', 'text', 'classification'),
 }
 POSITIVE = ('train.steps', 'train.batch_size', 'train.log_every', 'train.eval_every', 'train.checkpoint_every',

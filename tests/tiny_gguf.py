@@ -1,0 +1,124 @@
+"""Writes a tiny HF Llama checkpoint as a GGUF file, the way llama.cpp's convert_hf_to_gguf.py does.
+
+Used by tests/test_gguf.py: llama metadata keys, a byte-level BPE ("gpt2") tokenizer, llama.cpp
+tensor names, q_proj / k_proj rows permuted for llama.cpp's RoPE, and some matrices in Q8_0.
+"""
+import json
+import os
+import re
+
+import gguf
+import numpy as np
+from safetensors.numpy import load_file
+
+# The attention and MLP matrices: what llama.cpp quantizes (embeddings and norms it keeps wider).
+DEFAULT_Q8 = r'^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$'
+
+_LAYER = {'self_attn.q_proj': 'attn_q', 'self_attn.k_proj': 'attn_k', 'self_attn.v_proj': 'attn_v',
+          'self_attn.o_proj': 'attn_output', 'mlp.gate_proj': 'ffn_gate', 'mlp.up_proj': 'ffn_up',
+          'mlp.down_proj': 'ffn_down', 'input_layernorm': 'attn_norm',
+          'post_attention_layernorm': 'ffn_norm'}
+_GLOBAL = {'model.embed_tokens.weight': 'token_embd.weight', 'model.norm.weight': 'output_norm.weight',
+           'lm_head.weight': 'output.weight'}
+
+
+def permute(w, n_head):
+    """llama.cpp's `LlamaModel.permute` (convert_hf_to_gguf.py), applied to q_proj and k_proj."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_name(hf_name):
+    if hf_name in _GLOBAL:
+        return _GLOBAL[hf_name]
+    m = re.match(r'^model\.layers\.(\d+)\.(.+)\.weight$', hf_name)
+    return f'blk.{m.group(1)}.{_LAYER[m.group(2)]}.weight'
+
+
+def write_tiny_gguf(src_dir, out_path, q8_tensors=DEFAULT_Q8, arch='llama', raw_tensors=None):
+    """Converts `src_dir` (config.json, model.safetensors, tokenizer files) to a GGUF at `out_path`.
+
+    q8_tensors: GGUF tensor names to store as Q8_0 -- a regex (str, `re.search`ed) or a list of
+    names; everything else is F32. arch: `general.architecture` (something else than 'llama' only
+    to test the reader's error). raw_tensors: {GGUF name: array} written as given (numpy layout,
+    own dtype) instead of the converted source tensor, e.g. float64 for an unsupported type.
+    Returns out_path.
+    """
+    with open(os.path.join(src_dir, 'config.json')) as f:
+        cfg = json.load(f)
+    rope = cfg.get('rope_parameters') or {}
+    rope_theta = rope.get('rope_theta', cfg.get('rope_theta', 10000.0))
+    head_dim = cfg.get('head_dim') or cfg['hidden_size'] // cfg['num_attention_heads']
+    is_q8 = ((lambda n: re.search(q8_tensors, n) is not None) if isinstance(q8_tensors, str)
+             else (lambda n: n in set(q8_tensors)))
+
+    w = gguf.GGUFWriter(out_path, arch)
+    w.add_name('tiny-llama')
+    w.add_vocab_size(cfg['vocab_size'])
+    w.add_context_length(cfg['max_position_embeddings'])
+    w.add_embedding_length(cfg['hidden_size'])
+    w.add_block_count(cfg['num_hidden_layers'])
+    w.add_feed_forward_length(cfg['intermediate_size'])
+    w.add_head_count(cfg['num_attention_heads'])
+    w.add_head_count_kv(cfg['num_key_value_heads'])
+    w.add_rope_freq_base(rope_theta)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(cfg['rms_norm_eps'])
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8_tensors else gguf.LlamaFileType.ALL_F32)
+    _add_tokenizer(w, src_dir, cfg['vocab_size'])
+
+    for name, t in load_file(os.path.join(src_dir, 'model.safetensors')).items():
+        t = t.astype(np.float32)  # [out, in] (HF / PyTorch layout)
+        if name.endswith('q_proj.weight'):
+            t = permute(t, cfg['num_attention_heads'])
+        elif name.endswith('k_proj.weight'):
+            t = permute(t, cfg['num_key_value_heads'])
+        new = gguf_name(name)
+        if raw_tensors and new in raw_tensors:
+            w.add_tensor(new, raw_tensors[new])
+        elif is_q8(new):
+            q = gguf.quants.quantize(t, gguf.GGMLQuantizationType.Q8_0)  # uint8 [out, in / 32 * 34]
+            w.add_tensor(new, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(new, t)
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out_path
+
+
+def _add_tokenizer(w, src_dir, vocab_size):
+    """Like llama.cpp's `get_vocab_base` + `SpecialVocab`: byte-level BPE as tokenizer.ggml.*."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src_dir)
+    with open(os.path.join(src_dir, 'tokenizer.json')) as f:
+        merges = json.load(f)['model']['merges']
+    merges = [m if isinstance(m, str) else ' '.join(m) for m in merges]
+
+    by_id = {i: t for t, i in tok.get_vocab().items()}
+    added = tok.added_tokens_decoder  # {id: AddedToken}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f'[PAD{i}]')
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+
+    w.add_tokenizer_model('gpt2')
+    w.add_tokenizer_pre('gpt-2')
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_unk_token_id(tok.unk_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_add_bos_token(False)
+    w.add_chat_template(tok.chat_template)
