@@ -63,12 +63,8 @@ def generation_eval(pre, pairs, scorer='exact', max_new_tokens=64, batch_size=8,
     hits, samples = [], []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
-        if chat:
-            prompts = [pre.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                       for p, _ in chunk]
-        else:
-            prompts = [p if isinstance(p, str) else p[-1]['content'] for p, _ in chunk]
-        answers = generate_text(pre, prompts, chat=False, max_new_tokens=max_new_tokens)
+        prompts = [p for p, _ in chunk]  # message lists: the chat template is applied once, in generate_text
+        answers = generate_text(pre, prompts, chat=chat, max_new_tokens=max_new_tokens)
         for (p, ref), ans in zip(chunk, answers):
             ok = score(scorer, ans, ref)
             hits.append(ok)
