@@ -10,7 +10,10 @@ LORA_TARGETS_ATTN_MLP = ['(q|k|v|o)_proj$', '(gate|up|down)_proj$']
 DEFAULT_RULES = [  # logical axis -> mesh axes; first matching, unused mesh axis wins (flax semantics)
     ('activation_batch', ('data', 'fsdp')),
     ('activation_length', None),
-    ('activation_embed', 'tensor'),
+    # Block-boundary activations keep the embedding dim whole (Megatron style). Sharding it over
+    # 'tensor' as well hits an XLA CPU SPMD miscompile on a data=2,fsdp=2,tensor=2 mesh (jax 0.10.2):
+    # x[('data','fsdp'), None, 'tensor'] @ w['tensor', 'fsdp'] returns wrong rows.
+    ('activation_embed', None),
     ('layers', None),
     ('vocab', 'tensor'),
     ('embed', 'fsdp'),
