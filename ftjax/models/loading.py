@@ -94,14 +94,22 @@ def load_pretrained(path: str, dtype=jnp.float32, *, compute_dtype=None, num_lab
     expected = nn.unbox(abstract_variables(model))['params']
     rows = convert.table(cfg, state_dict.keys())
     head_rows = convert.bert_head_table(cfg) if family == 'bert' and num_labels else []
-    have_head = head_rows and all(r[1] in state_dict for r in head_rows) and \
-        np.shape(state_dict[head_rows[0][1]])[0] == num_labels
-    params = convert.hf_to_params(state_dict, rows + (head_rows if have_head else []), expected,
-                                  cfg.num_layers, source)
-    if head_rows and not have_head:  # a fresh head on the pretrained body
+    # Reuse what the checkpoint has: a whole ...ForSequenceClassification head with matching labels,
+    # or just the pretrained pooler of a bare BertModel (as transformers does); the rest starts fresh.
+    for suffix in ('weight', 'bias'):  # a bare BertModel stores its pooler without the 'bert.' prefix
+        if f'pooler.dense.{suffix}' in state_dict and cfg.model_type == 'bert':
+            state_dict.setdefault(f'bert.pooler.dense.{suffix}', state_dict[f'pooler.dense.{suffix}'])
+    loadable = [r for r in head_rows if r[1] in state_dict and (
+        r[0][0] != 'classifier' or np.shape(state_dict[r[1]])[0] == num_labels)]
+    if any(r[0][0] == 'classifier' for r in loadable) and len(loadable) < len(head_rows):
+        loadable = [r for r in loadable if r[0][0] != 'classifier']  # no half-loaded head
+    params = convert.hf_to_params(state_dict, rows + loadable, expected, cfg.num_layers, source)
+    fresh_parts = sorted({r[0][0] for r in head_rows} - {r[0][0] for r in loadable})
+    if fresh_parts:
         fresh = init_params(model, jax.random.key(seed))
-        params.update({k: jax.device_get(fresh[k]) for k in ('pooler', 'classifier') if k in fresh})
-        logging.info('Initialised a new %d-label classification head (%s pooling).', num_labels, pooling)
+        params.update({k: jax.device_get(fresh[k]) for k in fresh_parts})
+        logging.info('Initialised new %s for a %d-label head (%s pooling).', '+'.join(fresh_parts), num_labels,
+                     pooling)
     # Host (numpy) arrays: `ftjax.sharding.place` puts each shard straight onto its device.
     params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params)
     pre = Pretrained(model, params, tokenizer, cfg, hf_config, str(path))
