@@ -1,0 +1,425 @@
+r"""Ablation sweeps: the cartesian product of a few config values, one run (and sub-workdir) each.
+
+  python -m ftjax.sweep --config=experiments/x.py[:arg] --workdir=DIR \
+      --grid=peft.lora.rank=4,8,16 --grid=optim.learning_rate=1e-4,3e-4 [--parallel=N] [--print_commands]
+
+Runs go one after another in this process (or N at a time as `python -m ftjax.train` subprocesses
+with --parallel=N), each in `DIR/<name>` named from its values (`rank4_lr0.0001`). A finished run
+is skipped and an interrupted one resumes from its checkpoint, so rerunning the command completes a
+sweep. At the end: DIR/results.csv, DIR/results.md and DIR/loss_curves.png (see ftjax/report.py).
+--print_commands prints one training command per run (for a cluster or a pod) and exits.
+
+A grid value is split at commas outside brackets and quotes, and converted to the type of the field
+it overrides: `--grid=peft.lora.targets=['q_proj$'],['q_proj$','v_proj$']`. Every key and value is
+checked before anything runs.
+"""
+import argparse
+import ast
+import copy
+import dataclasses
+import difflib
+import hashlib
+import importlib.util
+import itertools
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import traceback
+
+import ml_collections
+
+from ftjax import report
+
+ABBREVIATIONS = {'learning_rate': 'lr', 'batch_size': 'bs', 'weight_decay': 'wd', 'warmup_steps': 'warmup',
+                 'max_length': 'len', 'grad_accum': 'accum', 'method': ''}
+TRUE, FALSE = ('true', 't', 'yes', '1'), ('false', 'f', 'no', '0')
+PREEMPTED_EXIT_CODE = 75  # ftjax.checkpoint.PREEMPTED_EXIT_CODE (not imported: it pulls in orbax)
+MAX_NAME = 100
+
+
+@dataclasses.dataclass
+class Run:
+    name: str  # the sub-workdir's name
+    workdir: str
+    values: dict  # grid key -> typed value
+    config: ml_collections.ConfigDict  # the experiment config with this run's values
+
+
+def load_config(spec):
+    """`file.py` or `file.py:arg` -> get_config() or get_config('arg'), as ml_collections' config_flags does."""
+    path = spec.split(':', 1)[0]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'--config={spec}: no file {path!r} (relative to {os.getcwd()}).')
+    module_spec = importlib.util.spec_from_file_location('ftjax_sweep_experiment', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, 'get_config'):
+        raise ValueError(f'--config={spec}: {path} defines no get_config(); an experiment file returns its '
+                         f'ConfigDict from get_config(arg=None).')
+    config = module.get_config(*spec.split(':', 1)[1:])
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise TypeError(f'--config={spec}: get_config() returned {type(config).__name__}, not a ConfigDict.')
+    return config
+
+
+def split_values(text):
+    """"4,8,[1,2],'a,b'" -> ['4', '8', '[1,2]', "'a,b'"]: commas inside brackets or quotes don't split."""
+    parts, current, depth, quote = [], '', 0, None
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in '\'"':
+            quote = ch
+        elif ch in '[({':
+            depth += 1
+        elif ch in '])}':
+            depth -= 1
+        elif ch == ',' and depth == 0:
+            parts.append(current)
+            current = ''
+            continue
+        current += ch
+    parts.append(current)
+    return [p.strip() for p in parts]
+
+
+def parse_grid(specs):
+    """['peft.lora.rank=4,8', ...] -> [('peft.lora.rank', ['4', '8']), ...] (values still text)."""
+    grid = []
+    for spec in specs:
+        key, sep, values = spec.partition('=')
+        key = key.strip().removeprefix('config.')
+        if not sep or not key or not values.strip():
+            raise ValueError(f'--grid={spec}: expected KEY=V1,V2,... e.g. --grid=peft.lora.rank=4,8,16.')
+        texts = split_values(values)
+        if any(t == '' for t in texts):
+            raise ValueError(f'--grid={spec}: empty value in {values!r} (a stray comma?).')
+        if len(set(texts)) != len(texts):
+            raise ValueError(f'--grid={spec}: a value is listed twice.')
+        if key in [k for k, _ in grid]:
+            raise ValueError(f'--grid: key {key!r} is given twice; list all its values in one --grid.')
+        grid.append((key, texts))
+    return grid
+
+
+def _leaf_keys(config, prefix=''):
+    out = []
+    for k, v in config.items():
+        out += _leaf_keys(v, f'{prefix}{k}.') if isinstance(v, ml_collections.ConfigDict) else [f'{prefix}{k}']
+    return out
+
+
+def _parent(config, key):
+    """(the ConfigDict holding `key`, its last name); a clear error for a key the config lacks."""
+    node, parts = config, key.split('.')
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            leaves = _leaf_keys(config)
+            full = {v: k for k, v in ABBREVIATIONS.items() if v}.get(parts[-1], parts[-1])  # lr -> learning_rate
+            close = [k for k in leaves if k.split('.')[-1] == full]
+            close += [k for k in difflib.get_close_matches(key, leaves, n=3, cutoff=0.6) if k not in close]
+            close = close[:3]
+            hint = f' Did you mean {" or ".join(close)}?' if close else ''
+            raise KeyError(f'--grid key {key!r}: the config has no {".".join(parts[:i + 1])!r}.{hint}')
+        if i < len(parts) - 1:
+            node = node[part]
+    if isinstance(node[parts[-1]], ml_collections.ConfigDict):
+        raise KeyError(f'--grid key {key!r} is a group of settings, not one value; sweep one of its fields '
+                       f'(e.g. {key}.{next(iter(node[parts[-1]].keys()), "name")}).')
+    return node, parts[-1]
+
+
+def convert(config, key, text):
+    """The grid value `text` as the type of the config field `key` (int, float, bool, str, list)."""
+    parent, name = _parent(config, key)
+    kind = parent.get_type(name)
+    bad = lambda what: ValueError(f'--grid {key}={text}: {key} holds {what}; got {text!r}.')
+    if kind is bool:
+        if text.lower() not in TRUE + FALSE:
+            raise bad('a bool (true/false)')
+        return text.lower() in TRUE
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                raise bad('an integer') from None
+            if not number.is_integer():
+                raise bad('an integer') from None
+            return int(number)
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise bad('a number (e.g. 3e-4)') from None
+    if kind is str:
+        return text[1:-1] if len(text) > 1 and text[0] == text[-1] and text[0] in '\'"' else text
+    if kind in (list, tuple):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = None
+        if not isinstance(value, (list, tuple)):
+            raise bad(f"a list, written as a Python literal (e.g. ['(q|v)_proj$'])")
+        return kind(value)
+    try:  # a field whose default is None and has no declared type
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply(config, values):
+    """A copy of `config` with `values` ({dotted key: typed value}) set."""
+    config = copy.deepcopy(config)
+    for key, value in values.items():
+        parent, name = _parent(config, key)
+        try:
+            parent[name] = value
+        except TypeError as e:
+            raise ValueError(f'--grid {key}={value!r}: {e}') from None
+    return config
+
+
+def _short_keys(keys):
+    """The shortest dotted suffix of each key that tells it apart from the others, abbreviated."""
+    depth = {k: 1 for k in keys}
+    while True:
+        short = {k: '_'.join(k.split('.')[-depth[k]:-1] + [ABBREVIATIONS.get(k.split('.')[-1], k.split('.')[-1])])
+                 for k in keys}
+        clash = [k for k in keys if list(short.values()).count(short[k]) > 1 and depth[k] < len(k.split('.'))]
+        if not clash:
+            return {k: v.strip('_') for k, v in short.items()}
+        for k in clash:
+            depth[k] += 1
+
+
+def _name_value(value):
+    """A value as a filesystem-safe piece of a directory name."""
+    if isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, (int, float)):
+        text = repr(value)
+    elif isinstance(value, (list, tuple)):
+        text = '-'.join(_name_value(v) for v in value)
+    else:
+        text = str(value)
+    return re.sub(r'[^A-Za-z0-9._+-]+', '-', text).strip('-.') or 'none'
+
+
+def run_name(values, short):
+    """{'peft.lora.rank': 4, 'optim.learning_rate': 1e-4} -> 'rank4_lr0.0001' (filesystem-safe)."""
+    parts = []
+    for key, value in values.items():
+        text = _name_value(value)
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        parts.append(f'{short[key]}{text}' if numeric else (f'{short[key]}-{text}' if short[key] else text))
+    name = '_'.join(parts)
+    if len(name) > MAX_NAME:
+        name = name[:MAX_NAME - 9] + '-' + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return name
+
+
+def plan(config_spec, grid_specs, workdir):
+    """Every run of the sweep, each value converted and applied: all errors surface here, before any run."""
+    base = load_config(config_spec)
+    grid = parse_grid(grid_specs)
+    if not grid:
+        raise ValueError('no --grid given: pass at least one, e.g. --grid=peft.lora.rank=4,8,16.')
+    typed = [(key, [convert(base, key, t) for t in texts]) for key, texts in grid]
+    varied = [key for key, values in typed if len(values) > 1] or [key for key, _ in typed]
+    short = _short_keys(varied)
+    runs, seen = [], {}
+    for combo in itertools.product(*[values for _, values in typed]):
+        values = dict(zip([key for key, _ in typed], combo))
+        name = run_name({k: values[k] for k in varied}, short)
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:  # two values that read the same once made filesystem-safe
+            name = f'{name}-{seen[name]}'
+        runs.append(Run(name, os.path.join(workdir, name), values, apply(base, values)))
+    return runs
+
+
+def check_existing(runs):
+    """Refuses a sub-workdir whose earlier run used other values (a different grid in the same --workdir)."""
+    for run in runs:
+        stored = report._read_json(os.path.join(run.workdir, 'config.json'))
+        if stored is None:
+            continue
+        flat = report.flatten(stored)
+        for key, value in run.values.items():
+            if json.dumps(flat.get(key)) != json.dumps(value if not isinstance(value, tuple) else list(value)):
+                raise ValueError(f'{run.workdir} holds a run with {key}={flat.get(key)!r}, but this sweep would '
+                                 f'run {key}={value!r} there; use a new --workdir, or delete that directory.')
+
+
+def _flag_value(value):
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def commands(runs, config_spec, grid_specs, workdir, python='python'):
+    """One argv per run: `python -m ftjax.train ... --config.key=value ...`.
+
+    config_flags can't override list fields from the command line, so a grid over a list field runs
+    each point as `python -m ftjax.sweep ... --only=NAME` (this module, in-process) instead."""
+    if any(isinstance(v, (list, tuple)) for run in runs for v in run.values.values()):
+        grid = [f'--grid={g}' for g in grid_specs]
+        return [[python, '-m', 'ftjax.sweep', f'--config={config_spec}', *grid, f'--workdir={workdir}',
+                 f'--only={run.name}'] for run in runs]
+    return [[python, '-m', 'ftjax.train', f'--config={config_spec}', f'--workdir={run.workdir}',
+             *[f'--config.{k}={_flag_value(v)}' for k, v in run.values.items()]] for run in runs]
+
+
+def write_sweep_file(workdir, config_spec, grid_specs, runs):
+    """DIR/sweep.json: the grid and the runs, so that ftjax.report shows the grid's keys (and pending runs)."""
+    os.makedirs(workdir, exist_ok=True)
+    grid = parse_grid(grid_specs)
+    entries = [{'name': r.name, 'values': {k: list(v) if isinstance(v, tuple) else v for k, v in r.values.items()}}
+               for r in runs]
+    old = report._read_json(os.path.join(workdir, report.SWEEP_FILE))
+    if old and {k for k, _ in old['grid']} == {k for k, _ in grid}:  # a sweep extended with more values
+        names = {e['name'] for e in entries}
+        entries = [e for e in old['runs'] if e['name'] not in names] + entries
+    with open(os.path.join(workdir, report.SWEEP_FILE), 'w') as f:
+        json.dump({'config': config_spec, 'grid': grid, 'runs': entries}, f, indent=2)
+
+
+def _say(msg):
+    print(f'ftjax.sweep: {msg}', flush=True)
+
+
+def _record_failure(run, message):
+    os.makedirs(run.workdir, exist_ok=True)
+    with open(os.path.join(run.workdir, report.ERROR_FILE), 'w') as f:
+        f.write(message)
+
+
+def _clear_failure(run):
+    path = os.path.join(run.workdir, report.ERROR_FILE)
+    if os.path.exists(path):
+        os.remove(path)
+
+
+def run_sequential(runs):
+    """Each unfinished run in this process, in order; a failing run is recorded and the sweep goes on."""
+    from ftjax.loop import train_and_evaluate
+    failed = 0
+    for i, run in enumerate(runs, 1):
+        if report.finished(run.workdir, run.config.train.steps):
+            _say(f'[{i}/{len(runs)}] {run.name}: finished earlier, skipped')
+            continue
+        _say(f'[{i}/{len(runs)}] {run.name}: training in {run.workdir}')
+        _clear_failure(run)
+        try:
+            result = train_and_evaluate(run.config, run.workdir)
+        except Exception:  # noqa: BLE001 -- one bad point must not lose the rest of the sweep
+            _record_failure(run, traceback.format_exc())
+            _say(f'[{i}/{len(runs)}] {run.name}: FAILED (traceback in {run.workdir}/{report.ERROR_FILE})')
+            failed += 1
+            continue
+        if result.get('exit_code', 0) == PREEMPTED_EXIT_CODE:
+            _say('preempted; rerun the same command to resume the sweep.')
+            return PREEMPTED_EXIT_CODE
+        if result.get('exit_code', 0) != 0:
+            failed += 1
+    return 1 if failed else 0
+
+
+def run_parallel(runs, argvs, n):
+    """The unfinished runs as subprocesses, `n` at a time; output in each run's train.log."""
+    todo = [(i, r, a) for i, (r, a) in enumerate(zip(runs, argvs), 1)
+            if not report.finished(r.workdir, r.config.train.steps)]
+    for i, run in enumerate(runs, 1):
+        if all(run is not r for _, r, _ in todo):
+            _say(f'[{i}/{len(runs)}] {run.name}: finished earlier, skipped')
+    active, failed, stop = [], 0, []
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    try:
+        while todo or active:
+            if stop:  # preemption: pass SIGTERM on so each run checkpoints, and start nothing new
+                for proc, *_ in active:
+                    proc.send_signal(signal.SIGTERM)
+                todo = []
+            while todo and len(active) < n:
+                i, run, argv = todo.pop(0)
+                os.makedirs(run.workdir, exist_ok=True)
+                _clear_failure(run)
+                log = open(os.path.join(run.workdir, 'train.log'), 'a')
+                _say(f'[{i}/{len(runs)}] {run.name}: started ({run.workdir}/train.log)')
+                active.append((subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log, i, run))
+            time.sleep(0.5)
+            for item in [a for a in active if a[0].poll() is not None]:
+                proc, log, i, run = item
+                active.remove(item)
+                log.close()
+                if proc.returncode not in (0, PREEMPTED_EXIT_CODE):
+                    with open(os.path.join(run.workdir, 'train.log')) as f:
+                        tail = f.read()[-4000:]
+                    _record_failure(run, f'exit code {proc.returncode}; end of train.log:\n{tail}')
+                    failed += 1
+                _say(f'[{i}/{len(runs)}] {run.name}: exit code {proc.returncode}')
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stop:
+        _say('preempted; rerun the same command to resume the sweep.')
+        return PREEMPTED_EXIT_CODE
+    return 1 if failed else 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog='python -m ftjax.sweep', description=__doc__.split('\n')[0])
+    parser.add_argument('--config', required=True, help='Experiment file, experiments/x.py[:arg].')
+    parser.add_argument('--grid', action='append', default=[], help='KEY=V1,V2,... (repeat for more keys).')
+    parser.add_argument('--workdir', required=True, help='The sweep directory; one sub-workdir per run.')
+    parser.add_argument('--parallel', type=int, default=1, help='Runs at a time (>1: as subprocesses).')
+    parser.add_argument('--print_commands', action='store_true', help='Print one command per run and exit.')
+    parser.add_argument('--only', action='append', default=[], help='Run only the named run(s) of the grid.')
+    args = parser.parse_args(argv)
+    if args.parallel < 1:
+        parser.error(f'--parallel must be >= 1, got {args.parallel}.')
+
+    from ftjax.config import validate
+    runs = plan(args.config, args.grid, args.workdir)
+    for run in runs:
+        try:
+            validate(run.config)
+        except ValueError as e:
+            raise ValueError(f'sweep run {run.name}: {e}') from None
+    check_existing(runs)
+    if args.only:
+        unknown = sorted(set(args.only) - {r.name for r in runs})
+        if unknown:
+            raise ValueError(f'--only: no run named {unknown} in this grid; its runs are '
+                             f'{[r.name for r in runs]}.')
+        runs = [r for r in runs if r.name in args.only]
+    else:
+        write_sweep_file(args.workdir, args.config, args.grid, runs)
+
+    if args.print_commands:
+        for argv_ in commands(runs, args.config, args.grid, args.workdir):
+            print(shlex.join(argv_))
+        return 0
+    if args.parallel > 1:
+        rc = run_parallel(runs, commands(runs, args.config, args.grid, args.workdir, sys.executable), args.parallel)
+    else:
+        rc = run_sequential(runs)
+    if not args.only:
+        rows = report.write_all(args.workdir)
+        print(report.markdown_table(rows), end='')
+        _say(f'wrote {args.workdir}/results.csv, results.md and loss_curves.png')
+    return rc
+
+
+if __name__ == '__main__':
+    try:
+        sys.exit(main())
+    except (KeyError, ValueError, TypeError, FileNotFoundError) as e:  # bad flags: the message, no traceback
+        sys.exit(f'ftjax.sweep: error: {e.args[0] if isinstance(e, KeyError) else e}')
