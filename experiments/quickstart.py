@@ -13,7 +13,7 @@ Smoke variant (seconds): `--config=experiments/quickstart.py:smoke`.
 import os
 
 from ftjax import synthetic
-from ftjax.config import default_config
+from ftjax.config import default_config, smoke as smoke_config
 from ftjax.models import packaged
 
 
@@ -44,13 +44,5 @@ def get_config(arg=None):
     c.eval.max_new_tokens = 40
     c.eval.batch_size = 20
     if smoke:
-        c.data.max_length = 64
-        c.train.steps = 2
-        c.train.batch_size = 2
-        c.train.eval_every = 2
-        c.train.eval_batches = 1
-        c.train.checkpoint_every = 2
-        c.eval.generate = 2
-        c.eval.max_new_tokens = 4
-        c.eval.batch_size = 2
+        smoke_config(c)
     return c

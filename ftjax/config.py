@@ -151,3 +151,18 @@ def validate(config):
         if '=' not in rule:
             raise ValueError(f"config.optim.lr_multipliers: {rule!r} should look like 'regex=multiplier'.")
     return config
+
+
+def smoke(c, max_length=64, batch_size=2):
+    """Shrinks a config so that it runs in seconds (the `smoke` argument of every experiment)."""
+    c.data.max_length = max_length
+    c.train.steps = 2
+    c.train.batch_size = batch_size
+    c.train.eval_every = 2
+    c.train.eval_batches = 1
+    c.train.checkpoint_every = 2
+    c.train.log_every = 1
+    c.eval.generate = min(c.eval.generate, 2)
+    c.eval.max_new_tokens = min(c.eval.max_new_tokens, 4)
+    c.eval.batch_size = 2
+    return c
