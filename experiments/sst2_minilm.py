@@ -29,7 +29,7 @@ def get_config(arg='lora'):
     train, dev = local('sst2', 'train.tsv'), local('sst2', 'dev.tsv')
     if train:
         c.data.path, c.data.eval_path = train, dev
-        c.data.fields.text = 'content'
+        c.data.fields.text = 'sentence|content'  # the local train.tsv and dev.tsv name it differently
     else:
         c.data.path, c.data.name, c.data.eval_split = 'nyu-mll/glue', 'sst2', 'validation'
         c.data.fields.text = 'sentence'

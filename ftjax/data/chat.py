@@ -1,0 +1,89 @@
+"""Chat conversations -> token ids and a per-token answer mask, through the tokenizer's chat template.
+
+The assistant spans are found from the template itself, not by searching decoded text: for each
+assistant turn i, render(messages[:i], add_generation_prompt=True) ends where the answer starts and
+render(messages[:i+1]) ends where the turn ends. The full conversation is tokenised once, and the
+tokens whose characters (offset mapping) fall in a span are the answer. A span is trimmed after
+its last special token (the end-of-turn token, e.g. <|im_end|> / <|eot_id|> / <end_of_turn>), so
+template whitespace after it is not learned. Both conditions are checked: a template whose
+prompt is not a prefix of the full conversation (it rewrites earlier turns) is refused.
+"""
+from ftjax.data.bad_rows import BadRow
+
+ROLE_ALIASES = {'human': 'user', 'gpt': 'assistant', 'bot': 'assistant', 'model': 'assistant'}  # ShareGPT etc.
+
+
+def normalise_messages(raw, fields):
+    """A raw `messages` cell -> [{'role', 'content'}], or BadRow naming what is wrong."""
+    role_keys = (fields.get('role') or 'role').split('|')
+    content_keys = (fields.get('content') or 'content').split('|')
+    if raw is None:
+        raise BadRow('messages', 'is missing (None)')
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise BadRow('messages', f'must be a non-empty list of messages, got {type(raw).__name__}')
+    out = []
+    for i, m in enumerate(raw):
+        role_key = next((k for k in role_keys if isinstance(m, dict) and k in m), None)
+        content_key = next((k for k in content_keys if isinstance(m, dict) and k in m), None)
+        if role_key is None or content_key is None:
+            raise BadRow('messages', f"message {i} is not a {{{'|'.join(role_keys)!r}, {'|'.join(content_keys)!r}}} "
+                                     f'dict: {str(m)[:80]}')
+        role, content = m[role_key], m[content_key]
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise BadRow('messages', f'message {i}: role and content must be strings, got '
+                                     f'{type(role).__name__} / {type(content).__name__}')
+        role = ROLE_ALIASES.get(role, role)
+        if role == 'assistant' and not content.strip():
+            raise BadRow('messages', f'message {i} (assistant) has empty content')
+        out.append({'role': role, 'content': content})
+    if not any(m['role'] == 'assistant' for m in out):
+        raise BadRow('messages', 'has no assistant message (nothing to learn)')
+    return out
+
+
+def render(tokenizer, messages, generation_prompt=False):
+    if not messages and generation_prompt is False:
+        return ''
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # jinja's TemplateError: e.g. roles that must alternate
+        if not messages:
+            return ''
+        raise BadRow('messages', f'the chat template refused this conversation: {e}') from e
+
+
+def assistant_char_spans(tokenizer, messages, text):
+    """[(start, end)] character spans of the assistant turns in the rendered `text`."""
+    spans = []
+    for i, m in enumerate(messages):
+        if m['role'] != 'assistant':
+            continue
+        before = render(tokenizer, messages[:i], generation_prompt=True)
+        through = render(tokenizer, messages[:i + 1])
+        if not (text.startswith(before) and text.startswith(through) and len(before) < len(through)):
+            raise ValueError(
+                'data.format=chat: this chat template does not render conversations incrementally (the prompt '
+                f'of assistant turn {i} is not a prefix of the whole conversation), so the assistant tokens cannot '
+                'be located. Use a template without history rewriting, or a prompt_completion data format.')
+        spans.append((len(before), len(through)))
+    return spans
+
+
+def chat_tokens(info, messages):
+    """{'input_ids', 'answer_mask'}: the answer mask is 1 on assistant content and its end-of-turn token."""
+    tok = info.tokenizer
+    if not getattr(tok, 'is_fast', False):
+        raise ValueError('data.format=chat needs a fast (Rust) tokenizer, for its offset mapping.')
+    text = render(tok, messages)
+    spans = assistant_char_spans(tok, messages, text)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc['input_ids']), enc['offset_mapping']
+    mask = [0] * len(ids)
+    for s, e in spans:
+        inside = [j for j, (a, b) in enumerate(offsets) if (a < e and b > s) or (a == b and s <= a < e)]
+        ends = [j for j in inside if ids[j] in info.special_ids]
+        if ends:  # trim template whitespace after the end-of-turn token
+            inside = [j for j in inside if j <= ends[-1]]
+        for j in inside:
+            mask[j] = 1
+    return {'input_ids': ids, 'answer_mask': mask}

@@ -1,0 +1,164 @@
+"""Raw examples through `datasets`: local files by extension, directories of split files, or hub names.
+
+  file.jsonl / .json / .csv / .tsv / .parquet / .txt   one file (its split is the whole file)
+  'data/*.jsonl'                                        a glob, files in sorted order
+  a directory                                           files named by split (train*, validation*/dev*,
+                                                        test*) as datasets names them; all files if none is
+  'owner/name' (+ data.name, data.split)                a hub data set (needs a network or a warm cache)
+
+TSV is read as GLUE writes it: tab-separated, no quoting (a '"' inside a sentence is just a
+character), BOM stripped. CSV/TSV cells are read as strings (no 'NA' -> NaN, no '007' -> 7).
+Each file is loaded on its own, so a bad row can be reported as (file, row within that file).
+"""
+import csv
+import dataclasses
+import glob
+import hashlib
+import os
+
+import datasets
+import numpy as np
+
+KINDS = {'.json': 'json', '.jsonl': 'json', '.csv': 'csv', '.tsv': 'tsv', '.parquet': 'parquet', '.txt': 'text'}
+HOLDOUT_SEED = 0  # the held-out eval fraction does not move when train.seed changes
+
+
+@dataclasses.dataclass
+class RawSource:
+    dataset: datasets.Dataset  # all parts, concatenated
+    parts: list  # a label per part: the file path, or 'hub_name[split]'
+    part_starts: np.ndarray  # [num_parts + 1] the first row of each part in `dataset`
+    fingerprint: str  # changes when a file (or the hub revision) changes
+
+    def locate(self, row: int):
+        """(file, row within that file) of a row of `dataset`."""
+        p = int(np.searchsorted(self.part_starts, row, side='right')) - 1
+        return self.parts[p], int(row - self.part_starts[p])
+
+    def describe(self):
+        return self.parts[0] if len(self.parts) == 1 else f'{self.parts[0]} (+{len(self.parts) - 1} more files)'
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitPlan:
+    path: str
+    name: object  # hub config name or None
+    split: str
+    holdout: object = None  # None | 'train' (the rows not held out) | 'eval' (the held-out rows)
+    any_split: bool = False  # a directory without split names gives all its files for any split
+
+
+def plan_split(cfg, split):
+    """Where the rows of `split` ('train', 'eval' or a named split) come from; None when there is no eval."""
+    held_out = cfg.eval_fraction > 0 and not cfg.eval_path and not cfg.eval_split
+    if split == 'train':
+        return SplitPlan(cfg.path, cfg.name, cfg.split, 'train' if held_out else None)
+    if split == 'eval':
+        if cfg.eval_path:
+            name = cfg.name if cfg.eval_path == cfg.path else None
+            return SplitPlan(cfg.eval_path, name, cfg.eval_split or 'validation', any_split=True)
+        if cfg.eval_split:
+            return SplitPlan(cfg.path, cfg.name, cfg.eval_split)
+        if held_out:
+            return SplitPlan(cfg.path, cfg.name, cfg.split, 'eval')
+        return None
+    return SplitPlan(cfg.path, cfg.name, split)
+
+
+def holdout_rows(num_rows, fraction, part):
+    """Sorted raw row indices of the 'train' or 'eval' part of a held-out split (fixed seed)."""
+    perm = np.random.default_rng(HOLDOUT_SEED).permutation(num_rows)
+    n_eval = min(max(1, int(round(fraction * num_rows))), num_rows - 1)
+    return np.sort(perm[:n_eval] if part == 'eval' else perm[n_eval:])
+
+
+def _looks_local(path):
+    return (path.startswith(('/', './', '../', '~')) or os.path.splitext(path)[1].lower() in KINDS
+            or any(ch in path for ch in '*?['))
+
+
+def local_files(path, split, any_split=False):
+    """The local files of `split` under `path`, or None when `path` is not local (a hub name)."""
+    path = os.path.expanduser(path)
+    if any(ch in path for ch in '*?['):
+        files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise FileNotFoundError(f'data: no files match {path!r}.')
+    elif os.path.isfile(path):
+        files = [path]
+    elif os.path.isdir(path):
+        files = _directory_files(path, split, any_split)
+    elif _looks_local(path):
+        raise FileNotFoundError(f'data: {path!r} does not exist (and does not look like a hub name).')
+    else:
+        return None
+    kinds = sorted({_kind(f) for f in files})
+    if len(kinds) > 1:
+        raise ValueError(f'data: {path!r} mixes file types {kinds}; point data.path at one type (a glob).')
+    return files
+
+
+def _kind(f):
+    ext = os.path.splitext(f)[1].lower()
+    if ext not in KINDS:
+        raise ValueError(f'data: {f!r}: unsupported file type {ext!r}; use one of {sorted(KINDS)}.')
+    return KINDS[ext]
+
+
+def _directory_files(path, split, any_split):
+    from datasets.data_files import DataFilesDict, get_data_patterns
+    try:
+        patterns = get_data_patterns(path)
+        by_split = DataFilesDict.from_patterns(patterns, base_path=path)
+    except Exception as e:  # datasets' EmptyDatasetError and friends
+        raise FileNotFoundError(f'data: no data files in directory {path!r} ({e}).') from e
+    by_split = {str(k): sorted(f for f in v if os.path.splitext(f)[1].lower() in KINDS
+                               and not os.path.basename(f).startswith('.')) for k, v in by_split.items()}
+    by_split = {k: v for k, v in by_split.items() if v}
+    if not by_split:
+        raise FileNotFoundError(f'data: no {sorted(KINDS)} files in directory {path!r}.')
+    named = any(p != '**' for ps in patterns.values() for p in ps)  # files named train*/dev*/test*...
+    if named and split in by_split:
+        return by_split[split]
+    if not named and (split == 'train' or any_split):
+        return by_split['train']
+    raise ValueError(f'data: directory {path!r} has no {split!r} files; it has {sorted(by_split) if named else "no"} '
+                     f'split names (files named train*, validation*/dev*/val*, test*).')
+
+
+def _string_features(f, delimiter, quoting):
+    with open(f, encoding='utf-8-sig', newline='') as fh:
+        header = next(csv.reader(fh, delimiter=delimiter, quoting=quoting), None)
+    if not header:
+        raise ValueError(f'data: {f!r} is empty (a CSV/TSV file needs a header row).')
+    return datasets.Features({c: datasets.Value('string') for c in header})
+
+
+def _load_file(f, cfg):
+    kind = _kind(f)
+    kwargs = dict(data_files=[f], split='train', cache_dir=cfg.cache_dir)
+    if kind in ('csv', 'tsv'):
+        delimiter, quoting = ('\t', csv.QUOTE_NONE) if kind == 'tsv' else (',', csv.QUOTE_MINIMAL)
+        kwargs.update(delimiter=delimiter, quoting=quoting, encoding='utf-8-sig', na_filter=False,
+                      features=_string_features(f, delimiter, quoting))
+        return datasets.load_dataset('csv', **kwargs)
+    if kind == 'text':
+        kwargs.update(sample_by=cfg.text_sample_by)
+    return datasets.load_dataset(kind, **kwargs)
+
+
+def load_raw(plan: SplitPlan, cfg) -> RawSource:
+    """Loads the raw rows of a split plan (all of them: a held-out selection happens after tokenising)."""
+    files = local_files(plan.path, plan.split, plan.any_split)
+    if files is None:
+        ds = datasets.load_dataset(plan.path, plan.name, split=plan.split, cache_dir=cfg.cache_dir)
+        label = f"{plan.path}{'/' + plan.name if plan.name else ''}[{plan.split}]"
+        return RawSource(ds, [label], np.array([0, len(ds)]), _hash([label, ds._fingerprint]))
+    parts = [_load_file(f, cfg) for f in files]
+    starts = np.concatenate([[0], np.cumsum([len(p) for p in parts])])
+    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    return RawSource(ds, list(files), starts, _hash(list(files) + [p._fingerprint for p in parts]))
+
+
+def _hash(items):
+    return hashlib.sha256('\n'.join(map(str, items)).encode()).hexdigest()[:16]
