@@ -36,35 +36,20 @@ def score(kind, prediction, reference):
     raise ValueError(f"eval scorer {kind!r} is not one of 'exact', 'json', 'last_number'.")
 
 
-def prompts_and_references(rows, fmt, fields, prompt_template=None):
-    """(prompt messages or text, reference answer) for each raw example of a data file."""
-    out = []
-    for r in rows:
-        if fmt == 'chat':
-            msgs = r[fields.get('messages', 'messages')]
-            last = max(i for i, m in enumerate(msgs) if m['role'] == 'assistant')
-            out.append((msgs[:last], msgs[last]['content']))
-        elif fmt == 'alpaca':
-            instr, inp = r[fields.get('instruction', 'instruction')], r.get(fields.get('input', 'input')) or ''
-            text = prompt_template.format(instruction=instr, input=inp) if prompt_template else \
-                f'{instr}\n{inp}'.strip()
-            out.append(([{'role': 'user', 'content': text}], r[fields.get('output', 'output')]))
-        elif fmt == 'prompt_completion':
-            out.append(([{'role': 'user', 'content': r[fields.get('prompt', 'prompt')]}],
-                        r[fields.get('completion', 'completion')]))
-        else:
-            raise ValueError(f"generation eval needs a chat, alpaca or prompt_completion data format, not {fmt!r}.")
-    return out
+def prompts_and_references(rows, data_cfg):
+    """(prompt, reference answer) per raw row, formatted exactly as training formats the prompt."""
+    from ftjax.data import prompt_and_answer
+    return [prompt_and_answer(r, data_cfg) for r in rows]
 
 
-def generation_eval(pre, pairs, scorer='exact', max_new_tokens=64, batch_size=8, chat=True):
+def generation_eval(pre, pairs, scorer='exact', max_new_tokens=64, batch_size=8):
     """Greedy answers for each (prompt, reference); returns exact-match rate and the samples."""
     from ftjax.generate import generate_text
     hits, samples = [], []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
-        prompts = [p for p, _ in chunk]  # message lists: the chat template is applied once, in generate_text
-        answers = generate_text(pre, prompts, chat=chat, max_new_tokens=max_new_tokens)
+        prompts = [p for p, _ in chunk]  # message lists get the chat template (once, in generate_text)
+        answers = generate_text(pre, prompts, chat=not isinstance(prompts[0], str), max_new_tokens=max_new_tokens)
         for (p, ref), ans in zip(chunk, answers):
             ok = score(scorer, ans, ref)
             hits.append(ok)

@@ -46,6 +46,7 @@ def eval_batches(dataset, batch_size, limit=0):
         steps = min(steps, limit)
     for i in range(steps):
         idx = np.arange(i * batch_size, (i + 1) * batch_size)
+        idx = idx[data_lib.process_slice(batch_size, jax.process_index(), jax.process_count())]
         valid = idx < n
         yield data_lib.take_rows(dataset, np.where(valid, idx, 0), valid)
 
@@ -92,8 +93,7 @@ def generation_eval(pre, state, config):
         raise ValueError("config.eval.generate > 0 needs config.data.eval_path (a json/jsonl file of held-out "
                          "examples) to take prompts and reference answers from.")
     rows = evaluate.read_rows(config.data.eval_path)[:config.eval.generate]
-    pairs = evaluate.prompts_and_references(rows, config.data.format, dict(config.data.fields),
-                                            config.data.prompt_template)
+    pairs = evaluate.prompts_and_references(rows, config.data)
     current = dataclasses.replace(pre, params=jax.device_get(state.params()))
     return evaluate.generation_eval(current, pairs, config.eval.scorer, config.eval.max_new_tokens,
                                     config.eval.batch_size)
@@ -115,8 +115,11 @@ def _meta(config, it, base_ref, trainable_sig, step):
             'trainable': trainable_sig, 'peft_method': config.peft.method}
 
 
-def train_and_evaluate(config, workdir):
-    """Trains (or resumes) the run described by `config` in `workdir`; returns the final metrics."""
+def train_and_evaluate(config, workdir, stop_at=None):
+    """Trains (or resumes) the run described by `config` in `workdir`; returns the final metrics.
+
+    `stop_at`: save and return after that many steps, as a preemption would (tests, time-boxed jobs).
+    """
     t_start = time.time()
     validate(config)
     prepare_workdir(config, workdir)
@@ -190,12 +193,13 @@ def train_and_evaluate(config, workdir):
     tokens_per_batch = config.train.batch_size * config.data.max_length
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for step in range(start, config.train.steps):
-            if preempt.should_stop(step):
-                checkpoint.save(mngr, step, state, _meta(config, it, base_ref, trainable_sig, step), force=True)
+            if preempt.should_stop(step) or step == stop_at:
+                if mngr.latest_step() != step:
+                    checkpoint.save(mngr, step, state, _meta(config, it, base_ref, trainable_sig, step), force=True)
                 mngr.wait_until_finished()
-                print(f'ftjax: preempted; saved step {step} to {checkpoint.step_dir(mngr, step)}; rerun the same '
-                      f'command to resume.', flush=True)
-                result['exit_code'] = checkpoint.PREEMPTED_EXIT_CODE
+                print(f"ftjax: {'preempted' if step != stop_at else 'stopped'}; saved step {step} to "
+                      f"{checkpoint.step_dir(mngr, step)}; rerun the same command to resume.", flush=True)
+                result['exit_code'] = checkpoint.PREEMPTED_EXIT_CODE if step != stop_at else 0
                 break
             batch = data_lib.to_global(next(it), batch_sh)
             t0 = time.perf_counter()
@@ -237,7 +241,8 @@ def train_and_evaluate(config, workdir):
     mngr.wait_until_finished()
     result.update({'step': int(state.step), 'loss': last.get('loss'), 'compile_s': compile_s,
                    'tokens_per_s': train_tokens / max(train_time, 1e-9) if train_time else 0.0})
-    if gen_eval and result['exit_code'] == 0:
+    finished = result['exit_code'] == 0 and result['step'] == config.train.steps
+    if gen_eval and finished:
         with jax.set_mesh(mesh):
             after = generation_eval(pre, state, config)
         log.write(result['step'], {'gen/exact_match': after['exact_match']})
@@ -249,7 +254,7 @@ def train_and_evaluate(config, workdir):
     log.close()
     wall = time.time() - t_start
     result['wall_s'] = wall
-    if gen_eval and result['exit_code'] == 0 and primary and before is not None:
+    if gen_eval and finished and primary and before is not None:
         print_before_after(before, after, result)
     if primary and result['exit_code'] == 0:
         ev = ', '.join(f'{k}={v:.4f}' for k, v in result.items() if k.startswith('eval/'))

@@ -1,0 +1,145 @@
+"""One pure train step for every fine-tuning mode, and an eval step that returns exact sums.
+
+  train_step(state, batch, rng) -> (state, metrics)
+
+The mode only shows in `state` (which leaves are in `state.trainable`) and in the model (adapter
+leaves): the step differentiates with respect to `state.trainable` alone, so frozen weights get no
+gradient buffer and no optimizer state. Jit it with `donate_argnums=0`; the sharding (in/out
+shardings around it) is the caller's business.
+
+Gradient accumulation (`optim.grad_accum` = k) splits the batch into k micro-batches inside the
+step and scans over them, summing the gradients of the *summed* loss; the sum is divided by the
+total token (or example) count once, so the update equals that of the whole batch at once.
+"""
+import jax
+import jax.numpy as jnp
+import optax
+
+from ftjax import losses
+from ftjax.models.llama import lm_head_kernel
+from ftjax.peft import count_params
+from ftjax.state import TrainState, combine
+
+LM_KEYS = ('input_ids', 'target_ids', 'loss_mask')
+CLS_KEYS = ('input_ids', 'label')
+
+
+def task_of(model) -> str:
+    cfg = model.cfg
+    if cfg.family == 'llama':
+        return 'lm'
+    if getattr(cfg, 'num_labels', None):
+        return 'classification'
+    raise ValueError("An encoder without a classification head has no training objective here: set "
+                     "config.model.num_labels (load_pretrained(..., num_labels=N)).")
+
+
+def _check_batch(batch, task):
+    need = LM_KEYS if task == 'lm' else CLS_KEYS
+    missing = [k for k in need if k not in batch]
+    if missing:
+        raise ValueError(f"The {task} batch lacks {missing} (has {sorted(batch)}); the data pipeline's "
+                         f"{'LM' if task == 'lm' else 'classification'} batches carry {list(need)}.")
+
+
+def forward(model, params, batch, *, rng=None, loss_chunk=512):
+    """(loss_sum, correct, count, logits-or-None) of one batch; dropout on when `rng` is given."""
+    task = task_of(model)
+    _check_batch(batch, task)
+    kw = dict(deterministic=rng is None, rngs=None if rng is None else {'dropout': rng})
+    if task == 'lm':
+        hidden = model.apply({'params': params}, batch['input_ids'], batch.get('positions'),
+                             batch.get('segment_ids'), return_hidden=True, **kw)  # [batch, seq, embed]
+        head = lm_head_kernel(params, model.cfg)  # [embed, vocab]
+        return (*losses.lm_loss(hidden, head, batch['target_ids'], batch['loss_mask'], loss_chunk), None)
+    logits = model.apply({'params': params}, batch['input_ids'], batch.get('attention_mask'),
+                         batch.get('token_type_ids'), **kw)  # [batch, num_labels]
+    return (*losses.classification_loss(logits, batch['label'], batch.get('valid')), logits)
+
+
+def _micro_batches(batch, k):
+    """Each array [batch, ...] -> [k, batch / k, ...], micro-batch i holding rows i, i + k, i + 2k, ...:
+    the batch axis stays the (sharded) second one, so every device takes part in every micro-batch."""
+    def split(x):
+        if x.shape[0] % k:
+            raise ValueError(f"config.optim.grad_accum={k} does not divide the batch of {x.shape[0]} rows; "
+                             f"make config.train.batch_size a multiple of it.")
+        return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(model, config, tx, lr_schedule):
+    """`train_step(state, batch, rng) -> (state, metrics)`; metrics are float32 scalars: loss, accuracy,
+    grad_norm (before clipping), learning_rate, num_tokens (tokens or examples in the loss),
+    trainable_params, is_finite (1/0) and nan_count."""
+    k = int(config.optim.grad_accum)
+    chunk = int(config.train.loss_chunk)
+    skip_bad = config.train.nan_policy == 'skip'
+    if config.train.nan_policy not in ('halt', 'skip'):
+        raise ValueError(f"config.train.nan_policy={config.train.nan_policy!r} is not one of ['halt', 'skip'].")
+    task_of(model)
+
+    def summed_loss(trainable, frozen, batch, rng):
+        loss, correct, count, _ = forward(model, combine(trainable, frozen), batch, rng=rng, loss_chunk=chunk)
+        return loss, (correct, count)
+
+    def sums_and_grads(state, batch, rng):
+        value_and_grad = jax.value_and_grad(summed_loss, has_aux=True)  # w.r.t. `trainable` only
+        if k == 1:
+            (loss, (correct, count)), grads = value_and_grad(state.trainable, state.frozen, batch, rng)
+            return loss, correct, count, grads
+
+        def body(carry, xs):
+            i, micro = xs
+            g_sum, loss, correct, count = carry
+            (l, (c, n)), g = value_and_grad(state.trainable, state.frozen, micro, jax.random.fold_in(rng, i))
+            g_sum = jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_sum, g)
+            return (g_sum, loss + l, correct + c, count + n), None
+
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state.trainable)
+        z = jnp.zeros((), jnp.float32)
+        (grads, loss, correct, count), _ = jax.lax.scan(
+            body, (zeros, z, z, z), (jnp.arange(k), _micro_batches(batch, k)))
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
+        return loss, correct, count, grads
+
+    def train_step(state: TrainState, batch, rng):
+        loss_sum, correct, count, grads = sums_and_grads(state, batch, rng)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)  # gradient of the mean loss
+        loss = loss_sum / denom
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if skip_bad:  # a non-finite step leaves the params and the optimizer as they were
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            trainable, opt_state = keep(trainable, state.trainable), keep(opt_state, state.opt_state)
+        new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state,
+                                  nan_count=state.nan_count + (~finite).astype(jnp.int32))
+        metrics = {
+            'loss': loss, 'accuracy': correct / denom, 'grad_norm': grad_norm,
+            'learning_rate': jnp.asarray(lr_schedule(state.step), jnp.float32), 'num_tokens': count,
+            'trainable_params': jnp.asarray(count_params(state.trainable), jnp.float32),
+            'is_finite': finite.astype(jnp.float32), 'nan_count': new_state.nan_count.astype(jnp.float32),
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model, config):
+    """`eval_step(params, batch) -> dict of sums`: loss_sum, correct, count (divide after summing over
+    batches); classification adds per-row 'pred' and 'label' [batch] (for F1)."""
+    chunk = int(config.train.loss_chunk)
+    task = task_of(model)
+
+    def eval_step(params, batch):
+        loss, correct, count, logits = forward(model, params, batch, loss_chunk=chunk)
+        out = {'loss_sum': loss, 'correct': correct, 'count': count}
+        if task == 'classification':
+            out['pred'] = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            out['label'] = batch['label']
+        return out
+
+    return eval_step
