@@ -28,7 +28,7 @@ def tiny_config(model_dir, data, **over):
     c.model.path = model_dir
     c.data.path, c.data.eval_path = data['train'], data['eval']
     c.data.format = 'chat'
-    c.data.max_length = 64
+    c.data.max_length = 192
     c.train.batch_size = 4
     c.train.steps = 6
     c.train.log_every = 1
