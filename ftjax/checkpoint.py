@@ -146,7 +146,7 @@ class Preemption:
 
 def restore_for_export(workdir, step=None):
     """The fine-tuned model of a finished (or preempted) run, as a `Pretrained` for `ftjax.export`."""
-    from ftjax import train
+    from ftjax import loop as train
     config = train.load_workdir_config(workdir)
     mngr = make_manager(workdir, config.train)
     steps = mngr.all_steps()

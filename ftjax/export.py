@@ -397,7 +397,7 @@ def export(workdir, out_dir, format='hf', step=None, dtype='float32'):
     if format == 'peft':
         run_config = None
         if os.path.exists(os.path.join(workdir, 'config.json')):
-            from ftjax.train import load_workdir_config
+            from ftjax.loop import load_workdir_config
             run_config = load_workdir_config(workdir)
         check_peft_run(pre, workdir, run_config)
         return export_peft(pre, out_dir, dtype)

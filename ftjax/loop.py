@@ -15,10 +15,32 @@ import numpy as np
 
 from ftjax import checkpoint, data as data_lib, logs, optim, sharding
 from ftjax import state as state_lib
-from ftjax import train as train_lib
 from ftjax.config import validate
 from ftjax.models import abstract_variables
 from ftjax.train_step import make_eval_step, make_train_step
+
+
+def load_workdir_config(workdir):
+    """The resolved config a run wrote to `workdir/config.json` at its start."""
+    import ml_collections
+    path = os.path.join(workdir, 'config.json')
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir}: no config.json, so this is not an ftjax workdir (or the run never "
+                                f"started).")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def build_model_and_mask(config, rng=None):
+    """Loads the base model (+ adapter) and applies the fine-tuning method: (Pretrained, trainable mask)."""
+    from ftjax import peft
+    from ftjax.models import load_pretrained
+    m = config.model
+    pre = load_pretrained(m.path, dtype=m.param_dtype, compute_dtype=m.dtype, num_labels=m.num_labels,
+                          pooling=m.pooling, remat=m.remat, scan_unroll=m.scan_unroll, seed=config.train.seed,
+                          adapter=m.adapter)
+    rng = jax.random.key(config.train.seed) if rng is None else rng
+    return peft.prepare(pre, config, jax.random.fold_in(rng, 1))
 
 
 def prepare_workdir(config, workdir):
@@ -128,7 +150,7 @@ def train_and_evaluate(config, workdir, stop_at=None):
     rules = sharding.rules_from_config(config.mesh.rules)
     logging.info('Mesh %s over %d devices (%d processes)', dict(mesh.shape), mesh.size, jax.process_count())
 
-    pre, mask = train_lib.build_model_and_mask(config)
+    pre, mask = build_model_and_mask(config)
     task = task_of(pre)
     train_data = data_lib.build_dataset(config.data, pre.tokenizer, 'train')
     eval_data = data_lib.build_dataset(config.data, pre.tokenizer, 'eval')

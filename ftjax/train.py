@@ -35,30 +35,6 @@ def main(argv):
     sys.exit(result.get('exit_code', 0))
 
 
-def load_workdir_config(workdir):
-    """The resolved config a run wrote to `workdir/config.json` at its start."""
-    import ml_collections
-    path = os.path.join(workdir, 'config.json')
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{workdir}: no config.json, so this is not an ftjax workdir (or the run never "
-                                f"started).")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def build_model_and_mask(config, rng=None):
-    """Loads the base model (+ adapter) and applies the fine-tuning method: (Pretrained, trainable mask)."""
-    import jax
-    from ftjax import peft
-    from ftjax.models import load_pretrained
-    m = config.model
-    pre = load_pretrained(m.path, dtype=m.param_dtype, compute_dtype=m.dtype, num_labels=m.num_labels,
-                          pooling=m.pooling, remat=m.remat, scan_unroll=m.scan_unroll, seed=config.train.seed,
-                          adapter=m.adapter)
-    rng = jax.random.key(config.train.seed) if rng is None else rng
-    return peft.prepare(pre, config, jax.random.fold_in(rng, 1))
-
-
 if __name__ == '__main__':
     flags.mark_flags_as_required(['config'])
     app.run(main)

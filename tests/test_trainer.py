@@ -194,7 +194,7 @@ def test_nan_policy(tmp_path, tiny_llama_dir, chat_data, monkeypatch, policy):
 
 def test_config_errors_before_any_work(tmp_path, tiny_llama_dir, chat_data, monkeypatch):
     from ftjax import loop
-    monkeypatch.setattr(loop.train_lib, 'build_model_and_mask', lambda *a, **k: pytest.fail('loaded a model'))
+    monkeypatch.setattr(loop, 'build_model_and_mask', lambda *a, **k: pytest.fail('loaded a model'))
     with pytest.raises(ValueError, match="peft.method='lorra'"):
         loop.train_and_evaluate(tiny_config(tiny_llama_dir, chat_data, **{'peft.method': 'lorra'}), str(tmp_path))
     with pytest.raises(ValueError, match='train.batch_size=6 is not divisible by config.optim.grad_accum=4'):
