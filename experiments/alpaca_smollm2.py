@@ -10,16 +10,14 @@ Variants: lora | dora | full; add `,smoke` for a seconds-long run. Data: a local
 hub name. 5% of the rows are held out; the run reports eval loss and perplexity. Expect eval loss to
 fall a few tenths of a nat within 200 steps on a 2-core CPU (the model is already instruction-tuned).
 """
-from ftjax.config import default_config, smoke as smoke_config
+from ftjax.config import default_config, parse_arg, smoke as smoke_config
 from ftjax.models import packaged
 from ftjax.shared_data import pick
 
 
 def get_config(arg='lora'):
-    parts = (arg or 'lora').split(',')
-    variant, smoke = parts[0], 'smoke' in parts
-    if variant not in ('lora', 'dora', 'full'):
-        raise ValueError(f"experiments/alpaca_smollm2.py: variant {variant!r} is not one of lora, dora, full")
+    variant, flags = parse_arg(arg, 'lora', ('lora', 'dora', 'full'), 'experiments/alpaca_smollm2.py')
+    smoke = 'smoke' in flags
     c = default_config()
     c.model.path = packaged.smollm2_gguf()
     c.data.path = pick('alpaca_en_demo', 'alpaca_en_demo.json', 'tatsu-lab/alpaca')

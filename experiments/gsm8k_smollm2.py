@@ -9,16 +9,14 @@ by exact match of the final number on the first `eval.generate` test problems. A
 at arithmetic: on a 2-core CPU budget expect single-digit exact match before and after (the run
 shows the pipeline, not a strong math model); on a GPU/TPU raise train.steps and the model size.
 """
-from ftjax.config import default_config, smoke as smoke_config
+from ftjax.config import default_config, parse_arg, smoke as smoke_config
 from ftjax.models import packaged
 from ftjax.shared_data import local
 
 
 def get_config(arg='lora'):
-    parts = (arg or 'lora').split(',')
-    variant, smoke = parts[0], 'smoke' in parts
-    if variant not in ('lora', 'dora', 'full'):
-        raise ValueError(f"experiments/gsm8k_smollm2.py: variant {variant!r} is not one of lora, dora, full")
+    variant, flags = parse_arg(arg, 'lora', ('lora', 'dora', 'full'), 'experiments/gsm8k_smollm2.py')
+    smoke = 'smoke' in flags
     c = default_config()
     c.model.path = packaged.smollm2_gguf()
     train, test = local('gsm8k', 'train.jsonl'), local('gsm8k', 'test.jsonl')

@@ -8,14 +8,14 @@ cut into 256-token chunks (loss on every token); 5% of the chunks are held out f
 Data: ../shared/data/tinyshakespeare/input.txt or any text file via --config.data.path. Expect eval
 perplexity to drop from the base model's within a few hundred steps.
 """
-from ftjax.config import default_config, smoke as smoke_config
+from ftjax.config import default_config, parse_arg, smoke as smoke_config
 from ftjax.models import packaged
 from ftjax.shared_data import pick
 
 
 def get_config(arg='lora'):
-    parts = (arg or 'lora').split(',')
-    variant, smoke = parts[0], 'smoke' in parts
+    variant, flags = parse_arg(arg, 'lora')
+    smoke = 'smoke' in flags
     c = default_config()
     c.model.path = packaged.smollm2_gguf()
     c.data.path = pick('tinyshakespeare', 'input.txt', 'karpathy/tiny_shakespeare')

@@ -10,7 +10,7 @@ hub's glue/sst2 with a network. Results measured on this project's 2-core CPU (s
 seed for every variant) are in docs/results/sst2_minilm.md; expect dev accuracy around 0.8-0.9 for
 every variant but the linear probe after 300 steps of batch 32.
 """
-from ftjax.config import default_config, smoke as smoke_config
+from ftjax.config import default_config, parse_arg, smoke as smoke_config
 from ftjax.models import packaged
 from ftjax.shared_data import local
 
@@ -18,10 +18,8 @@ VARIANTS = ('full', 'partial', 'bitfit', 'probe', 'lora', 'lora_all', 'dora')
 
 
 def get_config(arg='lora'):
-    parts = (arg or 'lora').split(',')
-    variant, smoke = parts[0], 'smoke' in parts
-    if variant not in VARIANTS:
-        raise ValueError(f'experiments/sst2_minilm.py: variant {variant!r} is not one of {VARIANTS}')
+    variant, flags = parse_arg(arg, 'lora', VARIANTS, 'experiments/sst2_minilm.py')
+    smoke = 'smoke' in flags
     c = default_config()
     c.model.path = packaged.minilm_dir()
     c.model.num_labels = 2

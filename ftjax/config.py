@@ -166,3 +166,11 @@ def smoke(c, max_length=64, batch_size=2):
     c.eval.max_new_tokens = min(c.eval.max_new_tokens, 4)
     c.eval.batch_size = 2
     return c
+
+
+def parse_arg(arg, default, choices=None, where='experiment'):
+    """'variant[,flag,...]' of `get_config(arg)` -> (variant, set of flags), e.g. 'lora,smoke'."""
+    parts = (arg or default).split(',')
+    if choices is not None and parts[0] not in choices:
+        raise ValueError(f'{where}: variant {parts[0]!r} is not one of {list(choices)}')
+    return parts[0], set(parts[1:])

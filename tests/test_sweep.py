@@ -329,27 +329,14 @@ def test_report_main_and_errors(tmp_path, capsys):
 # --- end to end -----------------------------------------------------------------------------------
 
 SMOKE = '''
-from ftjax.config import default_config
+from tests.test_trainer import tiny_config
 
 
 def get_config(arg=None):
-    c = default_config()
-    c.model.path = {model!r}
-    c.data.path = {train!r}
-    c.data.eval_path = {eval!r}
-    c.data.format = 'chat'
-    c.data.max_length = 192
-    c.peft.method = 'lora'
-    c.train.steps = 2
-    c.train.batch_size = 2
-    c.train.log_every = 1
-    c.train.eval_every = 2
-    c.train.eval_batches = 1
-    c.train.checkpoint_every = 2
-    c.mesh.data = 2  # 8 fake CPU devices: a batch of 2 over data, the rest over tensor
-    c.mesh.fsdp = 1
-    c.mesh.tensor = -1
-    return c
+    # 8 fake CPU devices: a batch of 2 over data, the rest over tensor
+    return tiny_config({model!r}, {{'train': {train!r}, 'eval': {eval!r}}}, **{{
+        'train.steps': 2, 'train.batch_size': 2, 'train.eval_every': 2, 'train.checkpoint_every': 2,
+        'mesh.data': 2, 'mesh.tensor': -1}})
 '''
 
 

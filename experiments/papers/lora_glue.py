@@ -21,7 +21,7 @@ regression task and needs a 1-output regression head, which ftjax's classifier d
 128, 600 steps, so its numbers are not comparable to the paper's; see docs/results/sst2_minilm.md.
 Smoke: `:sst2,cpu,smoke`.
 """
-from ftjax.config import default_config, smoke as smoke_config
+from ftjax.config import default_config, parse_arg, smoke as smoke_config
 from ftjax.models import packaged
 from ftjax.shared_data import local
 
@@ -39,10 +39,8 @@ LOCAL = {'sst2': ('sst2', 'train.tsv', 'dev.tsv', ('content', None)),
 
 
 def get_config(arg='sst2'):
-    parts = (arg or 'sst2').split(',')
-    task, cpu, smoke = parts[0], 'cpu' in parts, 'smoke' in parts
-    if task not in TASKS:
-        raise ValueError(f'experiments/papers/lora_glue.py: task {task!r} is not one of {sorted(TASKS)}')
+    task, flags = parse_arg(arg, 'sst2', sorted(TASKS), 'experiments/papers/lora_glue.py')
+    cpu, smoke = 'cpu' in flags, 'smoke' in flags
     glue, (text, pair), num_labels, batch, epochs, lr, rows = TASKS[task]
     if num_labels == 1:
         raise NotImplementedError('STS-B is regression; ftjax has no regression head yet (see the docstring).')
