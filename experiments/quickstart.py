@@ -8,7 +8,9 @@ in Lisbon." -> {"name": "Nadia Okafor", "age": 42, "city": "Lisbon", "job": "pil
 and the fine-tuned model answer the same held-out prompts greedily; the run ends with a table of
 their exact-match scores (the README shows one measured on a 2-core CPU).
 
-Smoke variant (seconds): `--config=experiments/quickstart.py:smoke`.
+Smoke variant (2 steps, the same before/after table on 2 prompts; ~30 s on the 2-core CPU, tested in
+tests/test_experiments.py):
+  python -m ftjax.train --config=experiments/quickstart.py:smoke --workdir=/tmp/quickstart_smoke
 """
 import os
 
@@ -44,5 +46,5 @@ def get_config(arg=None):
     c.eval.max_new_tokens = 40
     c.eval.batch_size = 20
     if smoke:
-        smoke_config(c)
+        smoke_config(c, max_length=160)  # a chat-templated example is ~125 SmolLM2 tokens
     return c

@@ -4,9 +4,11 @@ r"""SST-2 sentiment classification with all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M 
   python -m ftjax.train --config=experiments/sst2_minilm.py:lora --workdir=runs/sst2_lora
 
 Variants (the arg): full | partial (last 2 blocks + head) | bitfit | probe (linear probe: head only)
-| lora (r=8 on q,v) | lora_all (r=8 on every linear layer) | dora; add `,smoke` for a seconds-long
-run (e.g. `:lora,smoke`). Data: ../shared/data/sst2/{train,dev}.tsv (label<TAB>content), or the
-hub's glue/sst2 with a network. Results measured on this project's 2-core CPU (same step budget and
+| lora (r=8 on q,v) | lora_all (r=8 on every linear layer) | dora; add `,smoke` for a 2-step run (12-25 s
+per variant on the 2-core CPU, every variant tested in tests/test_experiments.py):
+  python -m ftjax.train --config=experiments/sst2_minilm.py:lora,smoke --workdir=/tmp/sst2_smoke
+Data: ../shared/data/sst2/{train,dev}.tsv (label<TAB>sentence / content), or the hub's glue/sst2
+with a network. Results measured on this project's 2-core CPU (same step budget and
 seed for every variant) are in docs/results/sst2_minilm.md; expect dev accuracy around 0.8-0.9 for
 every variant but the linear probe after 300 steps of batch 32.
 """

@@ -17,6 +17,7 @@ import signal
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; rerunning the same command resumes
@@ -33,7 +34,8 @@ def make_manager(workdir, train_cfg):
     options = ocp.CheckpointManagerOptions(
         enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True,
         preservation_policy=pp.AnyPreservationPolicy(policies))
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options,
+    where = workdir if '://' in str(workdir) else os.path.abspath(workdir)  # gs://bucket/... stays as is
+    return ocp.CheckpointManager(os.path.join(where, 'checkpoints'), options=options,
                                  item_names=('params', 'opt', 'meta'))
 
 
@@ -74,9 +76,7 @@ def restore(mngr, step, state):
 
 
 def read_meta(mngr, step):
-    path = os.path.join(step_dir(mngr, step), 'meta', 'metadata')
-    with open(path) as f:
-        return json.load(f)
+    return json.loads((epath.Path(step_dir(mngr, step)) / 'meta' / 'metadata').read_text())
 
 
 def step_dir(mngr, step):
@@ -144,25 +144,89 @@ class Preemption:
         return self.requested
 
 
+COMMIT_MARKER = 'commit_success.txt'  # orbax writes it into a step directory last, just before the final rename
+
+
+def step_status(workdir):
+    """{step: None if its checkpoint is complete, else why not} of `workdir/checkpoints/<step>/`.
+
+    Complete means what orbax leaves after a finished save: the commit marker and the `params` and `meta`
+    items, each with its own marker. Orbax's temporary directories (`<step>.orbax-checkpoint-tmp-*`) are not
+    listed: a save still running (or killed) is not a checkpoint.
+    """
+    ckpt_dir = epath.Path(workdir) / 'checkpoints'
+    out = {}
+    for path in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else []):
+        if not path.name.isdigit() or not path.is_dir():
+            continue
+        missing = ['/'.join((path.name,) + p) for p in ((COMMIT_MARKER,), ('params', COMMIT_MARKER),
+                                                       ('meta', COMMIT_MARKER)) if not path.joinpath(*p).exists()]
+        out[int(path.name)] = f"missing {', '.join(missing)}" if missing else None
+    return out
+
+
+def _checkpoints_dir(workdir):
+    return os.path.join(workdir if '://' in str(workdir) else os.path.abspath(workdir), 'checkpoints')
+
+
+def _no_checkpoint_error(workdir, status, step):
+    ckpt_dir = _checkpoints_dir(workdir)
+    complete = sorted(s for s, why in status.items() if why is None)
+    broken = '; '.join(f'step {s}: {why}' for s, why in sorted(status.items()) if why is not None)
+    broken = (f" Incomplete (an interrupted save, or a partial copy; orbax writes {COMMIT_MARKER} last): "
+              f"{broken}.") if broken else ''
+    if step is not None and complete:
+        return FileNotFoundError(f"{workdir}: no complete checkpoint for --step={step} under {ckpt_dir}; complete "
+                                 f"steps: {complete}. Pass one of those (or leave --step out for the latest).{broken}")
+    return FileNotFoundError(f"{workdir}: no complete checkpoint under {ckpt_dir}.{broken} Train first, or rerun the "
+                             f"run's `python -m ftjax.train` command with this --workdir to resume it until a "
+                             f"checkpoint is saved (every train.checkpoint_every steps and at the end).")
+
+
 def restore_for_export(workdir, step=None):
-    """The fine-tuned model of a finished (or preempted) run, as a `Pretrained` for `ftjax.export`."""
+    """The fine-tuned model of a finished (or preempted) run, as a `Pretrained` for `ftjax.export`.
+
+    Reads only: nothing in `workdir` is created or cleaned up, so exporting beside a running training
+    (whose save may be in flight) is safe. The latest complete checkpoint is used unless `step` is given.
+    """
     from ftjax import loop as train
+    if not (epath.Path(workdir) / 'config.json').exists():
+        raise FileNotFoundError(f"{workdir}: no config.json, so this is not the --workdir of an ftjax training run "
+                                f"(or the run never started). Pass the directory given to `python -m ftjax.train "
+                                f"--workdir=...`.")
     config = train.load_workdir_config(workdir)
-    mngr = make_manager(workdir, config.train)
-    steps = mngr.all_steps()
-    if not steps:
-        raise FileNotFoundError(f"{workdir}: no complete checkpoint under {mngr.directory}; train first "
-                                f"(checkpoints are written every train.checkpoint_every steps and at the end).")
-    step = max(steps) if step is None else int(step)
-    if step not in steps:
-        raise FileNotFoundError(f"{workdir}: no complete checkpoint for step {step}; available: {sorted(steps)}.")
+    status = step_status(workdir)
+    complete = sorted(s for s, why in status.items() if why is None)
+    if not complete or (step is not None and int(step) not in complete):
+        raise _no_checkpoint_error(workdir, status, step)
+    step = complete[-1] if step is None else int(step)
+    newer = sorted(s for s in status if s > step and status[s] is not None)
+    if newer:
+        logging.warning('%s: skipping incomplete checkpoint(s) %s (%s); exporting step %d.', workdir, newer,
+                        status[newer[-1]], step)
     pre, mask = train.build_model_and_mask(config)
-    from ftjax.state import partition
+    from ftjax.state import combine, partition
     trainable, frozen = partition(pre.params, mask)
-    out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(trainable)),
-                                                     meta=ocp.args.JsonRestore()))
-    check_compatible(out['meta'], base_reference(config.model.path), leaf_signature(trainable), workdir)
-    from ftjax.state import combine
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False)
+    mngr = ocp.CheckpointManager(_checkpoints_dir(workdir), options=options, item_names=('params', 'opt', 'meta'))
+    where = step_dir(mngr, step)
+    meta = read_meta(mngr, step)
+    base = base_reference(config.model.path)
+    if meta.get('base', {}).get('sha256') != base['sha256']:
+        raise RuntimeError(f"{where} was trained on the base weights {meta.get('base')}, but model.path in "
+                           f"{os.path.join(workdir, 'config.json')} now holds {base}. Restore the original base "
+                           f"model there (or point model.path in that config.json at a copy of it).")
+    check_compatible(meta, base, leaf_signature(trainable), where)
+    try:
+        as_numpy = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), trainable)
+        out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(  # host memory, any mesh
+            item=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable),
+            restore_args=as_numpy)))
+    except Exception as e:
+        raise RuntimeError(f"Checkpoint {where} could not be restored: it is corrupted ({type(e).__name__}: "
+                           f"{str(e)[:300]}). Complete steps: {complete}; pass another with --step.") from e
+    finally:
+        mngr.close()
     pre = dataclasses.replace(pre, params=combine(out['params'], frozen))
     pre.method = config.peft.method
     return pre

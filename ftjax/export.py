@@ -2,6 +2,9 @@
 
   python -m ftjax.export --workdir=DIR --out=DIR --format=hf|peft [--step=N] [--dtype=bfloat16|float32]
 
+exports a training run's latest complete checkpoint (or step N); it only reads the workdir, so it is safe
+beside a training that is still running, and a run trained on any mesh exports on a single host.
+
 Python API:
   export_hf(pre, out_dir, dtype='float32')  merged weights (LoRA/DoRA folded in) as a Hugging Face directory:
       config.json, model.safetensors (sharded with model.safetensors.index.json above `max_shard_bytes`),
@@ -374,31 +377,38 @@ def load_peft_adapter(pre: Pretrained, adapter_dir) -> Pretrained:
 def check_peft_run(pre, workdir, run_config=None):
     """`--format=peft` needs a LoRA/DoRA run that changed nothing but adapters (and a classifier's head)."""
     method = getattr(pre, 'method', None) or (run_config.peft.method if run_config is not None else None)
-    if pre.config.lora is None:
-        raise ValueError(f"--format=peft exports LoRA adapters, but {workdir} is a peft.method={method!r} run "
-                         f"without adapters: its weights changed throughout. Export it with --format=hf.")
+    if pre is None or pre.config.lora is None or method not in ('lora', 'dora'):
+        raise ValueError(f"--format=peft exports LoRA adapters, but {workdir} is a peft.method={method!r} run: its "
+                         f"base weights changed, which an adapter cannot carry. Export it with --format=hf "
+                         f"(merged weights).")
     if run_config is not None:
         p = run_config.peft
         extra = [k for k, v in (('peft.trainable', list(p.get('trainable', []))), ('peft.norms', p.get('norms')),
-                                ('peft.biases', p.get('biases'))) if v]
+                                ('peft.biases', p.get('biases')), ('peft.embeddings', p.get('embeddings')),
+                                ('peft.last_n_blocks', p.get('last_n_blocks'))) if v]
         if extra:
             raise ValueError(f"--format=peft: {workdir} also trained {', '.join(extra)}, which a LoRA adapter cannot "
                              f"carry. Export it with --format=hf (merged weights).")
 
 
 def export(workdir, out_dir, format='hf', step=None, dtype='float32'):
-    """What the command line does: restores the run's checkpoint (latest or `step`) and exports it."""
+    """What the command line does: restores the run's checkpoint (latest complete one, or `step`) and exports it."""
     if format not in ('hf', 'peft'):
         raise ValueError(f"--format={format!r}: choose 'hf' (merged weights) or 'peft' (the adapter alone).")
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"--workdir={workdir!r} does not exist.")
+    _np_dtype(dtype)
+    from etils import epath
+    if not epath.Path(workdir).is_dir():
+        raise FileNotFoundError(f"--workdir={workdir!r} does not exist; pass the directory given to "
+                                f"`python -m ftjax.train --workdir=...`.")
+    run_config = None
+    if (epath.Path(workdir) / 'config.json').exists():
+        from ftjax.loop import load_workdir_config
+        run_config = load_workdir_config(workdir)
+    if format == 'peft' and run_config is not None and run_config.peft.method not in ('lora', 'dora'):
+        check_peft_run(None, workdir, run_config)  # refuse before loading anything
     from ftjax.checkpoint import restore_for_export
     pre = restore_for_export(workdir, step)
     if format == 'peft':
-        run_config = None
-        if os.path.exists(os.path.join(workdir, 'config.json')):
-            from ftjax.loop import load_workdir_config
-            run_config = load_workdir_config(workdir)
         check_peft_run(pre, workdir, run_config)
         return export_peft(pre, out_dir, dtype)
     return export_hf(pre, out_dir, dtype)
@@ -434,6 +444,5 @@ def main(argv):
 
 if __name__ == '__main__':
     from absl import app
-    import ftjax.train  # noqa: F401  (defines --workdir first, so restore_for_export's import of it cannot clash)
     define_flags()
     app.run(main)

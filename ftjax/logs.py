@@ -1,14 +1,17 @@
 """Where metrics go: `workdir/metrics.jsonl`, TensorBoard event files, and a progress bar.
 
-Only process 0 writes; every process may call these functions.
+Only process 0 writes; every process may call these functions. The workdir may be a bucket
+(gs://..., via etils.epath): objects there cannot be appended to, so the file is rewritten whole.
 """
 import json
+import logging
 import math
 import os
 import time
 
 import jax
 import numpy as np
+from etils import epath
 
 
 def _scalar(v):
@@ -21,17 +24,25 @@ class MetricsLog:
 
     def __init__(self, workdir, total_steps, start_step=0, progress=True):
         self.primary = jax.process_index() == 0
-        self.path = os.path.join(workdir, 'metrics.jsonl')
+        self.path = epath.Path(workdir) / 'metrics.jsonl'
+        self.remote = is_remote(workdir)
+        self.rows = []  # a remote file's lines, rewritten whole on each write
         self.tb = None
         self.bar = None
         if not self.primary:
             return
         if start_step > 0:
             self._truncate_after(start_step)
+        if self.remote and self.path.exists():
+            self.rows = self.path.read_text().splitlines(keepends=True)
         try:
             from tensorboardX import SummaryWriter
+            if str(workdir).startswith('gs://'):
+                import google.cloud.storage  # noqa: F401  (tensorboardX writes gs:// with it)
             self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-        except ImportError:  # TensorBoard is optional
+        except ImportError as e:  # TensorBoard is optional
+            if self.remote:
+                logging.warning('No TensorBoard events in %s (%s); metrics.jsonl is still written.', workdir, e)
             self.tb = None
         if progress:
             from tqdm import tqdm
@@ -40,19 +51,23 @@ class MetricsLog:
 
     def _truncate_after(self, step):
         """A resumed run rewrites the steps after its checkpoint, so each step appears once."""
-        if not os.path.exists(self.path):
+        if not self.path.exists():
             return
-        with open(self.path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line).get('step', 0) <= step]
-        with open(self.path, 'w') as f:
-            f.writelines(rows)
+        lines = self.path.read_text().splitlines(keepends=True)
+        keep = [line for line in lines if line.strip() and json.loads(line).get('step', 0) <= step]
+        self.path.write_text(''.join(keep))
 
     def write(self, step, metrics):
         if not self.primary:
             return
         row = {'step': int(step), **{k: _scalar(v) for k, v in metrics.items()}}
-        with open(self.path, 'a') as f:
-            f.write(json.dumps(row, allow_nan=True) + '\n')
+        line = json.dumps(row, allow_nan=True) + '\n'
+        if self.remote:
+            self.rows.append(line)
+            self.path.write_text(''.join(self.rows))
+        else:
+            with open(self.path, 'a') as f:
+                f.write(line)
         if self.tb is not None:
             for k, v in row.items():
                 if k != 'step' and isinstance(v, (int, float)) and math.isfinite(v):
@@ -82,12 +97,16 @@ class MetricsLog:
             self.tb.close()
 
 
+def is_remote(path):
+    """A bucket path (gs://, s3://, ...) rather than a local one."""
+    return '://' in str(path)
+
+
 def read_metrics(workdir):
-    path = os.path.join(workdir, 'metrics.jsonl')
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / 'metrics.jsonl'
+    if not path.exists():
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class Throughput:

@@ -6,12 +6,12 @@ jitted train steps with periodic eval, metrics, checkpoints and preemption handl
 import json
 import logging
 import math
-import os
 import time
 
 import flax.linen as nn
 import jax
 import numpy as np
+from etils import epath
 
 from ftjax import checkpoint, data as data_lib, logs, optim, sharding
 from ftjax import state as state_lib
@@ -23,12 +23,11 @@ from ftjax.train_step import make_eval_step, make_train_step
 def load_workdir_config(workdir):
     """The resolved config a run wrote to `workdir/config.json` at its start."""
     import ml_collections
-    path = os.path.join(workdir, 'config.json')
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / 'config.json'
+    if not path.exists():
         raise FileNotFoundError(f"{workdir}: no config.json, so this is not an ftjax workdir (or the run never "
                                 f"started).")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def build_model_and_mask(config, rng=None):
@@ -44,16 +43,23 @@ def build_model_and_mask(config, rng=None):
 
 
 def prepare_workdir(config, workdir):
-    """Refuses a used workdir when resume is off; writes the resolved config."""
-    os.makedirs(workdir, exist_ok=True)
-    ckpt_dir = os.path.join(workdir, 'checkpoints')
-    used = os.path.exists(ckpt_dir) and any(not n.startswith('.') for n in os.listdir(ckpt_dir))
+    """Refuses a used workdir when resume is off; writes the resolved config.
+
+    The workdir may be local or a bucket (gs://..., through etils.epath, which needs gcsfs).
+    """
+    wd = epath.Path(workdir)
+    try:
+        wd.mkdir(parents=True, exist_ok=True)
+    except ImportError as e:
+        raise ImportError(f"--workdir={workdir}: {e}. Install it on every host (pip install gcsfs for gs://) "
+                          f"or use a local --workdir.") from e
+    ckpt_dir = wd / 'checkpoints'
+    used = ckpt_dir.exists() and any(not p.name.startswith('.') for p in ckpt_dir.iterdir())
     if used and not config.train.resume:
         raise FileExistsError(f"{workdir} already holds checkpoints and config.train.resume=False; choose a new "
                               f"--workdir, or drop --config.train.resume=false to continue that run.")
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, 'config.json'), 'w') as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        (wd / 'config.json').write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def task_of(pre):
@@ -132,6 +138,38 @@ def print_before_after(before, after, result):
         print(f"\nprompt: {s['prompt'][-160:]}\nanswer: {s['answer']}\nreference: {s['reference']}")
 
 
+def state_shardings(model, params, mask, tx, config, mesh, rules):
+    """(abstract train state, its shardings, shardings for `params`) on `mesh`.
+
+    `params` may be abstract (shape structs): `ftjax.compile_check` uses this without any weights.
+    """
+    param_sh = sharding.param_shardings(sharding.logical_specs(abstract_variables(model)), mesh, rules)
+    abstract_state = jax.eval_shape(_state_fn(mask, tx, config), params)
+    return (abstract_state, sharding.tree_shardings(abstract_state, param_sh, mesh),
+            sharding.tree_shardings(params, param_sh, mesh))
+
+
+def _state_fn(mask, tx, config):
+    return lambda params: state_lib.create_state(params, mask, tx, config.model.frozen_dtype)
+
+
+def sharded_state(pre, mask, tx, config, mesh, rules):
+    """The train state built on `mesh` from the host params `pre.params` (each device gets only its
+    shards), and the state's shardings."""
+    _, state_sh, params_sh = state_shardings(pre.model, pre.params, mask, tx, config, mesh, rules)
+    with jax.set_mesh(mesh):
+        placed = sharding.place(pre.params, params_sh)
+        state = jax.jit(_state_fn(mask, tx, config), out_shardings=state_sh, donate_argnums=0)(placed)
+    return state, state_sh
+
+
+def jit_train_step(model, config, tx, schedule, state_sh, batch_sh):
+    """The train step compiled for the mesh: state in and out in `state_sh` (donated), batch in
+    `batch_sh`. Call (or lower) it inside `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`."""
+    return jax.jit(make_train_step(model, config, tx, schedule), in_shardings=(state_sh, batch_sh, None),
+                   out_shardings=(state_sh, None), donate_argnums=0)
+
+
 def _meta(config, it, base_ref, trainable_sig, step):
     return {'step': int(step), 'data': {k: int(v) for k, v in it.state.items()}, 'base': base_ref,
             'trainable': trainable_sig, 'peft_method': config.peft.method}
@@ -160,15 +198,8 @@ def train_and_evaluate(config, workdir, stop_at=None):
 
     trainable, _ = state_lib.partition(pre.params, mask)
     tx, schedule = optim.make_optimizer(config, trainable, config.train.steps)
-    param_sh = sharding.param_shardings(sharding.logical_specs(abstract_variables(pre.model)), mesh, rules)
-    make_state = lambda params: state_lib.create_state(params, mask, tx, config.model.frozen_dtype)
-    abstract_state = jax.eval_shape(make_state, pre.params)
-    state_sh = sharding.tree_shardings(abstract_state, param_sh, mesh)
+    state, state_sh = sharded_state(pre, mask, tx, config, mesh, rules)
     batch_sh = sharding.batch_sharding(mesh)
-    with jax.set_mesh(mesh):
-        placed = sharding.place(pre.params, sharding.tree_shardings(pre.params, param_sh, mesh))
-        state = jax.jit(make_state, out_shardings=state_sh, donate_argnums=0)(placed)
-    del placed
     n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.trainable))
     n_total = n_trainable + sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.frozen))
 
@@ -178,18 +209,16 @@ def train_and_evaluate(config, workdir, stop_at=None):
     start = 0
     resume_step = config.train.get('resume_step', None) or mngr.latest_step()
     if resume_step is not None:
-        meta = checkpoint.read_meta(mngr, resume_step) if os.path.exists(
-            os.path.join(checkpoint.step_dir(mngr, resume_step), 'meta')) else {}
+        meta = checkpoint.read_meta(mngr, resume_step) if (
+            epath.Path(checkpoint.step_dir(mngr, resume_step)) / 'meta').exists() else {}
         checkpoint.check_compatible(meta, base_ref, trainable_sig, checkpoint.step_dir(mngr, resume_step))
         state, meta = checkpoint.restore(mngr, resume_step, state)
         it.restore(meta['data'])
         start = int(resume_step)
         logging.info('Resumed from %s', checkpoint.step_dir(mngr, resume_step))
 
-    step_fn = make_train_step(pre.model, config, tx, schedule)
+    p_step = jit_train_step(pre.model, config, tx, schedule, state_sh, batch_sh)
     eval_fn = make_eval_step(pre.model, config)
-    p_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, None), out_shardings=(state_sh, None),
-                     donate_argnums=0)
     p_eval = jax.jit(lambda s, b: eval_fn(s.params(), b), in_shardings=(state_sh, batch_sh))
     key = jax.random.key(config.train.seed)
     log = logs.MetricsLog(workdir, config.train.steps, start)
@@ -281,6 +310,5 @@ def train_and_evaluate(config, workdir, stop_at=None):
     if primary and result['exit_code'] == 0:
         ev = ', '.join(f'{k}={v:.4f}' for k, v in result.items() if k.startswith('eval/'))
         print(f"ftjax: done. step {result['step']}, loss {result['loss']}, {ev}, wall {wall:.0f}s", flush=True)
-        with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-            json.dump(result, f, indent=2)
+        (epath.Path(workdir) / 'summary.json').write_text(json.dumps(result, indent=2))
     return result

@@ -1,21 +1,27 @@
 """Losses as sums (loss, correct, count), so micro-batches, devices and eval batches average exactly.
 
 The LM loss never holds float32 logits for the whole batch: it scans over chunks of the sequence,
-each chunk projecting its final hidden states onto the vocabulary, taking logsumexp and the target
-logit, and dropping the logits again. The chunk body is `jax.checkpoint`ed, so the backward pass
-recomputes one chunk's logits at a time as well. The batch axis stays whole (it is the sharded one).
+each chunk projecting its final hidden states onto the vocabulary, taking the log-normaliser and
+the target logit, and dropping the logits again. Under differentiation the same scan also forms
+each chunk's gradient (softmax minus one-hot, times the head), so the backward pass neither keeps
+nor recomputes any logits: one vocabulary projection per chunk in the forward pass, one or two
+(hidden, and the head when it trains) for the gradient. The batch axis stays whole (it is the
+sharded one).
 """
 import jax
 import jax.numpy as jnp
 
 
 def _token_sums(logits, targets, weights):
-    """logits [..., vocab] float32, targets [...] int, weights [...] -> (loss sum, correct sum)."""
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    """logits [..., vocab] float32, targets [...] int, weights [...] -> (loss sum, correct sum).
+
+    A token counts as correct when its target logit is the maximum (ties count as correct)."""
+    m = jnp.max(logits, axis=-1)
+    lse = m + jnp.log(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1))
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     loss = jnp.sum(weights * (lse - target_logit))
-    correct = jnp.sum(weights * (jnp.argmax(logits, axis=-1) == targets))
-    return loss, correct
+    correct = jnp.sum(weights * (target_logit >= m))
+    return loss, correct, lse
 
 
 def _project(h, head):
@@ -36,34 +42,65 @@ def lm_loss(hidden, head_kernel, targets, loss_mask, chunk_tokens: int = 512):
     targets = targets.astype(jnp.int32)
     head = head_kernel.astype(hidden.dtype)
     c = max(1, min(t, int(chunk_tokens) // max(b, 1)))  # sequence positions per chunk
-    if c >= t:
-        logits = _project(hidden, head)  # [batch, seq, vocab]
-        loss, correct = _token_sums(logits, targets, weights)
-        return loss, correct, jnp.sum(weights)
     pad = (-t) % c
     if pad:  # padded positions carry weight 0
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        weights_p = jnp.pad(weights, ((0, 0), (0, pad)))
-    else:
-        weights_p = weights
+    weights_p = jnp.pad(weights, ((0, 0), (0, pad)))
     n = (t + pad) // c
     hs = hidden.reshape(b, n, c, e).swapaxes(0, 1)  # [chunks, batch, chunk, embed]
     ys = targets.reshape(b, n, c).swapaxes(0, 1)  # [chunks, batch, chunk]
     ws = weights_p.reshape(b, n, c).swapaxes(0, 1)
+    loss, correct = _chunked_ce(hs, head, ys, ws)
+    return loss, correct, jnp.sum(weights)
 
-    @jax.checkpoint
-    def chunk_sums(h, y, w):
-        logits = _project(h, head)  # [batch, chunk, vocab]
-        return _token_sums(logits, y, w)
 
+def _chunk_scan(hs, head, ys, ws, grad_h=False, grad_head=False):
+    """Sums over the chunks; with grad_h / grad_head also d(loss_sum) w.r.t. hs / head."""
     def body(carry, xs):
-        loss, correct = chunk_sums(*xs)
-        return (carry[0] + loss, carry[1] + correct), None
+        loss, correct, dhead = carry
+        h, y, w = xs  # [batch, chunk, embed], [batch, chunk], [batch, chunk]
+        logits = _project(h, head)  # [batch, chunk, vocab] float32
+        l, c, lse = _token_sums(logits, y, w)
+        dh = None
+        if grad_h or grad_head:  # d(sum w * (lse - logit_y)) / d logits = w * (softmax - onehot)
+            vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+            p = jnp.exp(logits - lse[..., None])
+            dlogits = (jnp.where(vocab == y[..., None], p - 1.0, p) * w[..., None]).astype(h.dtype)
+            if grad_h:
+                dh = jnp.einsum('bcv,ev->bce', dlogits, head)  # [batch, chunk, embed]
+            if grad_head:  # contract over tokens with the narrow [embed, tokens] side transposed
+                ht = jax.lax.optimization_barrier(h.reshape(-1, h.shape[-1]).T)  # [embed, tokens]
+                dhead = dhead + (ht @ dlogits.reshape(-1, dlogits.shape[-1])).astype(dhead.dtype)
+        return (loss + l, correct + c, dhead), dh
 
     zero = jnp.zeros((), jnp.float32)
-    (loss, correct), _ = jax.lax.scan(body, (zero, zero), (hs, ys, ws))
-    return loss, correct, jnp.sum(weights)
+    dhead0 = jnp.zeros(head.shape, jnp.float32) if grad_head else None
+    (loss, correct, dhead), dhs = jax.lax.scan(body, (zero, zero, dhead0), (hs, ys, ws))
+    return loss, correct, dhs, dhead
+
+
+@jax.custom_vjp
+def _chunked_ce(hs, head, ys, ws):
+    loss, correct, _, _ = _chunk_scan(hs, head, ys, ws)
+    return loss, correct
+
+
+def _chunked_ce_fwd(hs, head, ys, ws):
+    grad_h, grad_head = hs.perturbed, head.perturbed
+    loss, correct, dhs, dhead = _chunk_scan(hs.value, head.value, ys.value, ws.value, grad_h, grad_head)
+    dhead = None if dhead is None else dhead.astype(head.value.dtype)
+    return (loss, correct), (dhs, dhead)  # None for what needs no gradient
+
+
+def _chunked_ce_bwd(res, cts):
+    dhs, dhead = res
+    g = cts[0]  # the cotangent of loss_sum; `correct` has no gradient
+    scale = lambda d: None if d is None else (d * g).astype(d.dtype)
+    return scale(dhs), scale(dhead), None, None
+
+
+_chunked_ce.defvjp(_chunked_ce_fwd, _chunked_ce_bwd, symbolic_zeros=True)
 
 
 def classification_loss(logits, labels, weights=None):
@@ -72,5 +109,5 @@ def classification_loss(logits, labels, weights=None):
     Returns (loss_sum, correct, count) as float32 scalars."""
     logits = logits.astype(jnp.float32)
     w = jnp.ones(labels.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
-    loss, correct = _token_sums(logits, labels.astype(jnp.int32), w)
+    loss, correct, _ = _token_sums(logits, labels.astype(jnp.int32), w)
     return loss, correct, jnp.sum(w)

@@ -54,6 +54,8 @@ def parse():
     p.add_argument('--compare', default=None, choices=[None, 'torch'])
     p.add_argument('--torch_only', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('--out', default=None, help='also append the JSON line to this file')
+    p.add_argument('--profile', default=None, help='write a profiler trace of one extra step to this directory '
+                   '(TensorBoard / Perfetto)')
     return p.parse_args()
 
 
@@ -91,7 +93,28 @@ def write_random_checkpoint(path, shape):
         json.dump(hf, f)
 
 
+def reset_peak_rss():
+    """Start a new peak-RSS window (Linux: VmHWM := current RSS), so that loading the checkpoint and
+    compiling do not count; what stays resident (weights, optimizer state) still does."""
+    import gc
+    gc.collect()
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mb():
+    """Peak resident memory of this process in MiB since `reset_peak_rss` (or since start)."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -115,21 +138,29 @@ def flops_per_token(cfg, n_trainable_mm, n_frozen_mm, seq):
     return 6 * n_trainable_mm + 4 * n_frozen_mm + attn
 
 
-def matmul_params(params, mask):
-    """(trainable, frozen) parameter counts of matrix weights (embedding lookup excluded, tied head included)."""
+def matmul_params(params, mask, tied):
+    """(trainable, frozen) parameter counts of matrix weights, as used per token.
+
+    The embedding table counts only when it is also the LM head (`tied`); a `LastLayers(n)` mask
+    leaf counts n of its L stacked layers as trainable and the rest as frozen; vectors (norms,
+    biases, DoRA magnitudes, also when stacked per layer) are not matmuls and do not count.
+    """
     import jax
     import numpy as np
+    from ftjax.peft import LastLayers
     t = f = 0
     flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
-    flat_m = jax.tree.leaves(mask)
+    flat_m = jax.tree.leaves(mask, is_leaf=lambda m: isinstance(m, LastLayers))
+    assert len(flat_p) == len(flat_m), 'mask and params differ in structure'
     for (path, x), m in zip(flat_p, flat_m):
-        keys = [str(getattr(k, 'key', k)) for k in path]
-        if x.ndim < 2 and keys[-1] != 'lora_magnitude':
+        name = str(getattr(path[-1], 'key', path[-1]))
+        if not (name in ('kernel', 'lora_a', 'lora_b') or (name == 'embedding' and tied)):
             continue
         n = int(np.prod(x.shape))
-        if keys[-1] in ('lora_magnitude',):
-            continue
-        if m:
+        if isinstance(m, LastLayers):
+            part = n * m.n // x.shape[0]
+            t, f = t + part, f + n - part
+        elif m:
             t += n
         else:
             f += n
@@ -152,7 +183,8 @@ def bench_ftjax(args, path):
     c.peft.lora.rank = args.rank
     c.peft.lora.alpha = 2.0 * args.rank
     c.peft.lora.targets = LORA_TARGETS
-    c.peft.last_n_blocks = 2
+    if args.mode == 'partial':
+        c.peft.last_n_blocks = 2  # the last two blocks train whole, the rest is frozen
     c.train.loss_chunk = args.loss_chunk
     c.train.batch_size = args.batch
     c.data.max_length = args.seq
@@ -160,7 +192,7 @@ def bench_ftjax(args, path):
     pre = load_pretrained(path, dtype='float32', compute_dtype=args.dtype, remat=args.remat,
                           scan_unroll=args.scan_unroll)
     pre, mask = peft.prepare(pre, c, jax.random.key(0))
-    n_tr, n_fr = matmul_params(pre.params, mask)
+    n_tr, n_fr = matmul_params(pre.params, mask, getattr(pre.config, 'tie_embeddings', False))
     trainable, _ = state_lib.partition(pre.params, mask)
     tx, sched = optim.make_optimizer(c, trainable, 1000)
     state = jax.jit(lambda p: state_lib.create_state(p, mask, tx, c.model.frozen_dtype))(pre.params)
@@ -175,18 +207,29 @@ def bench_ftjax(args, path):
     compiled = step.lower(state, batch, key).compile()
     compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
+    model_cfg = pre.config
+    del pre, trainable  # host copies of the weights: only the device state stays
+    reset_peak_rss()
+    batch = jax.device_put(batch)  # the trainer prefetches its batches onto the devices as well
+    keys = [jax.random.fold_in(key, i) for i in range(args.steps)]
     state, m = compiled(state, batch, key)
-    jax.block_until_ready(m)
+    jax.block_until_ready((state, m))
     times = []
     for i in range(args.steps):
         t = time.perf_counter()
-        state, m = compiled(state, batch, jax.random.fold_in(key, i))
-        jax.block_until_ready(m)
+        state, m = compiled(state, batch, keys[i])
+        jax.block_until_ready((state, m))
         times.append(time.perf_counter() - t)
+    if args.profile:
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+            state, m = compiled(state, batch, key)
+            jax.block_until_ready(m)
+        with open(os.path.join(args.profile, 'train_step.hlo.txt'), 'w') as f:
+            f.write(compiled.as_text())
     dev = jax.devices()[0]
     stats = dev.memory_stats() if dev.platform != 'cpu' else None
     peak_mb = stats['peak_bytes_in_use'] / 2 ** 20 if stats and 'peak_bytes_in_use' in stats else peak_rss_mb()
-    fpt = flops_per_token(pre.config, n_tr, n_fr, args.seq)
+    fpt = flops_per_token(model_cfg, n_tr, n_fr, args.seq)
     return dict(times=times, compile_s=compile_s, peak_mb=peak_mb,
                 peak_kind='device' if stats else 'rss', flops_per_token=fpt,
                 compiled_temp_mb=getattr(mem, 'temp_size_in_bytes', 0) / 2 ** 20 if mem else None,
@@ -215,6 +258,7 @@ def bench_torch(args, path):
         model.gradient_checkpointing_enable()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=dev)
+    reset_peak_rss()
     times = []
     for i in range(args.steps + 1):
         t = time.perf_counter()

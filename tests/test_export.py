@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 from ftjax import export
 from ftjax.models import LoraSpec, build_model, load_pretrained
 from ftjax.peft import lora
-from tests import tiny
+from tests import test_trainer, tiny
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -376,3 +376,156 @@ def test_import_refuses_other_base_model(checkpoint, tmp_path):
         load_pretrained(other, adapter=out)
     with pytest.raises(ValueError, match='another base model'):
         load_pretrained(checkpoint('bert-encoder')[0], adapter=out)
+
+
+# --- the command line on runs trained by ftjax.loop: restore_for_export -> export -> transformers / peft ----
+
+chat_data = test_trainer.chat_data  # the trainer tests' fixture: synthetic chat rows
+tiny_config = test_trainer.tiny_config
+REPO = test_trainer.REPO
+
+CLI_ENV = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+               HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
+SENTENCES = [('great movie, loved it', 1), ('terrible plot, hated it', 0), ('a positive review', 1),
+             ('a negative review', 0), ('loved the quick brown fox', 1), ('hated the lazy dog', 0)]
+
+
+def run_cli(*args):
+    proc = subprocess.run([sys.executable, '-m', 'ftjax.export', *args], cwd=REPO, env=CLI_ENV,
+                          capture_output=True, text=True, timeout=300)
+    print(f'ftjax.export {" ".join(args)}: exit {proc.returncode}')
+    return proc
+
+
+def train(config, workdir):
+    from ftjax.loop import train_and_evaluate
+    assert train_and_evaluate(config, workdir)['step'] == config.train.steps
+    return workdir
+
+
+@pytest.fixture(scope='module')
+def lora_run(tmp_path_factory, tiny_llama_dir, chat_data):
+    """6 LoRA steps (tensor parallel over the 8 test devices), checkpoints at steps 3 and 6."""
+    return train(tiny_config(tiny_llama_dir, chat_data), str(tmp_path_factory.mktemp('lora_run') / 'run'))
+
+
+def restored(workdir, step=None):
+    """(model, params) of ftjax's own fine-tuned model, adapters merged, as the export restores it."""
+    from ftjax.checkpoint import restore_for_export
+    pre = restore_for_export(workdir, step)
+    return (merged_model(pre) if pre.config.lora is not None else (pre.model, pre.params)), pre
+
+
+def test_cli_hf_export_of_a_trained_lora_run_at_an_older_step(lora_run, tiny_llama_dir, tmp_path):
+    assert sorted(os.listdir(os.path.join(lora_run, 'checkpoints'))) == ['3', '6']
+    out = str(tmp_path / 'hf')
+    proc = run_cli(f'--workdir={lora_run}', f'--out={out}', '--format=hf', '--step=3')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == out
+    for f in ('config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json',
+              'generation_config.json'):
+        assert os.path.exists(os.path.join(out, f)), f
+    (model3, params3), pre = restored(lora_run, step=3)
+    cfg = pre.config
+    ours3 = ftjax_out(model3, params3, cfg)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert max_delta(ours3, torch_out(ref, cfg), cfg, 'cli hf step 3') < TOL
+    (model6, params6), _ = restored(lora_run)
+    ours6 = ftjax_out(model6, params6, cfg)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    print(f'max|logits step 6 - step 3| = {np.abs(ours6 - ours3).max():.2e}, '
+          f'max|step 3 - base| = {np.abs(ours3 - torch_out(base, cfg)).max():.2e}')
+    assert np.abs(ours6 - ours3).max() > 100 * TOL  # --step picked the older checkpoint, not the latest
+    assert np.abs(ours3 - torch_out(base, cfg)).max() > 100 * TOL  # and the training shows in it
+
+
+def test_export_of_a_trained_lora_run_hf_and_peft(lora_run, tiny_llama_dir, tmp_path):
+    """What the CLI runs (`export.export`), latest checkpoint: merged in transformers, adapter in peft."""
+    (merged, merged_params), pre = restored(lora_run)
+    cfg = pre.config
+    hf = export.export(lora_run, str(tmp_path / 'hf'), format='hf')
+    ref = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    assert max_delta(ftjax_out(merged, merged_params, cfg), torch_out(ref, cfg), cfg, 'run hf') < TOL
+    adapter = export.export(lora_run, str(tmp_path / 'adapter'), format='peft')
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    theirs = torch_out(peft.PeftModel.from_pretrained(base, adapter).eval(), cfg)
+    assert max_delta(ftjax_out(pre.model, pre.params, cfg), theirs, cfg, 'run peft') < TOL  # unmerged
+
+
+def test_cli_refusals_name_the_problem_and_the_fix(lora_run, tiny_llama_dir, chat_data, tmp_path):
+    import shutil
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    proc = run_cli(f'--workdir={empty}', f'--out={tmp_path / "o1"}')
+    assert proc.returncode != 0 and 'no config.json' in proc.stderr and 'ftjax.train --workdir' in proc.stderr, \
+        proc.stderr[-2000:]
+
+    broken = str(tmp_path / 'broken')
+    shutil.copytree(lora_run, broken)
+    os.remove(os.path.join(broken, 'checkpoints', '6', 'commit_success.txt'))  # as if the save never finished
+    proc = run_cli(f'--workdir={broken}', f'--out={tmp_path / "o2"}', '--step=6')
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    assert "no complete checkpoint for --step=6" in proc.stderr and 'complete steps: [3]' in proc.stderr
+    assert 'step 6: missing 6/commit_success.txt' in proc.stderr, proc.stderr[-2000:]
+    shutil.rmtree(os.path.join(broken, 'checkpoints', '3', 'params'))
+    proc = run_cli(f'--workdir={broken}', f'--out={tmp_path / "o3"}')
+    assert proc.returncode != 0 and 'no complete checkpoint under' in proc.stderr, proc.stderr[-2000:]
+    assert 'step 3: missing 3/params/commit_success.txt' in proc.stderr
+    assert 'rerun the run\'s `python -m ftjax.train` command' in proc.stderr
+    assert not any(os.path.exists(tmp_path / o) for o in ('o1', 'o2', 'o3'))
+
+    full = train(tiny_config(tiny_llama_dir, chat_data, **{'peft.method': 'full', 'train.steps': 2,
+                                                           'optim.learning_rate': 1e-3}), str(tmp_path / 'full'))
+    proc = run_cli(f'--workdir={full}', f'--out={tmp_path / "o4"}', '--format=peft')
+    assert proc.returncode != 0 and not os.path.exists(tmp_path / 'o4')
+    assert "peft.method='full' run" in proc.stderr and 'Export it with --format=hf' in proc.stderr, \
+        proc.stderr[-2000:]
+    (model, params), pre = restored(full)  # the full run's merged export is the model itself
+    hf = export.export(full, str(tmp_path / 'full_hf'), format='hf')
+    ref = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    assert max_delta(ftjax_out(model, params, pre.config), torch_out(ref, pre.config), pre.config, 'full') < TOL
+
+
+def test_export_skips_an_incomplete_latest_checkpoint(lora_run, tmp_path):
+    import shutil
+    broken = str(tmp_path / 'broken')
+    shutil.copytree(lora_run, broken)
+    os.remove(os.path.join(broken, 'checkpoints', '6', 'meta', 'commit_success.txt'))
+    from ftjax.checkpoint import restore_for_export, step_status
+    assert step_status(broken) == {3: None, 6: 'missing 6/meta/commit_success.txt'}
+    got = restore_for_export(broken).params
+    want = restore_for_export(lora_run, step=3).params
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    before = sorted(os.listdir(os.path.join(broken, 'checkpoints')))
+    restore_for_export(broken)
+    assert sorted(os.listdir(os.path.join(broken, 'checkpoints'))) == before  # reads only: nothing cleaned up
+
+
+@pytest.mark.slow
+def test_cli_hf_export_of_a_bert_classifier_run(tiny_bert_dir, chat_data, tmp_path):
+    data = tmp_path / 'data'
+    data.mkdir()
+    for name, rows in (('train.tsv', SENTENCES * 4), ('dev.tsv', SENTENCES)):
+        (data / name).write_text('label\tsentence\n' + ''.join(f'{y}\t{s}\n' for s, y in rows))
+    config = tiny_config(tiny_bert_dir, chat_data, **{
+        'data.path': str(data / 'train.tsv'), 'data.eval_path': str(data / 'dev.tsv'),
+        'data.format': 'classification', 'data.fields.text': 'sentence', 'data.max_length': 16,
+        'data.packing': False, 'model.num_labels': 2, 'model.pooling': 'cls', 'train.steps': 2,
+        'train.eval_every': 2, 'train.checkpoint_every': 2})
+    run = train(config, str(tmp_path / 'run'))
+    out = str(tmp_path / 'hf')
+    proc = run_cli(f'--workdir={run}', f'--out={out}', '--format=hf')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (model, params), pre = restored(run)
+    cfg = pre.config
+    ours = ftjax_out(model, params, cfg, encoder_inputs(cfg)[1])
+    ref = transformers.AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+    assert ref.config.num_labels == 2
+    assert max_delta(ours, torch_out(ref, cfg), cfg, 'cli hf bert classifier') < TOL
+    adapter = export.export(run, str(tmp_path / 'adapter'), format='peft')  # head travels as modules_to_save
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2,
+                                                                           dtype=torch.float32).eval()
+    theirs = torch_out(peft.PeftModel.from_pretrained(base, adapter).eval(), cfg)
+    assert max_delta(ftjax_out(pre.model, pre.params, cfg, encoder_inputs(cfg)[1]), theirs, cfg,
+                     'bert classifier peft') < TOL

@@ -19,7 +19,9 @@ main rows (not here); ftjax reports accuracy and macro-F1 (not Matthews/Pearson)
 regression task and needs a 1-output regression head, which ftjax's classifier does not provide yet
 (the config is given for completeness and refuses to run). `cpu` scales down to MiniLM, max length
 128, 600 steps, so its numbers are not comparable to the paper's; see docs/results/sst2_minilm.md.
-Smoke: `:sst2,cpu,smoke`.
+Smoke (2 steps, ~15 s on the 2-core CPU; both tested in tests/test_experiments.py):
+  python -m ftjax.train --config=experiments/papers/lora_glue.py:sst2,cpu,smoke --workdir=/tmp/lora_glue_smoke
+  (and :mrpc,cpu,smoke)
 """
 from ftjax.config import default_config, parse_arg, smoke as smoke_config
 from ftjax.models import packaged
@@ -34,7 +36,7 @@ TASKS = {
     'rte': ('rte', ('sentence1', 'sentence2'), 2, 32, 80, 5e-4, 2_490),
     'stsb': ('stsb', ('sentence1', 'sentence2'), 1, 16, 40, 4e-4, 5_749),
 }
-LOCAL = {'sst2': ('sst2', 'train.tsv', 'dev.tsv', ('content', None)),
+LOCAL = {'sst2': ('sst2', 'train.tsv', 'dev.tsv', ('sentence|content', None)),  # train and dev name it differently
          'mrpc': ('mrpc', 'train.tsv', 'dev.tsv', ('#1 String', '#2 String'))}
 
 

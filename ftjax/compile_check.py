@@ -1,0 +1,211 @@
+r"""Compile the train step for a mesh before renting it: does it compile, and what does a device hold?
+
+  python -m ftjax.compile_check --config=experiments/quickstart.py --topology=data=4,fsdp=2,tensor=1
+
+Sets up data*fsdp*tensor fake CPU devices, builds the model from the checkpoint's config.json (or the
+GGUF metadata) with `jax.eval_shape` -- no weights are read --, applies the PEFT method, then lowers and
+compiles the trainer's own train step (`loop.jit_train_step`) with the trainer's shardings for that mesh.
+Prints the per-device bytes of trainable params, frozen params and optimizer state, and XLA's memory
+analysis of the compiled step (arguments, outputs, temporaries, generated code). The XLA numbers are
+those of the CPU compiler: TPU/GPU fuse differently, so read them as an estimate; the param and optimizer
+bytes are exact. `--config.*` overrides apply as for `ftjax.train` (e.g. --config.train.batch_size=64).
+"""
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from ftjax import loop, optim, sharding
+from ftjax.config import validate
+from ftjax.state import partition
+from ftjax.train_step import task_of
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file (experiments/*.py[:arg]).',
+                                lock_config=True)
+flags.DEFINE_string('topology', None, "Mesh to compile for, e.g. 'data=4,fsdp=2,tensor=1' (missing axes are 1).")
+UNITS = {'GiB': 1 << 30, 'MiB': 1 << 20, 'KiB': 1 << 10}
+
+
+def parse_topology(text):
+    """'data=4,fsdp=2' -> {'data': 4, 'fsdp': 2, 'tensor': 1}."""
+    sizes = dict.fromkeys(sharding.MESH_AXES, 1)
+    for part in filter(None, (text or '').split(',')):
+        name, _, value = part.partition('=')
+        if name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"--topology: {part!r} should be AXIS=SIZE with AXIS one of {sharding.MESH_AXES} and "
+                             f"SIZE a positive integer, e.g. --topology=data=4,fsdp=2,tensor=1.")
+        sizes[name.strip()] = int(value)
+    return sizes
+
+
+def use_fake_cpu_devices(n):
+    """`n` CPU devices for this process; must run before anything initialises a JAX backend."""
+    from jax._src import xla_bridge
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError('compile_check: a JAX backend was initialised before the fake devices could be set up; '
+                           'run it as `python -m ftjax.compile_check ...` in a fresh process.')
+    flags_ = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'xla_force_host_platform_device_count' not in f]
+    os.environ['XLA_FLAGS'] = ' '.join(flags_ + [f'--xla_force_host_platform_device_count={n}'])
+    jax.config.update('jax_platforms', 'cpu')
+    jax.config.update('jax_num_cpu_devices', n)
+
+
+def hf_config_of(path):
+    """The architecture config of a HF directory, hub name or .gguf file, without reading any weights."""
+    from ftjax.models import loading
+    if str(path).endswith('.gguf'):
+        from ftjax.models import gguf_io
+        reader = gguf_io._open(path)  # memory-mapped: only the header and metadata are read
+        metadata = {name: field.contents() for name, field in reader.fields.items()}
+        return gguf_io._config(metadata, {t.name for t in reader.tensors}, path).to_dict()
+    if os.path.isdir(path):
+        return loading.read_config(path)
+    import huggingface_hub
+    try:
+        with open(huggingface_hub.hf_hub_download(path, 'config.json')) as f:
+            return json.load(f)
+    except Exception as e:
+        raise FileNotFoundError(f"config.model.path={path!r}: no local directory or .gguf file, and its config.json "
+                                f"could not be fetched from the hub ({type(e).__name__}: {e}).") from e
+
+
+def abstract_model(config):
+    """(Pretrained whose params are shape structs, trainable mask): `loop.build_model_and_mask` without weights."""
+    from ftjax import peft
+    from ftjax.models import bert, llama, loading
+    m = config.model
+    hf = hf_config_of(m.path)
+    family = loading.SUPPORTED.get(hf.get('model_type'))
+    if family is None:
+        raise ValueError(f"{m.path}: model_type {hf.get('model_type')!r} is not supported "
+                         f"(supported: {', '.join(sorted(loading.SUPPORTED))}).")
+    runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_unroll=m.scan_unroll)
+    cfg = (llama.LlamaConfig.from_hf(hf, **runtime) if family == 'llama'
+           else bert.BertConfig.from_hf(hf, num_labels=m.num_labels, pooling=m.pooling, **runtime))
+    model = loading.build_model(cfg)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(m.param_dtype)),
+                          nn.unbox(loading.abstract_variables(model))['params'])
+    if m.adapter:
+        logging.warning('compile_check: model.adapter is not read; the adapter is sized from config.peft.lora.')
+    pre = loading.Pretrained(model, params, None, cfg, hf, str(m.path))
+    out = {}
+
+    def prepared(params):  # the real `peft.prepare`, traced: adapters are added as shapes only
+        out['pre'], out['mask'] = peft.prepare(dataclasses.replace(pre, params=params), config, jax.random.key(0))
+        return out['pre'].params
+    params = jax.eval_shape(prepared, params)
+    return dataclasses.replace(out['pre'], params=params), out['mask']
+
+
+def abstract_batch(model, batch_size, max_length, batch_sh):
+    """Shape structs of one global batch, as `ftjax.data` builds it (see `data.take_rows`)."""
+    b, t = batch_size, max_length
+    if task_of(model) == 'lm':
+        spec = {'input_ids': ((b, t), jnp.int32), 'target_ids': ((b, t), jnp.int32),
+                'loss_mask': ((b, t), jnp.float32), 'segment_ids': ((b, t), jnp.int32),
+                'positions': ((b, t), jnp.int32)}
+    else:
+        spec = {'input_ids': ((b, t), jnp.int32), 'attention_mask': ((b, t), jnp.int32),
+                'token_type_ids': ((b, t), jnp.int32), 'label': ((b,), jnp.int32)}
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh) for k, (shape, dtype) in spec.items()}
+
+
+def _device_bytes(abstract, shardings):
+    """Bytes one device holds of a tree (the largest shard of each leaf)."""
+    return sum(math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+               for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
+
+
+def check(config, topology, devices=None):
+    """Compiles the train step of `config` for the mesh `topology` ({'data': 4, 'fsdp': 2, 'tensor': 1});
+    returns the numbers `main` prints (bytes per device)."""
+    n = math.prod(topology.values())
+    devices = jax.devices()[:n] if devices is None else devices
+    if len(devices) < n:
+        raise ValueError(f"--topology needs {n} devices, this process has {len(devices)}.")
+    config = config.copy_and_resolve_references()  # the caller's config stays as it was
+    for axis, size in topology.items():
+        config.mesh[axis] = size
+    validate(config)
+    batch_ways = topology['data'] * topology['fsdp']
+    if config.train.batch_size % batch_ways:
+        raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible by data*fsdp="
+                         f"{batch_ways}; pass --config.train.batch_size=<a multiple of {batch_ways}>.")
+    mesh = sharding.make_mesh(config.mesh, devices)
+    rules = sharding.rules_from_config(config.mesh.rules)
+    pre, mask = abstract_model(config)
+    trainable, frozen = partition(pre.params, mask)
+    tx, schedule = optim.make_optimizer(config, trainable, config.train.steps)
+    abstract_state, state_sh, _ = loop.state_shardings(pre.model, pre.params, mask, tx, config, mesh, rules)
+    state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
+    batch_sh = sharding.batch_sharding(mesh)
+    batch_in = abstract_batch(pre.model, config.train.batch_size, config.data.max_length, batch_sh)
+    p_step = loop.jit_train_step(pre.model, config, tx, schedule, state_sh, batch_sh)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        compiled = p_step.lower(state_in, batch_in, jax.eval_shape(lambda: jax.random.key(0))).compile()
+    mem = compiled.memory_analysis()
+    out = {
+        'mesh': dict(mesh.shape), 'model': str(config.model.path), 'method': config.peft.method,
+        'batch': (config.train.batch_size, config.data.max_length), 'compile_s': time.perf_counter() - t0,
+        'params': sum(math.prod(x.shape) for x in jax.tree.leaves(pre.params)),
+        'trainable_params': sum(math.prod(x.shape) for x in jax.tree.leaves(trainable)),
+        'trainable_bytes': _device_bytes(abstract_state.trainable, state_sh.trainable),
+        'frozen_bytes': _device_bytes(abstract_state.frozen, state_sh.frozen),
+        'optimizer_bytes': _device_bytes(abstract_state.opt_state, state_sh.opt_state),
+    }
+    for key in ('argument', 'output', 'alias', 'temp', 'generated_code'):
+        out[f'{key}_bytes'] = getattr(mem, f'{key}_size_in_bytes', None) if mem is not None else None
+    return out
+
+
+def _size(v):
+    if v is None:
+        return 'n/a'
+    unit = next((u for u in ('GiB', 'MiB', 'KiB') if v >= UNITS[u]), 'B')
+    return f'{v / UNITS.get(unit, 1):,.2f} {unit}' if unit != 'B' else f'{v} B'
+
+
+def format_report(r):
+    mesh = ', '.join(f'{k}={v}' for k, v in r['mesh'].items())
+    lines = [f"compile check: {r['model']} ({r['method']}), mesh {mesh} = {math.prod(r['mesh'].values())} devices, "
+             f"global batch {r['batch'][0]} x {r['batch'][1]} tokens; compiled in {r['compile_s']:.1f}s",
+             f"  params: {r['params']:,} ({r['trainable_params']:,} trainable)",
+             'per device:',
+             f"  trainable params      {_size(r['trainable_bytes'])}",
+             f"  frozen params         {_size(r['frozen_bytes'])}",
+             f"  optimizer state       {_size(r['optimizer_bytes'])}",
+             'compiled train step, per device (XLA memory analysis, CPU compiler):',
+             f"  arguments             {_size(r['argument_bytes'])}",
+             f"  outputs               {_size(r['output_bytes'])}  ({_size(r['alias_bytes'])} aliased to donated "
+             f"arguments)",
+             f"  temporaries           {_size(r['temp_bytes'])}",
+             f"  generated code        {_size(r['generated_code_bytes'])}"]
+    if None not in (r['argument_bytes'], r['output_bytes'], r['alias_bytes'], r['temp_bytes']):
+        peak = r['argument_bytes'] + r['output_bytes'] - r['alias_bytes'] + r['temp_bytes']
+        lines.append(f"  total (args + outputs - aliased + temporaries)  {_size(peak)}")
+    return '\n'.join(lines)
+
+
+def main(argv):
+    del argv
+    if FLAGS.topology is None:
+        raise app.UsageError('--topology is required, e.g. --topology=data=4,fsdp=2,tensor=1.')
+    topology = parse_topology(FLAGS.topology)
+    use_fake_cpu_devices(math.prod(topology.values()))
+    print(format_report(check(FLAGS.config, topology)), flush=True)
+
+
+if __name__ == '__main__':
+    flags.mark_flags_as_required(['config'])
+    app.run(main)

@@ -1,0 +1,75 @@
+"""`ftjax.compile_check`: compiles the train step for a topology without weights; its per-device bytes
+are what the trainer really places."""
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from ftjax import compile_check, loop, optim, sharding
+from ftjax.state import partition
+from tests.test_trainer import REPO, chat_data, tiny_config  # noqa: F401  (chat_data is a fixture)
+
+
+def _shard_bytes(tree):
+    """Bytes on the first device of every array of a placed tree."""
+    return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize('method', ['lora', 'full'])
+@pytest.mark.parametrize('topology', ['data=2,fsdp=2,tensor=2', 'fsdp=4'])
+def test_compiles_and_counts_what_the_trainer_places(tiny_llama_dir, chat_data, monkeypatch, method,  # noqa: F811
+                                                     topology):
+    config = tiny_config(tiny_llama_dir, chat_data, **{'peft.method': method, 'train.batch_size': 8})
+    topo = compile_check.parse_topology(topology)
+    from ftjax.models import loading
+    with monkeypatch.context() as m:  # no weights are read
+        m.setattr(loading, 'read_safetensors', lambda *a: pytest.fail('compile_check read the weights'))
+        report = compile_check.check(config, topo)
+    assert report['mesh'] == topo and config.mesh.tensor == -1  # the caller's config is left alone
+    print(compile_check.format_report(report))
+
+    pre, mask = loop.build_model_and_mask(config)  # the real thing, on the same mesh
+    mesh = sharding.make_mesh(topo, jax.devices()[:math.prod(topo.values())])
+    tx, _ = optim.make_optimizer(config, partition(pre.params, mask)[0], config.train.steps)
+    state, _ = loop.sharded_state(pre, mask, tx, config, mesh, sharding.rules_from_config(config.mesh.rules))
+    assert report['trainable_bytes'] == _shard_bytes(state.trainable)
+    assert report['frozen_bytes'] == _shard_bytes(state.frozen)
+    assert report['optimizer_bytes'] == _shard_bytes(state.opt_state)
+    assert report['trainable_params'] == sum(x.size for x in jax.tree.leaves(state.trainable))
+    state_bytes = report['trainable_bytes'] + report['frozen_bytes'] + report['optimizer_bytes']
+    assert report['argument_bytes'] >= state_bytes and report['temp_bytes'] > 0
+    assert report['alias_bytes'] >= report['trainable_bytes']  # the donated state is updated in place
+
+
+def test_gguf_metadata_gives_the_same_architecture(tiny_llama_dir, tmp_path):
+    from ftjax.models import llama
+    from tests.tiny_gguf import write_tiny_gguf
+    path = str(tmp_path / 'tiny.gguf')
+    write_tiny_gguf(tiny_llama_dir, path)
+    from_gguf = llama.LlamaConfig.from_hf(compile_check.hf_config_of(path))
+    assert from_gguf == llama.LlamaConfig.from_hf(compile_check.hf_config_of(tiny_llama_dir))
+
+
+def test_topology_errors():
+    assert compile_check.parse_topology('data=4,tensor=2') == {'data': 4, 'fsdp': 1, 'tensor': 2}
+    for bad in ('data=0', 'model=2', 'data=two', 'data'):
+        with pytest.raises(ValueError, match='--topology'):
+            compile_check.parse_topology(bad)
+
+
+def test_command_line(tiny_llama_dir, chat_data, tmp_path):  # noqa: F811
+    exp = tmp_path / 'exp.py'
+    exp.write_text(f'from tests.test_trainer import tiny_config\n\n\ndef get_config(arg=None):\n'
+                   f'    return tiny_config({tiny_llama_dir!r}, {chat_data!r}, **{{"train.batch_size": 8}})\n')
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # it sets up its own 8 devices
+    out = subprocess.run([sys.executable, '-m', 'ftjax.compile_check', f'--config={exp}',
+                          '--topology=data=4,fsdp=2,tensor=1'], cwd=REPO, env=dict(env, PYTHONPATH=REPO),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert 'mesh data=4, fsdp=2, tensor=1 = 8 devices' in out.stdout, out.stdout
+    for line in ('trainable params', 'frozen params', 'optimizer state', 'arguments', 'temporaries',
+                 'generated code'):
+        assert line in out.stdout

