@@ -33,7 +33,7 @@ def default_config():
     c.model.dtype = 'float32'  # compute dtype: float32 on CPU, bfloat16 on TPU/GPU
     c.model.param_dtype = 'float32'  # storage dtype of trainable params (the master copy)
     c.model.frozen_dtype = 'float32'  # storage dtype of frozen params ('bfloat16' halves them)
-    c.model.remat = 'none'  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    c.model.remat = 'full'  # none | full | dots_saveable | ...: 'full' was faster and smaller on CPU (docs/performance.md)
     c.model.scan_unroll = 1
     c.model.num_labels = config_dict.placeholder(int)  # classification head for encoders
     c.model.pooling = 'cls'  # cls | mean

@@ -1,7 +1,7 @@
 r"""Training-step benchmark: ftjax (and optionally transformers + PEFT) on the same model, batch and machine.
 
   python scripts/bench.py --model=PATH --mode=lora --batch=8 --seq=256 --steps=4 [--compare=torch]
-      [--remat=none] [--dtype=float32] [--rank=8] [--random_init=smollm2|llama1b]
+      [--remat=full] [--dtype=float32] [--rank=8] [--random_init=smollm2|llama1b]
 
 Builds the real train step (the code path of `ftjax.train`) on random token batches, excludes
 compilation, times --steps steps after one warm-up step and prints a table: step time (median, min,
@@ -46,7 +46,9 @@ def parse():
     p.add_argument('--seq', type=int, default=256)
     p.add_argument('--steps', type=int, default=4)
     p.add_argument('--rank', type=int, default=8)
-    p.add_argument('--remat', default='none')
+    p.add_argument('--remat', default='full', help="ftjax's remat policy (default: the trainer's default, 'full')")
+    p.add_argument('--torch_remat', action='store_true', help='gradient checkpointing for the torch run too '
+                   '(default off: torch at its fastest)')
     p.add_argument('--dtype', default='float32', help='compute dtype (bfloat16 on GPU/TPU)')
     p.add_argument('--frozen_dtype', default=None, help='storage dtype of frozen weights (default: --dtype)')
     p.add_argument('--scan_unroll', type=int, default=1)
@@ -254,7 +256,7 @@ def bench_torch(args, path):
         import peft
         model = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
                                                            target_modules=HF_TARGETS, lora_dropout=0.0))
-    if args.remat != 'none':
+    if args.torch_remat:
         model.gradient_checkpointing_enable()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=dev)
