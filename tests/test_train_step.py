@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from ftjax import losses, optim, peft
+from ftjax import losses, optim, peft, sweep
 from ftjax import state as state_lib
 from ftjax.config import default_config
 from ftjax.models import build_model, lm_head_kernel, load_pretrained
@@ -33,13 +33,7 @@ def make_config(method='lora', lr=1e-2, **over):
     c.optim.learning_rate = lr
     c.optim.schedule = 'constant'
     c.train.loss_chunk = 16  # several chunks even for the tiny batches
-    for k, v in over.items():
-        node = c
-        *parents, leaf = k.split('.')
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return sweep.apply(c, over)  # dotted keys, e.g. **{'peft.lora.rank': 4}
 
 
 def lm_batch(vocab, b=2, t=16, seed=0):

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from ftjax import logs
+from ftjax import logs, sweep
 from ftjax.config import default_config
 from tests import tiny
 
@@ -41,13 +41,7 @@ def tiny_config(model_dir, data, **over):
     c.mesh.data = 1
     c.mesh.fsdp = 1
     c.mesh.tensor = -1  # 8 fake devices: tensor parallel over the tiny model
-    for k, v in over.items():
-        node = c
-        *parents, leaf = k.split('.')
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return sweep.apply(c, over)  # dotted keys, e.g. **{'peft.lora.rank': 4}
 
 
 def losses(workdir):
