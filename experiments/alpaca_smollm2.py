@@ -14,16 +14,14 @@ perplexity. Expect eval loss to fall a few tenths of a nat within 200 steps on a
 is already instruction-tuned).
 """
 from ftjax.config import default_config, parse_arg, smoke as smoke_config
-from ftjax.models import packaged
-from ftjax.shared_data import pick
 
 
 def get_config(arg='lora'):
     variant, flags = parse_arg(arg, 'lora', ('lora', 'dora', 'full'), 'experiments/alpaca_smollm2.py')
     smoke = 'smoke' in flags
     c = default_config()
-    c.model.path = packaged.smollm2_gguf()
-    c.data.path = pick('alpaca_en_demo', 'alpaca_en_demo.json', 'tatsu-lab/alpaca')
+    c.model.path = 'packaged:smollm2'
+    c.data.path = 'shared:alpaca_en_demo/alpaca_en_demo.json'  # ../shared/data or $FTJAX_DATA
     c.data.format = 'alpaca'
     c.data.use_chat_template = True
     c.data.max_length = 512

@@ -12,24 +12,18 @@ Smoke variant (2 steps, the same before/after table on 2 prompts; ~30 s on the 2
 tests/test_experiments.py):
   python -m ftjax.train --config=experiments/quickstart.py:smoke --workdir=/tmp/quickstart_smoke
 """
-import os
-
-from ftjax import synthetic
-from ftjax.config import default_config, smoke as smoke_config
-from ftjax.models import packaged
+from ftjax.config import default_config, parse_arg, smoke as smoke_config
 
 
 def get_config(arg=None):
-    smoke = arg == 'smoke'
+    smoke = 'smoke' in parse_arg(arg, None, (), 'experiments/quickstart.py')[1]
     c = default_config()
-    data_dir = os.path.join(os.path.expanduser('~'), '.cache', 'ftjax', 'extract_json_v1')
-    paths = synthetic.write_task(data_dir, n_train=2000, n_eval=100, seed=0)
-    c.model.path = packaged.smollm2_gguf()
+    c.model.path = 'packaged:smollm2'  # resolved when the run loads it (ftjax/models/packaged.py)
     c.peft.method = 'lora'
     c.peft.lora.rank = 8
     c.peft.lora.alpha = 16.0
-    c.data.path = paths['train']
-    c.data.eval_path = paths['eval']
+    c.data.path = 'synthetic:extract_json/train.jsonl'  # written under ~/.cache/ftjax when the run starts
+    c.data.eval_path = 'synthetic:extract_json/eval.jsonl'
     c.data.format = 'chat'
     c.data.max_length = 256
     c.data.packing = True

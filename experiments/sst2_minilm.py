@@ -7,15 +7,14 @@ Variants (the arg): full | partial (last 2 blocks + head) | bitfit | probe (line
 | lora (r=8 on q,v) | lora_all (r=8 on every linear layer) | dora; add `,smoke` for a 2-step run (12-25 s
 per variant on the 2-core CPU, every variant tested in tests/test_experiments.py):
   python -m ftjax.train --config=experiments/sst2_minilm.py:lora,smoke --workdir=/tmp/sst2_smoke
-Data: ../shared/data/sst2/{train,dev}.tsv (label<TAB>sentence / content), or the hub's glue/sst2
-with a network. Measured on this project's 2-core CPU at a reduced budget of 100 steps
+Data: ../shared/data/sst2/{train,dev}.tsv (label<TAB>sentence / content; $FTJAX_DATA for another folder),
+or with a network the hub's: --config.data.path=nyu-mll/glue --config.data.name=sst2
+--config.data.eval_path=nyu-mll/glue --config.data.eval_split=validation. Measured on this project's 2-core CPU at a reduced budget of 100 steps
 (`--config.train.steps=100`, seed 0), dev accuracy: full 0.806, last-2-blocks 0.811, LoRA all linear
 0.805, LoRA q,v 0.768, BitFit 0.772, linear probe 0.788, 2-2.5 min per variant; the table and its
 discussion are in docs/results/sst2_minilm.md. The default 300 steps was not run.
 """
 from ftjax.config import default_config, parse_arg, smoke as smoke_config
-from ftjax.models import packaged
-from ftjax.shared_data import local
 
 VARIANTS = ('full', 'partial', 'bitfit', 'probe', 'lora', 'lora_all', 'dora')
 
@@ -24,16 +23,12 @@ def get_config(arg='lora'):
     variant, flags = parse_arg(arg, 'lora', VARIANTS, 'experiments/sst2_minilm.py')
     smoke = 'smoke' in flags
     c = default_config()
-    c.model.path = packaged.minilm_dir()
+    c.model.path = 'packaged:minilm'
     c.model.num_labels = 2
     c.model.pooling = 'mean'  # all-MiniLM-L6-v2 is trained as a mean-pooled sentence encoder
-    train, dev = local('sst2', 'train.tsv'), local('sst2', 'dev.tsv')
-    if train:
-        c.data.path, c.data.eval_path = train, dev
-        c.data.fields.text = 'sentence|content'  # the local train.tsv and dev.tsv name it differently
-    else:
-        c.data.path, c.data.name, c.data.eval_split = 'nyu-mll/glue', 'sst2', 'validation'
-        c.data.fields.text = 'sentence'
+    c.data.path = 'shared:sst2/train.tsv'  # ../shared/data or $FTJAX_DATA
+    c.data.eval_path = 'shared:sst2/dev.tsv'
+    c.data.fields.text = 'sentence|content'  # the local train.tsv and dev.tsv name it differently
     c.data.format = 'classification'
     c.data.max_length = 64
     c.data.packing = False

@@ -20,7 +20,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; rerunning the same command resumes
+from ftjax.tree import path_str
+
 _HASH_CACHE = {}
 
 
@@ -34,9 +35,7 @@ def make_manager(workdir, train_cfg):
     options = ocp.CheckpointManagerOptions(
         enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True,
         preservation_policy=pp.AnyPreservationPolicy(policies))
-    where = workdir if '://' in str(workdir) else os.path.abspath(workdir)  # gs://bucket/... stays as is
-    return ocp.CheckpointManager(os.path.join(where, 'checkpoints'), options=options,
-                                 item_names=('params', 'opt', 'meta'))
+    return ocp.CheckpointManager(_checkpoints_dir(workdir), options=options, item_names=('params', 'opt', 'meta'))
 
 
 def split_state(state):
@@ -110,7 +109,7 @@ def leaf_signature(tree):
     """Sorted '/'-joined paths with shapes of a params tree: what a checkpoint's trainable set is."""
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        out.append(f"{'/'.join(str(getattr(k, 'key', k)) for k in path)}:{list(np.shape(leaf))}")
+        out.append(f"{path_str(path)}:{list(np.shape(leaf))}")
     return sorted(out)
 
 
@@ -126,7 +125,7 @@ def check_compatible(meta, base_ref, trainable_sig, where):
 
 
 class Preemption:
-    """SIGTERM -> save at the next step boundary and exit with PREEMPTED_EXIT_CODE."""
+    """SIGTERM -> save at the next step boundary and exit with `ftjax.errors.EXIT_PREEMPTED`."""
 
     def __init__(self, mngr):
         self.mngr = mngr
@@ -166,6 +165,7 @@ def step_status(workdir):
 
 
 def _checkpoints_dir(workdir):
+    """`workdir/checkpoints`, absolute (a gs://bucket/... workdir stays as is)."""
     return os.path.join(workdir if '://' in str(workdir) else os.path.abspath(workdir), 'checkpoints')
 
 
@@ -183,18 +183,9 @@ def _no_checkpoint_error(workdir, status, step):
                              f"checkpoint is saved (every train.checkpoint_every steps and at the end).")
 
 
-def restore_for_export(workdir, step=None):
-    """The fine-tuned model of a finished (or preempted) run, as a `Pretrained` for `ftjax.export`.
-
-    Reads only: nothing in `workdir` is created or cleaned up, so exporting beside a running training
-    (whose save may be in flight) is safe. The latest complete checkpoint is used unless `step` is given.
-    """
-    from ftjax import loop as train
-    if not (epath.Path(workdir) / 'config.json').exists():
-        raise FileNotFoundError(f"{workdir}: no config.json, so this is not the --workdir of an ftjax training run "
-                                f"(or the run never started). Pass the directory given to `python -m ftjax.train "
-                                f"--workdir=...`.")
-    config = train.load_workdir_config(workdir)
+def pick_complete_step(workdir, step=None):
+    """(the step to read, all complete steps): the latest complete checkpoint of `workdir`, or `step` once it is
+    known to be complete. Reads only; newer incomplete checkpoints are skipped with a warning."""
     status = step_status(workdir)
     complete = sorted(s for s, why in status.items() if why is None)
     if not complete or (step is not None and int(step) not in complete):
@@ -204,14 +195,21 @@ def restore_for_export(workdir, step=None):
     if newer:
         logging.warning('%s: skipping incomplete checkpoint(s) %s (%s); exporting step %d.', workdir, newer,
                         status[newer[-1]], step)
-    pre, mask = train.build_model_and_mask(config)
-    from ftjax.state import combine, partition
-    trainable, frozen = partition(pre.params, mask)
+    return step, complete
+
+
+def read_trainable(workdir, step, trainable, model_path, complete=()):
+    """The trainable params of checkpoint `step` as host numpy arrays, for a run whose trainable leaves are
+    shaped like `trainable` on the base weights at `model_path`.
+
+    Reads only: nothing in `workdir` is created or cleaned up, so reading beside a running training (whose
+    save may be in flight) is safe, and a checkpoint of any mesh is read on a single host.
+    """
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False)
     mngr = ocp.CheckpointManager(_checkpoints_dir(workdir), options=options, item_names=('params', 'opt', 'meta'))
     where = step_dir(mngr, step)
     meta = read_meta(mngr, step)
-    base = base_reference(config.model.path)
+    base = base_reference(model_path)
     if meta.get('base', {}).get('sha256') != base['sha256']:
         raise RuntimeError(f"{where} was trained on the base weights {meta.get('base')}, but model.path in "
                            f"{os.path.join(workdir, 'config.json')} now holds {base}. Restore the original base "
@@ -224,9 +222,7 @@ def restore_for_export(workdir, step=None):
             restore_args=as_numpy)))
     except Exception as e:
         raise RuntimeError(f"Checkpoint {where} could not be restored: it is corrupted ({type(e).__name__}: "
-                           f"{str(e)[:300]}). Complete steps: {complete}; pass another with --step.") from e
+                           f"{str(e)[:300]}). Complete steps: {list(complete)}; pass another with --step.") from e
     finally:
         mngr.close()
-    pre = dataclasses.replace(pre, params=combine(out['params'], frozen))
-    pre.method = config.peft.method
-    return pre
+    return out['params']

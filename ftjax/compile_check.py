@@ -4,7 +4,7 @@ r"""Compile the train step for a mesh before renting it: does it compile, and wh
 
 Sets up data*fsdp*tensor fake CPU devices, builds the model from the checkpoint's config.json (or the
 GGUF metadata) with `jax.eval_shape` -- no weights are read --, applies the PEFT method, then lowers and
-compiles the trainer's own train step (`loop.jit_train_step`) with the trainer's shardings for that mesh.
+compiles the trainer's own train step (`build.jit_train_step`) with the trainer's shardings for that mesh.
 Prints the per-device bytes of trainable params, frozen params and optimizer state, and XLA's memory
 analysis of the compiled step (arguments, outputs, temporaries, generated code). The XLA numbers are
 those of the CPU compiler: TPU/GPU fuse differently, so read them as an estimate; the param and optimizer
@@ -24,10 +24,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ftjax import loop, optim, sharding
+from ftjax import build, optim, peft, sharding
 from ftjax.config import validate
+from ftjax.models import gguf_io, loading
+from ftjax.models.heads import task_of
 from ftjax.state import partition
-from ftjax.train_step import task_of
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (experiments/*.py[:arg]).',
@@ -62,12 +63,8 @@ def use_fake_cpu_devices(n):
 
 def hf_config_of(path):
     """The architecture config of a HF directory, hub name or .gguf file, without reading any weights."""
-    from ftjax.models import loading
     if str(path).endswith('.gguf'):
-        from ftjax.models import gguf_io
-        reader = gguf_io._open(path)  # memory-mapped: only the header and metadata are read
-        metadata = {name: field.contents() for name, field in reader.fields.items()}
-        return gguf_io._config(metadata, {t.name for t in reader.tensors}, path).to_dict()
+        return gguf_io.read_gguf_config(path)
     if os.path.isdir(path):
         return loading.read_config(path)
     import huggingface_hub
@@ -80,18 +77,11 @@ def hf_config_of(path):
 
 
 def abstract_model(config):
-    """(Pretrained whose params are shape structs, trainable mask): `loop.build_model_and_mask` without weights."""
-    from ftjax import peft
-    from ftjax.models import bert, llama, loading
+    """(Pretrained whose params are shape structs, trainable mask): `build.build_model_and_mask` without weights."""
     m = config.model
     hf = hf_config_of(m.path)
-    family = loading.SUPPORTED.get(hf.get('model_type'))
-    if family is None:
-        raise ValueError(f"{m.path}: model_type {hf.get('model_type')!r} is not supported "
-                         f"(supported: {', '.join(sorted(loading.SUPPORTED))}).")
-    runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_unroll=m.scan_unroll)
-    cfg = (llama.LlamaConfig.from_hf(hf, **runtime) if family == 'llama'
-           else bert.BertConfig.from_hf(hf, num_labels=m.num_labels, pooling=m.pooling, **runtime))
+    cfg = loading.config_from_hf(hf, m.path, num_labels=m.num_labels, pooling=m.pooling, dtype=m.dtype,
+                                 param_dtype=m.param_dtype, remat=m.remat, scan_unroll=m.scan_unroll)
     model = loading.build_model(cfg)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(m.param_dtype)),
                           nn.unbox(loading.abstract_variables(model))['params'])
@@ -110,7 +100,7 @@ def abstract_model(config):
 def abstract_batch(model, batch_size, max_length, batch_sh):
     """Shape structs of one global batch, as `ftjax.data` builds it (see `data.take_rows`)."""
     b, t = batch_size, max_length
-    if task_of(model) == 'lm':
+    if task_of(model.cfg) == 'lm':
         spec = {'input_ids': ((b, t), jnp.int32), 'target_ids': ((b, t), jnp.int32),
                 'loss_mask': ((b, t), jnp.float32), 'segment_ids': ((b, t), jnp.int32),
                 'positions': ((b, t), jnp.int32)}
@@ -146,11 +136,11 @@ def check(config, topology, devices=None):
     pre, mask = abstract_model(config)
     trainable, frozen = partition(pre.params, mask)
     tx, schedule = optim.make_optimizer(config, trainable, config.train.steps)
-    abstract_state, state_sh, _ = loop.state_shardings(pre.model, pre.params, mask, tx, config, mesh, rules)
+    abstract_state, state_sh, _ = build.state_shardings(pre.model, pre.params, mask, tx, config, mesh, rules)
     state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
     batch_sh = sharding.batch_sharding(mesh)
     batch_in = abstract_batch(pre.model, config.train.batch_size, config.data.max_length, batch_sh)
-    p_step = loop.jit_train_step(pre.model, config, tx, schedule, state_sh, batch_sh)
+    p_step = build.jit_train_step(pre.model, config, tx, schedule, state_sh, batch_sh)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         compiled = p_step.lower(state_in, batch_in, jax.eval_shape(lambda: jax.random.key(0))).compile()

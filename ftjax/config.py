@@ -1,10 +1,25 @@
-"""The default experiment config. An experiment file (`experiments/*.py`) holds only what differs.
+"""The config schema: every key once, with its default, type, allowed values and meaning.
 
-Every key here is part of the command-line surface (`--config.peft.lora.rank=16`): sweeps, docs and
+`default_config()` builds the ConfigDict an experiment file (`experiments/*.py`) starts from, and
+`validate(config)` checks a finished one against the same table: unknown keys (with the closest
+valid key), types, allowed values or ranges, required keys, and the few checks that involve two keys.
+Every key is part of the command-line surface (`--config.peft.lora.rank=16`): sweeps, docs and
 users' scripts depend on these names, so rename nothing; add keys instead.
+
+  python -m ftjax.config              # the table of every key
+  python -m ftjax.config --markdown   # the same as docs/config.md (tests keep the file in sync)
 """
+import copy
+import dataclasses
+import difflib
+import re
+import sys
+from typing import Callable, Optional
+
 import ml_collections
 from ml_collections import config_dict
+
+from ftjax.errors import ConfigError
 
 LORA_TARGETS_ATTN_MLP = ['(q|k|v|o)_proj$', '(gate|up|down)_proj$']
 DEFAULT_RULES = [  # logical axis -> mesh axes; first matching, unused mesh axis wins (flax semantics)
@@ -23,133 +38,343 @@ DEFAULT_RULES = [  # logical axis -> mesh axes; first matching, unused mesh axis
     ('mlp', 'tensor'),
     ('norm', None),
 ]
+MESH_AXES = ('data', 'fsdp', 'tensor')  # the mesh.* size keys; ftjax.sharding builds the mesh from them
+ALPACA_TEMPLATE = (
+    'Below is an instruction that describes a task, paired with an input that provides further context. '
+    'Write a response that appropriately completes the request.\n\n'
+    '### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n')
+ALPACA_TEMPLATE_NO_INPUT = (
+    'Below is an instruction that describes a task. Write a response that appropriately completes the request.'
+    '\n\n### Instruction:\n{instruction}\n\n### Response:\n')
+
+
+# --- what a value may be (the `allowed` column) ------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    allowed: str  # for the table, e.g. '> 0' or 'cosine | linear | constant'
+    problem: Callable  # (key, value) -> the error message, or None when the value is fine
+
+
+def one_of(*options):
+    return Check(' | '.join(options), lambda k, v: None if v in options else
+                 f'config.{k}={v!r} is not one of {list(options)}.')
+
+
+def _range(allowed, ok, must):
+    return Check(allowed, lambda k, v: None if ok(v) else f'config.{k} must be {must}, got {v!r}.')
+
+
+POSITIVE_INT = _range('>= 1', lambda v: v >= 1, 'a positive integer')
+POSITIVE = _range('> 0', lambda v: v > 0, 'positive')
+NON_NEGATIVE = _range('>= 0', lambda v: v >= 0, '>= 0')
+FRACTION = _range('[0, 1]', lambda v: 0 <= v <= 1, 'in [0, 1]')
+FRACTION_BELOW_1 = _range('[0, 1)', lambda v: 0 <= v < 1, 'in [0, 1)')
+AXIS_SIZE = _range('-1 or >= 1', lambda v: v == -1 or v >= 1, '-1 (all remaining devices) or a positive integer')
+AT_LEAST_2 = _range('>= 2', lambda v: v >= 2, 'an integer >= 2')
+
+
+def _regex_problem(key, pattern):
+    if not isinstance(pattern, str):
+        return f'config.{key}: {pattern!r} is not a string (a regex over parameter paths).'
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return f'config.{key}: {pattern!r} is not a valid regex ({e}).'
+    return None
+
+
+def _each(allowed, item_problem, empty=None):
+    def problem(key, value):
+        if empty and not value:
+            return f'config.{key} is empty: {empty}'
+        return next(filter(None, (item_problem(key, item) for item in value)), None)
+    return Check(allowed, problem)
+
+
+def _multiplier_problem(key, rule):
+    pattern, sep, value = str(rule).rpartition('=')
+    try:
+        float(value)
+    except ValueError:
+        sep = ''
+    if not sep or not pattern:
+        return f"config.{key}: {rule!r} should look like 'regex=multiplier', e.g. 'lora_b$=16'."
+    return _regex_problem(key, pattern)
+
+
+def _rule_problem(key, rule):
+    if not isinstance(rule, (list, tuple)) or len(rule) != 2 or not isinstance(rule[0], str):
+        return f"config.{key}: {rule!r} should be a [logical_axis, mesh_axes] pair, e.g. ['embed', 'fsdp']."
+    axes = rule[1] if isinstance(rule[1], (list, tuple)) else (rule[1],)
+    bad = [a for a in axes if a is not None and a not in MESH_AXES]
+    return f'config.{key}: {rule[0]!r} -> {bad[0]!r} is not a mesh axis; use one of {MESH_AXES}.' if bad else None
+
+
+REGEXES = _each('regexes', _regex_problem)
+TARGETS = _each('non-empty regexes', _regex_problem,
+                empty="give regexes over module paths, e.g. ['(q|k|v|o)_proj$', '(gate|up|down)_proj$'].")
+MULTIPLIERS = _each("'regex=multiplier' items", _multiplier_problem)
+RULES = _each('[logical_axis, mesh_axes] pairs', _rule_problem)
+DTYPES = one_of('float32', 'bfloat16', 'float16')
+TYPE_NAMES = {bool: 'a bool', int: 'an integer', float: 'a number', str: 'a string', list: 'a list'}
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    name: str  # dotted, e.g. 'peft.lora.rank'
+    default: object
+    type: type  # bool | int | float | str | list
+    meaning: str
+    check: Optional[Check] = None
+    required: bool = False  # None is an error: the experiment or the command line must set it
+    optional: bool = False  # None is allowed (always, when the default is None)
+
+    @property
+    def nullable(self):
+        return self.optional or (self.default is None and not self.required)
+
+
+def K(name, default, meaning, check=None, kind=None, required=False, optional=False):
+    """One schema entry; the type is the default's unless `kind` says (None defaults)."""
+    kind = kind or (list if isinstance(default, (list, tuple)) else type(default))
+    return Key(name, default, kind, meaning, check, required, optional)
+
+
+SCHEMA = [
+    # --- model ---
+    K('model.path', None, 'base model: HF directory, .gguf file or hub name', kind=str, required=True),
+    K('model.dtype', 'float32', 'compute dtype: float32 on CPU, bfloat16 on TPU/GPU', DTYPES),
+    K('model.param_dtype', 'float32', 'storage dtype of trainable params (the master copy)', DTYPES),
+    K('model.frozen_dtype', 'float32', "storage dtype of frozen params ('bfloat16' halves them)", DTYPES),
+    K('model.remat', 'full', "rematerialisation of each block ('full' was faster and smaller on CPU, "
+      "docs/performance.md)", one_of('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
+                                     'everything_saveable')),
+    K('model.scan_unroll', 1, 'blocks unrolled per step of the layer scan', POSITIVE_INT),
+    K('model.num_labels', None, 'classification head size for encoders (None: no head)', POSITIVE_INT, kind=int),
+    K('model.pooling', 'cls', 'how an encoder pools tokens for the classification head', one_of('cls', 'mean')),
+    K('model.adapter', None, 'start from a PEFT LoRA adapter directory', kind=str),
+    # --- peft ---
+    K('peft.method', 'lora', 'what trains: everything, a selection, or LoRA / DoRA adapters',
+      one_of('full', 'partial', 'lora', 'dora')),
+    K('peft.trainable', [], 'extra regexes over parameter paths that train (partial, or on top of LoRA)',
+      REGEXES, kind=list),
+    K('peft.last_n_blocks', 0, 'partial: train the last N blocks', NON_NEGATIVE),
+    K('peft.embeddings', False, 'partial: train the embeddings'),
+    K('peft.norms', False, 'train every norm scale/bias'),
+    K('peft.biases', False, 'BitFit: train every bias'),
+    K('peft.head', True, 'train the classification head (when there is one)'),
+    K('peft.lora.rank', 8, 'LoRA rank r', POSITIVE_INT),
+    K('peft.lora.alpha', 16.0, 'LoRA scale alpha (updates are scaled by alpha / r; PEFT usual: 2 x rank)',
+      POSITIVE),
+    K('peft.lora.targets', LORA_TARGETS_ATTN_MLP, 'regexes over module paths that get adapters', TARGETS),
+    K('peft.lora.dropout', 0.0, 'dropout on the adapter input', FRACTION_BELOW_1),
+    K('peft.lora.rslora', False, 'rank-stabilised scale alpha / sqrt(r)'),
+    K('peft.lora.lr_ratio', 1.0, 'LoRA+: learning rate of B = lr_ratio x learning rate of A', POSITIVE),
+    # --- optim ---
+    K('optim.name', 'adamw', 'optimizer', one_of('adamw', 'adafactor', 'sgd')),
+    K('optim.learning_rate', 1e-4, 'peak learning rate', POSITIVE),
+    K('optim.schedule', 'cosine', 'decay after warmup', one_of('cosine', 'linear', 'constant')),
+    K('optim.warmup_steps', 0, 'linear warmup steps', NON_NEGATIVE),
+    K('optim.end_lr_ratio', 0.0, 'final lr as a fraction of the peak (cosine, linear)', FRACTION),
+    K('optim.weight_decay', 0.0, 'decoupled weight decay', NON_NEGATIVE),
+    K('optim.no_decay', ['norm', 'bias$'], 'regexes over parameter paths with no weight decay', REGEXES),
+    K('optim.b1', 0.9, 'adamw: first-moment decay', FRACTION_BELOW_1),
+    K('optim.b2', 0.999, 'adamw: second-moment decay', FRACTION_BELOW_1),
+    K('optim.eps', 1e-8, 'adamw: epsilon', POSITIVE),
+    K('optim.momentum', 0.9, 'sgd: momentum (0 = none)', FRACTION_BELOW_1),
+    K('optim.clip_norm', 1.0, 'global-norm gradient clipping; 0 disables', NON_NEGATIVE),
+    K('optim.grad_accum', 1, 'micro-batches per step (the batch is split k ways inside the step)', POSITIVE_INT),
+    K('optim.lr_multipliers', [], "per-group learning rates, 'regex=multiplier' (the first match wins)",
+      MULTIPLIERS, kind=list),
+    # --- train ---
+    K('train.steps', 100, 'optimizer steps', POSITIVE_INT),
+    K('train.batch_size', 8, 'global batch in rows (all processes)', POSITIVE_INT),
+    K('train.seed', 0, 'seed of init, dropout and data order', NON_NEGATIVE),
+    K('train.log_every', 10, 'steps between metric lines', POSITIVE_INT),
+    K('train.eval_every', 50, 'steps between evaluations', POSITIVE_INT),
+    K('train.eval_batches', 8, 'batches per evaluation; 0 = the whole eval split', NON_NEGATIVE),
+    K('train.checkpoint_every', 50, 'steps between checkpoints', POSITIVE_INT),
+    K('train.keep_checkpoints', 2, 'latest checkpoints kept', POSITIVE_INT),
+    K('train.keep_best_by', None, "also keep the best checkpoint by this metric, e.g. 'eval/loss'", kind=str),
+    K('train.resume', True, 'resume from the workdir; False refuses a non-empty workdir'),
+    K('train.nan_policy', 'halt', 'on a non-finite loss: stop, or skip the update', one_of('halt', 'skip')),
+    K('train.max_nan_skips', 5, 'skip: halt after this many bad steps in a row', NON_NEGATIVE),
+    K('train.loss_chunk', 512, 'LM loss over the vocabulary in chunks of this many tokens', POSITIVE_INT),
+    K('train.resume_step', None, 'resume from this step instead of the latest', NON_NEGATIVE, kind=int),
+    # --- eval: generation on held-out prompts (decoders) ---
+    K('eval.generate', 0, 'answer this many eval prompts greedily before and after training; 0 = off',
+      NON_NEGATIVE),
+    K('eval.scorer', 'exact', "how an answer is scored (last_number: GSM8K's final number)",
+      one_of('exact', 'json', 'last_number')),
+    K('eval.max_new_tokens', 64, 'most new tokens per answer', POSITIVE_INT),
+    K('eval.batch_size', 8, 'prompts per generation batch', POSITIVE_INT),
+    K('eval.log_samples', 3, 'generations printed and written to TensorBoard', NON_NEGATIVE),
+    # --- mesh ---
+    K('mesh.data', -1, 'data-parallel axis size; -1: all devices not used by the other axes', AXIS_SIZE),
+    K('mesh.fsdp', 1, 'fully-sharded data-parallel axis size (params sharded, batch split)', AXIS_SIZE),
+    K('mesh.tensor', 1, 'tensor-parallel axis size', AXIS_SIZE),
+    K('mesh.rules', [list(r) for r in DEFAULT_RULES], 'logical axis -> mesh axes; the first matching, '
+      'unused mesh axis wins', RULES),
+    # --- data: where it comes from ---
+    K('data.path', None, "hub name, a file, a glob ('data/*.jsonl') or a directory", kind=str, required=True),
+    K('data.name', None, "hub config name (e.g. 'sst2' of 'nyu-mll/glue')", kind=str),
+    K('data.split', 'train', 'hub split, or the split of a directory holding train*/validation*/test* files'),
+    K('data.cache_dir', None, "datasets' cache (None: ~/.cache/huggingface/datasets)", kind=str),
+    K('data.num_proc', None, 'processes for tokenisation (None: this one)', POSITIVE_INT, kind=int),
+    K('data.text_sample_by', 'document', '.txt files: one example per line, paragraph or file',
+      one_of('line', 'paragraph', 'document')),
+    # --- data: what an example looks like ---
+    K('data.format', 'chat', 'how a row becomes tokens and an answer mask',
+      one_of('alpaca', 'chat', 'prompt_completion', 'text', 'classification')),
+    K('data.fields.instruction', 'instruction', "alpaca: column of the instruction ('a|b': the first present)"),
+    K('data.fields.input', 'input', 'alpaca: column of the optional input (missing or None: no input)'),
+    K('data.fields.output', 'output', 'alpaca: column of the answer'),
+    K('data.fields.messages', 'messages|conversations', 'chat: column of the list of {role, content}'),
+    K('data.fields.role', 'role|from', "chat: key of the role inside a message (ShareGPT: 'from', human/gpt)"),
+    K('data.fields.content', 'content|value', "chat: key of the text inside a message (ShareGPT: 'value')"),
+    K('data.fields.prompt', 'prompt', 'prompt_completion: column of the prompt'),
+    K('data.fields.completion', 'completion', 'prompt_completion: column of the answer'),
+    K('data.fields.text', 'text', 'text, classification: column of the text'),
+    K('data.fields.text_pair', None, 'classification: column of the second sentence (None: single text)',
+      kind=str),
+    K('data.fields.label', 'label', 'classification: column of the label'),
+    K('data.prompt_template', ALPACA_TEMPLATE, 'alpaca: prompt with {instruction} and {input}'),
+    K('data.prompt_template_no_input', ALPACA_TEMPLATE_NO_INPUT,
+      'alpaca: prompt of rows whose input is empty (None: prompt_template)', optional=True),
+    K('data.prompt_separator', '', "prompt_completion: text appended to the prompt (e.g. '\\n'); no loss on it"),
+    K('data.use_chat_template', False, 'alpaca / prompt_completion: render as a user + assistant turn'),
+    K('data.add_eos', True, 'alpaca / prompt_completion / text: append EOS after the answer (it is learned)'),
+    K('data.label_names', None, 'classification: string labels, index = class id', kind=list),
+    K('data.num_labels', None, 'classification classes (None: len(label_names) or max label + 1)',
+      POSITIVE_INT, kind=int),
+    # --- data: length ---
+    K('data.max_length', 512, 'tokens per row: the model sees [batch, max_length]', AT_LEAST_2),
+    K('data.truncation', 'right', 'too long: keep the first tokens, keep the last (the answer survives), or '
+      'drop the example (counted in stats)', one_of('right', 'left', 'drop')),
+    K('data.packing', True, 'LM formats: several examples per row, attention and loss kept within each'),
+    K('data.text_chunking', True, 'text: concatenate all rows (EOS between) and cut max_length chunks'),
+    K('data.text_stride', None, 'text chunks start every text_stride tokens (None: max_length)', POSITIVE_INT,
+      kind=int),
+    # --- data: bad rows (a missing field, a non-string, an empty answer, a label not in label_names) ---
+    K('data.on_bad_row', 'error', 'error: stop, naming file, row and field; skip: count, log and leave out',
+      one_of('error', 'skip')),
+    K('data.max_bad_fraction', 0.01, 'skip: more bad rows than this fraction of the split is an error', FRACTION),
+    # --- data: evaluation split: eval_path, else eval_split of path, else a held-out fraction of path ---
+    K('data.eval_path', None, 'eval data: a file / glob / directory / hub name', kind=str),
+    K('data.eval_split', None, "eval split, e.g. 'validation' (of eval_path, or of path)", kind=str),
+    K('data.eval_fraction', 0.0, 'hold out this fraction of the train rows (seed-independent); 0 = no eval',
+      FRACTION_BELOW_1),
+    K('data.shuffle', True, 'a new seeded permutation of the rows every epoch'),
+]
+KEYS = {k.name: k for k in SCHEMA}
+GROUPS = sorted({k.name.rsplit('.', i)[0] for k in SCHEMA for i in range(1, k.name.count('.') + 1)})
+SECTIONS = {'model': 'The base model and its numerics.', 'peft': 'Which parameters train.',
+            'optim': 'Optimizer and learning-rate schedule.', 'train': 'The training loop.',
+            'eval': 'Generation-based evaluation on held-out prompts (decoders).',
+            'mesh': 'Device mesh (data, fsdp, tensor) and sharding rules.',
+            'data': 'The data pipeline: source, format, length, bad rows, eval split.'}
+
+
+def _cross_checks(get):
+    """Checks that involve two keys; `get(key)` raises KeyError for a key outside the checked part."""
+    yield lambda: (get('train.batch_size') % get('optim.grad_accum') and
+                   f"config.train.batch_size={get('train.batch_size')} is not divisible by "
+                   f"config.optim.grad_accum={get('optim.grad_accum')}.")
+    yield lambda: (get('data.text_stride') is not None and get('data.text_stride') > get('data.max_length') and
+                   f"config.data.text_stride must be in [1, max_length={get('data.max_length')}], "
+                   f"got {get('data.text_stride')}.")
+    yield lambda: (sum(get(f'mesh.{a}') == -1 for a in MESH_AXES) > 1 and
+                   f"config.mesh: only one of mesh.data/mesh.fsdp/mesh.tensor may be -1, got "
+                   f"{[get(f'mesh.{a}') for a in MESH_AXES]}.")
 
 
 def default_config():
+    """A ConfigDict of every key at its default (None defaults are typed placeholders)."""
     c = ml_collections.ConfigDict()
-
-    c.model = ml_collections.ConfigDict()
-    c.model.path = config_dict.placeholder(str)  # HF directory, .gguf file or hub name
-    c.model.dtype = 'float32'  # compute dtype: float32 on CPU, bfloat16 on TPU/GPU
-    c.model.param_dtype = 'float32'  # storage dtype of trainable params (the master copy)
-    c.model.frozen_dtype = 'float32'  # storage dtype of frozen params ('bfloat16' halves them)
-    c.model.remat = 'full'  # none | full | dots_saveable | ...: 'full' was faster and smaller on CPU (docs/performance.md)
-    c.model.scan_unroll = 1
-    c.model.num_labels = config_dict.placeholder(int)  # classification head for encoders
-    c.model.pooling = 'cls'  # cls | mean
-    c.model.adapter = config_dict.placeholder(str)  # start from a PEFT LoRA adapter directory
-
-    c.peft = ml_collections.ConfigDict()
-    c.peft.method = 'lora'  # full | partial | lora | dora
-    c.peft.trainable = []  # extra regexes over parameter paths that train (partial, or on top of LoRA)
-    c.peft.last_n_blocks = 0  # partial: train the last N blocks
-    c.peft.embeddings = False  # partial: train the embeddings
-    c.peft.norms = False  # train every norm scale/bias
-    c.peft.biases = False  # BitFit: train every bias
-    c.peft.head = True  # train the classification head (when there is one)
-    c.peft.lora = ml_collections.ConfigDict()
-    c.peft.lora.rank = 8
-    c.peft.lora.alpha = 16.0
-    c.peft.lora.targets = list(LORA_TARGETS_ATTN_MLP)
-    c.peft.lora.dropout = 0.0
-    c.peft.lora.rslora = False
-    c.peft.lora.lr_ratio = 1.0  # LoRA+: learning rate of B = lr_ratio x learning rate of A
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.name = 'adamw'  # adamw | adafactor | sgd
-    c.optim.learning_rate = 1e-4
-    c.optim.schedule = 'cosine'  # cosine | linear | constant
-    c.optim.warmup_steps = 0
-    c.optim.end_lr_ratio = 0.0  # final lr as a fraction of the peak (cosine, linear)
-    c.optim.weight_decay = 0.0
-    c.optim.no_decay = ['norm', 'bias$']  # regexes: no weight decay on norms and biases
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.999
-    c.optim.eps = 1e-8
-    c.optim.momentum = 0.9  # sgd
-    c.optim.clip_norm = 1.0  # global-norm clipping; 0 disables
-    c.optim.grad_accum = 1  # micro-batches per step (the batch is split k ways inside the step)
-    c.optim.lr_multipliers = []  # ['regex=multiplier', ...] per-group learning rates
-
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 100
-    c.train.batch_size = 8  # global batch (all processes)
-    c.train.seed = 0
-    c.train.log_every = 10
-    c.train.eval_every = 50
-    c.train.eval_batches = 8  # 0 = the whole eval split
-    c.train.checkpoint_every = 50
-    c.train.keep_checkpoints = 2
-    c.train.keep_best_by = config_dict.placeholder(str)  # e.g. 'eval/loss' also keeps the best
-    c.train.resume = True  # False refuses a non-empty workdir
-    c.train.nan_policy = 'halt'  # halt | skip
-    c.train.max_nan_skips = 5  # skip: halt after this many bad steps in a row
-    c.train.loss_chunk = 512  # LM loss over the vocabulary in chunks of this many tokens
-    c.train.resume_step = config_dict.placeholder(int)  # resume from this step instead of the latest
-
-    c.eval = ml_collections.ConfigDict()  # generation-based eval on held-out prompts (decoders)
-    c.eval.generate = 0  # answer this many eval prompts greedily before training and at the end; 0 = off
-    c.eval.scorer = 'exact'  # exact | json | last_number (GSM8K's final number)
-    c.eval.max_new_tokens = 64
-    c.eval.batch_size = 8
-    c.eval.log_samples = 3  # generations printed and written to TensorBoard
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # -1: all devices not used by the other axes
-    c.mesh.fsdp = 1
-    c.mesh.tensor = 1
-    c.mesh.rules = [list(r) for r in DEFAULT_RULES]
-
-    from ftjax.data.config import default_data_config
-    c.data = default_data_config()
+    for key in SCHEMA:
+        *groups, leaf = key.name.split('.')
+        node = c
+        for group in groups:
+            if group not in node:
+                node[group] = ml_collections.ConfigDict()
+            node = node[group]
+        node[leaf] = config_dict.placeholder(key.type) if key.default is None else copy.deepcopy(key.default)
     return c
 
 
-CHOICES = {
-    'peft.method': ('full', 'partial', 'lora', 'dora'),
-    'optim.name': ('adamw', 'adafactor', 'sgd'),
-    'optim.schedule': ('cosine', 'linear', 'constant'),
-    'train.nan_policy': ('halt', 'skip'),
-    'model.remat': ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable', 'everything_saveable'),
-    'model.pooling': ('cls', 'mean'),
-    'model.dtype': ('float32', 'bfloat16', 'float16'),
-    'model.param_dtype': ('float32', 'bfloat16', 'float16'),
-    'model.frozen_dtype': ('float32', 'bfloat16', 'float16'),
-    'eval.scorer': ('exact', 'json', 'last_number'),
-    'data.format': ('alpaca', 'chat', 'prompt_completion', 'text', 'classification'),
-}
-POSITIVE = ('train.steps', 'train.batch_size', 'train.log_every', 'train.eval_every', 'train.checkpoint_every',
-            'train.keep_checkpoints', 'data.max_length', 'optim.grad_accum', 'train.loss_chunk')
+def default_data_config():
+    """The `data` group alone (ftjax.data as a library)."""
+    return default_config().data
 
 
-def _get(config, dotted):
-    node = config
-    for part in dotted.split('.'):
-        node = node[part]
-    return node
+def check_data_config(data_cfg):
+    return validate(data_cfg, 'data')
 
 
-def validate(config):
-    """Checks choices and ranges up front, so a typo fails before any loading or compilation."""
-    if config.model.path is None:
-        raise ValueError("config.model.path is not set: pass --config.model.path=DIR_OR_GGUF_OR_HUB_NAME.")
-    for key, choices in CHOICES.items():
-        value = _get(config, key)
-        if value not in choices:
-            raise ValueError(f"config.{key}={value!r} is not one of {list(choices)}.")
-    for key in POSITIVE:
-        if _get(config, key) is None or _get(config, key) <= 0:
-            raise ValueError(f"config.{key} must be a positive integer, got {_get(config, key)!r}.")
-    if config.peft.method in ('lora', 'dora') and config.peft.lora.rank <= 0:
-        raise ValueError(f"config.peft.lora.rank must be a positive integer, got {config.peft.lora.rank}.")
-    if config.optim.learning_rate <= 0:
-        raise ValueError(f"config.optim.learning_rate must be positive, got {config.optim.learning_rate}.")
-    if config.train.batch_size % config.optim.grad_accum:
-        raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible by "
-                         f"config.optim.grad_accum={config.optim.grad_accum}.")
-    for rule in config.optim.lr_multipliers:
-        if '=' not in rule:
-            raise ValueError(f"config.optim.lr_multipliers: {rule!r} should look like 'regex=multiplier'.")
+def suggest(name, candidates):
+    """' Did you mean config.x?' for the closest of `candidates` (dotted names), or ''."""
+    close = difflib.get_close_matches(name, candidates, n=2, cutoff=0.6)
+    if not close:  # a typo in the last part only: compare the last parts of the same group
+        last = {c.rsplit('.', 1)[-1]: c for c in candidates if c.rsplit('.', 1)[0] == name.rsplit('.', 1)[0]}
+        close = [last[c] for c in difflib.get_close_matches(name.rsplit('.', 1)[-1], last, n=2, cutoff=0.6)]
+    return f" Did you mean {' or '.join('config.' + c for c in close)}?" if close else ''
+
+
+def unknown_key_error(name):
+    hint = suggest(name, list(KEYS)) or suggest(name, GROUPS)
+    return ConfigError(f'config.{name} is not a config key.{hint} (`python -m ftjax.config` lists every key.)')
+
+
+def _leaves(node, prefix):
+    for name, value in node.items():
+        full = f'{prefix}{name}'
+        if isinstance(value, ml_collections.ConfigDict):
+            if full not in GROUPS:
+                raise unknown_key_error(full)
+            yield from _leaves(value, full + '.')
+        else:
+            yield full, value
+
+
+def type_problem(key, value):
+    """The message for a value of the wrong type for `key` (a Key), or None."""
+    if value is None:
+        return None if key.nullable else (
+            f'config.{key.name} is not set ({key.meaning}): pass --config.{key.name}=...' if key.required else
+            f'config.{key.name} must not be None ({TYPE_NAMES[key.type]}).')
+    ok = {bool: lambda v: isinstance(v, bool), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str), list: lambda v: isinstance(v, (list, tuple))}[key.type]
+    return None if ok(value) else f'config.{key.name} must be {TYPE_NAMES[key.type]}, got {value!r}.'
+
+
+def validate(config, at=''):
+    """Raises ConfigError for the first bad key of `config` (the group at `at`, e.g. 'data', or the whole
+    config): an unknown key, a missing one, a wrong type, a value not allowed, or two keys that disagree."""
+    prefix = f'{at}.' if at else ''
+    values = dict(_leaves(config, prefix))
+    for name in values:
+        if name not in KEYS:
+            raise unknown_key_error(name)
+    for key in SCHEMA:
+        if not key.name.startswith(prefix):
+            continue
+        if key.name not in values:
+            raise ConfigError(f'config.{key.name} is missing: build configs from ftjax.config.default_config().')
+        value = values[key.name]
+        problem = type_problem(key, value)
+        if problem is None and value is not None and key.check is not None:
+            problem = key.check.problem(key.name, value)
+        if problem:
+            raise ConfigError(problem)
+    for cross in _cross_checks(lambda name: values[name]):
+        try:
+            problem = cross()
+        except KeyError:  # a key outside `at`
+            continue
+        if problem:
+            raise ConfigError(problem)
     return config
 
 
@@ -168,9 +393,76 @@ def smoke(c, max_length=64, batch_size=2):
     return c
 
 
-def parse_arg(arg, default, choices=None, where='experiment'):
-    """'variant[,flag,...]' of `get_config(arg)` -> (variant, set of flags), e.g. 'lora,smoke'."""
-    parts = (arg or default).split(',')
-    if choices is not None and parts[0] not in choices:
-        raise ValueError(f'{where}: variant {parts[0]!r} is not one of {list(choices)}')
-    return parts[0], set(parts[1:])
+def parse_arg(arg, default, variants, where, flags=('smoke',)):
+    """The `arg` of an experiment's `get_config(arg)`, 'variant[,flag,...]' (just 'flag,...' when `variants`
+    is empty) -> (variant, set of flags); `default` when no variant is given. Anything else is a
+    ConfigError naming `where` (the experiment file) and the closest valid argument."""
+    parts = [p.strip() for p in (arg or '').split(',') if p.strip()]
+    variants, flags = list(variants), list(flags)
+    variant = parts.pop(0) if variants and parts and parts[0] not in flags else default
+    valid = f'variants: {", ".join(variants) or "none"}; flags: {", ".join(flags) or "none"}.'
+    if variants and variant not in variants:
+        raise ConfigError(f'{where}:{arg}: unknown variant {variant!r}.{_closest(variant, variants + flags)} '
+                          f'Valid {valid}')
+    for flag in parts:
+        if flag not in flags:
+            raise ConfigError(f'{where}:{arg}: unknown flag {flag!r}.{_closest(flag, flags + variants)} Valid {valid}')
+    return variant, set(parts)
+
+
+def _closest(word, words):
+    close = difflib.get_close_matches(str(word), list(words), n=1, cutoff=0.5)
+    return f' Did you mean {close[0]!r}?' if close else ''
+
+
+# --- the table (python -m ftjax.config) ----------------------------------------------------------------
+
+def _shown(value, width=44):
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 4] + '...' + text[-1]
+
+
+def rows():
+    """(key, type, default, allowed, meaning) of every key, as text."""
+    for k in SCHEMA:
+        allowed = k.check.allowed if k.check else ('true | false' if k.type is bool else '')
+        if k.required:
+            allowed = f'required; {allowed}' if allowed else 'required'
+        elif k.nullable and k.default is not None:
+            allowed = f'{allowed} or None' if allowed else 'None allowed'
+        yield k.name, k.type.__name__, _shown(k.default), allowed, k.meaning
+
+
+def text_table():
+    table = list(rows())
+    widths = [max(len(r[i]) for r in table + [('key', 'type', 'default', 'allowed', '')]) for i in range(4)]
+    line = lambda r: '  '.join(c.ljust(w) for c, w in zip(r, widths)) + '  ' + r[4]
+    return '\n'.join([line(('key', 'type', 'default', 'allowed', 'meaning'))] + [line(r) for r in table]) + '\n'
+
+
+def markdown():
+    out = ['# Config keys', '',
+           '<!-- Generated by `python -m ftjax.config --markdown > docs/config.md`; '
+           'tests/test_config.py keeps it in sync. -->', '',
+           'Every key of an experiment config, settable on the command line of `ftjax.train`, `ftjax.sweep` '
+           'and `ftjax.compile_check`:', '',
+           '```',
+           'python -m ftjax.train --config=experiments/x.py[:arg] --workdir=DIR --config.KEY=VALUE ...',
+           '```', '',
+           'A list key takes one value (`--config.peft.trainable=.*norm.*` is `[\'.*norm.*\']`), repeated flags '
+           '(each adds one item), or a Python literal (`--config.peft.lora.targets="[\'q_proj$\', \'v_proj$\']"`); '
+           'a key whose default is None, or marked "or None", takes `None`. An unknown key is an error that names '
+           'the closest valid one.', '']
+    for section, about in SECTIONS.items():
+        out += [f'## {section}', '', about, '', '| key | type | default | allowed | meaning |',
+                '|---|---|---|---|---|']
+        for name, kind, default, allowed, meaning in rows():
+            if name.split('.')[0] == section:
+                cells = [f'`{name}`', kind, f'`{default}`', allowed, meaning]
+                out.append('| ' + ' | '.join(c.replace('|', '\\|') for c in cells) + ' |')
+        out.append('')
+    return '\n'.join(out)
+
+
+if __name__ == '__main__':
+    sys.stdout.write(markdown() if '--markdown' in sys.argv[1:] else text_table())

@@ -1,14 +1,125 @@
-"""Generation-based evaluation: greedy answers to held-out prompts, scored against references.
+"""Evaluation, all of it: held-out loss and accuracy (LM) or accuracy and macro-F1 (classification) with the
+compiled eval step, and generation-based eval (greedy answers to held-out prompts, scored against references).
 
-Scorers: 'exact' (stripped string equality), 'json' (equal JSON objects), 'last_number' (GSM8K:
-the last number in the answer equals the reference's final number, the one after '####').
+Scorers: 'exact' (stripped string equality), 'json' (equal JSON objects, key order and spacing aside),
+'last_number' (GSM8K: the last number in the answer equals the reference's final number, the one after '####').
 """
+import dataclasses
 import json
+import math
 import re
 
+import jax
 import numpy as np
 
+from ftjax import data as data_lib
+from ftjax.decoding import generate_text
+
 NUMBER = re.compile(r'-?\d[\d,]*\.?\d*')
+
+
+# --- loss / accuracy / F1 over the eval split ---------------------------------------------------------------
+
+
+def eval_batches(dataset, batch_size, limit=0):
+    """The eval split in order, in full batches (a short last batch is padded with masked rows)."""
+    n = len(dataset)
+    steps = math.ceil(n / batch_size)
+    if limit:
+        steps = min(steps, limit)
+    for i in range(steps):
+        idx = np.arange(i * batch_size, (i + 1) * batch_size)
+        idx = idx[data_lib.process_slice(batch_size, jax.process_index(), jax.process_count())]
+        valid = idx < n
+        yield data_lib.take_rows(dataset, np.where(valid, idx, 0), valid)
+
+
+def eval_split(p_eval, state, dataset, config, batch_sh, task):
+    """Eval loss / perplexity / token accuracy (LM) or accuracy / F1 (classification)."""
+    sums = {}
+    preds, labels = [], []
+    for batch in eval_batches(dataset, config.train.batch_size, config.train.eval_batches):
+        out = jax.device_get(p_eval(state, data_lib.to_global(batch, batch_sh)))
+        for k, v in out.items():
+            if k in ('pred', 'label'):
+                continue
+            sums[k] = sums.get(k, 0.0) + float(v)
+        if task == 'classification':
+            keep = batch['valid'] if 'valid' in batch else np.ones(len(batch['label']), bool)
+            preds.append(np.asarray(out['pred'])[keep])
+            labels.append(np.asarray(batch['label'])[keep])
+    count = max(sums.get('count', 0.0), 1.0)
+    loss = sums.get('loss_sum', 0.0) / count
+    result = {'eval/loss': loss, 'eval/accuracy': sums.get('correct', 0.0) / count}
+    if task == 'lm':
+        result['eval/perplexity'] = float(math.exp(min(loss, 50.0)))
+    else:
+        result['eval/f1'] = macro_f1(np.concatenate(preds), np.concatenate(labels))
+    return result
+
+
+def macro_f1(pred, label):
+    f1s = []
+    for c in np.unique(np.concatenate([pred, label])):
+        tp = np.sum((pred == c) & (label == c))
+        fp = np.sum((pred == c) & (label != c))
+        fn = np.sum((pred != c) & (label == c))
+        f1s.append(2 * tp / max(2 * tp + fp + fn, 1))
+    return float(np.mean(f1s)) if f1s else 0.0
+
+
+# --- generation-based eval ----------------------------------------------------------------------------------
+
+
+def generation_eval(pre, state, config):
+    """Greedy answers to the first `eval.generate` prompts of `data.eval_path`, scored by `eval.scorer`."""
+    if not config.data.eval_path:
+        raise ValueError("config.eval.generate > 0 needs config.data.eval_path (a json/jsonl file of held-out "
+                         "examples) to take prompts and reference answers from.")
+    rows = read_rows(config.data.eval_path)[:config.eval.generate]
+    pairs = prompts_and_references(rows, config.data)
+    current = dataclasses.replace(pre, params=jax.device_get(state.params()))
+    return generate_and_score(current, pairs, config.eval.scorer, config.eval.max_new_tokens, config.eval.batch_size)
+
+
+def generate_and_score(pre, pairs, scorer='exact', max_new_tokens=64, batch_size=8):
+    """Greedy answers for each (prompt, reference); returns exact-match rate and the samples."""
+    hits, samples = [], []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        prompts = [p for p, _ in chunk]  # message lists get the chat template (once, in generate_text)
+        answers = generate_text(pre, prompts, chat=not isinstance(prompts[0], str), max_new_tokens=max_new_tokens)
+        for (p, ref), ans in zip(chunk, answers):
+            ok = score(scorer, ans, ref)
+            hits.append(ok)
+            samples.append({'prompt': p[-1]['content'] if not isinstance(p, str) else p, 'answer': ans,
+                            'reference': ref, 'correct': bool(ok)})
+    return {'exact_match': float(np.mean(hits)) if hits else 0.0, 'n': len(hits), 'samples': samples}
+
+
+def prompts_and_references(rows, data_cfg):
+    """(prompt, reference answer) per raw row, formatted exactly as training formats the prompt."""
+    return [data_lib.prompt_and_answer(r, data_cfg) for r in rows]
+
+
+def read_rows(path):
+    """Raw rows of a json / jsonl file (for prompts and references)."""
+    with open(path) as f:
+        if path.endswith('.jsonl'):
+            return [json.loads(line) for line in f if line.strip()]
+        data = json.load(f)
+    return data if isinstance(data, list) else data.get('data', data)
+
+
+def score(kind, prediction, reference):
+    if kind == 'exact':
+        return prediction.strip() == reference.strip()
+    if kind == 'json':
+        return score_json(prediction, reference)
+    if kind == 'last_number':
+        p, r = last_number(prediction), last_number(reference)
+        return p is not None and r is not None and abs(p - r) < 1e-6
+    raise ValueError(f"eval scorer {kind!r} is not one of 'exact', 'json', 'last_number'.")
 
 
 def last_number(text):
@@ -24,44 +135,9 @@ def last_number(text):
         return None
 
 
-def score(kind, prediction, reference):
-    if kind == 'exact':
-        return prediction.strip() == reference.strip()
-    if kind == 'json':
-        from ftjax.synthetic import score_json
-        return score_json(prediction, reference)
-    if kind == 'last_number':
-        p, r = last_number(prediction), last_number(reference)
-        return p is not None and r is not None and abs(p - r) < 1e-6
-    raise ValueError(f"eval scorer {kind!r} is not one of 'exact', 'json', 'last_number'.")
-
-
-def prompts_and_references(rows, data_cfg):
-    """(prompt, reference answer) per raw row, formatted exactly as training formats the prompt."""
-    from ftjax.data import prompt_and_answer
-    return [prompt_and_answer(r, data_cfg) for r in rows]
-
-
-def generation_eval(pre, pairs, scorer='exact', max_new_tokens=64, batch_size=8):
-    """Greedy answers for each (prompt, reference); returns exact-match rate and the samples."""
-    from ftjax.generate import generate_text
-    hits, samples = [], []
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        prompts = [p for p, _ in chunk]  # message lists get the chat template (once, in generate_text)
-        answers = generate_text(pre, prompts, chat=not isinstance(prompts[0], str), max_new_tokens=max_new_tokens)
-        for (p, ref), ans in zip(chunk, answers):
-            ok = score(scorer, ans, ref)
-            hits.append(ok)
-            samples.append({'prompt': p[-1]['content'] if not isinstance(p, str) else p, 'answer': ans,
-                            'reference': ref, 'correct': bool(ok)})
-    return {'exact_match': float(np.mean(hits)) if hits else 0.0, 'n': len(hits), 'samples': samples}
-
-
-def read_rows(path):
-    """Raw rows of a json / jsonl file (for prompts and references)."""
-    with open(path) as f:
-        if path.endswith('.jsonl'):
-            return [json.loads(line) for line in f if line.strip()]
-        data = json.load(f)
-    return data if isinstance(data, list) else data.get('data', data)
+def score_json(prediction: str, reference: str) -> bool:
+    """Exact match of the JSON objects (key order and spacing do not matter)."""
+    try:
+        return json.loads(prediction.strip()) == json.loads(reference)
+    except (ValueError, TypeError):
+        return False

@@ -1,4 +1,5 @@
-"""Where metrics go: `workdir/metrics.jsonl`, TensorBoard event files, and a progress bar.
+"""Where metrics go: `workdir/metrics.jsonl` (read back by `ftjax.workdir.read_metrics`), TensorBoard event
+files, and a progress bar.
 
 Only process 0 writes; every process may call these functions. The workdir may be a bucket
 (gs://..., via etils.epath): objects there cannot be appended to, so the file is rewritten whole.
@@ -13,6 +14,8 @@ import jax
 import numpy as np
 from etils import epath
 
+from ftjax.workdir import METRICS_FILE
+
 
 def _scalar(v):
     v = np.asarray(v)
@@ -24,7 +27,7 @@ class MetricsLog:
 
     def __init__(self, workdir, total_steps, start_step=0, progress=True):
         self.primary = jax.process_index() == 0
-        self.path = epath.Path(workdir) / 'metrics.jsonl'
+        self.path = epath.Path(workdir) / METRICS_FILE
         self.remote = is_remote(workdir)
         self.rows = []  # a remote file's lines, rewritten whole on each write
         self.tb = None
@@ -100,13 +103,6 @@ class MetricsLog:
 def is_remote(path):
     """A bucket path (gs://, s3://, ...) rather than a local one."""
     return '://' in str(path)
-
-
-def read_metrics(workdir):
-    path = epath.Path(workdir) / 'metrics.jsonl'
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class Throughput:

@@ -1,11 +1,10 @@
 """`train_and_evaluate(config, workdir)`: the one training loop for every fine-tuning mode.
 
-load model -> apply the PEFT method -> data -> sharded state -> restore if a checkpoint exists ->
-jitted train steps with periodic eval, metrics, checkpoints and preemption handling.
+validate the config -> workdir -> mesh -> model + PEFT method (`ftjax.build`) -> data -> sharded state ->
+restore if a checkpoint exists -> jitted train steps with periodic eval (`ftjax.evaluate`), metrics,
+checkpoints and preemption handling.
 """
-import json
 import logging
-import math
 import time
 
 import flax.linen as nn
@@ -13,161 +12,14 @@ import jax
 import numpy as np
 from etils import epath
 
-from ftjax import checkpoint, data as data_lib, logs, optim, sharding
+from ftjax import checkpoint, data as data_lib, evaluate, logs, optim, sharding
 from ftjax import state as state_lib
+from ftjax.build import build_model_and_mask, jit_train_step, sharded_state
 from ftjax.config import validate
-from ftjax.models import abstract_variables
-from ftjax.train_step import make_eval_step, make_train_step
-
-
-def load_workdir_config(workdir):
-    """The resolved config a run wrote to `workdir/config.json` at its start."""
-    import ml_collections
-    path = epath.Path(workdir) / 'config.json'
-    if not path.exists():
-        raise FileNotFoundError(f"{workdir}: no config.json, so this is not an ftjax workdir (or the run never "
-                                f"started).")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def build_model_and_mask(config, rng=None):
-    """Loads the base model (+ adapter) and applies the fine-tuning method: (Pretrained, trainable mask)."""
-    from ftjax import peft
-    from ftjax.models import load_pretrained
-    m = config.model
-    pre = load_pretrained(m.path, dtype=m.param_dtype, compute_dtype=m.dtype, num_labels=m.num_labels,
-                          pooling=m.pooling, remat=m.remat, scan_unroll=m.scan_unroll, seed=config.train.seed,
-                          adapter=m.adapter)
-    rng = jax.random.key(config.train.seed) if rng is None else rng
-    return peft.prepare(pre, config, jax.random.fold_in(rng, 1))
-
-
-def prepare_workdir(config, workdir):
-    """Refuses a used workdir when resume is off; writes the resolved config.
-
-    The workdir may be local or a bucket (gs://..., through etils.epath, which needs gcsfs).
-    """
-    wd = epath.Path(workdir)
-    try:
-        wd.mkdir(parents=True, exist_ok=True)
-    except ImportError as e:
-        raise ImportError(f"--workdir={workdir}: {e}. Install it on every host (pip install gcsfs for gs://) "
-                          f"or use a local --workdir.") from e
-    ckpt_dir = wd / 'checkpoints'
-    used = ckpt_dir.exists() and any(not p.name.startswith('.') for p in ckpt_dir.iterdir())
-    if used and not config.train.resume:
-        raise FileExistsError(f"{workdir} already holds checkpoints and config.train.resume=False; choose a new "
-                              f"--workdir, or drop --config.train.resume=false to continue that run.")
-    if jax.process_index() == 0:
-        (wd / 'config.json').write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-
-
-def task_of(pre):
-    return 'classification' if pre.config.family == 'bert' else 'lm'
-
-
-def eval_batches(dataset, batch_size, limit=0):
-    """The eval split in order, in full batches (a short last batch is padded with masked rows)."""
-    n = len(dataset)
-    steps = math.ceil(n / batch_size)
-    if limit:
-        steps = min(steps, limit)
-    for i in range(steps):
-        idx = np.arange(i * batch_size, (i + 1) * batch_size)
-        idx = idx[data_lib.process_slice(batch_size, jax.process_index(), jax.process_count())]
-        valid = idx < n
-        yield data_lib.take_rows(dataset, np.where(valid, idx, 0), valid)
-
-
-def evaluate(p_eval, state, dataset, config, batch_sh, task):
-    """Eval loss / perplexity / token accuracy (LM) or accuracy / F1 (classification)."""
-    sums = {}
-    preds, labels = [], []
-    for batch in eval_batches(dataset, config.train.batch_size, config.train.eval_batches):
-        out = jax.device_get(p_eval(state, data_lib.to_global(batch, batch_sh)))
-        for k, v in out.items():
-            if k in ('pred', 'label'):
-                continue
-            sums[k] = sums.get(k, 0.0) + float(v)
-        if task == 'classification':
-            keep = batch['valid'] if 'valid' in batch else np.ones(len(batch['label']), bool)
-            preds.append(np.asarray(out['pred'])[keep])
-            labels.append(np.asarray(batch['label'])[keep])
-    count = max(sums.get('count', 0.0), 1.0)
-    loss = sums.get('loss_sum', 0.0) / count
-    result = {'eval/loss': loss, 'eval/accuracy': sums.get('correct', 0.0) / count}
-    if task == 'lm':
-        result['eval/perplexity'] = float(math.exp(min(loss, 50.0)))
-    else:
-        result['eval/f1'] = macro_f1(np.concatenate(preds), np.concatenate(labels))
-    return result
-
-
-def macro_f1(pred, label):
-    f1s = []
-    for c in np.unique(np.concatenate([pred, label])):
-        tp = np.sum((pred == c) & (label == c))
-        fp = np.sum((pred == c) & (label != c))
-        fn = np.sum((pred != c) & (label == c))
-        f1s.append(2 * tp / max(2 * tp + fp + fn, 1))
-    return float(np.mean(f1s)) if f1s else 0.0
-
-
-def generation_eval(pre, state, config):
-    """Greedy answers to the first `eval.generate` prompts of `data.eval_path`, scored by `eval.scorer`."""
-    import dataclasses
-    from ftjax import evaluate
-    if not config.data.eval_path:
-        raise ValueError("config.eval.generate > 0 needs config.data.eval_path (a json/jsonl file of held-out "
-                         "examples) to take prompts and reference answers from.")
-    rows = evaluate.read_rows(config.data.eval_path)[:config.eval.generate]
-    pairs = evaluate.prompts_and_references(rows, config.data)
-    current = dataclasses.replace(pre, params=jax.device_get(state.params()))
-    return evaluate.generation_eval(current, pairs, config.eval.scorer, config.eval.max_new_tokens,
-                                    config.eval.batch_size)
-
-
-def print_before_after(before, after, result):
-    rows = [('base model', before['exact_match'], 0, '', ''),
-            ('fine-tuned', after['exact_match'], result['step'], f"{result.get('tokens_per_s', 0):,.0f}",
-             f"{result['wall_s']:.0f}")]
-    print(f"\n| model | exact match (n={after['n']}) | steps | train tokens/s | wall s |\n|---|---|---|---|---|")
-    for name, em, steps, tps, wall in rows:
-        print(f'| {name} | {em:.1%} | {steps} | {tps} | {wall} |')
-    for s in after['samples'][:3]:
-        print(f"\nprompt: {s['prompt'][-160:]}\nanswer: {s['answer']}\nreference: {s['reference']}")
-
-
-def state_shardings(model, params, mask, tx, config, mesh, rules):
-    """(abstract train state, its shardings, shardings for `params`) on `mesh`.
-
-    `params` may be abstract (shape structs): `ftjax.compile_check` uses this without any weights.
-    """
-    param_sh = sharding.param_shardings(sharding.logical_specs(abstract_variables(model)), mesh, rules)
-    abstract_state = jax.eval_shape(_state_fn(mask, tx, config), params)
-    return (abstract_state, sharding.tree_shardings(abstract_state, param_sh, mesh),
-            sharding.tree_shardings(params, param_sh, mesh))
-
-
-def _state_fn(mask, tx, config):
-    return lambda params: state_lib.create_state(params, mask, tx, config.model.frozen_dtype)
-
-
-def sharded_state(pre, mask, tx, config, mesh, rules):
-    """The train state built on `mesh` from the host params `pre.params` (each device gets only its
-    shards), and the state's shardings."""
-    _, state_sh, params_sh = state_shardings(pre.model, pre.params, mask, tx, config, mesh, rules)
-    with jax.set_mesh(mesh):
-        placed = sharding.place(pre.params, params_sh)
-        state = jax.jit(_state_fn(mask, tx, config), out_shardings=state_sh, donate_argnums=0)(placed)
-    return state, state_sh
-
-
-def jit_train_step(model, config, tx, schedule, state_sh, batch_sh):
-    """The train step compiled for the mesh: state in and out in `state_sh` (donated), batch in
-    `batch_sh`. Call (or lower) it inside `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`."""
-    return jax.jit(make_train_step(model, config, tx, schedule), in_shardings=(state_sh, batch_sh, None),
-                   out_shardings=(state_sh, None), donate_argnums=0)
+from ftjax.errors import EXIT_PREEMPTED
+from ftjax.models.heads import task_of
+from ftjax.train_step import make_eval_step
+from ftjax.workdir import prepare_workdir, write_summary
 
 
 def _meta(config, it, base_ref, trainable_sig, step):
@@ -182,14 +34,14 @@ def train_and_evaluate(config, workdir, stop_at=None):
     """
     t_start = time.time()
     validate(config)
-    prepare_workdir(config, workdir)
     primary = jax.process_index() == 0
+    prepare_workdir(config, workdir, primary)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh.rules)
     logging.info('Mesh %s over %d devices (%d processes)', dict(mesh.shape), mesh.size, jax.process_count())
 
     pre, mask = build_model_and_mask(config)
-    task = task_of(pre)
+    task = task_of(pre.config)
     train_data = data_lib.build_dataset(config.data, pre.tokenizer, 'train')
     eval_data = data_lib.build_dataset(config.data, pre.tokenizer, 'eval')
     it = data_lib.make_iterator(train_data, config.train.batch_size, config.train.seed,
@@ -232,7 +84,7 @@ def train_and_evaluate(config, workdir, stop_at=None):
     before = None
     if gen_eval and start == 0:
         with jax.set_mesh(mesh):
-            before = generation_eval(pre, state, config)
+            before = evaluate.generation_eval(pre, state, config)
         log.write(0, {'gen/exact_match': before['exact_match']})
         print(f"ftjax: base model exact match {before['exact_match']:.1%} on {before['n']} held-out prompts",
               flush=True)
@@ -250,7 +102,7 @@ def train_and_evaluate(config, workdir, stop_at=None):
                 mngr.wait_until_finished()
                 print(f"ftjax: {'preempted' if step != stop_at else 'stopped'}; saved step {step} to "
                       f"{checkpoint.step_dir(mngr, step)}; rerun the same command to resume.", flush=True)
-                result['exit_code'] = checkpoint.PREEMPTED_EXIT_CODE if step != stop_at else 0
+                result['exit_code'] = EXIT_PREEMPTED if step != stop_at else 0
                 break
             batch = data_lib.to_global(next(it), batch_sh)
             t0 = time.perf_counter()
@@ -280,7 +132,7 @@ def train_and_evaluate(config, workdir, stop_at=None):
             last = {k: float(np.asarray(v)) for k, v in metrics.items()}
             evals = {}
             if eval_data is not None and (done % config.train.eval_every == 0 or done == config.train.steps):
-                evals = evaluate(p_eval, state, eval_data, config, batch_sh, task)
+                evals = evaluate.eval_split(p_eval, state, eval_data, config, batch_sh, task)
             if done % config.train.log_every == 0 or done == config.train.steps or evals:
                 row = dict(last, tokens_per_s=meter.rate() if done > start + 1 else 0.0, **evals)
                 log.write(done, row)
@@ -295,7 +147,7 @@ def train_and_evaluate(config, workdir, stop_at=None):
     finished = result['exit_code'] == 0 and result['step'] == config.train.steps
     if gen_eval and finished:
         with jax.set_mesh(mesh):
-            after = generation_eval(pre, state, config)
+            after = evaluate.generation_eval(pre, state, config)
         log.write(result['step'], {'gen/exact_match': after['exact_match']})
         for s in after['samples'][:config.eval.log_samples]:
             log.text(result['step'], 'samples', f"{s['prompt']}\n\n-> {s['answer']}")
@@ -310,5 +162,16 @@ def train_and_evaluate(config, workdir, stop_at=None):
     if primary and result['exit_code'] == 0:
         ev = ', '.join(f'{k}={v:.4f}' for k, v in result.items() if k.startswith('eval/'))
         print(f"ftjax: done. step {result['step']}, loss {result['loss']}, {ev}, wall {wall:.0f}s", flush=True)
-        (epath.Path(workdir) / 'summary.json').write_text(json.dumps(result, indent=2))
+        write_summary(workdir, result)
     return result
+
+
+def print_before_after(before, after, result):
+    rows = [('base model', before['exact_match'], 0, '', ''),
+            ('fine-tuned', after['exact_match'], result['step'], f"{result.get('tokens_per_s', 0):,.0f}",
+             f"{result['wall_s']:.0f}")]
+    print(f"\n| model | exact match (n={after['n']}) | steps | train tokens/s | wall s |\n|---|---|---|---|---|")
+    for name, em, steps, tps, wall in rows:
+        print(f'| {name} | {em:.1%} | {steps} | {tps} | {wall} |')
+    for s in after['samples'][:3]:
+        print(f"\nprompt: {s['prompt'][-160:]}\nanswer: {s['answer']}\nreference: {s['reference']}")

@@ -12,28 +12,25 @@ import re
 import jax
 import optax
 
-from ftjax.peft.select import path_str
+from ftjax.config import validate
+from ftjax.models.adapters import LORA_B
+from ftjax.tree import path_str
 
 
 def make_schedule(optim_cfg, total_steps: int):
     """Step -> learning rate. Warmup is linear, peak * (step + 1) / warmup_steps, so the first step
-    already moves; then `schedule` decays from the peak to `end_lr_ratio` x peak at `total_steps`."""
+    already moves; then `schedule` decays from the peak to `end_lr_ratio` x peak at `total_steps`.
+    `optim_cfg` is valid (`ftjax.config.validate`)."""
     o = optim_cfg
     peak, warm = float(o.learning_rate), int(o.warmup_steps)
-    if peak <= 0:
-        raise ValueError(f"config.optim.learning_rate must be positive, got {peak}.")
-    if warm < 0:
-        raise ValueError(f"config.optim.warmup_steps must be >= 0, got {warm}.")
     decay_steps = max(int(total_steps) - warm, 1)
-    end = float(o.get('end_lr_ratio', 0.0))
+    end = float(o.end_lr_ratio)
     if o.schedule == 'constant':
         main = optax.constant_schedule(peak)
     elif o.schedule == 'cosine':
         main = optax.cosine_decay_schedule(peak, decay_steps, alpha=end)
-    elif o.schedule == 'linear':
+    else:  # linear
         main = optax.linear_schedule(peak, peak * end, decay_steps)
-    else:
-        raise ValueError(f"config.optim.schedule={o.schedule!r} is not one of ['cosine', 'linear', 'constant'].")
     if warm == 0:
         return main
     warmup = optax.linear_schedule(peak / warm, peak, max(warm - 1, 1))
@@ -46,39 +43,26 @@ def _paths(tree):
 
 def decay_mask(optim_cfg, trainable_params):
     """True where weight decay applies: every leaf whose path matches none of `optim.no_decay`."""
-    rules = []
-    for pattern in list(optim_cfg.get('no_decay', [])):
-        try:
-            rules.append(re.compile(pattern))
-        except re.error as e:
-            raise ValueError(f"config.optim.no_decay: {pattern!r} is not a valid regex ({e}).") from e
+    rules = [re.compile(pattern) for pattern in optim_cfg.no_decay]
     return jax.tree.map(lambda p: not any(r.search(p) for r in rules), _paths(trainable_params))
 
 
 def lr_multipliers(config, trainable_params):
     """A tree of floats: `optim.lr_multipliers` ('regex=multiplier', the first match wins) times
     `peft.lora.lr_ratio` on `lora_b` leaves (LoRA+)."""
-    rules = []
-    for rule in list(config.optim.get('lr_multipliers', [])):
-        pattern, sep, value = str(rule).rpartition('=')
-        try:
-            rules.append((re.compile(pattern), float(value)))
-        except (re.error, ValueError) as e:
-            raise ValueError(f"config.optim.lr_multipliers: {rule!r} should look like 'regex=multiplier', e.g. "
-                             f"'lora_b$=16' ({e}).") from e
-        if not sep or not pattern:
-            raise ValueError(f"config.optim.lr_multipliers: {rule!r} should look like 'regex=multiplier'.")
+    rules = [(re.compile(pattern), float(value))
+             for pattern, _, value in (rule.rpartition('=') for rule in config.optim.lr_multipliers)]
     paths = _paths(trainable_params)
     flat = jax.tree.leaves(paths)
     for rx, _ in rules:
         if not any(rx.search(p) for p in flat):
             raise ValueError(f"config.optim.lr_multipliers: {rx.pattern!r} matches no trainable parameter "
                              f"(trainable: {', '.join(sorted(flat)[:10])}{' ...' if len(flat) > 10 else ''}).")
-    ratio = float(config.peft.lora.get('lr_ratio', 1.0)) if 'peft' in config else 1.0
+    ratio = float(config.peft.lora.lr_ratio)
 
     def multiplier(path):
         m = next((v for rx, v in rules if rx.search(path)), 1.0)
-        return m * ratio if path.endswith('lora_b') else m
+        return m * ratio if path.endswith(LORA_B) else m
     return jax.tree.map(multiplier, paths)
 
 
@@ -92,7 +76,7 @@ def scale_by_tree(multipliers) -> optax.GradientTransformation:
 
 def make_optimizer(config, trainable_params, total_steps: int):
     """(tx, lr_schedule) for `trainable_params` (arrays or shape structs; only the tree is read)."""
-    o = config.optim
+    o = validate(config.optim, 'optim')
     schedule = make_schedule(o, total_steps)
     parts = []
     if o.clip_norm and o.clip_norm > 0:
@@ -101,14 +85,9 @@ def make_optimizer(config, trainable_params, total_steps: int):
         parts.append(optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps))
     elif o.name == 'adafactor':
         parts.append(optax.scale_by_factored_rms())
-    elif o.name == 'sgd':
-        if o.momentum:
-            parts.append(optax.trace(decay=float(o.momentum)))
-    else:
-        raise ValueError(f"config.optim.name={o.name!r} is not one of ['adamw', 'adafactor', 'sgd'].")
+    elif o.momentum:  # sgd
+        parts.append(optax.trace(decay=float(o.momentum)))
     if o.weight_decay:
-        if o.weight_decay < 0:
-            raise ValueError(f"config.optim.weight_decay must be >= 0, got {o.weight_decay}.")
         parts.append(optax.add_decayed_weights(float(o.weight_decay), mask=decay_mask(o, trainable_params)))
     parts.append(optax.scale_by_learning_rate(schedule))
     mult = lr_multipliers(config, trainable_params)

@@ -13,7 +13,9 @@ import json
 import math
 import os
 
-RUN_FILES = ('config.json', 'metrics.jsonl', 'summary.json')
+from ftjax.workdir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
+
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE)
 SWEEP_FILE = 'sweep.json'
 ERROR_FILE = 'sweep_error.txt'  # written by ftjax.sweep when a run raised or its process failed
 LOWER_IS_BETTER = ('loss', 'perplexity', 'error')
@@ -28,21 +30,6 @@ def _read_json(path):
         except json.JSONDecodeError as e:
             raise ValueError(f'{path} is not valid JSON ({e}); delete it if the run was interrupted while '
                              f'writing it.') from e
-
-
-def read_metrics(run_dir):
-    """The rows of `metrics.jsonl`; a torn last line (a run killed mid-write) is ignored."""
-    path = os.path.join(run_dir, 'metrics.jsonl')
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
 
 
 def is_run_dir(path):

@@ -1,13 +1,16 @@
 r"""Ablation sweeps: the cartesian product of a few config values, one run (and sub-workdir) each.
 
   python -m ftjax.sweep --config=experiments/x.py[:arg] --workdir=DIR \
-      --grid=peft.lora.rank=4,8,16 --grid=optim.learning_rate=1e-4,3e-4 [--parallel=N] [--print_commands]
+      --grid=peft.lora.rank=4,8,16 --grid=optim.learning_rate=1e-4,3e-4 [--parallel=N] [--print_commands] \
+      [--config.train.steps=200 --config.peft.trainable=.*norm.* ...]
 
 Runs go one after another in this process (or N at a time as `python -m ftjax.train` subprocesses
 with --parallel=N), each in `DIR/<name>` named from its values (`rank4_lr0.0001`). A finished run
 is skipped and an interrupted one resumes from its checkpoint, so rerunning the command completes a
 sweep. At the end: DIR/results.csv, DIR/results.md and DIR/loss_curves.png (see ftjax/report.py).
 --print_commands prints one training command per run (for a cluster or a pod) and exits.
+`--config.KEY=VALUE` overrides (as for ftjax.train, see ftjax/cli.py) hold for every run of the grid
+and are passed on to each run's command.
 
 A grid value is split at commas outside brackets and quotes, and converted to the type of the field
 it overrides: `--grid=peft.lora.targets=['q_proj$'],['q_proj$','v_proj$']`. Every key and value is
@@ -19,7 +22,6 @@ import copy
 import dataclasses
 import difflib
 import hashlib
-import importlib.util
 import itertools
 import json
 import os
@@ -33,7 +35,9 @@ import traceback
 
 import ml_collections
 
-from ftjax import report
+from ftjax import cli, config as config_lib, report
+from ftjax.cli import load_experiment
+from ftjax.errors import ConfigError
 
 ABBREVIATIONS = {'learning_rate': 'lr', 'batch_size': 'bs', 'weight_decay': 'wd', 'warmup_steps': 'warmup',
                  'max_length': 'len', 'grad_accum': 'accum', 'method': ''}
@@ -50,21 +54,11 @@ class Run:
     config: ml_collections.ConfigDict  # the experiment config with this run's values
 
 
-def load_config(spec):
-    """`file.py` or `file.py:arg` -> get_config() or get_config('arg'), as ml_collections' config_flags does."""
-    path = spec.split(':', 1)[0]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'--config={spec}: no file {path!r} (relative to {os.getcwd()}).')
-    module_spec = importlib.util.spec_from_file_location('ftjax_sweep_experiment', path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, 'get_config'):
-        raise ValueError(f'--config={spec}: {path} defines no get_config(); an experiment file returns its '
-                         f'ConfigDict from get_config(arg=None).')
-    config = module.get_config(*spec.split(':', 1)[1:])
-    if not isinstance(config, ml_collections.ConfigDict):
-        raise TypeError(f'--config={spec}: get_config() returned {type(config).__name__}, not a ConfigDict.')
-    return config
+class GridKeyError(ConfigError, KeyError):
+    """A --grid key the config lacks, or a group of keys: a KeyError, printed as one line."""
+
+    def __str__(self):
+        return str(self.args[0])
 
 
 def split_values(text):
@@ -95,14 +89,14 @@ def parse_grid(specs):
         key, sep, values = spec.partition('=')
         key = key.strip().removeprefix('config.')
         if not sep or not key or not values.strip():
-            raise ValueError(f'--grid={spec}: expected KEY=V1,V2,... e.g. --grid=peft.lora.rank=4,8,16.')
+            raise ConfigError(f'--grid={spec}: expected KEY=V1,V2,... e.g. --grid=peft.lora.rank=4,8,16.')
         texts = split_values(values)
         if any(t == '' for t in texts):
-            raise ValueError(f'--grid={spec}: empty value in {values!r} (a stray comma?).')
+            raise ConfigError(f'--grid={spec}: empty value in {values!r} (a stray comma?).')
         if len(set(texts)) != len(texts):
-            raise ValueError(f'--grid={spec}: a value is listed twice.')
+            raise ConfigError(f'--grid={spec}: a value is listed twice.')
         if key in [k for k, _ in grid]:
-            raise ValueError(f'--grid: key {key!r} is given twice; list all its values in one --grid.')
+            raise ConfigError(f'--grid: key {key!r} is given twice; list all its values in one --grid.')
         grid.append((key, texts))
     return grid
 
@@ -125,11 +119,11 @@ def _parent(config, key):
             close += [k for k in difflib.get_close_matches(key, leaves, n=3, cutoff=0.6) if k not in close]
             close = close[:3]
             hint = f' Did you mean {" or ".join(close)}?' if close else ''
-            raise KeyError(f'--grid key {key!r}: the config has no {".".join(parts[:i + 1])!r}.{hint}')
+            raise GridKeyError(f'--grid key {key!r}: the config has no {".".join(parts[:i + 1])!r}.{hint}')
         if i < len(parts) - 1:
             node = node[part]
     if isinstance(node[parts[-1]], ml_collections.ConfigDict):
-        raise KeyError(f'--grid key {key!r} is a group of settings, not one value; sweep one of its fields '
+        raise GridKeyError(f'--grid key {key!r} is a group of settings, not one value; sweep one of its fields '
                        f'(e.g. {key}.{next(iter(node[parts[-1]].keys()), "name")}).')
     return node, parts[-1]
 
@@ -138,7 +132,7 @@ def convert(config, key, text):
     """The grid value `text` as the type of the config field `key` (int, float, bool, str, list)."""
     parent, name = _parent(config, key)
     kind = parent.get_type(name)
-    bad = lambda what: ValueError(f'--grid {key}={text}: {key} holds {what}; got {text!r}.')
+    bad = lambda what: ConfigError(f'--grid {key}={text}: {key} holds {what}; got {text!r}.')
     if kind is bool:
         if text.lower() not in TRUE + FALSE:
             raise bad('a bool (true/false)')
@@ -183,7 +177,7 @@ def apply(config, values):
         try:
             parent[name] = value
         except TypeError as e:
-            raise ValueError(f'--grid {key}={value!r}: {e}') from None
+            raise ConfigError(f'--grid {key}={value!r}: {e}') from None
     return config
 
 
@@ -226,12 +220,17 @@ def run_name(values, short):
     return name
 
 
-def plan(config_spec, grid_specs, workdir):
-    """Every run of the sweep, each value converted and applied: all errors surface here, before any run."""
-    base = load_config(config_spec)
+def plan(config_spec, grid_specs, workdir, overrides=()):
+    """Every run of the sweep, each value converted and applied: all errors surface here, before any run.
+
+    `overrides`: [(key, text), ...] of `cli.split_overrides`, the same for every run."""
+    base = cli.apply_overrides(load_experiment(config_spec), overrides)
     grid = parse_grid(grid_specs)
     if not grid:
-        raise ValueError('no --grid given: pass at least one, e.g. --grid=peft.lora.rank=4,8,16.')
+        raise ConfigError('no --grid given: pass at least one, e.g. --grid=peft.lora.rank=4,8,16.')
+    both = sorted({key for key, _ in grid} & {key for key, _ in overrides})
+    if both:
+        raise ConfigError(f'--config.{both[0]} is also swept by --grid={both[0]}=...; give it once.')
     typed = [(key, [convert(base, key, t) for t in texts]) for key, texts in grid]
     varied = [key for key, values in typed if len(values) > 1] or [key for key, _ in typed]
     short = _short_keys(varied)
@@ -246,16 +245,26 @@ def plan(config_spec, grid_specs, workdir):
     return runs
 
 
-def check_existing(runs):
-    """Refuses a sub-workdir whose earlier run used other values (a different grid in the same --workdir)."""
+def _fixed(run, overrides):
+    """The run's values of the --config.KEY overrides (the same in every run), by key."""
+    out = {}
+    for key, _ in overrides:
+        parent, name = _parent(run.config, key)
+        out[key] = parent[name]
+    return out
+
+
+def check_existing(runs, overrides=()):
+    """Refuses a sub-workdir whose earlier run used other values (a different grid, or other --config.KEY
+    overrides, in the same --workdir)."""
     for run in runs:
         stored = report._read_json(os.path.join(run.workdir, 'config.json'))
         if stored is None:
             continue
         flat = report.flatten(stored)
-        for key, value in run.values.items():
+        for key, value in {**_fixed(run, overrides), **run.values}.items():
             if json.dumps(flat.get(key)) != json.dumps(value if not isinstance(value, tuple) else list(value)):
-                raise ValueError(f'{run.workdir} holds a run with {key}={flat.get(key)!r}, but this sweep would '
+                raise ConfigError(f'{run.workdir} holds a run with {key}={flat.get(key)!r}, but this sweep would '
                                  f'run {key}={value!r} there; use a new --workdir, or delete that directory.')
 
 
@@ -265,20 +274,20 @@ def _flag_value(value):
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def commands(runs, config_spec, grid_specs, workdir, python='python'):
-    """One argv per run: `python -m ftjax.train ... --config.key=value ...`.
-
-    config_flags can't override list fields from the command line, so a grid over a list field runs
-    each point as `python -m ftjax.sweep ... --only=NAME` (this module, in-process) instead."""
+def commands(runs, config_spec, grid_specs, workdir, python='python', overrides=()):
+    """One argv per run: `python -m ftjax.train ... --config.key=value ...`, the --config.KEY overrides
+    (as given) first. A grid over a list field runs each point as `python -m ftjax.sweep ... --only=NAME`
+    (this module, in-process) instead, so that its value is read exactly as the grid reads it."""
+    fixed = [f'--config.{k}={text}' for k, text in overrides]
     if any(isinstance(v, (list, tuple)) for run in runs for v in run.values.values()):
         grid = [f'--grid={g}' for g in grid_specs]
-        return [[python, '-m', 'ftjax.sweep', f'--config={config_spec}', *grid, f'--workdir={workdir}',
+        return [[python, '-m', 'ftjax.sweep', f'--config={config_spec}', *grid, *fixed, f'--workdir={workdir}',
                  f'--only={run.name}'] for run in runs]
-    return [[python, '-m', 'ftjax.train', f'--config={config_spec}', f'--workdir={run.workdir}',
+    return [[python, '-m', 'ftjax.train', f'--config={config_spec}', f'--workdir={run.workdir}', *fixed,
              *[f'--config.{k}={_flag_value(v)}' for k, v in run.values.items()]] for run in runs]
 
 
-def write_sweep_file(workdir, config_spec, grid_specs, runs):
+def write_sweep_file(workdir, config_spec, grid_specs, runs, overrides=()):
     """DIR/sweep.json: the grid and the runs, so that ftjax.report shows the grid's keys (and pending runs)."""
     os.makedirs(workdir, exist_ok=True)
     grid = parse_grid(grid_specs)
@@ -289,7 +298,8 @@ def write_sweep_file(workdir, config_spec, grid_specs, runs):
         names = {e['name'] for e in entries}
         entries = [e for e in old['runs'] if e['name'] not in names] + entries
     with open(os.path.join(workdir, report.SWEEP_FILE), 'w') as f:
-        json.dump({'config': config_spec, 'grid': grid, 'runs': entries}, f, indent=2)
+        json.dump({'config': config_spec, 'overrides': [list(o) for o in overrides], 'grid': grid, 'runs': entries},
+                  f, indent=2)
 
 
 def _say(msg):
@@ -375,6 +385,8 @@ def run_parallel(runs, argvs, n):
 
 
 def main(argv=None):
+    """The command line (argv without the program name; None: sys.argv[1:]) -> exit code."""
+    argv, overrides = cli.split_overrides(sys.argv[1:] if argv is None else list(argv))
     parser = argparse.ArgumentParser(prog='python -m ftjax.sweep', description=__doc__.split('\n')[0])
     parser.add_argument('--config', required=True, help='Experiment file, experiments/x.py[:arg].')
     parser.add_argument('--grid', action='append', default=[], help='KEY=V1,V2,... (repeat for more keys).')
@@ -386,29 +398,29 @@ def main(argv=None):
     if args.parallel < 1:
         parser.error(f'--parallel must be >= 1, got {args.parallel}.')
 
-    from ftjax.config import validate
-    runs = plan(args.config, args.grid, args.workdir)
+    runs = plan(args.config, args.grid, args.workdir, overrides)
     for run in runs:
         try:
-            validate(run.config)
+            config_lib.validate(run.config)
         except ValueError as e:
-            raise ValueError(f'sweep run {run.name}: {e}') from None
-    check_existing(runs)
+            raise ConfigError(f'sweep run {run.name}: {e}') from None
+    check_existing(runs, overrides)
     if args.only:
         unknown = sorted(set(args.only) - {r.name for r in runs})
         if unknown:
-            raise ValueError(f'--only: no run named {unknown} in this grid; its runs are '
+            raise ConfigError(f'--only: no run named {unknown} in this grid; its runs are '
                              f'{[r.name for r in runs]}.')
         runs = [r for r in runs if r.name in args.only]
     else:
-        write_sweep_file(args.workdir, args.config, args.grid, runs)
+        write_sweep_file(args.workdir, args.config, args.grid, runs, overrides)
 
     if args.print_commands:
-        for argv_ in commands(runs, args.config, args.grid, args.workdir):
+        for argv_ in commands(runs, args.config, args.grid, args.workdir, overrides=overrides):
             print(shlex.join(argv_))
         return 0
     if args.parallel > 1:
-        rc = run_parallel(runs, commands(runs, args.config, args.grid, args.workdir, sys.executable), args.parallel)
+        argvs = commands(runs, args.config, args.grid, args.workdir, sys.executable, overrides)
+        rc = run_parallel(runs, argvs, args.parallel)
     else:
         rc = run_sequential(runs)
     if not args.only:
@@ -419,7 +431,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        sys.exit(main())
-    except (KeyError, ValueError, TypeError, FileNotFoundError) as e:  # bad flags: the message, no traceback
-        sys.exit(f'ftjax.sweep: error: {e.args[0] if isinstance(e, KeyError) else e}')
+    cli.run(main, use_absl=False)

@@ -3,8 +3,9 @@
   "Nadia Okafor, a 42-year-old pilot, lives in Lisbon."  ->  {"name": "Nadia Okafor", "age": 42, "city": "Lisbon", "job": "pilot"}
 
 Small pretrained models answer in prose or invent keys; a short LoRA run learns the exact format.
-Scored by exact match of the parsed JSON object. `write_task(dir, n_train, n_eval, seed)` writes
-chat-format `train.jsonl` / `eval.jsonl` (`messages` lists) that `data.format='chat'` reads.
+Scored by exact match of the parsed JSON object (`eval.scorer='json'`, `ftjax.evaluate.score_json`).
+`write_task(dir, n_train, n_eval, seed)` writes chat-format `train.jsonl` / `eval.jsonl` (`messages`
+lists) that `data.format='chat'` reads.
 """
 import json
 import os
@@ -53,15 +54,10 @@ def write_task(out_dir, n_train=2000, n_eval=100, seed=0):
     paths = {}
     for split, part in (('train', rows[:n_train]), ('eval', rows[n_train:])):
         paths[split] = os.path.join(out_dir, f'{split}.jsonl')
-        with open(paths[split], 'w') as f:
+        tmp = f'{paths[split]}.tmp{os.getpid()}'  # written whole, then renamed: readers never see half a file
+        with open(tmp, 'w') as f:
             for r in part:
                 f.write(json.dumps(r) + '\n')
+        os.replace(tmp, paths[split])
     return paths
 
-
-def score_json(prediction: str, reference: str) -> bool:
-    """Exact match of the JSON objects (key order and spacing do not matter)."""
-    try:
-        return json.loads(prediction.strip()) == json.loads(reference)
-    except (ValueError, TypeError):
-        return False

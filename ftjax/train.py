@@ -1,21 +1,21 @@
 """Fine-tuning entry point.
 
   python -m ftjax.train --config=experiments/quickstart.py[:smoke] --workdir=/tmp/run \\
-      [--config.peft.lora.rank=16 ...] [--distributed] [--coordinator_address=host:port ...]
+      [--config.peft.lora.rank=16 --config.peft.trainable=.*norm.* ...] [--distributed] \\
+      [--coordinator_address=host:port ...] [--verbosity=debug]
 
 A thin `main` (flags only) calls `train_and_evaluate(config, workdir)`. Running the same command
-again in the same workdir resumes from the latest complete checkpoint.
+again in the same workdir resumes from the latest complete checkpoint. The keys, their defaults and
+allowed values: `python -m ftjax.config` (docs/config.md); the command line: ftjax/cli.py.
 """
-import json
-import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
+
+from ftjax import cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Experiment config file (experiments/*.py[:arg]).',
-                                lock_config=True)
+cli.define_config_flag()
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and TensorBoard logs.')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (auto-detects TPU pods).')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host outside TPU pods).')
@@ -24,7 +24,8 @@ flags.DEFINE_integer('process_id', None, 'This process index (with --coordinator
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments {argv[1:]}; flags are written --name=value.')
     from ftjax import sharding
     from ftjax.loop import train_and_evaluate
     if FLAGS.workdir is None:
@@ -37,4 +38,4 @@ def main(argv):
 
 if __name__ == '__main__':
     flags.mark_flags_as_required(['config'])
-    app.run(main)
+    cli.run(main)

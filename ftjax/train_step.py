@@ -16,22 +16,12 @@ import jax.numpy as jnp
 import optax
 
 from ftjax import losses
-from ftjax.models.llama import lm_head_kernel
-from ftjax.peft import count_params
+from ftjax.models.heads import lm_head_kernel, task_of
 from ftjax.state import TrainState, combine
+from ftjax.tree import count_params
 
 LM_KEYS = ('input_ids', 'target_ids', 'loss_mask')
 CLS_KEYS = ('input_ids', 'label')
-
-
-def task_of(model) -> str:
-    cfg = model.cfg
-    if cfg.family == 'llama':
-        return 'lm'
-    if getattr(cfg, 'num_labels', None):
-        return 'classification'
-    raise ValueError("An encoder without a classification head has no training objective here: set "
-                     "config.model.num_labels (load_pretrained(..., num_labels=N)).")
 
 
 def _check_batch(batch, task):
@@ -44,7 +34,7 @@ def _check_batch(batch, task):
 
 def forward(model, params, batch, *, rng=None, loss_chunk=512):
     """(loss_sum, correct, count, logits-or-None) of one batch; dropout on when `rng` is given."""
-    task = task_of(model)
+    task = task_of(model.cfg)
     _check_batch(batch, task)
     kw = dict(deterministic=rng is None, rngs=None if rng is None else {'dropout': rng})
     if task == 'lm':
@@ -74,10 +64,8 @@ def make_train_step(model, config, tx, lr_schedule):
     trainable_params, is_finite (1/0) and nan_count."""
     k = int(config.optim.grad_accum)
     chunk = int(config.train.loss_chunk)
-    skip_bad = config.train.nan_policy == 'skip'
-    if config.train.nan_policy not in ('halt', 'skip'):
-        raise ValueError(f"config.train.nan_policy={config.train.nan_policy!r} is not one of ['halt', 'skip'].")
-    task_of(model)
+    skip_bad = config.train.nan_policy == 'skip'  # else 'halt' (ftjax.config.validate)
+    task_of(model.cfg)
 
     def summed_loss(trainable, frozen, batch, rng):
         loss, correct, count, _ = forward(model, combine(trainable, frozen), batch, rng=rng, loss_chunk=chunk)
@@ -132,7 +120,7 @@ def make_eval_step(model, config):
     """`eval_step(params, batch) -> dict of sums`: loss_sum, correct, count (divide after summing over
     batches); classification adds per-row 'pred' and 'label' [batch] (for F1)."""
     chunk = int(config.train.loss_chunk)
-    task = task_of(model)
+    task = task_of(model.cfg)
 
     def eval_step(params, batch):
         loss, correct, count, logits = forward(model, params, batch, loss_chunk=chunk)

@@ -32,7 +32,6 @@ RANDOM_SHAPES = {  # Llama-shaped models with random weights (no download)
     'tiny': dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
 }
-LORA_TARGETS = ['(q|k|v|o)_proj$', '(gate|up|down)_proj$']
 HF_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
 
 
@@ -175,6 +174,7 @@ def bench_ftjax(args, path):
     from ftjax import optim, peft, state as state_lib
     from ftjax.config import default_config
     from ftjax.models import load_pretrained
+    from ftjax.models.adapters import DEFAULT_TARGETS  # every attention and MLP projection, as HF_TARGETS
     from ftjax.train_step import make_train_step
     c = default_config()
     c.model.path = path
@@ -184,7 +184,7 @@ def bench_ftjax(args, path):
     c.peft.method = args.mode
     c.peft.lora.rank = args.rank
     c.peft.lora.alpha = 2.0 * args.rank
-    c.peft.lora.targets = LORA_TARGETS
+    c.peft.lora.targets = list(DEFAULT_TARGETS)
     if args.mode == 'partial':
         c.peft.last_n_blocks = 2  # the last two blocks train whole, the rest is frozen
     c.train.loss_chunk = args.loss_chunk

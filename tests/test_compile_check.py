@@ -8,7 +8,7 @@ import sys
 import jax
 import pytest
 
-from ftjax import compile_check, loop, optim, sharding
+from ftjax import build, compile_check, optim, sharding
 from ftjax.state import partition
 from tests.test_trainer import REPO, chat_data, tiny_config  # noqa: F401  (chat_data is a fixture)
 
@@ -31,10 +31,10 @@ def test_compiles_and_counts_what_the_trainer_places(tiny_llama_dir, chat_data, 
     assert report['mesh'] == topo and config.mesh.tensor == -1  # the caller's config is left alone
     print(compile_check.format_report(report))
 
-    pre, mask = loop.build_model_and_mask(config)  # the real thing, on the same mesh
+    pre, mask = build.build_model_and_mask(config)  # the real thing, on the same mesh
     mesh = sharding.make_mesh(topo, jax.devices()[:math.prod(topo.values())])
     tx, _ = optim.make_optimizer(config, partition(pre.params, mask)[0], config.train.steps)
-    state, _ = loop.sharded_state(pre, mask, tx, config, mesh, sharding.rules_from_config(config.mesh.rules))
+    state, _ = build.sharded_state(pre, mask, tx, config, mesh, sharding.rules_from_config(config.mesh.rules))
     assert report['trainable_bytes'] == _shard_bytes(state.trainable)
     assert report['frozen_bytes'] == _shard_bytes(state.frozen)
     assert report['optimizer_bytes'] == _shard_bytes(state.opt_state)

@@ -18,7 +18,8 @@ import time
 
 import pytest
 
-from ftjax import logs, shared_data
+from ftjax import workdir as workdir_lib
+from ftjax.data import locations as shared_data
 from ftjax.models import packaged
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,7 +96,7 @@ def test_experiment_smoke(arg, model, data, tmp_path):
         summary = json.load(f)
     steps = config['train']['steps']
     assert summary['exit_code'] == 0 and summary['step'] == steps and finite(summary['loss']), summary
-    rows = logs.read_metrics(workdir)
+    rows = workdir_lib.read_metrics(workdir)
     train_rows = {r['step']: r['loss'] for r in rows if 'loss' in r}
     assert sorted(train_rows) == list(range(1, steps + 1)) and all(map(finite, train_rows.values())), rows
     evals = [r['eval/loss'] for r in rows if 'eval/loss' in r]

@@ -15,8 +15,8 @@ import pytest
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from ftjax import export
-from ftjax.models import LoraSpec, build_model, load_pretrained
+from ftjax import export, load_pretrained
+from ftjax.models import LoraSpec, adapters, build_model, convert
 from ftjax.peft import lora
 from tests import test_trainer, tiny
 
@@ -47,7 +47,7 @@ def finetune(pre, spec, seed=0):
 def merged_model(pre):
     """(model, params) of ftjax's merged model: adapters folded into the kernels, no adapter leaves."""
     cfg = dataclasses.replace(pre.config, lora=None)
-    return build_model(cfg), lora.merge(pre.params, pre.config.lora)
+    return build_model(cfg), adapters.merge(pre.params, pre.config.lora)
 
 
 def decoder_ids(cfg):
@@ -143,7 +143,7 @@ def test_export_hf_matches_transformers(checkpoint, tmp_path, name, spec):
     assert np.abs(ours - torch_out(base, cfg)).max() > 100 * TOL  # the fine-tuning shows
     with open(os.path.join(out, 'config.json')) as f:
         config = json.load(f)
-    assert config['architectures'] == [export.architecture(pre)] and config['dtype'] == 'float32'
+    assert config['architectures'] == [convert.architecture(pre.config, pre.hf_config)] and config['dtype'] == 'float32'
     assert transformers.AutoTokenizer.from_pretrained(out).get_vocab() == pre.tokenizer.get_vocab()
     if cfg.family == 'llama':
         assert config['tie_word_embeddings'] == cfg.tie_embeddings
@@ -218,7 +218,7 @@ def test_import_adapter_made_by_peft(checkpoint, tmp_path, use_dora, use_rslora)
     model.save_pretrained(str(tmp_path / 'adapter'))
     pre = load_pretrained(path, adapter=str(tmp_path / 'adapter'))
     assert pre.config.lora.dora == use_dora and pre.config.lora.rslora == use_rslora
-    assert export.adapted_paths(pre.params) == [('layers', 'down_proj'), ('layers', 'q_proj'), ('layers', 'v_proj')]
+    assert adapters.adapted_paths(pre.params) == [('layers', 'down_proj'), ('layers', 'q_proj'), ('layers', 'v_proj')]
     ours = ftjax_out(pre.model, pre.params, pre.config)
     assert max_delta(ours, torch_out(model.eval(), pre.config), pre.config,
                      f'import dora={use_dora} rslora={use_rslora}') < TOL
@@ -295,10 +295,10 @@ def test_refuses_mean_pooling_and_non_empty_out(checkpoint, tmp_path):
 
 
 def test_refuses_peft_format_for_full_run(checkpoint, tmp_path, monkeypatch):
-    import ftjax.checkpoint
+    import ftjax.build
     pre = load_pretrained(checkpoint('llama-tied')[0])
     pre.method = 'full'
-    monkeypatch.setattr(ftjax.checkpoint, 'restore_for_export', lambda workdir, step=None: pre)
+    monkeypatch.setattr(ftjax.build, 'restore_for_export', lambda workdir, step=None: pre)
     with pytest.raises(ValueError, match=r"--format=peft.*peft.method='full'.*--format=hf"):
         export.export(str(tmp_path), str(tmp_path / 'out'), format='peft')
     assert not (tmp_path / 'out').exists()
@@ -306,10 +306,10 @@ def test_refuses_peft_format_for_full_run(checkpoint, tmp_path, monkeypatch):
 
 def test_export_of_a_restored_lora_run(checkpoint, tmp_path, monkeypatch):
     """`export()` (what the CLI runs) on a LoRA run; extra trained norms cannot travel in an adapter."""
-    import ftjax.checkpoint
+    import ftjax.build
     pre = finetune(load_pretrained(checkpoint('llama-tied')[0]), LoraSpec(rank=4, alpha=8.0, targets=ATTN_MLP))
     pre.method = 'lora'
-    monkeypatch.setattr(ftjax.checkpoint, 'restore_for_export', lambda workdir, step=None: pre)
+    monkeypatch.setattr(ftjax.build, 'restore_for_export', lambda workdir, step=None: pre)
     run = tmp_path / 'run'
     run.mkdir()
     (run / 'config.json').write_text(json.dumps({'peft': {'method': 'lora', 'trainable': [], 'norms': False,
@@ -378,7 +378,7 @@ def test_import_refuses_other_base_model(checkpoint, tmp_path):
         load_pretrained(checkpoint('bert-encoder')[0], adapter=out)
 
 
-# --- the command line on runs trained by ftjax.loop: restore_for_export -> export -> transformers / peft ----
+# --- the command line on runs trained by ftjax.loop: build.restore_for_export -> export -> transformers / peft ----
 
 chat_data = test_trainer.chat_data  # the trainer tests' fixture: synthetic chat rows
 tiny_config = test_trainer.tiny_config
@@ -411,7 +411,7 @@ def lora_run(tmp_path_factory, tiny_llama_dir, chat_data):
 
 def restored(workdir, step=None):
     """(model, params) of ftjax's own fine-tuned model, adapters merged, as the export restores it."""
-    from ftjax.checkpoint import restore_for_export
+    from ftjax.build import restore_for_export
     pre = restore_for_export(workdir, step)
     return (merged_model(pre) if pre.config.lora is not None else (pre.model, pre.params)), pre
 
@@ -491,7 +491,8 @@ def test_export_skips_an_incomplete_latest_checkpoint(lora_run, tmp_path):
     broken = str(tmp_path / 'broken')
     shutil.copytree(lora_run, broken)
     os.remove(os.path.join(broken, 'checkpoints', '6', 'meta', 'commit_success.txt'))
-    from ftjax.checkpoint import restore_for_export, step_status
+    from ftjax.build import restore_for_export
+    from ftjax.checkpoint import step_status
     assert step_status(broken) == {3: None, 6: 'missing 6/meta/commit_success.txt'}
     got = restore_for_export(broken).params
     want = restore_for_export(lora_run, step=3).params

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from ftjax.generate import define_flags, eos_token_ids, generate, generate_text, run_cli
+from ftjax.decoding import eos_token_ids, generate, generate_text
+from ftjax.generate import define_flags, run_cli
 from ftjax.models import load_pretrained
 from tests import tiny
 

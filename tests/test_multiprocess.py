@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from ftjax import logs
+from ftjax import logs, workdir as workdir_lib
 from tests.test_trainer import REPO, chat_data, losses, tiny_config  # noqa: F401  (chat_data is a fixture)
 
 TIMEOUT_S = 400
@@ -80,7 +80,7 @@ def test_two_processes_train_like_one(tmp_path, tiny_llama_dir, chat_data):  # n
         assert f'jax.distributed: process {i} of 2, 2 local / 4 global devices' in open(names[i] + '.err').read()
 
     # Only process 0 writes logs: one metrics row per step, one TensorBoard file, one summary line.
-    rows = [r['step'] for r in logs.read_metrics(two) if 'loss' in r]
+    rows = [r['step'] for r in workdir_lib.read_metrics(two) if 'loss' in r]
     assert rows == [1, 2, 3, 4], rows
     assert len(os.listdir(os.path.join(two, 'tensorboard'))) == 1
     assert 'ftjax: done' in out0 and 'ftjax: done' not in out1
@@ -91,7 +91,7 @@ def test_two_processes_train_like_one(tmp_path, tiny_llama_dir, chat_data):  # n
     assert sorted(a) == sorted(b) == [1, 2, 3, 4] and max(diffs.values()) <= RTOL, (a, b)
 
     # The 2-process checkpoint, read back by this single process (8 devices), holds the same weights.
-    from ftjax.checkpoint import restore_for_export
+    from ftjax.build import restore_for_export
     pa, pb = restore_for_export(two).params, restore_for_export(one).params
     worst = max(float(np.linalg.norm(x - y) / np.linalg.norm(y)) for x, y in zip(jax.tree.leaves(pa),
                                                                                  jax.tree.leaves(pb)))
@@ -128,4 +128,4 @@ def test_metrics_log_rewrites_whole_file_on_buckets(tmp_path, monkeypatch):
     resumed = logs.MetricsLog(str(tmp_path), 10, start_step=2, progress=False)  # drops step 3, keeps 1-2
     resumed.write(3, {'loss': 30.0})
     resumed.close()
-    assert [(r['step'], r['loss']) for r in logs.read_metrics(str(tmp_path))] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert [(r['step'], r['loss']) for r in workdir_lib.read_metrics(str(tmp_path))] == [(1, 1.0), (2, 2.0), (3, 30.0)]

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from ftjax import peft
+from ftjax import peft, tree
 from ftjax.config import default_config
 from ftjax.models import load_pretrained
-from ftjax.peft import LastLayers, lora
+from ftjax.models import adapters
+from ftjax.peft import LastLayers
 from tests import tiny
 
 
@@ -104,8 +105,8 @@ def test_merge_gives_the_adapter_models_outputs(llama, bert_cls, family, method)
     pre, _ = peft.prepare(base, config(method), jax.random.key(1))
     params = _perturbed(pre.params, seed=2)
     adapted = _outputs(pre, params, inputs)
-    merged = lora.merge(params, pre.config.lora)
-    assert not any(p[-1] in lora.LORA_LEAVES for p in traverse_util.flatten_dict(merged))
+    merged = adapters.merge(params, pre.config.lora)
+    assert not any(p[-1] in adapters.LORA_LEAVES for p in traverse_util.flatten_dict(merged))
     merged_out = _outputs(base, merged, inputs)  # the plain base model runs the merged tree
     change = np.abs(merged_out - _outputs(base, base.params, inputs)).max()
     diff = np.abs(merged_out - adapted).max()
@@ -150,7 +151,7 @@ def test_lora_combined_with_head_and_norms(bert_cls):
                    'layers/attn_norm/scale', 'layers/attn_norm/bias', 'layers/mlp_norm/scale',
                    'layers/mlp_norm/bias', 'embed_norm/scale', 'embed_norm/bias'}
     assert flat_mask(mask)['layers/q_proj/kernel'] is False and flat_mask(mask)['token_embed/embedding'] is False
-    assert peft.count_params(pre.params) == peft.count_params(bert_cls.params) + sum(
+    assert tree.count_params(pre.params) == tree.count_params(bert_cls.params) + sum(
         int(np.prod(x.shape)) for p, x in traverse_util.flatten_dict(pre.params).items() if p[-1].startswith('lora'))
 
 
@@ -205,11 +206,11 @@ def test_loaded_adapter_must_match_the_method(llama):
 
 def test_count_params(llama):
     cfg = llama.config
-    n = peft.count_params(llama.params)
+    n = tree.count_params(llama.params)
     per_layer = (cfg.hidden_size * cfg.num_heads * cfg.head_dim * 2 + cfg.hidden_size * cfg.num_kv_heads
                  * cfg.head_dim * 2 + 3 * cfg.hidden_size * cfg.intermediate_size + 2 * cfg.hidden_size)
     assert n == cfg.vocab_size * cfg.hidden_size + cfg.num_layers * per_layer + cfg.hidden_size
-    assert peft.count_params({'a': np.zeros((2, 3)), 'b': {'c': np.zeros(4)}}) == 10
+    assert tree.count_params({'a': np.zeros((2, 3)), 'b': {'c': np.zeros(4)}}) == 10
 
 
 def test_prepare_does_not_touch_its_input(llama):

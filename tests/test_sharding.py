@@ -1,7 +1,7 @@
 """Sharded training equals 1-device training; params land where the rules say; checkpoints move meshes.
 
 All on the 8 fake CPU devices of conftest, through the functions the trainer itself uses
-(`loop.build_model_and_mask`, `loop.sharded_state`, `loop.jit_train_step`, `data.to_global`).
+(`build.build_model_and_mask`, `build.sharded_state`, `build.jit_train_step`, `data.to_global`).
 """
 import flax.linen as nn
 import jax
@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from ftjax import checkpoint, data as data_lib, loop, optim, sharding
+from ftjax import build, checkpoint, data as data_lib, optim, sharding
 from ftjax.config import DEFAULT_RULES
 from ftjax.models import abstract_variables
 from ftjax.state import partition
@@ -36,14 +36,14 @@ def equivalence_config(model_dir, data, method):
 
 def train_steps(config, shape, steps=STEPS):
     """(losses, grad norms, initial trainable, trained trainable, final state) of `steps` steps on a mesh."""
-    pre, mask = loop.build_model_and_mask(config)
+    pre, mask = build.build_model_and_mask(config)
     mesh = mesh_of(shape)
     rules = sharding.rules_from_config(config.mesh.rules)
     tx, schedule = optim.make_optimizer(config, partition(pre.params, mask)[0], config.train.steps)
-    state, state_sh = loop.sharded_state(pre, mask, tx, config, mesh, rules)
+    state, state_sh = build.sharded_state(pre, mask, tx, config, mesh, rules)
     initial = jax.device_get(state.trainable)
     batch_sh = sharding.batch_sharding(mesh)
-    p_step = loop.jit_train_step(pre.model, config, tx, schedule, state_sh, batch_sh)
+    p_step = build.jit_train_step(pre.model, config, tx, schedule, state_sh, batch_sh)
     it = data_lib.make_iterator(data_lib.build_dataset(config.data, pre.tokenizer, 'train'),
                                 config.train.batch_size, config.train.seed)
     key = jax.random.key(config.train.seed)
@@ -125,11 +125,11 @@ def strip(spec):
 @pytest.mark.parametrize('mesh_name', ['fsdp8', 'data2_fsdp2_tensor2'])
 def test_params_placed_as_the_rules_say(tiny_llama_dir, chat_data, method, mesh_name):  # noqa: F811
     config = tiny_config(tiny_llama_dir, chat_data, **{'peft.method': method})
-    pre, mask = loop.build_model_and_mask(config)
+    pre, mask = build.build_model_and_mask(config)
     mesh = mesh_of(MESHES[mesh_name])
     rules = sharding.rules_from_config(config.mesh.rules)
     tx, _ = optim.make_optimizer(config, partition(pre.params, mask)[0], config.train.steps)
-    state, _ = loop.sharded_state(pre, mask, tx, config, mesh, rules)
+    state, _ = build.sharded_state(pre, mask, tx, config, mesh, rules)
     placed = {}
     for part in (state.frozen, state.trainable):
         for path, x in jax.tree_util.tree_flatten_with_path(part)[0]:
@@ -173,10 +173,10 @@ def test_params_placed_as_the_rules_say(tiny_llama_dir, chat_data, method, mesh_
 
 def restored_on(config, workdir, step, shape):
     """The run's checkpoint `step` restored onto a mesh of `shape`: (train state, its shardings)."""
-    pre, mask = loop.build_model_and_mask(config)
+    pre, mask = build.build_model_and_mask(config)
     mesh = mesh_of(shape)
     tx, _ = optim.make_optimizer(config, partition(pre.params, mask)[0], config.train.steps)
-    state, state_sh = loop.sharded_state(pre, mask, tx, config, mesh, sharding.rules_from_config(config.mesh.rules))
+    state, state_sh = build.sharded_state(pre, mask, tx, config, mesh, sharding.rules_from_config(config.mesh.rules))
     mngr = checkpoint.make_manager(workdir, config.train)
     state, _ = checkpoint.restore(mngr, step, state)
     mngr.close()
@@ -200,7 +200,7 @@ def test_checkpoint_moves_between_meshes(tmp_path, tiny_llama_dir, chat_data):  
         assert np.array_equal(np.asarray(a), np.asarray(b))  # the same values on both meshes
     assert int(on_2x4.step) == int(on_1.step) == 3
     assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(on_2x4.trainable))
-    exported = traverse_util.flatten_dict(checkpoint.restore_for_export(moved).params)  # host copy, no mesh
+    exported = traverse_util.flatten_dict(build.restore_for_export(moved).params)  # host copy, no mesh
     for path, x in traverse_util.flatten_dict(on_2x4.trainable).items():
         assert np.array_equal(np.asarray(x), exported[path]), path
 

@@ -92,7 +92,7 @@ def test_parse_grid_rejects_a_key_given_twice_and_strips_config_prefix():
 
 
 def test_convert_matches_field_types(experiment):
-    c = sweep.load_config(experiment)
+    c = sweep.load_experiment(experiment)
     assert sweep.convert(c, 'peft.lora.rank', '16') == 16 and type(sweep.convert(c, 'peft.lora.rank', '1e3')) is int
     assert sweep.convert(c, 'optim.learning_rate', '3e-4') == 3e-4
     assert type(sweep.convert(c, 'peft.lora.alpha', '32')) is float
@@ -114,14 +114,14 @@ def test_convert_matches_field_types(experiment):
 ])
 def test_convert_errors_name_the_key(experiment, key, text, error, match):
     with pytest.raises(error, match=match):
-        sweep.convert(sweep.load_config(experiment), key, text)
+        sweep.convert(sweep.load_experiment(experiment), key, text)
 
 
 def test_load_config_passes_the_arg(experiment):
-    assert sweep.load_config(experiment).train.steps == 4
-    assert sweep.load_config(experiment + ':short').train.steps == 3
+    assert sweep.load_experiment(experiment).train.steps == 4
+    assert sweep.load_experiment(experiment + ':short').train.steps == 3
     with pytest.raises(FileNotFoundError, match='no file'):
-        sweep.load_config(experiment + '.missing')
+        sweep.load_experiment(experiment + '.missing')
 
 
 # --- planning: names, configs, commands ---------------------------------------------------------

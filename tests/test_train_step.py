@@ -10,11 +10,12 @@ import optax
 import pytest
 from flax import traverse_util
 
-from ftjax import losses, optim, peft, sweep
+from ftjax import losses, optim, peft, sweep, tree
 from ftjax import state as state_lib
 from ftjax.config import default_config
 from ftjax.models import build_model, lm_head_kernel, load_pretrained
-from ftjax.peft import LastLayers, lora
+from ftjax.models import adapters
+from ftjax.peft import LastLayers
 from ftjax.train_step import make_eval_step, make_train_step
 from tests import tiny
 
@@ -96,7 +97,7 @@ def test_overfits_a_repeated_batch(runs, mode):
           f'{int(r["metrics"]["trainable_params"]):,} trainable')
     assert last < 0.1 * first
     m = r['metrics']
-    assert m['trainable_params'] == peft.count_params(r['state'].trainable) and m['num_tokens'] == 32
+    assert m['trainable_params'] == tree.count_params(r['state'].trainable) and m['num_tokens'] == 32
     assert m['is_finite'] == 1.0 and m['learning_rate'] == pytest.approx(MODES[mode][2]) and m['grad_norm'] > 0
     assert 0.9 <= m['accuracy'] <= 1.0 and int(r['state'].step) == OVERFIT_STEPS
 
@@ -132,10 +133,10 @@ def test_optimizer_state_only_for_trainable_leaves(runs, mode):
     trainable = jax.tree.leaves(state.trainable)
     moments = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0]  # AdamW's mu and nu
     assert len(moments) == 2 * len(trainable)
-    assert peft.count_params(moments) == 2 * peft.count_params(trainable)
-    total = peft.count_params(r['pre'].params)
+    assert tree.count_params(moments) == 2 * tree.count_params(trainable)
+    total = tree.count_params(r['pre'].params)
     if mode != 'full':
-        assert peft.count_params(trainable) < 0.5 * total
+        assert tree.count_params(trainable) < 0.5 * total
 
 
 @pytest.mark.parametrize('method', ['lora', 'dora'])
@@ -152,7 +153,7 @@ def test_merge_after_training_matches_the_adapter_model(llama, method):
     assert np.abs(b).max() > 1e-2  # trained away from B = 0
     ids = batch['input_ids']
     adapted = np.asarray(jax.jit(lambda p: pre.model.apply({'params': p}, ids))(params))
-    merged = lora.merge(params, pre.config.lora)
+    merged = adapters.merge(params, pre.config.lora)
     base_model = build_model(dataclasses.replace(pre.config, lora=None))
     merged_out = np.asarray(jax.jit(lambda p: base_model.apply({'params': p}, ids))(merged))
     diff = np.abs(adapted - merged_out).max()
@@ -356,4 +357,4 @@ def test_partition_combine_round_trip():
     tx = optax.adamw(1e-3)
     st = state_lib.create_state(params, mask, tx, 'bfloat16')
     assert st.frozen['layers']['w'].dtype == jnp.bfloat16 and st.trainable['layers']['w'].dtype == jnp.float32
-    assert peft.count_params(st.opt_state) == 2 * peft.count_params(st.trainable) + 1  # + AdamW's step count
+    assert tree.count_params(st.opt_state) == 2 * tree.count_params(st.trainable) + 1  # + AdamW's step count

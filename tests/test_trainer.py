@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from ftjax import logs, sweep
+from ftjax import sweep, workdir as workdir_lib
 from ftjax.config import default_config
 from tests import tiny
 
@@ -45,12 +45,11 @@ def tiny_config(model_dir, data, **over):
 
 
 def losses(workdir):
-    return {r['step']: r['loss'] for r in logs.read_metrics(workdir) if 'loss' in r}
+    return {r['step']: r['loss'] for r in workdir_lib.read_metrics(workdir) if 'loss' in r}
 
 
 def final_trainable(workdir):
-    from ftjax.checkpoint import restore_for_export
-    from ftjax.peft.lora import split
+    from ftjax.build import restore_for_export
     pre = restore_for_export(workdir)
     return pre.params
 
@@ -90,7 +89,7 @@ def _run(exp, workdir, env):
 
 @pytest.mark.slow
 def test_sigterm_saves_and_resumes_exactly(tmp_path, tiny_llama_dir, chat_data):
-    from ftjax.checkpoint import PREEMPTED_EXIT_CODE
+    from ftjax.errors import EXIT_PREEMPTED
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', PYTHONPATH=REPO)
     exp = _write_experiment(tmp_path / 'exp.py', tiny_llama_dir, chat_data, steps=400)
     ref_dir, pre_dir = str(tmp_path / 'ref'), str(tmp_path / 'pre')
@@ -101,7 +100,7 @@ def test_sigterm_saves_and_resumes_exactly(tmp_path, tiny_llama_dir, chat_data):
     assert len(losses(pre_dir)) >= 5, 'the run did not start training in time'
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == PREEMPTED_EXIT_CODE, out
+    assert proc.returncode == EXIT_PREEMPTED, out
     assert 'preempted' in out
     stopped = max(losses(pre_dir))
     assert stopped < 400
@@ -182,7 +181,7 @@ def test_nan_policy(tmp_path, tiny_llama_dir, chat_data, monkeypatch, policy):
     else:
         out = loop.train_and_evaluate(cfg, wd)
         assert out['step'] == 6
-        rows = {r['step']: r for r in logs.read_metrics(wd)}
+        rows = {r['step']: r for r in workdir_lib.read_metrics(wd)}
         assert rows[5]['is_finite'] == 0.0 and np.isfinite(rows[6]['loss'])
 
 

@@ -24,8 +24,7 @@ Smoke (2 steps, ~15 s on the 2-core CPU; both tested in tests/test_experiments.p
   (and :mrpc,cpu,smoke)
 """
 from ftjax.config import default_config, parse_arg, smoke as smoke_config
-from ftjax.models import packaged
-from ftjax.shared_data import local
+from ftjax.errors import ConfigError
 
 # task: (GLUE name, text field(s), num_labels, batch, epochs, lr, train rows)
 TASKS = {
@@ -41,11 +40,12 @@ LOCAL = {'sst2': ('sst2', 'train.tsv', 'dev.tsv', ('sentence|content', None)),  
 
 
 def get_config(arg='sst2'):
-    task, flags = parse_arg(arg, 'sst2', sorted(TASKS), 'experiments/papers/lora_glue.py')
+    task, flags = parse_arg(arg, 'sst2', sorted(TASKS), 'experiments/papers/lora_glue.py', flags=('cpu', 'smoke'))
     cpu, smoke = 'cpu' in flags, 'smoke' in flags
     glue, (text, pair), num_labels, batch, epochs, lr, rows = TASKS[task]
     if num_labels == 1:
-        raise NotImplementedError('STS-B is regression; ftjax has no regression head yet (see the docstring).')
+        raise ConfigError('experiments/papers/lora_glue.py:stsb: STS-B is regression; ftjax has no regression head '
+                          'yet (see the docstring).')
     c = default_config()
     c.model.path = 'FacebookAI/roberta-base'
     c.model.num_labels = num_labels
@@ -72,11 +72,13 @@ def get_config(arg='sst2'):
     c.train.checkpoint_every = c.train.eval_every
     c.train.keep_best_by = 'eval/accuracy'
     if cpu:
-        if task not in LOCAL or local(LOCAL[task][0], LOCAL[task][1]) is None:
-            raise FileNotFoundError(f'lora_glue.py:{task},cpu needs ../shared/data/{task}/ (sst2 and mrpc only).')
+        if task not in LOCAL:
+            raise ConfigError(f'experiments/papers/lora_glue.py:{task},cpu: the CPU variant exists for '
+                              f'{sorted(LOCAL)} only (local copies in ../shared/data).')
         name, train, dev, (text, pair) = LOCAL[task]
-        c.model.path = packaged.minilm_dir()
-        c.data.path, c.data.eval_path, c.data.name, c.data.eval_split = local(name, train), local(name, dev), None, None
+        c.model.path = 'packaged:minilm'
+        c.data.path, c.data.eval_path = f'shared:{name}/{train}', f'shared:{name}/{dev}'
+        c.data.name, c.data.eval_split = None, None
         c.data.fields.text, c.data.fields.text_pair = text, pair
         if task == 'mrpc':
             c.data.fields.label = 'Quality'

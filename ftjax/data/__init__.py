@@ -1,6 +1,7 @@
 """The data pipeline: files or hub data sets -> tokenised, packed rows -> resumable global batches.
 
-  data = build_dataset(config.data, tokenizer, 'train')      # TokenizedData, len() rows, .stats
+  validate_data(config.data, num_labels=config.model.num_labels)  # before the model loads: files, columns, labels
+  data = build_dataset(config.data, tokenizer, 'train', num_labels=...)  # TokenizedData, len() rows, .stats
   it = make_iterator(data, batch_size, seed, process_index=jax.process_index(),
                      process_count=jax.process_count())       # it.state / it.restore(state)
   batch = to_global(next(it), NamedSharding(mesh, P(('data', 'fsdp'))))
@@ -12,11 +13,12 @@ LM batches: input_ids, target_ids (already shifted), loss_mask (float32), segmen
 positions, all [batch, max_length]. Classification: input_ids, attention_mask, token_type_ids
 [batch, max_length] and label [batch].
 """
-from ftjax.data.config import check_data_config, default_data_config
+from ftjax.data.check import validate_data
+from ftjax.config import check_data_config, default_data_config
 from ftjax.data.dataset import TokenizedData, build_dataset
 from ftjax.data.formats import prompt_and_answer
 from ftjax.data.iterator import DataIterator, make_iterator, process_slice, to_global
 from ftjax.data.packing import take_rows
 
 __all__ = ['DataIterator', 'TokenizedData', 'build_dataset', 'check_data_config', 'default_data_config',
-           'make_iterator', 'process_slice', 'prompt_and_answer', 'take_rows', 'to_global']
+           'make_iterator', 'process_slice', 'prompt_and_answer', 'take_rows', 'to_global', 'validate_data']

@@ -1,18 +1,28 @@
 """`build_dataset`: config + tokenizer -> TokenizedData (ragged examples, rows, stats).
 
 load (sources) -> tokenise with `datasets.map` (cached under a fingerprint of the raw data, the
-format options and the tokenizer; a second run reads the cache) -> held-out selection -> bad rows
-(error | skip) -> truncate or chunk -> pack into rows. Batches are made later, by `take_rows`.
+format options, the tokenizer and its chat template, and the library versions; a second run reads
+the cache) -> held-out selection -> bad rows (error | skip) -> truncate or chunk -> pack into rows.
+Batches are made later, by `take_rows`.
+
+A cached bad-row verdict is never trusted as a failure: the bad rows of the split (up to RECHECK of
+them) are formatted again, and if any verdict changed (the environment was fixed since), the whole
+split is tokenised afresh.
 """
 import dataclasses
+import functools
 import logging
 import time
 from typing import Optional
 
 import numpy as np
 
+from ftjax.config import check_data_config
 from ftjax.data import bad_rows, formats, packing, sources
-from ftjax.data.config import check_data_config
+from ftjax.data.check import check_columns
+from ftjax.errors import DataError
+
+RECHECK = 256  # bad rows formatted again before their cached verdict is used
 
 
 @dataclasses.dataclass
@@ -38,27 +48,28 @@ class TokenizedData:
         return len(self.offsets) - 1
 
 
-def check_columns(source, opts):
-    """A required column missing from the data is a config error, whatever data.on_bad_row says."""
-    have = source.dataset.column_names
-    for role in formats.required_roles(opts):
-        column = opts.fields.get(role) or role
-        if column not in have:
-            column = "' or '".join(column.split('|'))
-            raise ValueError(f"{source.describe()}: field '{role}' needs column '{column}', which the data does not "
-                             f"have (columns: {have}). Map it with --config.data.fields.{role}=COLUMN, or check "
-                             f"data.format={opts.format!r}.")
+def tokenize(source, info, opts, num_proc=None, fresh=False):
+    """datasets.map over all raw rows, with a deterministic fingerprint, so a second run hits the cache.
 
-
-def tokenize(source, info, opts, num_proc=None):
-    """datasets.map over all raw rows, with a deterministic fingerprint, so a second run hits the cache."""
-    import functools
+    fresh: ignore (and overwrite) a cached result.
+    """
     ds = source.dataset
     fn = functools.partial(formats.tokenize_batch, info=info, opts=opts)
     return ds.map(fn, batched=True, batch_size=256, remove_columns=ds.column_names,
-                  features=formats.output_features(opts), num_proc=num_proc,
+                  features=formats.output_features(opts), num_proc=num_proc, load_from_cache_file=not fresh,
                   new_fingerprint=formats.fingerprint(source.fingerprint, opts, info.tokenizer),
                   desc=f'ftjax: tokenising ({opts.format})')
+
+
+def verdicts_hold(source, table, rows, info, opts):
+    """Formats up to RECHECK bad rows among `rows` again: False when a verdict differs from the table's."""
+    bad_field = table.column('bad_field').to_numpy(zero_copy_only=False)
+    bad = rows[bad_field[rows] != ''][:RECHECK]
+    if not len(bad):
+        return True
+    fresh = formats.tokenize_batch(source.dataset[bad.tolist()], info, opts)
+    cached_reason = table.column('bad_reason').to_numpy(zero_copy_only=False)[bad]
+    return list(fresh['bad_field']) == list(bad_field[bad]) and list(fresh['bad_reason']) == list(cached_reason)
 
 
 def _ragged(table, name, dtype):
@@ -113,26 +124,35 @@ def _classification(table, rows, cfg):
     return fields, {'num_truncated': int(truncated.sum()), 'num_dropped': int((~ok).sum())}
 
 
-def build_dataset(cfg, tokenizer, split='train') -> Optional[TokenizedData]:
-    """Tokenised, packed rows of `split`: 'train', 'eval' (None when no eval is configured) or a named split."""
+def build_dataset(cfg, tokenizer, split='train', num_labels=None) -> Optional[TokenizedData]:
+    """Tokenised, packed rows of `split`: 'train', 'eval' (None when no eval is configured) or a named split.
+
+    num_labels: the model's classifier size (classification); a label outside it is a bad row.
+    """
     check_data_config(cfg)
     plan = sources.plan_split(cfg, split)
     if plan is None:
         return None
     source = sources.load_raw(plan, cfg)
-    opts = formats.resolve_fields(formats.Options.from_config(cfg), source.dataset.column_names)
+    opts = formats.resolve_fields(formats.Options.from_config(cfg, num_labels), source.dataset.column_names)
     check_columns(source, opts)
     info = formats.tokenizer_info(tokenizer)
+    formats.check_tokenizer(info, opts)
     t0 = time.perf_counter()
     table = tokenize(source, info, opts, cfg.num_proc).with_format('arrow')[:]
-    tokenize_s = time.perf_counter() - t0
     n_raw = table.num_rows
     chunked = cfg.format == 'text' and cfg.text_chunking
     if n_raw == 0:
-        raise ValueError(f'data: {source.describe()} has no rows.')
+        raise DataError(f'{source.describe()}: the data has no rows; point --config.{plan.key} at data with '
+                        'examples.')
     rows = np.arange(n_raw, dtype=np.int64)
     if plan.holdout and not chunked:
         rows = sources.holdout_rows(n_raw, cfg.eval_fraction, plan.holdout)
+    if not verdicts_hold(source, table, rows, info, opts):
+        logging.warning('data: cached bad-row verdicts of %s no longer hold (the environment changed?); '
+                        'tokenising again', source.describe())
+        table = tokenize(source, info, opts, cfg.num_proc, fresh=True).with_format('arrow')[:]
+    tokenize_s = time.perf_counter() - t0
     n_selected = len(rows)
     bad_field = table.column('bad_field').to_numpy(zero_copy_only=False)
     bad_reason = table.column('bad_reason').to_numpy(zero_copy_only=False)
@@ -145,8 +165,8 @@ def build_dataset(cfg, tokenizer, split='train') -> Optional[TokenizedData]:
         task = 'lm'
     data = TokenizedData(task=task, max_length=cfg.max_length, pad_id=info.pad_id, **fields)
     if data.num_examples == 0:
-        raise ValueError(f'data: no examples left in {source.describe()} ({split}) after bad rows and truncation '
-                         f'({n_bad} bad, {counts}); check data.fields, data.format and data.max_length.')
+        raise DataError(f'data: no examples left in {source.describe()} ({split}) after bad rows and truncation '
+                        f'({n_bad} bad, {counts}); check data.fields, data.format and data.max_length.')
     data.stats = dict(split=split, source=source.describe(), num_raw_rows=n_selected, num_bad=n_bad,
                       num_examples=data.num_examples, num_rows=len(data), **counts,
                       num_tokens=int(packing.row_lengths(data).sum()), packing_efficiency=packing.efficiency(data),

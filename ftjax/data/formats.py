@@ -10,17 +10,22 @@ answer token to learn (unshifted; `packing.take_rows` shifts, so loss_mask[t] = 
 for Llama and nothing for GPT-2-style BPE; prompt and answer are tokenised separately.)
 `classification` returns {'input_ids', 'token_type_ids', 'label'} (special tokens included).
 Column names come from `data.fields` ('a|b': column a, or b where a is absent); a row that cannot
-be used raises BadRow(field, reason).
+be used raises BadRow(field, reason). A label must be in the label set: data.label_names,
+data.num_labels, and the model's classifier size when the caller passes it (a label past the
+classifier would train to NaN); `label_set` checks that these agree.
 """
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import re
 
-from ftjax.data.bad_rows import BadRow
-from ftjax.data.chat import chat_tokens, normalise_messages
+from ftjax.data.bad_rows import BadRow, environment_error
+from ftjax.data.chat import chat_tokens, check_template, normalise_messages
+from ftjax.errors import ConfigError
 
-VERSION = 2  # bump when tokenisation changes, so cached tokens are not reused
+VERSION = 3  # bump when tokenisation changes, so cached tokens are not reused
+LIBRARIES = ('transformers', 'tokenizers', 'datasets', 'jinja2', 'ftjax')  # their versions key the cache
 
 
 @dataclasses.dataclass
@@ -37,14 +42,61 @@ class Options:
     num_labels: object  # int or None
     max_length: int  # classification only: its tokens are truncated while tokenising
     truncation: str  # classification only
+    label_source: str = ''  # classification: what sets num_labels, for messages ('data.num_labels=3', ...)
+    on_bad_row: str = 'error'  # not used by tokenisation, but part of the cache key: a verdict is per policy
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, num_labels=None):
+        """num_labels: the model's classifier size, when known (labels must be below it)."""
         cls_only = cfg.format == 'classification'
+        n, source = label_set(cfg, num_labels) if cls_only else (cfg.num_labels, '')
         return cls(cfg.format, dict(cfg.fields), cfg.prompt_template, cfg.prompt_template_no_input,
                    cfg.prompt_separator or '', bool(cfg.use_chat_template), bool(cfg.add_eos),
-                   list(cfg.label_names) if cfg.label_names else None, cfg.num_labels,
-                   cfg.max_length if cls_only else 0, cfg.truncation if cls_only else '')
+                   list(cfg.label_names) if cfg.label_names else None, n,
+                   cfg.max_length if cls_only else 0, cfg.truncation if cls_only else '', source,
+                   str(cfg.on_bad_row))
+
+
+def label_set(cfg, model_num_labels=None):
+    """(number of classes, what sets it) of a classification config; (None, '') when nothing does.
+
+    data.num_labels, else len(data.label_names), else the model's classifier size; a declared set
+    larger than the classifier, or more names than data.num_labels, is a ConfigError.
+    """
+    names = list(cfg.label_names) if cfg.label_names else None
+    if names and cfg.num_labels and len(names) > cfg.num_labels:
+        raise ConfigError(f'config.data.label_names has {len(names)} names but config.data.num_labels='
+                          f'{cfg.num_labels}; make them agree (or leave num_labels unset).')
+    if cfg.num_labels:
+        n, source = int(cfg.num_labels), f'data.num_labels={cfg.num_labels}'
+    elif names:
+        n, source = len(names), f'data.label_names={names}'
+    else:
+        n, source = None, ''
+    if model_num_labels:
+        if n is not None and n > model_num_labels:
+            raise ConfigError(f"{source} gives {n} classes but the model's classifier has {model_num_labels} "
+                              f'(model.num_labels); make them agree.')
+        if n is None:
+            n, source = int(model_num_labels), f"the model's num_labels={model_num_labels}"
+    return n, source
+
+
+def check_tokenizer(info, opts):
+    """Once before any row: what would otherwise fail every row for a reason that is not the rows'."""
+    if opts.format == 'chat' or (opts.use_chat_template and opts.format in ('alpaca', 'prompt_completion')):
+        check_template(info)
+
+
+def library_versions():
+    """{package: version or None} of the libraries tokenisation depends on."""
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 @dataclasses.dataclass
@@ -57,8 +109,11 @@ class TokenizerInfo:
 
 
 def tokenizer_info(tok):
-    full = list(tok('a')['input_ids'])
-    bare = list(tok('a', add_special_tokens=False)['input_ids'])
+    try:
+        full = list(tok('a')['input_ids'])
+        bare = list(tok('a', add_special_tokens=False)['input_ids'])
+    except (ImportError, MemoryError) as e:  # e.g. a slow tokenizer without sentencepiece
+        raise environment_error(e, 'data: running the tokenizer') from e
     k = next((i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare), 0)
     special = set(tok.all_special_ids)
     special |= {i for i, t in getattr(tok, 'added_tokens_decoder', {}).items() if getattr(t, 'special', False)}
@@ -67,12 +122,12 @@ def tokenizer_info(tok):
 
 
 def fingerprint(source_fingerprint, opts, tok):
-    """Changes with the raw data, the tokenisation options, the tokenizer and VERSION."""
+    """Changes with the raw data, the options, the tokenizer, its chat template, the libraries and VERSION."""
     backend = getattr(tok, 'backend_tokenizer', None)
     vocab = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
     ident = [VERSION, source_fingerprint, dataclasses.asdict(opts), type(tok).__name__,
              hashlib.sha256(vocab.encode()).hexdigest(), getattr(tok, 'chat_template', None),
-             tok.all_special_tokens, tok.truncation_side]
+             tok.all_special_tokens, tok.truncation_side, library_versions()]
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -133,7 +188,7 @@ def prompt_completion(row, info, opts):
 
 
 def chat(row, info, opts):
-    return chat_tokens(info, normalise_messages(row.get(opts.fields.get('messages')), opts.fields))
+    return chat_tokens(info, normalise_messages(row.get(opts.fields['messages']), opts.fields))
 
 
 def text(row, info, opts):
@@ -146,7 +201,8 @@ def text(row, info, opts):
 
 
 def parse_label(value, opts):
-    names, n = opts.label_names, opts.num_labels or (len(opts.label_names) if opts.label_names else None)
+    """A raw label -> its class id: a name of data.label_names, or an integer in the label set."""
+    names, n = opts.label_names, opts.num_labels
     if value is None:
         raise BadRow('label', 'is missing (None)')
     if isinstance(value, float) and value.is_integer():
@@ -154,22 +210,26 @@ def parse_label(value, opts):
     if isinstance(value, str):
         s = value.strip()
         if names and s in names:
-            return names.index(s)
-        if not re.fullmatch(r'-?\d+', s):
+            value = names.index(s)
+        elif not re.fullmatch(r'-?\d+', s):
             raise BadRow('label', f'{value!r} is not in data.label_names={names}' if names else
-                         f'{value!r} is not an integer; set data.label_names to map string labels')
-        value = int(s)
-    if not isinstance(value, int):
-        raise BadRow('label', f'is a {type(value).__name__} ({str(value)[:40]!r}), not an int or a string')
+                         f'{value!r} is not an integer class id; set data.label_names to map string labels')
+        else:
+            value = int(s)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRow('label', f'is a {type(value).__name__} ({str(value)[:40]!r}), not an integer class id or a '
+                              'name of data.label_names')
     if value < 0 or (n is not None and value >= n):
-        raise BadRow('label', f'{value} is not a class id in [0, {n})' if n else f'{value} is negative')
+        allowed = f'0..{n - 1}' if n else '0, 1, ...'
+        raise BadRow('label', f'{value} is outside the label set (class ids {allowed}'
+                              + (f' from {opts.label_source})' if opts.label_source else ')'))
     return int(value)
 
 
 def classification(row, info, opts):
     a = get_text(row, opts.fields, 'text')
-    b = get_text(row, opts.fields, 'text_pair') if opts.fields.get('text_pair') else None
-    label = parse_label(row.get(opts.fields.get('label') or 'label'), opts)
+    b = get_text(row, opts.fields, 'text_pair') if opts.fields['text_pair'] else None
+    label = parse_label(row.get(opts.fields['label']), opts)
     tok = info.tokenizer
     cut = opts.truncation != 'drop'
     side, tok.truncation_side = tok.truncation_side, 'left' if opts.truncation == 'left' else 'right'
@@ -192,7 +252,7 @@ def prompt_and_answer(row, cfg):
     """
     opts = resolve_fields(cfg if isinstance(cfg, Options) else Options.from_config(cfg), list(row))
     if opts.format == 'chat':
-        msgs = normalise_messages(row.get(opts.fields.get('messages')), opts.fields)
+        msgs = normalise_messages(row.get(opts.fields['messages']), opts.fields)
         last = max(i for i, m in enumerate(msgs) if m['role'] == 'assistant')
         return msgs[:last], msgs[last]['content']
     parts = {'alpaca': alpaca_parts, 'prompt_completion': prompt_completion_parts}.get(opts.format)
@@ -224,7 +284,7 @@ def required_roles(opts):
     """Roles whose column must exist in the data (optional ones: alpaca's input)."""
     return {'alpaca': ['instruction', 'output'], 'prompt_completion': ['prompt', 'completion'],
             'chat': ['messages'], 'text': ['text'],
-            'classification': ['text', 'label'] + (['text_pair'] if opts.fields.get('text_pair') else [])
+            'classification': ['text', 'label'] + (['text_pair'] if opts.fields['text_pair'] else [])
             }[opts.format]
 
 
@@ -253,6 +313,8 @@ def tokenize_batch(batch, info, opts):
         except BadRow as e:
             ex = {'input_ids': [], 'answer_mask': [], 'token_type_ids': [], 'label': -1, 'truncated': 0}
             field, reason = e.field, e.reason
+        except (ImportError, MemoryError) as e:  # not the row's fault: stop, whatever data.on_bad_row says
+            raise environment_error(e, f'data: tokenising ({opts.format})') from e
         out['input_ids'].append(ex['input_ids'])
         out['bad_field'].append(field)
         out['bad_reason'].append(reason)

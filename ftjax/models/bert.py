@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.models import layers
-from ftjax.models.layers import Dense, LayerNorm, LoraSpec
+from ftjax.models.adapters import LoraSpec
+from ftjax.models.layers import BLOCK_AXES, Dense, LayerNorm
 
-BLOCK_AXES = ('activation_batch', 'activation_length', 'activation_embed')
 ACTIVATIONS = {'gelu': lambda x: nn.gelu(x, approximate=False), 'gelu_new': nn.gelu, 'relu': nn.relu,
                'gelu_pytorch_tanh': nn.gelu, 'silu': nn.silu}
 
@@ -48,6 +48,11 @@ class BertConfig:
     @property
     def family(self):
         return 'bert'
+
+    @property
+    def task(self):
+        """'classification' with a head (`num_labels`); a bare encoder returns hidden states ('features')."""
+        return 'classification' if self.num_labels else 'features'
 
     @property
     def head_dim(self):

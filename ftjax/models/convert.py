@@ -6,7 +6,11 @@ stacked leaf with a leading 'layers' axis. kind 'linear' transposes PyTorch's [o
 """
 import numpy as np
 
+from ftjax.tree import get_path
+
 LINEAR, PLAIN = 'linear', 'plain'
+DECODERS = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM', 'qwen2': 'Qwen2ForCausalLM'}
+ENCODERS = {'bert': 'Bert', 'roberta': 'Roberta'}
 
 
 def llama_table(cfg):
@@ -73,16 +77,49 @@ def table(cfg, names=()):
     return bert_table(cfg, bert_prefix(set(names), cfg.model_type))
 
 
+# --- the modules of the transformers class an ftjax model exports to (and a peft adapter names) -------------
+
+
+def hf_rows(cfg):
+    """(body rows, head rows) of (ftjax path, HF tensor name, kind), named as the exported transformers class."""
+    if cfg.family == 'llama':
+        return llama_table(cfg), []
+    if not cfg.num_labels:
+        return bert_table(cfg, ''), []
+    if cfg.pooling != 'cls':
+        raise ValueError(f"model.pooling={cfg.pooling!r}: transformers' {ENCODERS[cfg.model_type]}ForSequence"
+                         f"Classification pools the first token, so a mean-pooling classifier has no Hugging Face "
+                         f"equivalent to export to. Train with model.pooling='cls' to export it.")
+    return bert_table(cfg, f'{cfg.model_type}.'), bert_head_table(cfg)
+
+
+def linear_modules(rows):
+    """{ftjax module path: HF module name} of the Dense layers; per-layer names keep their '{i}'."""
+    return {path[:-1]: name[:-len('.weight')] for path, name, kind in rows if kind == LINEAR and path[-1] == 'kernel'}
+
+
+def layer_names(template, num_layers):
+    """[(layer index or None, HF module name)] for one module template."""
+    if '{i}' in template:
+        return [(i, template.format(i=i)) for i in range(num_layers)]
+    return [(None, template)]
+
+
+def architecture(cfg, hf_config):
+    """The transformers class name of a model: 'LlamaForCausalLM', 'BertForSequenceClassification', ..."""
+    model_type = hf_config.get('model_type', getattr(cfg, 'model_type', None))
+    if cfg.family == 'llama':
+        return DECODERS.get(model_type, 'LlamaForCausalLM')
+    return ENCODERS[model_type] + ('ForSequenceClassification' if cfg.num_labels else 'Model')
+
+
+# --- HF-named numpy arrays <-> the ftjax parameter tree ------------------------------------------------------
+
+
 def _set(tree, path, value):
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
-
-
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 def _normalize_names(state_dict):
@@ -100,7 +137,7 @@ def hf_to_params(state_dict, rows, expected, num_layers, source='checkpoint'):
     state_dict = _normalize_names(state_dict)
     params = {}
     for path, name, kind in rows:
-        want = _get(expected, path).shape
+        want = get_path(expected, path).shape
         if '{i}' in name:
             tensors = [_fetch(state_dict, name.format(i=i), source) for i in range(num_layers)]
             arr = np.stack([_orient(t, kind) for t in tensors])  # [layers, ...]
@@ -123,7 +160,7 @@ def params_to_hf(params, rows, num_layers):
     """The inverse of `hf_to_params`: HF-named numpy arrays in PyTorch layout."""
     out = {}
     for path, name, kind in rows:
-        arr = np.asarray(_get(params, path))
+        arr = np.asarray(get_path(params, path))
         if '{i}' in name:
             for i in range(num_layers):
                 out[name.format(i=i)] = np.ascontiguousarray(_orient(arr[i], kind))

@@ -79,6 +79,13 @@ def read_gguf(path: str):
     return hf_config, state_dict, tokenizer
 
 
+def read_gguf_config(path) -> dict:
+    """The Hugging Face config (as a dict) of a GGUF file, from its header and metadata alone (no tensor data)."""
+    reader = _open(path)  # memory-mapped: only the header and metadata are read
+    metadata = {name: field.contents() for name, field in reader.fields.items()}
+    return _config(metadata, {t.name for t in reader.tensors}, path).to_dict()
+
+
 def _open(path):
     """A `gguf.GGUFReader` (memory-mapped), with clear errors for missing or broken files."""
     import gguf

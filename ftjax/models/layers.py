@@ -6,11 +6,10 @@ Every parameter carries logical axis names (`nn.with_logical_partitioning`) so t
 
 LoRA lives inside `Dense` (gemma style): a targeted layer keeps its `kernel` (and `bias`)
 and adds `lora_a` [in, r] and `lora_b` [r, out] beside it, plus `lora_magnitude` [out]
-for DoRA. A base checkpoint, a merged export and a LoRA run therefore share one tree.
+for DoRA (the math: `ftjax.models.adapters`). A base checkpoint, a merged export and a LoRA
+run therefore share one tree.
 """
-import dataclasses
 import math
-import re
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -18,32 +17,11 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from ftjax.models.adapters import LORA_A, LORA_B, MAGNITUDE, LoraSpec, dora_norm, lora_a_init
+
 Dtype = Any
 DEFAULT_INIT = nn.initializers.normal(stddev=0.02)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraSpec:
-    """Which `Dense` layers get adapters, and how they are scaled (PEFT's semantics)."""
-    rank: int = 8
-    alpha: float = 16.0
-    targets: tuple = (r"(q|k|v|o)_proj$", r"(gate|up|down)_proj$")  # regexes over module paths
-    dropout: float = 0.0
-    rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
-    dora: bool = False  # add a magnitude vector (Liu et al., 2024)
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
-
-    def matches(self, path: str) -> bool:
-        return any(re.search(t, path) for t in self.targets)
-
-
-def lora_a_init(key, shape, dtype=jnp.float32):
-    """PEFT's default: kaiming_uniform(a=sqrt(5)) on A, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(shape[-2])
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
+BLOCK_AXES = ('activation_batch', 'activation_length', 'activation_embed')  # logical axes between blocks
 
 
 @jax.custom_vjp
@@ -103,9 +81,9 @@ class Dense(nn.Module):
         y = checkpoint_name(linear(x, kernel.astype(self.dtype)), 'dense')  # [..., out]
         spec = self.lora
         if spec is not None and spec.matches('/'.join(self.path)):
-            a = self.param('lora_a', nn.with_logical_partitioning(lora_a_init, (in_axis, None)),
+            a = self.param(LORA_A, nn.with_logical_partitioning(lora_a_init, (in_axis, None)),
                            (x.shape[-1], spec.rank), jnp.float32)  # [in, r]
-            b = self.param('lora_b', nn.with_logical_partitioning(nn.initializers.zeros, (None, out_axis)),
+            b = self.param(LORA_B, nn.with_logical_partitioning(nn.initializers.zeros, (None, out_axis)),
                            (spec.rank, self.features), jnp.float32)  # [r, out]
             xd = x
             if spec.dropout > 0.0:
@@ -113,7 +91,7 @@ class Dense(nn.Module):
             xa = checkpoint_name(linear(xd, a.astype(self.dtype)), 'dense')  # [..., r]
             delta = linear(xa, b.astype(self.dtype)) * spec.scale  # [..., out]
             if spec.dora:
-                m = self.param('lora_magnitude', nn.with_logical_partitioning(nn.initializers.ones, (out_axis,)),
+                m = self.param(MAGNITUDE, nn.with_logical_partitioning(nn.initializers.ones, (out_axis,)),
                                (self.features,), jnp.float32)  # [out]
                 g = (m / dora_norm(kernel, a, b, spec.scale)).astype(self.dtype)  # [out]
                 base_d = y if xd is x else linear(xd, kernel.astype(self.dtype))
@@ -125,12 +103,6 @@ class Dense(nn.Module):
                               (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
-
-
-def dora_norm(kernel, a, b, scale):
-    """Column norm of the adapted weight, ||W + s A B|| per output feature, detached as in the paper."""
-    w = kernel.astype(jnp.float32) + scale * (a @ b)  # [..., in, out]
-    return jax.lax.stop_gradient(jnp.sqrt(jnp.sum(w * w, axis=-2)))  # [..., out]
 
 
 class RMSNorm(nn.Module):

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.models import layers
-from ftjax.models.layers import Dense, LoraSpec, RMSNorm
+from ftjax.models.adapters import LoraSpec
+from ftjax.models.layers import BLOCK_AXES, Dense, RMSNorm
 
-BLOCK_AXES = ('activation_batch', 'activation_length', 'activation_embed')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +45,11 @@ class LlamaConfig:
     @property
     def family(self):
         return 'llama'
+
+    @property
+    def task(self):
+        """What the model is trained for (`ftjax.models.heads.task_of`): next-token prediction."""
+        return 'lm'
 
     @classmethod
     def from_hf(cls, hf, **runtime):

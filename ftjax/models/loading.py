@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.models import bert, convert, llama
+from ftjax.models import bert, convert, gguf_io, llama
 
 SUPPORTED = {
     'llama': 'llama', 'mistral': 'llama', 'qwen2': 'llama',
@@ -54,20 +54,32 @@ def init_params(model, rng, batch=1, seq=8):
     return nn.unbox(model.init({'params': rng, 'dropout': rng}, *dummy_inputs(model.cfg, batch, seq)))['params']
 
 
+def config_from_hf(hf_config, source, *, num_labels=None, pooling='cls', **runtime):
+    """ftjax's LlamaConfig / BertConfig from a config.json dict; `runtime`: dtype, param_dtype, remat, scan_unroll."""
+    model_type = hf_config.get('model_type')
+    family = SUPPORTED.get(model_type)
+    if family is None:
+        raise ValueError(f"{source}: model_type {model_type!r} is not supported. Supported architectures: "
+                         f"{', '.join(sorted(SUPPORTED))}.")
+    if family == 'llama':
+        if num_labels:
+            raise ValueError("num_labels is for encoders (BERT/RoBERTa); decoders are tuned as language models.")
+        return llama.LlamaConfig.from_hf(hf_config, **runtime)
+    return bert.BertConfig.from_hf(hf_config, num_labels=num_labels, pooling=pooling, **runtime)
+
+
 def load_pretrained(path: str, dtype=jnp.float32, *, compute_dtype=None, num_labels: Optional[int] = None,
                     pooling: str = 'cls', remat: str = 'none', scan_unroll: int = 1, seed: int = 0,
-                    adapter: Optional[str] = None, revision: Optional[str] = None) -> Pretrained:
-    """Loads pretrained weights into an ftjax module.
+                    revision: Optional[str] = None) -> Pretrained:
+    """Loads pretrained weights into an ftjax module (a PEFT adapter on top: `ftjax.load_pretrained(adapter=)`).
 
     path: a HF directory (config.json, *.safetensors, tokenizer files), a `.gguf` file, or a hub
       name such as 'HuggingFaceTB/SmolLM2-135M-Instruct' (needs a network or the local HF cache).
     dtype: storage dtype of the parameters; compute_dtype defaults to it.
     num_labels: for encoders, adds a sequence-classification head (new unless the checkpoint has one).
-    adapter: a PEFT LoRA adapter directory to add on top (see `ftjax.export.load_peft_adapter`).
     """
     runtime = dict(dtype=compute_dtype or dtype, param_dtype=dtype, remat=remat, scan_unroll=scan_unroll)
     if str(path).endswith('.gguf'):
-        from ftjax.models import gguf_io
         if not os.path.exists(path):
             raise FileNotFoundError(f"GGUF file {path!r} does not exist.")
         hf_config, state_dict, tokenizer = gguf_io.read_gguf(path)
@@ -79,17 +91,8 @@ def load_pretrained(path: str, dtype=jnp.float32, *, compute_dtype=None, num_lab
         state_dict = read_safetensors(path)
         tokenizer = read_tokenizer(path)
         source = path
-    model_type = hf_config.get('model_type')
-    family = SUPPORTED.get(model_type)
-    if family is None:
-        raise ValueError(f"{source}: model_type {model_type!r} is not supported. Supported architectures: "
-                         f"{', '.join(sorted(SUPPORTED))}.")
-    if family == 'llama':
-        if num_labels:
-            raise ValueError("num_labels is for encoders (BERT/RoBERTa); decoders are tuned as language models.")
-        cfg = llama.LlamaConfig.from_hf(hf_config, **runtime)
-    else:
-        cfg = bert.BertConfig.from_hf(hf_config, num_labels=num_labels, pooling=pooling, **runtime)
+    cfg = config_from_hf(hf_config, source, num_labels=num_labels, pooling=pooling, **runtime)
+    family = cfg.family
     model = build_model(cfg)
     expected = nn.unbox(abstract_variables(model))['params']
     rows = convert.table(cfg, state_dict.keys())
@@ -112,11 +115,7 @@ def load_pretrained(path: str, dtype=jnp.float32, *, compute_dtype=None, num_lab
                      pooling)
     # Host (numpy) arrays: `ftjax.sharding.place` puts each shard straight onto its device.
     params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params)
-    pre = Pretrained(model, params, tokenizer, cfg, hf_config, str(path))
-    if adapter:
-        from ftjax.export import load_peft_adapter
-        pre = load_peft_adapter(pre, adapter)
-    return pre
+    return Pretrained(model, params, tokenizer, cfg, hf_config, str(path))
 
 
 def resolve(path: str, revision=None) -> str:

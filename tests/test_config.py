@@ -1,0 +1,308 @@
+"""The config schema and the command line: defaults, validation, docs/config.md, --config.KEY overrides
+(list keys included), experiment arguments, one-line errors, and sweeps that pass overrides on."""
+import ast
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+from absl import flags
+
+from ftjax import cli, config as config_lib, sweep
+from ftjax.errors import EXIT_BAD_INPUT, ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+EXPERIMENT = '''
+from ftjax.config import default_config, parse_arg
+
+
+def get_config(arg=None):
+    variant, flags = parse_arg(arg, 'lora', ('lora', 'full'), 'exp.py')
+    c = default_config()
+    c.model.path = {model!r}
+    c.data.path = {data!r}
+    c.peft.method = variant
+    if 'smoke' in flags:
+        c.train.steps = 2
+    return c
+'''
+LIST_KEYS = {  # key: (one value, the same as a literal, two repeated values)
+    'peft.trainable': ('.*norm.*', "['.*norm.*']", ['.*norm.*', 'bias$']),
+    'peft.lora.targets': ('(q|v)_proj$', "('(q|v)_proj$',)", ['q_proj$', 'v_proj$']),
+    'optim.no_decay': ('norm', "['norm']", ['norm', 'embed']),
+    'optim.lr_multipliers': ('lora_b$=16', "['lora_b$=16']", ['lora_b$=16', 'head=2']),
+    'data.label_names': ('negative', "['negative']", ['negative', 'positive']),
+    'mesh.rules': (None, "[('embed', 'fsdp'), ('mlp', ['tensor', 'fsdp'])]", None),
+}
+
+
+@pytest.fixture
+def experiment(tmp_path):
+    data = tmp_path / 'train.jsonl'
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    path = tmp_path / 'exp.py'
+    path.write_text(EXPERIMENT.format(model=str(tmp_path / 'no_such_model'), data=str(data)))
+    return str(path)
+
+
+def valid_config():
+    c = config_lib.default_config()
+    c.model.path, c.data.path = 'model', 'data.jsonl'
+    return c
+
+
+def train_flags():
+    """A fresh FlagValues with ftjax.train's --config (the same parser) and --workdir."""
+    fv = flags.FlagValues()
+    cli.define_config_flag(fv)
+    flags.DEFINE_string('workdir', None, 'workdir', flag_values=fv)
+    return fv
+
+
+def train_argv(experiment, *overrides):
+    return ['train', f'--config={experiment}', '--workdir=/tmp/unused', *overrides]
+
+
+# --- the schema ----------------------------------------------------------------------------------------
+
+def test_default_config_follows_the_schema():
+    c = config_lib.default_config()
+    leaves = dict(config_lib._leaves(c, ''))
+    assert sorted(leaves) == sorted(k.name for k in config_lib.SCHEMA)
+    for key in config_lib.SCHEMA:
+        *groups, leaf = key.name.split('.')
+        node = c
+        for g in groups:
+            node = node[g]
+        assert leaves[key.name] == key.default or (key.name == 'mesh.rules' and leaves[key.name] == [
+            list(r) for r in config_lib.DEFAULT_RULES]), key.name
+        if key.default is None:  # a typed placeholder: the command line can set it
+            assert node.get_type(leaf) is key.type, key.name
+    assert config_lib.default_data_config().to_dict() == c.data.to_dict()
+    config_lib.validate(valid_config())
+    with pytest.raises(ConfigError, match=r'config.model.path is not set .*--config.model.path='):
+        config_lib.validate(config_lib.default_config())
+
+
+def test_docs_config_md_is_in_sync():
+    with open(os.path.join(REPO, 'docs', 'config.md')) as f:
+        assert f.read() == config_lib.markdown(), 'regenerate: python -m ftjax.config --markdown > docs/config.md'
+    table = config_lib.text_table()
+    assert all(k.name in table for k in config_lib.SCHEMA)
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('peft.method', 'lorra', r"config.peft.method='lorra' is not one of \['full', 'partial', 'lora', 'dora'\]"),
+    ('optim.schedule', 'cosin', r"config.optim.schedule='cosin' is not one of"),
+    ('train.nan_policy', 'ignore', r"config.train.nan_policy='ignore' is not one of \['halt', 'skip'\]"),
+    ('data.format', 'sharegpt', r"config.data.format='sharegpt' is not one of"),
+    ('peft.lora.rank', 0, r'config.peft.lora.rank must be a positive integer, got 0'),
+    ('peft.lora.dropout', 1.0, r'config.peft.lora.dropout must be in \[0, 1\), got 1.0'),
+    ('optim.learning_rate', 0.0, r'config.optim.learning_rate must be positive, got 0.0'),
+    ('data.max_length', 1, r'config.data.max_length must be an integer >= 2, got 1'),
+    ('data.eval_fraction', 1.0, r'config.data.eval_fraction must be in \[0, 1\)'),
+    ('mesh.fsdp', 0, r'config.mesh.fsdp must be -1 \(all remaining devices\) or a positive integer'),
+    ('peft.trainable', ['('], r"config.peft.trainable: '\(' is not a valid regex"),
+    ('peft.lora.targets', [], r'config.peft.lora.targets is empty'),
+    ('optim.lr_multipliers', ['lora_b'], r"config.optim.lr_multipliers: 'lora_b' should look like 'regex=multiplier'"),
+    ('mesh.rules', [['embed', 'fsd']], r"config.mesh.rules: 'embed' -> 'fsd' is not a mesh axis"),
+    ('train.steps', '10', r"config.train.steps must be an integer, got '10'"),
+    ('data.shuffle', None, r'config.data.shuffle must not be None \(a bool\)'),
+])
+def test_validation_errors_name_the_key_and_the_allowed_values(key, value, message):
+    d = valid_config().to_dict()  # as a config.json reads back: no type safety
+    *groups, leaf = key.split('.')
+    node = d
+    for g in groups:
+        node = node[g]
+    node[leaf] = value
+    with pytest.raises(ConfigError, match=message):
+        config_lib.validate(ml_collections.ConfigDict(d))
+
+
+def test_unknown_missing_and_cross_key_errors():
+    c = valid_config()
+    c.train.step = 3
+    with pytest.raises(ConfigError, match=r'config.train.step is not a config key. Did you mean config.train.steps'):
+        config_lib.validate(c)
+    c = valid_config()
+    c.peft.lora.rnk = 4
+    with pytest.raises(ConfigError, match=r'config.peft.lora.rnk .*Did you mean config.peft.lora.rank'):
+        config_lib.validate(c)
+    c = valid_config()
+    c.optimizer = ml_collections.ConfigDict({'lr': 1e-3})
+    with pytest.raises(ConfigError, match=r'config.optimizer is not a config key. Did you mean config.optim\b'):
+        config_lib.validate(c)
+    c = valid_config()
+    del c.train['seed']
+    with pytest.raises(ConfigError, match='config.train.seed is missing'):
+        config_lib.validate(c)
+    c = valid_config()
+    c.train.batch_size, c.optim.grad_accum = 6, 4
+    with pytest.raises(ConfigError, match='config.train.batch_size=6 is not divisible by config.optim.grad_accum=4'):
+        config_lib.validate(c)
+    c = valid_config()
+    c.data.text_stride, c.data.max_length = 300, 256
+    with pytest.raises(ConfigError, match=r'config.data.text_stride must be in \[1, max_length=256\], got 300'):
+        config_lib.validate(c)
+    c.data.text_stride = 128
+    c.mesh.data = c.mesh.tensor = -1
+    with pytest.raises(ConfigError, match='only one of mesh.data/mesh.fsdp/mesh.tensor may be -1'):
+        config_lib.validate(c)
+    # A group alone: the data pipeline checks its own part (data.path is required there too).
+    d = config_lib.default_data_config()
+    with pytest.raises(ConfigError, match='config.data.path is not set'):
+        config_lib.check_data_config(d)
+    d.path = 'x.jsonl'
+    assert config_lib.check_data_config(d) is d
+
+
+def test_parse_arg_rejects_unknown_variants_and_flags(tmp_path):
+    assert config_lib.parse_arg('full,smoke', 'lora', ('lora', 'full'), 'x.py') == ('full', {'smoke'})
+    assert config_lib.parse_arg(None, 'lora', ('lora', 'full'), 'x.py') == ('lora', set())
+    assert config_lib.parse_arg('smoke', 'lora', ('lora', 'full'), 'x.py') == ('lora', {'smoke'})
+    assert config_lib.parse_arg('smoke', None, (), 'q.py') == (None, {'smoke'})
+    with pytest.raises(ConfigError, match=r"x.py:lora,smok: unknown flag 'smok'. Did you mean 'smoke'\?"):
+        config_lib.parse_arg('lora,smok', 'lora', ('lora', 'full'), 'x.py')
+    with pytest.raises(ConfigError, match=r"x.py:lorra: unknown variant 'lorra'. Did you mean 'lora'\?"):
+        config_lib.parse_arg('lorra', 'lora', ('lora', 'full'), 'x.py')
+    with pytest.raises(ConfigError, match=r"q.py:lora: unknown flag 'lora'.*flags: smoke"):
+        config_lib.parse_arg('lora', None, (), 'q.py')
+    # The shipped experiments pass their allowed arguments.
+    for spec, match in [('experiments/sst2_minilm.py:lora,smok', "Did you mean 'smoke'"),
+                        ('experiments/quickstart.py:smok', "Did you mean 'smoke'"),
+                        ('experiments/papers/lora_glue.py:sst2,cpux', "Did you mean 'cpu'"),
+                        ('experiments/alpaca_smollm2.py:dorra', "Did you mean 'dora'")]:
+        with pytest.raises(ConfigError, match=match):
+            cli.load_experiment(os.path.join(REPO, spec))
+    assert cli.load_experiment(os.path.join(REPO, 'experiments/papers/lora_glue.py:mrpc,cpu,smoke')).train.steps == 2
+
+
+# --- command-line overrides --------------------------------------------------------------------------
+
+@pytest.mark.parametrize('key', sorted(LIST_KEYS))
+def test_list_keys_from_the_command_line(experiment, key):
+    one, literal, two = LIST_KEYS[key]
+    expected = list(ast.literal_eval(literal))
+    cases = [([f'--config.{key}={literal}'], expected)]
+    if one is not None:
+        cases += [([f'--config.{key}={one}'], [one]),
+                  ([f'--config.{key}={v}' for v in two], two),
+                  ([f'--config.{key}', two[0], f'--config.{key}={two[1]}'], two)]  # the space form too
+    for overrides, want in cases:
+        fv = train_flags()
+        rest = cli.parse_flags(train_argv(experiment, *overrides), fv)  # what ftjax.train's flags_parser runs
+        assert rest == ['train'] and fv.workdir == '/tmp/unused'
+        node = fv.config
+        for part in key.split('.'):
+            node = node[part]
+        assert node == want, (overrides, node)
+        assert cli.parse_config(train_argv(experiment, *overrides)).to_dict() == fv.config.to_dict()
+
+
+def test_scalar_overrides_and_their_errors(experiment):
+    c = cli.parse_config([f'--config={experiment}:full,smoke', '--config.peft.lora.rank=16',
+                          '--config.optim.learning_rate=3e-4', '--noconfig.data.shuffle', '--config.train.resume',
+                          '--config.model.num_labels', '3', '--config.data.fields.text_pair=sentence2',
+                          '--config.train.seed=1e3', '--config.data.eval_path=None'])
+    assert (c.peft.method, c.train.steps, c.peft.lora.rank, c.optim.learning_rate) == ('full', 2, 16, 3e-4)
+    assert (c.data.shuffle, c.train.resume, c.model.num_labels, c.train.seed) == (False, True, 3, 1000)
+    assert c.data.fields.text_pair == 'sentence2' and c.data.eval_path is None
+    with pytest.raises(AttributeError, match='locked'):  # as with config_flags' lock_config=True
+        c.train.new_key = 1
+    for override, match in [
+            ('--config.train.step=3', r'--config.train.step=3: config.train.step is not a config key. '
+                                      r'Did you mean config.train.steps'),
+            ('--config.train.steps=3.5', r'--config.train.steps=3.5: config.train.steps must be an integer'),
+            ('--config.peft.lora.rslora=maybe', 'is a bool'),
+            ('--config.optim.learning_rate=fast', 'must be a number'),
+            ('--config.peft.method=lorra', r"config.peft.method='lorra' is not one of"),
+            ('--config.train.steps=None', r'--config.train.steps=None: config.train.steps must be an integer')]:
+        with pytest.raises(ConfigError, match=match):
+            cli.parse_config([f'--config={experiment}', override])
+    with pytest.raises(ConfigError, match=r"exp.py:lora,smok: unknown flag 'smok'"):
+        cli.parse_config([f'--config={experiment}:lora,smok'])
+
+
+def run_module(*argv, timeout=120):
+    return subprocess.run([sys.executable, '-m', *argv], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_train_command_line_errors_are_one_line(experiment, tmp_path):
+    workdir = str(tmp_path / 'w')
+    bad = run_module('ftjax.train', f'--config={experiment}', f'--workdir={workdir}', '--config.train.step=3')
+    assert bad.returncode == EXIT_BAD_INPUT, bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        'ftjax: error: --config.train.step=3: config.train.step is not a config key. Did you mean '
+        'config.train.steps or config.train.seed? (`python -m ftjax.config` lists every key.)']
+    smok = run_module('ftjax.train', f'--config={experiment}:lora,smok', f'--workdir={workdir}')
+    assert smok.returncode == EXIT_BAD_INPUT and len(smok.stderr.strip().splitlines()) == 1
+    assert "unknown flag 'smok'. Did you mean 'smoke'?" in smok.stderr
+    debug = run_module('ftjax.train', f'--config={experiment}', f'--workdir={workdir}', '--config.train.step=3',
+                       '--verbosity=debug')
+    assert debug.returncode == EXIT_BAD_INPUT and 'Traceback' in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1].startswith('ftjax: error: --config.train.step=3')
+    assert not os.path.exists(workdir)
+    # List overrides get through the parse: the run writes its config, then fails on the missing model.
+    ok = run_module('ftjax.train', f'--config={experiment}', f'--workdir={workdir}',
+                    '--config.peft.trainable=.*norm.*', "--config.peft.lora.targets=('q_proj$', 'v_proj$')",
+                    '--config.optim.no_decay=norm', '--config.optim.no_decay=bias$')
+    assert ok.returncode != 0 and 'no_such_model' in ok.stderr, ok.stderr[-2000:]
+    assert 'not supported for overriding' not in ok.stderr
+    written = json.load(open(os.path.join(workdir, 'config.json')))
+    assert written['peft']['trainable'] == ['.*norm.*']
+    assert written['peft']['lora']['targets'] == ['q_proj$', 'v_proj$']
+    assert written['optim']['no_decay'] == ['norm', 'bias$']
+
+
+def test_config_table_command():
+    out = run_module('ftjax.config')
+    assert out.returncode == 0 and out.stdout == config_lib.text_table()
+
+
+# --- sweeps ------------------------------------------------------------------------------------------------
+
+def test_sweep_passes_overrides_to_every_run(experiment, tmp_path, capsys):
+    workdir = str(tmp_path / 'sweep')
+    args = [f'--config={experiment}:full', '--grid=optim.learning_rate=1e-4,3e-4', f'--workdir={workdir}',
+            '--config.peft.trainable=.*norm.*', '--config.train.steps=3', '--print_commands']
+    assert sweep.main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    for line, lr in zip(lines, (1e-4, 3e-4)):
+        argv = shlex.split(line)
+        assert argv[:3] == ['python', '-m', 'ftjax.train'] and '--config.peft.trainable=.*norm.*' in argv
+        c = cli.parse_config(argv[3:])  # each run's command parses back to the sweep's config of that run
+        assert (c.peft.trainable, c.train.steps, c.optim.learning_rate, c.peft.method) == (
+            ['.*norm.*'], 3, lr, 'full')
+    runs = sweep.plan(f'{experiment}:full', ['optim.learning_rate=1e-4,3e-4'], workdir,
+                      [('peft.trainable', '.*norm.*'), ('peft.trainable', 'bias$')])
+    assert all(r.config.peft.trainable == ['.*norm.*', 'bias$'] for r in runs)
+    with pytest.raises(ConfigError, match='--config.optim.learning_rate is also swept by --grid'):
+        sweep.main([f'--config={experiment}', '--grid=optim.learning_rate=1e-4,3e-4', f'--workdir={workdir}',
+                    '--config.optim.learning_rate=1e-3', '--print_commands'])
+    # A list grid runs each point through ftjax.sweep, with the overrides.
+    assert sweep.main([f'--config={experiment}', "--grid=peft.lora.targets=['q_proj$'],['v_proj$']",
+                       f'--workdir={tmp_path}/s2', '--config.train.steps=3', '--print_commands']) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert all('--config.train.steps=3' in shlex.split(line) for line in lines)
+    # A sweep run whose stored config has another override value is refused.
+    stored = os.path.join(workdir, runs[0].name)
+    os.makedirs(stored)
+    json.dump({'peft': {'trainable': ['x']}, 'optim': {'learning_rate': 1e-4}}, open(f'{stored}/config.json', 'w'))
+    with pytest.raises(ConfigError, match="holds a run with peft.trainable=\\['x'\\]"):
+        sweep.check_existing(runs, [('peft.trainable', '.*norm.*')])
+
+
+def test_sweep_command_line_error_is_one_line(experiment, tmp_path):
+    out = run_module('ftjax.sweep', f'--config={experiment}', '--grid=peft.lora.rank=4,8', f'--workdir={tmp_path}/s',
+                     '--config.peft.lora.rnk=4', '--print_commands')
+    assert out.returncode == EXIT_BAD_INPUT
+    assert out.stderr.strip().splitlines() == [
+        'ftjax: error: --config.peft.lora.rnk=4: config.peft.lora.rnk is not a config key. Did you mean '
+        'config.peft.lora.rank? (`python -m ftjax.config` lists every key.)']
