@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from ftjax.models import packaged
 from ftjax.tree import path_str
 
 _HASH_CACHE = {}
@@ -84,6 +85,7 @@ def step_dir(mngr, step):
 
 def base_reference(model_path):
     """Path and content hash of the base weights, so a LoRA checkpoint is tied to its base."""
+    model_path = packaged.resolve(model_path)
     files = []
     if os.path.isdir(model_path):
         files = sorted(os.path.join(model_path, f) for f in os.listdir(model_path)

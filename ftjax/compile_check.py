@@ -22,17 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
-from ftjax import build, optim, peft, sharding
+from ftjax import build, cli, optim, peft, sharding
 from ftjax.config import validate
 from ftjax.models import gguf_io, loading
 from ftjax.models.heads import task_of
 from ftjax.state import partition
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Experiment config file (experiments/*.py[:arg]).',
-                                lock_config=True)
+cli.define_config_flag()
 flags.DEFINE_string('topology', None, "Mesh to compile for, e.g. 'data=4,fsdp=2,tensor=1' (missing axes are 1).")
 UNITS = {'GiB': 1 << 30, 'MiB': 1 << 20, 'KiB': 1 << 10}
 
@@ -198,4 +196,4 @@ def main(argv):
 
 if __name__ == '__main__':
     flags.mark_flags_as_required(['config'])
-    app.run(main)
+    cli.run(main)

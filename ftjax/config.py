@@ -28,15 +28,8 @@ DEFAULT_RULES = [  # logical axis -> mesh axes; first matching, unused mesh axis
     # Block-boundary activations keep the embedding dim whole (Megatron style). Sharding it over
     # 'tensor' as well hits an XLA CPU SPMD miscompile on a data=2,fsdp=2,tensor=2 mesh (jax 0.10.2):
     # x[('data','fsdp'), None, 'tensor'] @ w['tensor', 'fsdp'] returns wrong rows.
-    ('activation_embed', None),
-    ('layers', None),
-    ('vocab', 'tensor'),
-    ('embed', 'fsdp'),
-    ('embed_out', None),
-    ('heads', 'tensor'),
-    ('kv_heads', 'tensor'),
-    ('mlp', 'tensor'),
-    ('norm', None),
+    ('activation_embed', None), ('layers', None), ('vocab', 'tensor'), ('embed', 'fsdp'), ('embed_out', None),
+    ('heads', 'tensor'), ('kv_heads', 'tensor'), ('mlp', 'tensor'), ('norm', None),
 ]
 MESH_AXES = ('data', 'fsdp', 'tensor')  # the mesh.* size keys; ftjax.sharding builds the mesh from them
 ALPACA_TEMPLATE = (
@@ -93,12 +86,8 @@ def _each(allowed, item_problem, empty=None):
 
 
 def _multiplier_problem(key, rule):
-    pattern, sep, value = str(rule).rpartition('=')
-    try:
-        float(value)
-    except ValueError:
-        sep = ''
-    if not sep or not pattern:
+    pattern, _, value = str(rule).rpartition('=')
+    if not pattern or not re.fullmatch(r'\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*', value):
         return f"config.{key}: {rule!r} should look like 'regex=multiplier', e.g. 'lora_b$=16'."
     return _regex_problem(key, pattern)
 
@@ -309,7 +298,7 @@ def default_data_config():
 
 
 def check_data_config(data_cfg):
-    return validate(data_cfg, 'data')
+    return validate(data_cfg, 'data')  # the `data` group alone
 
 
 def suggest(name, candidates):
@@ -381,14 +370,9 @@ def validate(config, at=''):
 def smoke(c, max_length=64, batch_size=2):
     """Shrinks a config so that it runs in seconds (the `smoke` argument of every experiment)."""
     c.data.max_length = max_length
-    c.train.steps = 2
-    c.train.batch_size = batch_size
-    c.train.eval_every = 2
-    c.train.eval_batches = 1
-    c.train.checkpoint_every = 2
-    c.train.log_every = 1
-    c.eval.generate = min(c.eval.generate, 2)
-    c.eval.max_new_tokens = min(c.eval.max_new_tokens, 4)
+    c.train.steps, c.train.batch_size, c.train.log_every = 2, batch_size, 1
+    c.train.eval_every, c.train.eval_batches, c.train.checkpoint_every = 2, 1, 2
+    c.eval.generate, c.eval.max_new_tokens = min(c.eval.generate, 2), min(c.eval.max_new_tokens, 4)
     c.eval.batch_size = 2
     return c
 
@@ -429,7 +413,7 @@ def rows():
         if k.required:
             allowed = f'required; {allowed}' if allowed else 'required'
         elif k.nullable and k.default is not None:
-            allowed = f'{allowed} or None' if allowed else 'None allowed'
+            allowed = f'{allowed} or None' if allowed else 'or None'
         yield k.name, k.type.__name__, _shown(k.default), allowed, k.meaning
 
 
@@ -446,9 +430,7 @@ def markdown():
            'tests/test_config.py keeps it in sync. -->', '',
            'Every key of an experiment config, settable on the command line of `ftjax.train`, `ftjax.sweep` '
            'and `ftjax.compile_check`:', '',
-           '```',
-           'python -m ftjax.train --config=experiments/x.py[:arg] --workdir=DIR --config.KEY=VALUE ...',
-           '```', '',
+           '```\npython -m ftjax.train --config=experiments/x.py[:arg] --workdir=DIR --config.KEY=VALUE ...\n```', '',
            'A list key takes one value (`--config.peft.trainable=.*norm.*` is `[\'.*norm.*\']`), repeated flags '
            '(each adds one item), or a Python literal (`--config.peft.lora.targets="[\'q_proj$\', \'v_proj$\']"`); '
            'a key whose default is None, or marked "or None", takes `None`. An unknown key is an error that names '

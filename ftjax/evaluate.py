@@ -76,7 +76,7 @@ def generation_eval(pre, state, config):
     if not config.data.eval_path:
         raise ValueError("config.eval.generate > 0 needs config.data.eval_path (a json/jsonl file of held-out "
                          "examples) to take prompts and reference answers from.")
-    rows = read_rows(config.data.eval_path)[:config.eval.generate]
+    rows = read_rows(data_lib.locations.resolve(config.data.eval_path, 'data.eval_path'))[:config.eval.generate]
     pairs = prompts_and_references(rows, config.data)
     current = dataclasses.replace(pre, params=jax.device_get(state.params()))
     return generate_and_score(current, pairs, config.eval.scorer, config.eval.max_new_tokens, config.eval.batch_size)

@@ -14,11 +14,9 @@ Python API:
 
 Weights are written and read with numpy (`safetensors.numpy`); never torch.
 """
-import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 
@@ -28,7 +26,7 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from ftjax import build
+from ftjax import build, cli
 from ftjax.models import adapters, convert
 from ftjax.models.convert import hf_rows, layer_names, linear_modules
 from ftjax.models.loading import Pretrained
@@ -281,4 +279,4 @@ def main(argv):
 
 if __name__ == '__main__':
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -60,6 +60,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    from absl import app
+    from ftjax import cli
     define_flags()
-    app.run(main)
+    cli.run(main)

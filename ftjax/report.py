@@ -13,6 +13,8 @@ import json
 import math
 import os
 
+from ftjax import cli
+from ftjax.errors import MissingFileError, WorkdirError
 from ftjax.workdir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
 
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE)
@@ -28,8 +30,8 @@ def _read_json(path):
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f'{path} is not valid JSON ({e}); delete it if the run was interrupted while '
-                             f'writing it.') from e
+            raise WorkdirError(f'{path} is not valid JSON ({e}); delete it if the run was interrupted while '
+                               f'writing it.') from e
 
 
 def is_run_dir(path):
@@ -123,8 +125,8 @@ def _varied_keys(run_dirs):
 def collect(workdir):
     """Rows for `workdir`: one run's workdir, or a sweep workdir holding one directory per run."""
     if not os.path.isdir(workdir):
-        raise FileNotFoundError(f'{workdir} does not exist or is not a directory; pass --workdir=DIR of a run or '
-                                f'a sweep.')
+        raise MissingFileError(f'{workdir} does not exist or is not a directory; pass --workdir=DIR of a run or '
+                               f'a sweep.')
     if is_run_dir(workdir):
         return [run_row(workdir)]
     sweep = _read_json(os.path.join(workdir, SWEEP_FILE))
@@ -135,8 +137,8 @@ def collect(workdir):
     run_dirs = [d for d in run_dirs if os.path.isdir(d) and is_run_dir(d)]
     varied = _varied_keys(run_dirs)
     if not run_dirs:
-        raise FileNotFoundError(f'{workdir} holds no run: expected config.json/metrics.jsonl/summary.json in it or '
-                                f'in its subdirectories (has a run started there yet?).')
+        raise MissingFileError(f'{workdir} holds no run: expected config.json/metrics.jsonl/summary.json in it or '
+                               f'in its subdirectories (has a run started there yet?).')
     return [run_row(d, varied) for d in run_dirs]
 
 
@@ -247,7 +249,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        raise SystemExit(main())
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f'ftjax.report: error: {e}') from None
+    cli.run(main, use_absl=False)

@@ -35,14 +35,13 @@ import traceback
 
 import ml_collections
 
-from ftjax import cli, config as config_lib, report
+from ftjax import cli, config as config_lib, loop, report
 from ftjax.cli import load_experiment
-from ftjax.errors import ConfigError
+from ftjax.errors import EXIT_PREEMPTED, ConfigError
 
 ABBREVIATIONS = {'learning_rate': 'lr', 'batch_size': 'bs', 'weight_decay': 'wd', 'warmup_steps': 'warmup',
                  'max_length': 'len', 'grad_accum': 'accum', 'method': ''}
 TRUE, FALSE = ('true', 't', 'yes', '1'), ('false', 'f', 'no', '0')
-PREEMPTED_EXIT_CODE = 75  # ftjax.checkpoint.PREEMPTED_EXIT_CODE (not imported: it pulls in orbax)
 MAX_NAME = 100
 
 
@@ -320,7 +319,6 @@ def _clear_failure(run):
 
 def run_sequential(runs):
     """Each unfinished run in this process, in order; a failing run is recorded and the sweep goes on."""
-    from ftjax.loop import train_and_evaluate
     failed = 0
     for i, run in enumerate(runs, 1):
         if report.finished(run.workdir, run.config.train.steps):
@@ -329,15 +327,15 @@ def run_sequential(runs):
         _say(f'[{i}/{len(runs)}] {run.name}: training in {run.workdir}')
         _clear_failure(run)
         try:
-            result = train_and_evaluate(run.config, run.workdir)
+            result = loop.train_and_evaluate(run.config, run.workdir)
         except Exception:  # noqa: BLE001 -- one bad point must not lose the rest of the sweep
             _record_failure(run, traceback.format_exc())
             _say(f'[{i}/{len(runs)}] {run.name}: FAILED (traceback in {run.workdir}/{report.ERROR_FILE})')
             failed += 1
             continue
-        if result.get('exit_code', 0) == PREEMPTED_EXIT_CODE:
+        if result.get('exit_code', 0) == EXIT_PREEMPTED:
             _say('preempted; rerun the same command to resume the sweep.')
-            return PREEMPTED_EXIT_CODE
+            return EXIT_PREEMPTED
         if result.get('exit_code', 0) != 0:
             failed += 1
     return 1 if failed else 0
@@ -370,7 +368,7 @@ def run_parallel(runs, argvs, n):
                 proc, log, i, run = item
                 active.remove(item)
                 log.close()
-                if proc.returncode not in (0, PREEMPTED_EXIT_CODE):
+                if proc.returncode not in (0, EXIT_PREEMPTED):
                     with open(os.path.join(run.workdir, 'train.log')) as f:
                         tail = f.read()[-4000:]
                     _record_failure(run, f'exit code {proc.returncode}; end of train.log:\n{tail}')
@@ -380,7 +378,7 @@ def run_parallel(runs, argvs, n):
         signal.signal(signal.SIGTERM, previous)
     if stop:
         _say('preempted; rerun the same command to resume the sweep.')
-        return PREEMPTED_EXIT_CODE
+        return EXIT_PREEMPTED
     return 1 if failed else 0
 
 

@@ -12,7 +12,8 @@ import sys
 
 from absl import app, flags
 
-from ftjax import cli
+from ftjax import cli, sharding
+from ftjax.loop import train_and_evaluate
 
 FLAGS = flags.FLAGS
 cli.define_config_flag()
@@ -26,8 +27,6 @@ flags.DEFINE_integer('process_id', None, 'This process index (with --coordinator
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments {argv[1:]}; flags are written --name=value.')
-    from ftjax import sharding
-    from ftjax.loop import train_and_evaluate
     if FLAGS.workdir is None:
         raise app.UsageError('--workdir is required.')
     sharding.maybe_initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,

@@ -71,7 +71,7 @@ def _outputs(pre, params, inputs):
 def test_step0_equals_base_model(llama, bert_cls, family, method):
     base = llama if family == 'llama' else bert_cls
     inputs = (llama_inputs if family == 'llama' else bert_inputs)(base.config)
-    pre, mask = peft.prepare(base, config(method, rslora=True), jax.random.key(0))
+    pre, mask = peft.prepare(base, config(method, **{'lora.rslora': True}), jax.random.key(0))
     assert pre.config.lora.dora == (method == 'dora')
     adapters = {p for p in flat_mask(mask) if p.endswith(('lora_a', 'lora_b'))}
     assert adapters and adapters <= trains(mask)

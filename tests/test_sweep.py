@@ -9,7 +9,6 @@ import os
 import shlex
 import sys
 import textwrap
-import types
 
 import pytest
 from absl import flags
@@ -228,7 +227,7 @@ def test_sequential_skips_finished_runs_and_records_failures(experiment, tmp_pat
         _fake_run(workdir, rc, losses, {2: 1.5, 4: 1.7})
         return {'exit_code': 0}
 
-    monkeypatch.setitem(sys.modules, 'ftjax.loop', types.SimpleNamespace(train_and_evaluate=train_and_evaluate))
+    monkeypatch.setattr(sweep.loop, 'train_and_evaluate', train_and_evaluate)
     workdir = str(tmp_path / 'sweep')
     args = [f'--config={experiment}', '--grid=peft.lora.rank=4,8', '--grid=optim.learning_rate=1e-4,3e-4',
             f'--workdir={workdir}']

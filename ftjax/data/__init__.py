@@ -13,12 +13,13 @@ LM batches: input_ids, target_ids (already shifted), loss_mask (float32), segmen
 positions, all [batch, max_length]. Classification: input_ids, attention_mask, token_type_ids
 [batch, max_length] and label [batch].
 """
-from ftjax.data.check import validate_data
 from ftjax.config import check_data_config, default_data_config
+from ftjax.data import locations
+from ftjax.data.check import validate_data
 from ftjax.data.dataset import TokenizedData, build_dataset
 from ftjax.data.formats import prompt_and_answer
 from ftjax.data.iterator import DataIterator, make_iterator, process_slice, to_global
 from ftjax.data.packing import take_rows
 
 __all__ = ['DataIterator', 'TokenizedData', 'build_dataset', 'check_data_config', 'default_data_config',
-           'make_iterator', 'process_slice', 'prompt_and_answer', 'take_rows', 'to_global', 'validate_data']
+           'locations', 'make_iterator', 'process_slice', 'prompt_and_answer', 'take_rows', 'to_global', 'validate_data']

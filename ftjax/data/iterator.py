@@ -45,10 +45,6 @@ class DataIterator:
     def num_rows(self):
         return len(self.data)
 
-    @property
-    def steps_per_epoch(self):
-        return self.num_rows / self.batch_size
-
     def permutation(self, epoch):
         """Row order of `epoch` [num_rows]."""
         if not self.shuffle:

@@ -4,6 +4,7 @@
   lm_head_kernel(params, cfg)  the output projection [embed, vocab] of a decoder (its loss is chunked
                                over the vocabulary, so the step takes hidden states and this kernel)
 """
+from ftjax.errors import ConfigError, ModelError
 from ftjax.models import llama
 
 TASKS = ('lm', 'classification')
@@ -13,8 +14,8 @@ def task_of(cfg) -> str:
     """The training objective of a model config (`cfg.task`); an encoder without a head has none."""
     task = cfg.task
     if task not in TASKS:
-        raise ValueError("An encoder without a classification head has no training objective here: set "
-                         "config.model.num_labels (load_pretrained(..., num_labels=N)).")
+        raise ConfigError("An encoder without a classification head has no training objective here: set "
+                          "config.model.num_labels (load_pretrained(..., num_labels=N)).")
     return task
 
 
@@ -22,4 +23,4 @@ def lm_head_kernel(params, cfg):
     """The output projection of a decoder as [embed, vocab] (the transposed embedding when tied)."""
     if cfg.family == 'llama':
         return llama.lm_head_kernel(params, cfg)
-    raise ValueError(f"A {cfg.family} model has no language-model head; only decoders (Llama family) do.")
+    raise ModelError(f"A {cfg.family} model has no language-model head; only decoders (Llama family) do.")

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.models import bert, convert, gguf_io, llama
+from ftjax.errors import MissingFileError, ModelError
+from ftjax.models import bert, convert, gguf_io, llama, packaged
 
 SUPPORTED = {
     'llama': 'llama', 'mistral': 'llama', 'qwen2': 'llama',
@@ -79,9 +80,11 @@ def load_pretrained(path: str, dtype=jnp.float32, *, compute_dtype=None, num_lab
     num_labels: for encoders, adds a sequence-classification head (new unless the checkpoint has one).
     """
     runtime = dict(dtype=compute_dtype or dtype, param_dtype=dtype, remat=remat, scan_unroll=scan_unroll)
+    path = packaged.resolve(path)  # 'packaged:smollm2' -> the installed file
     if str(path).endswith('.gguf'):
         if not os.path.exists(path):
-            raise FileNotFoundError(f"GGUF file {path!r} does not exist.")
+            raise MissingFileError(f"model.path: the GGUF file {path!r} does not exist; pass "
+                                   f"--config.model.path=FILE.gguf, a Hugging Face directory or a hub name.")
         hf_config, state_dict, tokenizer = gguf_io.read_gguf(path)
         hf_config = hf_config.to_dict() if hasattr(hf_config, 'to_dict') else dict(hf_config)
         source = path
@@ -124,14 +127,15 @@ def resolve(path: str, revision=None) -> str:
         return path
     looks_local = path.startswith(('.', '/', '~')) or path.count('/') != 1 or os.path.exists(os.path.dirname(path))
     if looks_local:
-        raise FileNotFoundError(f"Model directory {path!r} does not exist. Pass a Hugging Face directory "
-                                f"(config.json + *.safetensors), a .gguf file, or a hub name like 'org/model'.")
+        raise MissingFileError(f"model.path: {path!r} does not exist. Pass a Hugging Face directory "
+                               f"(config.json + *.safetensors), a .gguf file, or a hub name like 'org/model'.")
     import huggingface_hub
     try:
         return huggingface_hub.snapshot_download(path, revision=revision, allow_patterns=WEIGHT_PATTERNS)
     except Exception as e:  # offline, unknown repo, no access
-        raise FileNotFoundError(f"Could not fetch {path!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-                                f"Without a network, pass a local directory or a .gguf file.") from e
+        raise ModelError(f"model.path: could not fetch {path!r} from the Hugging Face hub ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}). Without a network, pass a local directory "
+                         f"or a .gguf file.") from e
 
 
 def read_config(path):
