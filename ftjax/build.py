@@ -1,6 +1,8 @@
 """Run setup, shared by training (`ftjax.loop`), `ftjax.compile_check` and `ftjax.export`:
 
   build_model_and_mask(config)          the base model (+ adapter) with the PEFT method applied, and its mask
+  build_data(config, pre)               the train and eval splits, tokenised for the loaded model (preference
+                                        pairs with `align.reference=precomputed`: with the base's log-probs)
   state_shardings / sharded_state(...)  the train state (trainable, frozen, optimizer) on the mesh
   jit_train_step(...)                   the train step compiled with the state's and the batch's shardings
   restore_for_export(workdir, step)     a finished (or preempted) run's fine-tuned model, on the host
@@ -9,11 +11,13 @@ import dataclasses
 
 import jax
 
-from ftjax import checkpoint, peft, sharding
+from ftjax import checkpoint, peft, preference, sharding
+from ftjax import data as data_lib
 from ftjax import state as state_lib
 from ftjax.models import abstract_variables
+from ftjax.models.heads import task_of
 from ftjax.pretrained import load_pretrained
-from ftjax.train_step import make_train_step
+from ftjax.train_step import is_preference, make_train_step
 from ftjax.workdir import load_workdir_config
 
 
@@ -25,6 +29,18 @@ def build_model_and_mask(config, rng=None):
                           adapter=m.adapter)
     rng = jax.random.key(config.train.seed) if rng is None else rng
     return peft.prepare(pre, config, jax.random.fold_in(rng, 1))
+
+
+def build_data(config, pre):
+    """(train, eval or None) TokenizedData for the loaded model `pre`; a classification label outside the
+    model's classifier is a bad row (`data.on_bad_row`), not a NaN loss later."""
+    num_labels = getattr(pre.config, 'num_labels', None) if task_of(pre.config) == 'classification' else None
+    splits = tuple(data_lib.build_dataset(config.data, pre.tokenizer, split, num_labels=num_labels)
+                   for split in ('train', 'eval'))
+    if is_preference(config) and preference.settings(config).reference == 'precomputed':
+        for data in filter(None, splits):  # the base model's answer log-probs, once, before any step
+            preference.attach_reference(pre.model, pre.params, data, config.train.batch_size, config.train.loss_chunk)
+    return splits
 
 
 def state_shardings(model, params, mask, tx, config, mesh, rules):

@@ -6,6 +6,12 @@ Each step directory holds three items:
   meta    JSON: data-iterator state, the base weights' path and content hash, the trainable leaves.
 Orbax writes a step into a temporary directory and renames it when complete, so a killed save is
 never taken for a good checkpoint; leftovers are cleaned at start-up.
+
+`resume` picks the step a run continues from. It never deletes a step: a broken one (missing commit
+markers, or one that fails to restore while an older one restores) and, with train.resume_step, the
+steps after the chosen one are moved to `workdir/checkpoints_aside/<step>.<why>.<time>/`, outside
+orbax's directory, so neither a save of the same step nor the keep_checkpoints retention can touch the
+step the run resumed from.
 """
 import dataclasses
 import hashlib
@@ -13,13 +19,16 @@ import json
 import logging
 import os
 import signal
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from ftjax.errors import CheckpointError, MissingFileError
 from ftjax.models import packaged
 from ftjax.tree import path_str
 
@@ -66,11 +75,8 @@ def restore(mngr, step, state):
             params=ocp.args.StandardRestore(_abstract(params)), opt=ocp.args.StandardRestore(_abstract(rest)),
             meta=ocp.args.JsonRestore()))
     except Exception as e:
-        older = [s for s in mngr.all_steps() if s < step]
-        offer = (f" The previous complete checkpoint is step {max(older)}: rerun with "
-                 f"--config.train.resume_step={max(older)} (or delete {step_dir(mngr, step)}).") if older else ''
-        raise RuntimeError(f"Checkpoint {step_dir(mngr, step)} could not be restored: it is corrupted or does not "
-                           f"match this run ({type(e).__name__}: {str(e)[:300]}).{offer}") from e
+        raise CheckpointError(f"Checkpoint {step_dir(mngr, step)} could not be restored: it is corrupted or does "
+                              f"not match this run ({type(e).__name__}: {_one_line(e)}).") from e
     state = state.replace(trainable=out['params'], **out['opt'])
     return state, dict(out['meta'])
 
@@ -115,15 +121,19 @@ def leaf_signature(tree):
     return sorted(out)
 
 
+def _one_line(error, width=300):
+    return ' '.join(str(error).split())[:width]
+
+
 def check_compatible(meta, base_ref, trainable_sig, where):
     if meta.get('base', {}).get('sha256') != base_ref['sha256']:
-        raise RuntimeError(f"{where}: the checkpoint was trained on base weights {meta.get('base')}, but this run "
-                           f"loads {base_ref}. Point --config.model.path at the original base model.")
+        raise CheckpointError(f"{where}: the checkpoint was trained on base weights {meta.get('base')}, but this run "
+                              f"loads {base_ref}. Point --config.model.path at the original base model.")
     if meta.get('trainable') != trainable_sig:
         theirs, ours = set(meta.get('trainable', [])), set(trainable_sig)
-        raise RuntimeError(f"{where}: the checkpoint's trainable leaves differ from this run's "
-                           f"(only in checkpoint: {sorted(theirs - ours)[:5]}, only in this run: "
-                           f"{sorted(ours - theirs)[:5]}). Use the peft.* settings of the run that wrote it.")
+        raise CheckpointError(f"{where}: the checkpoint's trainable leaves differ from this run's "
+                              f"(only in checkpoint: {sorted(theirs - ours)[:5]}, only in this run: "
+                              f"{sorted(ours - theirs)[:5]}). Use the peft.* settings of the run that wrote it.")
 
 
 class Preemption:
@@ -178,11 +188,11 @@ def _no_checkpoint_error(workdir, status, step):
     broken = (f" Incomplete (an interrupted save, or a partial copy; orbax writes {COMMIT_MARKER} last): "
               f"{broken}.") if broken else ''
     if step is not None and complete:
-        return FileNotFoundError(f"{workdir}: no complete checkpoint for --step={step} under {ckpt_dir}; complete "
-                                 f"steps: {complete}. Pass one of those (or leave --step out for the latest).{broken}")
-    return FileNotFoundError(f"{workdir}: no complete checkpoint under {ckpt_dir}.{broken} Train first, or rerun the "
-                             f"run's `python -m ftjax.train` command with this --workdir to resume it until a "
-                             f"checkpoint is saved (every train.checkpoint_every steps and at the end).")
+        return MissingFileError(f"{workdir}: no complete checkpoint for --step={step} under {ckpt_dir}; complete "
+                                f"steps: {complete}. Pass one of those (or leave --step out for the latest).{broken}")
+    return MissingFileError(f"{workdir}: no complete checkpoint under {ckpt_dir}.{broken} Train first, or rerun the "
+                            f"run's `python -m ftjax.train` command with this --workdir to resume it until a "
+                            f"checkpoint is saved (every train.checkpoint_every steps and at the end).")
 
 
 def pick_complete_step(workdir, step=None):
@@ -200,6 +210,96 @@ def pick_complete_step(workdir, step=None):
     return step, complete
 
 
+ASIDE_DIR = 'checkpoints_aside'  # beside checkpoints/: orbax (its retention included) never looks here
+
+
+def set_aside(workdir, step, why):
+    """Moves `workdir/checkpoints/<step>` to `workdir/checkpoints_aside/<step>.<why>.<time>` -> the new path.
+    Nothing is deleted: a step that is set aside can be moved back by hand."""
+    src = epath.Path(_checkpoints_dir(workdir)) / str(int(step))
+    aside = epath.Path(_checkpoints_dir(workdir)).parent / ASIDE_DIR
+    aside.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    dst, n = aside / f'{int(step)}.{why}.{stamp}', 1
+    while dst.exists():
+        dst, n = aside / f'{int(step)}.{why}.{stamp}-{n}', n + 1
+    src.rename(dst)
+    return str(dst)
+
+
+def _sync(name):
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _restore_first(mngr, candidates, state, base_ref, trainable_sig):
+    """Tries `candidates` in order -> (step, state, meta) of the first that restores, and {step: error} of
+    those that did not. A checkpoint of another run (base weights, trainable leaves) is a CheckpointError
+    at once: it is not broken, and an older step of the same run would not fit either."""
+    failed = {}
+    for step in candidates:
+        where = step_dir(mngr, step)
+        try:
+            meta = read_meta(mngr, step)
+        except (OSError, ValueError) as e:  # a torn or emptied meta item
+            failed[step] = CheckpointError(f'Checkpoint {where} could not be restored: its meta item is unreadable '
+                                           f'({type(e).__name__}: {_one_line(e, 120)}).')
+            continue
+        check_compatible(meta, base_ref, trainable_sig, where)
+        try:
+            state, meta = restore(mngr, step, state)
+        except CheckpointError as e:
+            failed[step] = e
+            continue
+        return step, state, meta, failed
+    return None, state, None, failed
+
+
+def resume(mngr, workdir, train_cfg, state, base_ref, trainable_sig, primary=True):
+    """Restores the step this run continues from -> (state, meta or None, start step, a one-line note or None).
+
+    The newest complete step that restores, or train.resume_step (which must be complete). Incomplete
+    steps after it, complete ones that failed to restore, and (with train.resume_step) every later step
+    are moved to checkpoints_aside/ so that orbax's retention cannot delete the step resumed from in
+    their favour. When no complete step restores (and there is one), nothing is moved: CheckpointError.
+    """
+    status = step_status(workdir)
+    complete = sorted(s for s, why in status.items() if why is None)
+    wanted = train_cfg.get('resume_step', None)
+    where = _checkpoints_dir(workdir)
+    if wanted is not None and int(wanted) not in complete:
+        what = f'is incomplete ({status[int(wanted)]})' if int(wanted) in status else 'does not exist'
+        raise CheckpointError(f'--config.train.resume_step={wanted}: {os.path.join(where, str(wanted))} {what}; '
+                              f'complete steps: {complete}. Pass one of those, or leave train.resume_step out to '
+                              f'resume from the newest complete step.')
+    candidates = [int(wanted)] if wanted is not None else complete[::-1]
+    step, state, meta, failed = _restore_first(mngr, candidates, state, base_ref, trainable_sig)
+    if candidates and step is None:
+        first = failed[candidates[0]]
+        if wanted is not None:
+            raise CheckpointError(f'{_one_line(first, 600)} Complete steps: {complete}; pass another '
+                                  f'--config.train.resume_step, or leave it out to resume from the newest one that '
+                                  f'restores.') from first
+        raise CheckpointError(f'{_one_line(first, 600)} No complete step restores (steps {complete}), so nothing '
+                              f'was moved or deleted; check that this config matches the run that wrote them, or '
+                              f'use a new --workdir.') from first
+    start = step or 0
+    moves = [(s, 'incomplete', status[s]) for s in sorted(status) if (step is None or s > step) and status[s]]
+    moves += [(s, 'broken', f'restore failed: {_one_line(e, 120)}') for s, e in failed.items()]
+    if wanted is not None:
+        moves += [(s, 'newer', 'after train.resume_step') for s in complete if s > start]
+    moves.sort()
+    if not moves:
+        return state, meta, start, None
+    moved = [(s, why, set_aside(workdir, s, kind) if primary else None) for s, kind, why in moves]
+    _sync('ftjax_checkpoints_aside')
+    mngr.reload()
+    listed = '; '.join(f'step {s} ({why})' for s, why, _ in moved)
+    dest = os.path.dirname(moved[0][2]) if primary else ASIDE_DIR
+    then = f'resuming from step {start}' if step is not None else 'no complete checkpoint is left: starting at step 0'
+    return state, meta, start, f'moved checkpoint {listed} to {dest}/ (not deleted); {then}.'
+
+
 def read_trainable(workdir, step, trainable, model_path, complete=()):
     """The trainable params of checkpoint `step` as host numpy arrays, for a run whose trainable leaves are
     shaped like `trainable` on the base weights at `model_path`.
@@ -213,9 +313,9 @@ def read_trainable(workdir, step, trainable, model_path, complete=()):
     meta = read_meta(mngr, step)
     base = base_reference(model_path)
     if meta.get('base', {}).get('sha256') != base['sha256']:
-        raise RuntimeError(f"{where} was trained on the base weights {meta.get('base')}, but model.path in "
-                           f"{os.path.join(workdir, 'config.json')} now holds {base}. Restore the original base "
-                           f"model there (or point model.path in that config.json at a copy of it).")
+        raise CheckpointError(f"{where} was trained on the base weights {meta.get('base')}, but model.path in "
+                              f"{os.path.join(workdir, 'config.json')} now holds {base}. Restore the original base "
+                              f"model there (or point model.path in that config.json at a copy of it).")
     check_compatible(meta, base, leaf_signature(trainable), where)
     try:
         as_numpy = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), trainable)
@@ -223,8 +323,8 @@ def read_trainable(workdir, step, trainable, model_path, complete=()):
             item=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable),
             restore_args=as_numpy)))
     except Exception as e:
-        raise RuntimeError(f"Checkpoint {where} could not be restored: it is corrupted ({type(e).__name__}: "
-                           f"{str(e)[:300]}). Complete steps: {list(complete)}; pass another with --step.") from e
+        raise CheckpointError(f"Checkpoint {where} could not be restored: it is corrupted ({type(e).__name__}: "
+                              f"{_one_line(e)}). Complete steps: {list(complete)}; pass another with --step.") from e
     finally:
         mngr.close()
     return out['params']

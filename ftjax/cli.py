@@ -11,7 +11,9 @@ r"""The one command-line path of every entry point (ftjax.train, sweep, compile_
 
 `run(main)` runs an absl `main(argv)`: a `ftjax.errors.UserError` (or a flags or usage error) prints
 one line, `ftjax: error: <message>`, and exits 2; any other exception keeps its traceback (a bug).
-The console shows ftjax's own log lines (INFO) and only warnings of the libraries underneath.
+The console shows ftjax's own log lines (INFO, as `ftjax: ...`) and only warnings of the libraries
+underneath; `ftjax.logs.Progress` shows the progress of long loops. When stderr is not a terminal (CI, a
+file, `| tee`), the data library's progress bars are off: they would be one long line of carriage returns.
 """
 import ast
 import importlib.util
@@ -247,6 +249,40 @@ def quiet_loggers(level):
     """ftjax's lines at the chosen level (INFO by default), the libraries' at WARNING unless debugging."""
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING if level <= 0 else logging.NOTSET)
+    if not sys.stderr.isatty() and os.environ.get('HF_DATASETS_DISABLE_PROGRESS_BARS') is None:
+        os.environ['HF_DATASETS_DISABLE_PROGRESS_BARS'] = '1'  # read when `datasets` is first imported
+        datasets = sys.modules.get('datasets')  # else already imported (by ftjax.data): switch them off there
+        if datasets is not None:
+            datasets.disable_progress_bars()
+
+
+class ConsoleFormatter(logging.Formatter):
+    """`ftjax: message` for ftjax's own lines, `ftjax: warning: message` for its warnings and
+    `orbax: warning: message` for a library's (absl's prefix of time, thread and file:line only when
+    debugging)."""
+
+    def format(self, record):
+        text = record.getMessage()
+        if record.exc_info:
+            text += '\n' + self.formatException(record.exc_info)
+        level = f'{record.levelname.lower()}: ' if record.levelno >= logging.WARNING else ''
+        return f'{log_source(record)}: {level}{text}'
+
+
+def log_source(record):
+    """The package that logged `record`: 'ftjax', or the library ('orbax', 'jax', ...)."""
+    path = record.pathname.replace(os.sep, '/')
+    if '/site-packages/' in path:
+        return path.split('/site-packages/')[-1].split('/')[0].removesuffix('.py')
+    if record.name not in ('root', 'absl'):
+        return record.name.split('.')[0]
+    return 'ftjax'
+
+
+def console_format(level):
+    """Short log lines on the console unless debugging (then absl's own, with file:line)."""
+    if level <= 0:
+        absl_logging.get_absl_handler().setFormatter(ConsoleFormatter())
 
 
 def error_message(error):
@@ -271,6 +307,7 @@ def run(main, argv=None, use_absl=True):
     a quiet console, and one-line errors for the user's mistakes; exits with main's return value."""
     argv, level = verbosity(list(sys.argv if argv is None else argv))
     quiet_environment(level)
+    quiet_loggers(level)  # again once absl has parsed --verbosity (it sets its own logger's level)
 
     def flags_parser(args):
         try:
@@ -280,6 +317,7 @@ def run(main, argv=None, use_absl=True):
 
     def guarded(args):
         quiet_loggers(level)
+        console_format(level)
         try:
             return main(args)
         except (UserError, app.UsageError, flags.Error) as e:

@@ -1,8 +1,13 @@
 r"""Compile the train step for a mesh before renting it: does it compile, and what does a device hold?
 
+  python -m ftjax.compile_check --config=experiments/quickstart.py --topology=v5e:2x2
   python -m ftjax.compile_check --config=experiments/quickstart.py --topology=data=4,fsdp=2,tensor=1
 
-Sets up data*fsdp*tensor fake CPU devices, builds the model from the checkpoint's config.json (or the
+A TPU topology name (v4:2x2x1, v5e:2x2, v5p:2x2x2, v6e:4x4, ...; needs libtpu: `pip install -e '.[tpu]'`)
+runs the real TPU compiler with no TPU present: the mesh is `config.mesh` over that topology's devices,
+`model.kernels='auto'` picks the TPU kernels (splash attention), and the report adds the chip's HBM,
+whether the step fits, the compiled FLOPs and a roofline estimate of the step time and MFU. Mesh sizes
+(data=4,...) instead set up data*fsdp*tensor fake CPU devices, builds the model from the checkpoint's config.json (or the
 GGUF metadata) with `jax.eval_shape` -- no weights are read --, applies the PEFT method, then lowers and
 compiles the trainer's own train step (`build.jit_train_step`) with the trainer's shardings for that mesh.
 Prints the per-device bytes of trainable params, frozen params and optimizer state, and XLA's memory
@@ -22,17 +27,47 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from jax.experimental import topologies
 
 from ftjax import build, cli, optim, peft, sharding
 from ftjax.config import validate
-from ftjax.models import gguf_io, loading
+from ftjax.errors import EnvironmentSetupError
+from ftjax.models import gguf_io, kernels, loading, packaged
 from ftjax.models.heads import task_of
 from ftjax.state import partition
 
 FLAGS = flags.FLAGS
 cli.define_config_flag()
-flags.DEFINE_string('topology', None, "Mesh to compile for, e.g. 'data=4,fsdp=2,tensor=1' (missing axes are 1).")
+flags.DEFINE_string('topology', None, "A TPU topology ('v5e:2x2', 'v5p:2x2x2'; the mesh is config.mesh over its "
+                    "devices), or fake CPU mesh sizes, e.g. 'data=4,fsdp=2,tensor=1' (missing axes are 1).")
 UNITS = {'GiB': 1 << 30, 'MiB': 1 << 20, 'KiB': 1 << 10}
+# Per chip (one JAX device): HBM bytes, peak dense bf16 FLOP/s, HBM bytes/s (Google Cloud's published specs).
+TPU_CHIPS = {
+    'v4': (32 << 30, 275e12, 1228e9),
+    'v5e': (16 << 30, 197e12, 819e9),
+    'v5p': (95 << 30, 459e12, 2765e9),
+    'v6e': (32 << 30, 918e12, 1640e9),
+}
+
+
+def is_tpu_topology(text):
+    """'v5e:2x2' names a TPU topology; 'data=4,fsdp=2' gives fake CPU mesh sizes."""
+    return bool(text) and '=' not in text and ':' in text
+
+
+def tpu_devices(name):
+    """The devices of the TPU topology `name` (no TPU needed: libtpu's compiler targets them)."""
+    chip = name.split(':')[0].lower()
+    if chip not in TPU_CHIPS:
+        raise ValueError(f"--topology={name!r}: the chip should be one of {sorted(TPU_CHIPS)}, e.g. --topology=v5e:2x2.")
+    os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # another JAX process may hold libtpu's lockfile
+    try:
+        return list(topologies.get_topology_desc(platform='tpu', topology_name=name).devices)
+    except Exception as e:  # no libtpu, or a name libtpu does not know
+        raise EnvironmentSetupError(
+            f"--topology={name!r}: libtpu could not describe this TPU topology ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); install it with `pip install -e '.[tpu]'` and use "
+            f"a name like v5e:2x2 or v5p:2x2x2.") from e
 
 
 def parse_topology(text):
@@ -61,6 +96,7 @@ def use_fake_cpu_devices(n):
 
 def hf_config_of(path):
     """The architecture config of a HF directory, hub name or .gguf file, without reading any weights."""
+    path = packaged.resolve(path)  # 'packaged:smollm2' -> the installed file
     if str(path).endswith('.gguf'):
         return gguf_io.read_gguf_config(path)
     if os.path.isdir(path):
@@ -114,9 +150,10 @@ def _device_bytes(abstract, shardings):
                for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
 
 
-def check(config, topology, devices=None):
-    """Compiles the train step of `config` for the mesh `topology` ({'data': 4, 'fsdp': 2, 'tensor': 1});
-    returns the numbers `main` prints (bytes per device)."""
+def check(config, topology, devices=None, topology_name=None):
+    """Compiles the train step of `config` for the mesh `topology` ({'data': 4, 'fsdp': 2, 'tensor': 1}) over
+    `devices` (this process's by default; a TPU topology's from `tpu_devices`); returns the numbers `main`
+    prints (bytes per device)."""
     n = math.prod(topology.values())
     devices = jax.devices()[:n] if devices is None else devices
     if len(devices) < n:
@@ -124,6 +161,8 @@ def check(config, topology, devices=None):
     config = config.copy_and_resolve_references()  # the caller's config stays as it was
     for axis, size in topology.items():
         config.mesh[axis] = size
+    platform = devices[0].platform
+    config.model.kernels = kernels.resolve(config.model.get('kernels', 'auto'), platform)  # for the target
     validate(config)
     batch_ways = topology['data'] * topology['fsdp']
     if config.train.batch_size % batch_ways:
@@ -146,6 +185,8 @@ def check(config, topology, devices=None):
     out = {
         'mesh': dict(mesh.shape), 'model': str(config.model.path), 'method': config.peft.method,
         'batch': (config.train.batch_size, config.data.max_length), 'compile_s': time.perf_counter() - t0,
+        'platform': platform, 'topology': topology_name, 'devices': n, 'kernels': config.model.kernels,
+        'dtype': str(config.model.dtype), 'frozen_dtype': str(config.model.frozen_dtype),
         'params': sum(math.prod(x.shape) for x in jax.tree.leaves(pre.params)),
         'trainable_params': sum(math.prod(x.shape) for x in jax.tree.leaves(trainable)),
         'trainable_bytes': _device_bytes(abstract_state.trainable, state_sh.trainable),
@@ -154,6 +195,37 @@ def check(config, topology, devices=None):
     }
     for key in ('argument', 'output', 'alias', 'temp', 'generated_code'):
         out[f'{key}_bytes'] = getattr(mem, f'{key}_size_in_bytes', None) if mem is not None else None
+    found = kernels.kernel_names_in(compiled.as_text())
+    out['attention'] = found[0] if found else ('cpu custom VJP' if config.model.kernels == 'cpu' else 'xla')
+    out.update(_estimates(out, compiled.cost_analysis(), pre.config, topology_name))
+    return out
+
+
+def _estimates(r, cost, cfg, topology_name):
+    """Per-device bytes and fit, compiled FLOPs, and (TPU) a roofline estimate of step time and MFU."""
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    a, o, al, t = (r[f'{k}_bytes'] for k in ('argument', 'output', 'alias', 'temp'))
+    total = None if None in (a, o, al, t) else a + o - al + t
+    flops_dev, bytes_dev = cost.get('flops'), cost.get('bytes accessed')
+    out = {'per_device_bytes': {'arguments': a, 'output': o, 'temp': t, 'total': total},
+           'flops_per_step': None if flops_dev is None else flops_dev * r['devices'],
+           'bytes_accessed_per_device': bytes_dev}
+    chip = TPU_CHIPS.get(str(topology_name).split(':')[0].lower()) if topology_name else None
+    if chip is None:
+        return out
+    hbm, peak, bandwidth = chip
+    step_s = max(flops_dev / peak, (bytes_dev or 0) / bandwidth) if flops_dev else None
+    tokens = r['batch'][0] * r['batch'][1]
+    # model FLOPs (PaLM's convention): 2N forward + 2N activation gradients + 2N_trainable weight gradients per
+    # token, plus 12 * layers * heads * head_dim * seq per token for attention (forward and backward)
+    attn = 12 * getattr(cfg, 'num_layers', 0) * getattr(cfg, 'num_heads', 0) * getattr(cfg, 'head_dim', 0) * r['batch'][1]
+    model_flops = tokens * (4 * r['params'] + 2 * r['trainable_params'] + attn)
+    out.update({'hbm_bytes': hbm, 'fits': total is not None and total <= hbm,
+                'estimate': {'step_s': step_s, 'tokens_per_s': tokens / step_s if step_s else None,
+                             'mfu': model_flops / (r['devices'] * peak * step_s) if step_s else None,
+                             'model_flops_per_step': model_flops, 'xla_optimal_s': cost.get('optimal_seconds'),
+                             'basis': 'roofline: max(compiled FLOPs / peak bf16 FLOP/s, bytes accessed / HBM '
+                                      'bandwidth) per device; an estimate, not a measurement'}})
     return out
 
 
@@ -166,32 +238,56 @@ def _size(v):
 
 def format_report(r):
     mesh = ', '.join(f'{k}={v}' for k, v in r['mesh'].items())
-    lines = [f"compile check: {r['model']} ({r['method']}), mesh {mesh} = {math.prod(r['mesh'].values())} devices, "
-             f"global batch {r['batch'][0]} x {r['batch'][1]} tokens; compiled in {r['compile_s']:.1f}s",
-             f"  params: {r['params']:,} ({r['trainable_params']:,} trainable)",
+    target = f"TPU {r['topology']}, " if r.get('topology') else ''
+    compiler = 'TPU compiler' if r['platform'] == 'tpu' else f"{r['platform'].upper()} compiler"
+    lines = [f"compile check: {r['model']} ({r['method']}), {target}mesh {mesh} = {math.prod(r['mesh'].values())} "
+             f"devices, global batch {r['batch'][0]} x {r['batch'][1]} tokens; compiled in {r['compile_s']:.1f}s",
+             f"  params: {r['params']:,} ({r['trainable_params']:,} trainable); compute {r['dtype']}, frozen "
+             f"{r['frozen_dtype']}; kernels {r['kernels']}, attention: {r['attention']}",
              'per device:',
              f"  trainable params      {_size(r['trainable_bytes'])}",
              f"  frozen params         {_size(r['frozen_bytes'])}",
              f"  optimizer state       {_size(r['optimizer_bytes'])}",
-             'compiled train step, per device (XLA memory analysis, CPU compiler):',
+             f'compiled train step, per device (XLA memory analysis, {compiler}):',
              f"  arguments             {_size(r['argument_bytes'])}",
              f"  outputs               {_size(r['output_bytes'])}  ({_size(r['alias_bytes'])} aliased to donated "
              f"arguments)",
              f"  temporaries           {_size(r['temp_bytes'])}",
              f"  generated code        {_size(r['generated_code_bytes'])}"]
-    if None not in (r['argument_bytes'], r['output_bytes'], r['alias_bytes'], r['temp_bytes']):
-        peak = r['argument_bytes'] + r['output_bytes'] - r['alias_bytes'] + r['temp_bytes']
-        lines.append(f"  total (args + outputs - aliased + temporaries)  {_size(peak)}")
+    total = r['per_device_bytes']['total']
+    if total is not None:
+        lines.append(f"  total (args + outputs - aliased + temporaries)  {_size(total)}")
+    if 'hbm_bytes' in r:
+        e = r['estimate']
+        lines.append(f"  HBM per chip          {_size(r['hbm_bytes'])}: fits: {str(r['fits']).lower()}")
+        if r['flops_per_step']:
+            lines.append(f"compiled FLOPs per step {r['flops_per_step']:.3e}; estimated (roofline, not measured): "
+                         f"step {e['step_s']:.3f} s, {e['tokens_per_s']:,.0f} tokens/s, MFU {e['mfu']:.0%}")
     return '\n'.join(lines)
+
+
+def summary_json(r):
+    """The last line `main` prints: the report's headline numbers as one JSON object."""
+    keys = ('platform', 'topology', 'devices', 'mesh', 'model', 'method', 'batch', 'kernels', 'attention',
+            'per_device_bytes', 'hbm_bytes', 'fits', 'flops_per_step', 'estimate', 'compile_s')
+    return json.dumps({k: r[k] for k in keys if k in r})
 
 
 def main(argv):
     del argv
     if FLAGS.topology is None:
-        raise app.UsageError('--topology is required, e.g. --topology=data=4,fsdp=2,tensor=1.')
-    topology = parse_topology(FLAGS.topology)
-    use_fake_cpu_devices(math.prod(topology.values()))
-    print(format_report(check(FLAGS.config, topology)), flush=True)
+        raise app.UsageError('--topology is required, e.g. --topology=v5e:2x2 or --topology=data=4,fsdp=2,tensor=1.')
+    if is_tpu_topology(FLAGS.topology):
+        jax.config.update('jax_platforms', 'cpu')  # the host runs on its CPU; the program is compiled for the TPU
+        devices = tpu_devices(FLAGS.topology)
+        sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(FLAGS.config.mesh, len(devices))))
+        report = check(FLAGS.config, sizes, devices, topology_name=FLAGS.topology)
+    else:
+        topology = parse_topology(FLAGS.topology)
+        use_fake_cpu_devices(math.prod(topology.values()))
+        report = check(FLAGS.config, topology)
+    print(format_report(report), flush=True)
+    print(summary_json(report), flush=True)
 
 
 if __name__ == '__main__':

@@ -140,6 +140,9 @@ SCHEMA = [
       "docs/performance.md)", one_of('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
                                      'everything_saveable')),
     K('model.scan_unroll', 1, 'blocks unrolled per step of the layer scan', POSITIVE_INT),
+    K('model.kernels', 'auto', "matmul/attention/loss kernels (ftjax/models/kernels.py): 'auto' = 'cpu' on the "
+      "CPU (custom VJPs), 'splash' on TPU, 'cudnn' on GPU; 'xla' = plain XLA everywhere",
+      one_of('auto', 'cpu', 'xla', 'splash', 'cudnn')),
     K('model.num_labels', None, 'classification head size for encoders (None: no head)', POSITIVE_INT, kind=int),
     K('model.pooling', 'cls', 'how an encoder pools tokens for the classification head', one_of('cls', 'mean')),
     K('model.adapter', None, 'start from a PEFT LoRA adapter directory', kind=str),
@@ -190,7 +193,10 @@ SCHEMA = [
     K('train.nan_policy', 'halt', 'on a non-finite loss: stop, or skip the update', one_of('halt', 'skip')),
     K('train.max_nan_skips', 5, 'skip: halt after this many bad steps in a row', NON_NEGATIVE),
     K('train.loss_chunk', 512, 'LM loss over the vocabulary in chunks of this many tokens', POSITIVE_INT),
-    K('train.resume_step', None, 'resume from this step instead of the latest', NON_NEGATIVE, kind=int),
+    K('train.resume_step', None, 'resume from this complete step instead of the latest (newer ones are moved to '
+      'checkpoints_aside/)', NON_NEGATIVE, kind=int),
+    K('train.allow_config_change', False, "continue a workdir's run with a config that differs from its "
+      'config.json (the old one is kept as config.<time>.json)'),
     # --- eval: generation on held-out prompts (decoders) ---
     K('eval.generate', 0, 'answer this many eval prompts greedily before and after training; 0 = off',
       NON_NEGATIVE),
@@ -205,6 +211,17 @@ SCHEMA = [
     K('mesh.tensor', 1, 'tensor-parallel axis size', AXIS_SIZE),
     K('mesh.rules', [list(r) for r in DEFAULT_RULES], 'logical axis -> mesh axes; the first matching, '
       'unused mesh axis wins', RULES),
+    # --- align: preference optimisation (data.format='preference'; ftjax/preference.py) ---
+    K('align.loss', 'dpo', 'preference loss: dpo (sigmoid), ipo, simpo (reference-free), orpo (SFT + odds ratio, '
+      'reference-free)', one_of('dpo', 'ipo', 'simpo', 'orpo')),
+    K('align.beta', 0.1, 'dpo / ipo / simpo: beta (dpo: KL strength; ipo: tau; simpo: reward scale, ~2)', POSITIVE),
+    K('align.label_smoothing', 0.0, 'dpo / simpo: probability that a pair is flipped (conservative DPO)',
+      _range('[0, 0.5)', lambda v: 0 <= v < 0.5, 'in [0, 0.5)')),
+    K('align.simpo_gamma', 0.5, 'simpo: target reward margin gamma', NON_NEGATIVE),
+    K('align.orpo_lambda', 0.1, 'orpo: weight of the odds-ratio term beside the SFT loss', POSITIVE),
+    K('align.reference', 'auto', 'dpo / ipo reference: adapters_off (LoRA / DoRA: the base in the same step), '
+      'precomputed (base log-probs of every pair before training), auto (by peft.method)',
+      one_of('auto', 'adapters_off', 'precomputed')),
     # --- data: where it comes from ---
     K('data.path', None, "hub name, a file, a glob ('data/*.jsonl') or a directory", kind=str, required=True),
     K('data.name', None, "hub config name (e.g. 'sst2' of 'nyu-mll/glue')", kind=str),
@@ -215,15 +232,18 @@ SCHEMA = [
       one_of('line', 'paragraph', 'document')),
     # --- data: what an example looks like ---
     K('data.format', 'chat', 'how a row becomes tokens and an answer mask',
-      one_of('alpaca', 'chat', 'prompt_completion', 'text', 'classification')),
+      one_of('alpaca', 'chat', 'prompt_completion', 'text', 'classification', 'preference')),
     K('data.fields.instruction', 'instruction', "alpaca: column of the instruction ('a|b': the first present)"),
     K('data.fields.input', 'input', 'alpaca: column of the optional input (missing or None: no input)'),
     K('data.fields.output', 'output', 'alpaca: column of the answer'),
     K('data.fields.messages', 'messages|conversations', 'chat: column of the list of {role, content}'),
     K('data.fields.role', 'role|from', "chat: key of the role inside a message (ShareGPT: 'from', human/gpt)"),
     K('data.fields.content', 'content|value', "chat: key of the text inside a message (ShareGPT: 'value')"),
-    K('data.fields.prompt', 'prompt', 'prompt_completion: column of the prompt'),
+    K('data.fields.prompt', 'prompt', 'prompt_completion, preference: column of the prompt (preference: text or '
+      'a list of messages)'),
     K('data.fields.completion', 'completion', 'prompt_completion: column of the answer'),
+    K('data.fields.chosen', 'chosen', 'preference: column of the preferred answer'),
+    K('data.fields.rejected', 'rejected', 'preference: column of the dispreferred answer'),
     K('data.fields.text', 'text', 'text, classification: column of the text'),
     K('data.fields.text_pair', None, 'classification: column of the second sentence (None: single text)',
       kind=str),
@@ -232,8 +252,10 @@ SCHEMA = [
     K('data.prompt_template_no_input', ALPACA_TEMPLATE_NO_INPUT,
       'alpaca: prompt of rows whose input is empty (None: prompt_template)', optional=True),
     K('data.prompt_separator', '', "prompt_completion: text appended to the prompt (e.g. '\\n'); no loss on it"),
-    K('data.use_chat_template', False, 'alpaca / prompt_completion: render as a user + assistant turn'),
-    K('data.add_eos', True, 'alpaca / prompt_completion / text: append EOS after the answer (it is learned)'),
+    K('data.use_chat_template', False, 'alpaca / prompt_completion / preference (text prompt): render as a user + '
+      'assistant turn'),
+    K('data.add_eos', True, 'alpaca / prompt_completion / text / preference: append EOS after the answer (it is '
+      'learned)'),
     K('data.label_names', None, 'classification: string labels, index = class id', kind=list),
     K('data.num_labels', None, 'classification classes (None: len(label_names) or max label + 1)',
       POSITIVE_INT, kind=int),
@@ -241,7 +263,8 @@ SCHEMA = [
     K('data.max_length', 512, 'tokens per row: the model sees [batch, max_length]', AT_LEAST_2),
     K('data.truncation', 'right', 'too long: keep the first tokens, keep the last (the answer survives), or '
       'drop the example (counted in stats)', one_of('right', 'left', 'drop')),
-    K('data.packing', True, 'LM formats: several examples per row, attention and loss kept within each'),
+    K('data.packing', True, 'LM formats: several examples per row, attention and loss kept within each '
+      '(preference: always one pair per row, its two sequences as two segments)'),
     K('data.text_chunking', True, 'text: concatenate all rows (EOS between) and cut max_length chunks'),
     K('data.text_stride', None, 'text chunks start every text_stride tokens (None: max_length)', POSITIVE_INT,
       kind=int),
@@ -262,6 +285,7 @@ SECTIONS = {'model': 'The base model and its numerics.', 'peft': 'Which paramete
             'optim': 'Optimizer and learning-rate schedule.', 'train': 'The training loop.',
             'eval': 'Generation-based evaluation on held-out prompts (decoders).',
             'mesh': 'Device mesh (data, fsdp, tensor) and sharding rules.',
+            'align': 'Preference optimisation (DPO, IPO, SimPO, ORPO) on `data.format=preference` pairs.',
             'data': 'The data pipeline: source, format, length, bad rows, eval split.'}
 
 

@@ -33,6 +33,10 @@ class MissingFileError(UserError, FileNotFoundError):
     """A path the user gave (model, data, workdir, checkpoint) does not exist."""
 
 
+class OutputExistsError(UserError, FileExistsError):
+    """An output directory (an export's --out) already holds files."""
+
+
 class WorkdirError(UserError, RuntimeError):
     """The workdir belongs to another run, or is not a directory."""
 

@@ -14,6 +14,8 @@ import numpy as np
 
 from ftjax import data as data_lib
 from ftjax.decoding import generate_text
+from ftjax.errors import ConfigError
+from ftjax.logs import Progress
 
 NUMBER = re.compile(r'-?\d[\d,]*\.?\d*')
 
@@ -34,12 +36,20 @@ def eval_batches(dataset, batch_size, limit=0):
         yield data_lib.take_rows(dataset, np.where(valid, idx, 0), valid)
 
 
+def num_eval_batches(dataset, batch_size, limit=0):
+    steps = math.ceil(len(dataset) / batch_size)
+    return min(steps, limit) if limit else steps
+
+
 def eval_split(p_eval, state, dataset, config, batch_sh, task):
     """Eval loss / perplexity / token accuracy (LM) or accuracy / F1 (classification)."""
     sums = {}
     preds, labels = [], []
-    for batch in eval_batches(dataset, config.train.batch_size, config.train.eval_batches):
+    total = num_eval_batches(dataset, config.train.batch_size, config.train.eval_batches)
+    progress = Progress('eval', total, unit='batches', min_interval_s=10.0, leave=False)
+    for i, batch in enumerate(eval_batches(dataset, config.train.batch_size, config.train.eval_batches)):
         out = jax.device_get(p_eval(state, data_lib.to_global(batch, batch_sh)))
+        progress.update(i + 1)
         for k, v in out.items():
             if k in ('pred', 'label'):
                 continue
@@ -48,9 +58,13 @@ def eval_split(p_eval, state, dataset, config, batch_sh, task):
             keep = batch['valid'] if 'valid' in batch else np.ones(len(batch['label']), bool)
             preds.append(np.asarray(out['pred'])[keep])
             labels.append(np.asarray(batch['label'])[keep])
+    progress.close()
     count = max(sums.get('count', 0.0), 1.0)
     loss = sums.get('loss_sum', 0.0) / count
     result = {'eval/loss': loss, 'eval/accuracy': sums.get('correct', 0.0) / count}
+    for k in sorted(sums):  # other per-example sums of the eval step, e.g. preference 'rewards/margin_sum'
+        if k.endswith('_sum') and k != 'loss_sum':
+            result[f'eval/{k[:-4]}'] = sums[k] / count
     if task == 'lm':
         result['eval/perplexity'] = float(math.exp(min(loss, 50.0)))
     else:
@@ -71,20 +85,24 @@ def macro_f1(pred, label):
 # --- generation-based eval ----------------------------------------------------------------------------------
 
 
-def generation_eval(pre, state, config):
-    """Greedy answers to the first `eval.generate` prompts of `data.eval_path`, scored by `eval.scorer`."""
+def generation_eval(pre, state, config, desc='generation eval'):
+    """Greedy answers to the first `eval.generate` prompts of `data.eval_path`, scored by `eval.scorer`;
+    `desc` names the model on the progress display ('base model answers', ...)."""
     if not config.data.eval_path:
-        raise ValueError("config.eval.generate > 0 needs config.data.eval_path (a json/jsonl file of held-out "
-                         "examples) to take prompts and reference answers from.")
+        raise ConfigError("config.eval.generate > 0 needs config.data.eval_path (a json/jsonl file of held-out "
+                          "examples) to take prompts and reference answers from; set it or --config.eval.generate=0.")
     rows = read_rows(data_lib.locations.resolve(config.data.eval_path, 'data.eval_path'))[:config.eval.generate]
     pairs = prompts_and_references(rows, config.data)
     current = dataclasses.replace(pre, params=jax.device_get(state.params()))
-    return generate_and_score(current, pairs, config.eval.scorer, config.eval.max_new_tokens, config.eval.batch_size)
+    return generate_and_score(current, pairs, config.eval.scorer, config.eval.max_new_tokens, config.eval.batch_size,
+                              desc=desc)
 
 
-def generate_and_score(pre, pairs, scorer='exact', max_new_tokens=64, batch_size=8):
-    """Greedy answers for each (prompt, reference); returns exact-match rate and the samples."""
+def generate_and_score(pre, pairs, scorer='exact', max_new_tokens=64, batch_size=8, desc=None):
+    """Greedy answers for each (prompt, reference); returns exact-match rate and the samples (each sample's
+    'prompt' is the prompt's last user message, or the whole prompt text). `desc`: show progress, per batch."""
     hits, samples = [], []
+    progress = Progress(desc, len(pairs), unit='prompts', announce=True) if desc else None
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         prompts = [p for p, _ in chunk]  # message lists get the chat template (once, in generate_text)
@@ -92,9 +110,20 @@ def generate_and_score(pre, pairs, scorer='exact', max_new_tokens=64, batch_size
         for (p, ref), ans in zip(chunk, answers):
             ok = score(scorer, ans, ref)
             hits.append(ok)
-            samples.append({'prompt': p[-1]['content'] if not isinstance(p, str) else p, 'answer': ans,
-                            'reference': ref, 'correct': bool(ok)})
+            samples.append({'prompt': last_user_message(p), 'answer': ans, 'reference': ref, 'correct': bool(ok)})
+        if progress is not None:
+            progress.update(len(hits), **{'exact': f'{int(np.sum(hits))}/{len(hits)}'})
+    if progress is not None:
+        progress.close()
     return {'exact_match': float(np.mean(hits)) if hits else 0.0, 'n': len(hits), 'samples': samples}
+
+
+def last_user_message(prompt):
+    """The text a person wrote: the last user message of a chat prompt, or the prompt text itself."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m['content'] for m in prompt if m.get('role') == 'user']
+    return users[-1] if users else prompt[-1]['content']
 
 
 def prompts_and_references(rows, data_cfg):
@@ -119,7 +148,7 @@ def score(kind, prediction, reference):
     if kind == 'last_number':
         p, r = last_number(prediction), last_number(reference)
         return p is not None and r is not None and abs(p - r) < 1e-6
-    raise ValueError(f"eval scorer {kind!r} is not one of 'exact', 'json', 'last_number'.")
+    raise ConfigError(f"config.eval.scorer={kind!r} is not one of 'exact', 'json', 'last_number'.")
 
 
 def last_number(text):

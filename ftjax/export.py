@@ -3,7 +3,9 @@
   python -m ftjax.export --workdir=DIR --out=DIR --format=hf|peft [--step=N] [--dtype=bfloat16|float32]
 
 exports a training run's latest complete checkpoint (or step N); it only reads the workdir, so it is safe
-beside a training that is still running, and a run trained on any mesh exports on a single host.
+beside a training that is still running, and a run trained on any mesh exports on a single host. A base
+model read from a quantized GGUF file is exported dequantized (float32 unless --dtype says otherwise);
+the export says so, with both sizes. Errors are one line (`ftjax.cli`), exit code 2.
 
 Python API:
   export_hf(pre, out_dir, dtype='float32')  merged weights (LoRA/DoRA folded in) as a Hugging Face directory:
@@ -18,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,8 @@ from absl import app, flags
 from etils import epath
 
 from ftjax import build, cli
-from ftjax.models import adapters, convert
+from ftjax.errors import ConfigError, MissingFileError, ModelError, OutputExistsError
+from ftjax.models import adapters, convert, gguf_io
 from ftjax.models.convert import hf_rows, layer_names, linear_modules
 from ftjax.models.loading import Pretrained
 from ftjax.peft.adapter_io import LORA_TENSORS, PEFT_PREFIX, peft_task
@@ -58,14 +60,14 @@ def peft_target_modules(all_modules, adapted):
 def _np_dtype(dtype):
     try:
         return np.dtype(jnp.dtype(dtype))
-    except TypeError as e:
-        raise ValueError(f"dtype={dtype!r}: use 'float32', 'bfloat16' or 'float16'.") from e
+    except TypeError:
+        raise ConfigError(f"dtype={dtype!r}: use 'float32', 'bfloat16' or 'float16'.") from None
 
 
 def _prepare_out_dir(out_dir):
     if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"Output directory {out_dir!r} is not empty; export into a new (or empty) directory "
-                              f"so that no stale weight files are left beside the new ones.")
+        raise OutputExistsError(f"--out={out_dir}: the directory is not empty; export into a new (or empty) "
+                                f"directory so that no stale weight files are left beside the new ones.")
     os.makedirs(out_dir, exist_ok=True)
 
 
@@ -86,6 +88,9 @@ def export_hf(pre: Pretrained, out_dir, dtype='float32', max_shard_bytes=DEFAULT
     params = jax.device_get(adapters.merge(pre.params, cfg.lora) if cfg.lora is not None else pre.params)
     tensors = {k: v.astype(np_dtype) for k, v in convert.params_to_hf(params, rows + head, cfg.num_layers).items()}
     _prepare_out_dir(out_dir)
+    note = dequantization_note(pre.path, sum(a.nbytes for a in tensors.values()), np_dtype)
+    if note:
+        logging.info('%s', note)
     write_safetensors(tensors, out_dir, max_shard_bytes)
     _write_json(os.path.join(out_dir, 'config.json'), hf_config_dict(pre, np_dtype.name))
     if pre.tokenizer is not None:
@@ -96,6 +101,28 @@ def export_hf(pre: Pretrained, out_dir, dtype='float32', max_shard_bytes=DEFAULT
         write_generation_config(pre, out_dir)
     logging.info('Exported %d tensors (%s) to %s.', len(tensors), np_dtype.name, out_dir)
     return out_dir
+
+
+def dequantization_note(path, export_bytes, np_dtype):
+    """One line when the base model came from a quantized GGUF file (the export holds its weights
+    dequantized, several times larger), else None."""
+    if not str(path or '').endswith('.gguf') or not os.path.isfile(path):
+        return None
+    kinds = gguf_io.quantization(path)
+    if not kinds:
+        return None
+    note = (f'the base was a {kinds[0]} GGUF ({_size(os.path.getsize(path))}); the export holds its weights '
+            f'dequantized to {np_dtype.name} (~{_size(export_bytes)})')
+    if np_dtype.itemsize == 4:
+        note += '; pass --dtype=bfloat16 to halve it'
+    return note + '.'
+
+
+def _size(nbytes):
+    for unit, size in (('GB', 1e9), ('MB', 1e6), ('KB', 1e3)):
+        if nbytes >= size:
+            return f'{nbytes / size:.0f} {unit}' if nbytes >= 10 * size else f'{nbytes / size:.1f} {unit}'
+    return f'{nbytes} B'
 
 
 def write_safetensors(tensors, out_dir, max_shard_bytes, stem='model'):
@@ -164,8 +191,8 @@ def export_peft(pre: Pretrained, out_dir, dtype='float32'):
     """
     cfg, spec = pre.config, pre.config.lora
     if spec is None:
-        raise ValueError(f"{pre.path}: the model has no LoRA adapters (config.lora is None), so there is no adapter "
-                         f"to export; export the full weights with export_hf (--format=hf).")
+        raise ConfigError(f"{pre.path}: the model has no LoRA adapters (config.lora is None), so there is no "
+                          f"adapter to export; export the full weights with export_hf (--format=hf).")
     rows, head = hf_rows(cfg)
     body, head_modules = linear_modules(rows), linear_modules(head)
     params = dict(pre.params)
@@ -175,7 +202,8 @@ def export_peft(pre: Pretrained, out_dir, dtype='float32'):
     adapted = adapters.adapted_paths(params)
     missing = [p for p in adapted if p not in body]
     if missing:
-        raise ValueError(f"Adapters on {['/'.join(p) for p in missing]} have no transformers module to attach to.")
+        raise ModelError(f"Adapters on {['/'.join(p) for p in missing]} have no transformers module to attach to; "
+                         f"export the merged weights with --format=hf.")
     tensors = {}
     for path in adapted:
         mod = jax.device_get(get_path(params, path))
@@ -218,27 +246,27 @@ def check_peft_run(pre, workdir, run_config=None):
     """`--format=peft` needs a LoRA/DoRA run that changed nothing but adapters (and a classifier's head)."""
     method = getattr(pre, 'method', None) or (run_config.peft.method if run_config is not None else None)
     if pre is None or pre.config.lora is None or method not in ('lora', 'dora'):
-        raise ValueError(f"--format=peft exports LoRA adapters, but {workdir} is a peft.method={method!r} run: its "
-                         f"base weights changed, which an adapter cannot carry. Export it with --format=hf "
-                         f"(merged weights).")
+        raise ConfigError(f"--format=peft exports LoRA adapters, but {workdir} is a peft.method={method!r} run: its "
+                          f"base weights changed, which an adapter cannot carry. Export it with --format=hf "
+                          f"(merged weights).")
     if run_config is not None:
         p = run_config.peft
         extra = [k for k, v in (('peft.trainable', list(p.get('trainable', []))), ('peft.norms', p.get('norms')),
                                 ('peft.biases', p.get('biases')), ('peft.embeddings', p.get('embeddings')),
                                 ('peft.last_n_blocks', p.get('last_n_blocks'))) if v]
         if extra:
-            raise ValueError(f"--format=peft: {workdir} also trained {', '.join(extra)}, which a LoRA adapter cannot "
-                             f"carry. Export it with --format=hf (merged weights).")
+            raise ConfigError(f"--format=peft: {workdir} also trained {', '.join(extra)}, which a LoRA adapter "
+                              f"cannot carry. Export it with --format=hf (merged weights).")
 
 
 def export(workdir, out_dir, format='hf', step=None, dtype='float32'):
     """What the command line does: restores the run's checkpoint (latest complete one, or `step`) and exports it."""
     if format not in ('hf', 'peft'):
-        raise ValueError(f"--format={format!r}: choose 'hf' (merged weights) or 'peft' (the adapter alone).")
+        raise ConfigError(f"--format={format!r}: choose 'hf' (merged weights) or 'peft' (the adapter alone).")
     _np_dtype(dtype)
     if not epath.Path(workdir).is_dir():
-        raise FileNotFoundError(f"--workdir={workdir!r} does not exist; pass the directory given to "
-                                f"`python -m ftjax.train --workdir=...`.")
+        raise MissingFileError(f"--workdir={workdir} does not exist; pass the directory given to "
+                               f"`python -m ftjax.train --workdir=...`.")
     run_config = None
     if (epath.Path(workdir) / 'config.json').exists():
         run_config = load_workdir_config(workdir)
@@ -270,11 +298,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments {argv[1:]}.")
     fv = flags.FLAGS
-    try:
-        out = export(fv.workdir, fv.out, fv.format, fv.step, fv.dtype)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-        sys.exit(f"ftjax.export: {e}")
-    print(out)
+    print(export(fv.workdir, fv.out, fv.format, fv.step, fv.dtype))
 
 
 if __name__ == '__main__':

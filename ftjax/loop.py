@@ -1,25 +1,26 @@
 """`train_and_evaluate(config, workdir)`: the one training loop for every fine-tuning mode.
 
-validate the config -> workdir -> mesh -> model + PEFT method (`ftjax.build`) -> data -> sharded state ->
-restore if a checkpoint exists -> jitted train steps with periodic eval (`ftjax.evaluate`), metrics,
-checkpoints and preemption handling.
+validate the config -> check the workdir (a finished run stops here) -> validate the data (no model yet) ->
+mesh -> model + PEFT method (`ftjax.build`) -> data -> sharded state -> restore the newest good checkpoint
+(`checkpoint.resume`) -> config.json (the workdir is now this run's) -> jitted train steps with periodic
+eval (`ftjax.evaluate`), metrics, checkpoints and preemption handling.
 """
 import logging
+import sys
 import time
 
 import flax.linen as nn
 import jax
 import numpy as np
-from etils import epath
 
-from ftjax import checkpoint, data as data_lib, evaluate, logs, optim, sharding
+from ftjax import checkpoint, data as data_lib, evaluate, logs, optim, preference, sharding
 from ftjax import state as state_lib
-from ftjax.build import build_model_and_mask, jit_train_step, sharded_state
+from ftjax.build import build_data, build_model_and_mask, jit_train_step, sharded_state
 from ftjax.config import validate
 from ftjax.errors import EXIT_PREEMPTED
 from ftjax.models.heads import task_of
-from ftjax.train_step import make_eval_step
-from ftjax.workdir import prepare_workdir, write_summary
+from ftjax.train_step import is_preference, make_eval_step
+from ftjax.workdir import check_workdir, commit_config, finished_summary, write_summary
 
 
 def _meta(config, it, base_ref, trainable_sig, step):
@@ -35,15 +36,21 @@ def train_and_evaluate(config, workdir, stop_at=None):
     t_start = time.time()
     validate(config)
     primary = jax.process_index() == 0
-    prepare_workdir(config, workdir, primary)
+    owner = check_workdir(config, workdir)  # a file, another run's workdir: refused before anything loads
+    done = finished_summary(owner, config)
+    if done is not None:
+        if primary:
+            print(f"ftjax: {workdir} is finished: step {done['step']} of {done['step']} (summary in "
+                  f"{workdir}/summary.json); nothing to do. Raise --config.train.steps to continue it.", flush=True)
+        return dict(done, exit_code=0)
+    data_lib.validate_data(config.data, num_labels=config.model.num_labels)  # files, columns, labels: seconds
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh.rules)
     logging.info('Mesh %s over %d devices (%d processes)', dict(mesh.shape), mesh.size, jax.process_count())
 
     pre, mask = build_model_and_mask(config)
     task = task_of(pre.config)
-    train_data = data_lib.build_dataset(config.data, pre.tokenizer, 'train')
-    eval_data = data_lib.build_dataset(config.data, pre.tokenizer, 'eval')
+    train_data, eval_data = build_data(config, pre)
     it = data_lib.make_iterator(train_data, config.train.batch_size, config.train.seed,
                                 shuffle=config.data.shuffle, process_index=jax.process_index(),
                                 process_count=jax.process_count())
@@ -58,22 +65,19 @@ def train_and_evaluate(config, workdir, stop_at=None):
     mngr = checkpoint.make_manager(workdir, config.train)
     base_ref = checkpoint.base_reference(config.model.path)
     trainable_sig = checkpoint.leaf_signature(state.trainable)
-    start = 0
-    resume_step = config.train.get('resume_step', None) or mngr.latest_step()
-    if resume_step is not None:
-        meta = checkpoint.read_meta(mngr, resume_step) if (
-            epath.Path(checkpoint.step_dir(mngr, resume_step)) / 'meta').exists() else {}
-        checkpoint.check_compatible(meta, base_ref, trainable_sig, checkpoint.step_dir(mngr, resume_step))
-        state, meta = checkpoint.restore(mngr, resume_step, state)
+    state, meta, start, note = checkpoint.resume(mngr, workdir, config.train, state, base_ref, trainable_sig, primary)
+    if meta is not None:
         it.restore(meta['data'])
-        start = int(resume_step)
-        logging.info('Resumed from %s', checkpoint.step_dir(mngr, resume_step))
+        logging.info('Resumed from %s', checkpoint.step_dir(mngr, start))
+    if note and primary:
+        print(f'ftjax: {note}', flush=True)
+    commit_config(config, owner, primary)  # the run fits the workdir: config.json is now this run's
 
     p_step = jit_train_step(pre.model, config, tx, schedule, state_sh, batch_sh)
     eval_fn = make_eval_step(pre.model, config)
     p_eval = jax.jit(lambda s, b: eval_fn(s.params(), b), in_shardings=(state_sh, batch_sh))
     key = jax.random.key(config.train.seed)
-    log = logs.MetricsLog(workdir, config.train.steps, start)
+    log = logs.MetricsLog(workdir, config.train.steps, start, log_every=config.train.log_every)
     preempt = checkpoint.Preemption(mngr)
     if primary:
         print(f'ftjax: {config.peft.method} fine-tuning of {config.model.path}: {n_trainable:,} of {n_total:,} '
@@ -84,16 +88,23 @@ def train_and_evaluate(config, workdir, stop_at=None):
     before = None
     if gen_eval and start == 0:
         with jax.set_mesh(mesh):
-            before = evaluate.generation_eval(pre, state, config)
+            before = evaluate.generation_eval(pre, state, config, desc='base model answers')
         log.write(0, {'gen/exact_match': before['exact_match']})
         print(f"ftjax: base model exact match {before['exact_match']:.1%} on {before['n']} held-out prompts",
               flush=True)
+    pref_before = None
+    if is_preference(config) and eval_data is not None and start == 0:  # held-out pairs before training
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            pref_before = evaluate.eval_split(p_eval, state, eval_data, config, batch_sh, task)
+        log.write(0, pref_before)
+        result.update({f'{k}_base': v for k, v in pref_before.items()})
     last = {}
     bad_in_a_row = 0
     compile_s = None
     train_tokens, train_time = 0, 0.0
     meter = logs.Throughput()
     tokens_per_batch = config.train.batch_size * config.data.max_length
+    log.progress(start)  # the progress display (and its ETA clock) starts here
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for step in range(start, config.train.steps):
             if preempt.should_stop(step) or step == stop_at:
@@ -132,11 +143,14 @@ def train_and_evaluate(config, workdir, stop_at=None):
             last = {k: float(np.asarray(v)) for k, v in metrics.items()}
             evals = {}
             if eval_data is not None and (done % config.train.eval_every == 0 or done == config.train.steps):
-                evals = evaluate.eval_split(p_eval, state, eval_data, config, batch_sh, task)
+                with meter.paused():  # tokens/s is the training's
+                    evals = evaluate.eval_split(p_eval, state, eval_data, config, batch_sh, task)
             if done % config.train.log_every == 0 or done == config.train.steps or evals:
                 row = dict(last, tokens_per_s=meter.rate() if done > start + 1 else 0.0, **evals)
                 log.write(done, row)
                 log.progress(done, last.get('loss'), row['tokens_per_s'])
+            if evals:
+                log.note(f'ftjax: step {done}: {format_metrics(evals)}')
             if done % config.train.checkpoint_every == 0 or done == config.train.steps:
                 checkpoint.save(mngr, done, state, _meta(config, it, base_ref, trainable_sig, done),
                                 metrics=evals or None, force=done == config.train.steps)
@@ -147,7 +161,7 @@ def train_and_evaluate(config, workdir, stop_at=None):
     finished = result['exit_code'] == 0 and result['step'] == config.train.steps
     if gen_eval and finished:
         with jax.set_mesh(mesh):
-            after = evaluate.generation_eval(pre, state, config)
+            after = evaluate.generation_eval(pre, state, config, desc='fine-tuned model answers')
         log.write(result['step'], {'gen/exact_match': after['exact_match']})
         for s in after['samples'][:config.eval.log_samples]:
             log.text(result['step'], 'samples', f"{s['prompt']}\n\n-> {s['answer']}")
@@ -158,20 +172,35 @@ def train_and_evaluate(config, workdir, stop_at=None):
     wall = time.time() - t_start
     result['wall_s'] = wall
     if gen_eval and finished and primary and before is not None:
-        print_before_after(before, after, result)
+        print_before_after(before, after, result, config.eval.log_samples)
+    if pref_before is not None and finished and primary:
+        print(preference.before_after(pref_before, result), flush=True)
     if primary and result['exit_code'] == 0:
-        ev = ', '.join(f'{k}={v:.4f}' for k, v in result.items() if k.startswith('eval/'))
-        print(f"ftjax: done. step {result['step']}, loss {result['loss']}, {ev}, wall {wall:.0f}s", flush=True)
+        ev = format_metrics({k: v for k, v in result.items() if k.startswith('eval/')})
+        loss = logs.significant(result['loss']) if result['loss'] is not None else 'n/a'
+        print(f"ftjax: done. step {result['step']}, loss {loss}{', ' + ev if ev else ''}, wall {wall:.0f}s",
+              flush=True)
         write_summary(workdir, result)
     return result
 
 
-def print_before_after(before, after, result):
+def print_before_after(before, after, result, samples=3):
     rows = [('base model', before['exact_match'], 0, '', ''),
             ('fine-tuned', after['exact_match'], result['step'], f"{result.get('tokens_per_s', 0):,.0f}",
              f"{result['wall_s']:.0f}")]
     print(f"\n| model | exact match (n={after['n']}) | steps | train tokens/s | wall s |\n|---|---|---|---|---|")
     for name, em, steps, tps, wall in rows:
         print(f'| {name} | {em:.1%} | {steps} | {tps} | {wall} |')
-    for s in after['samples'][:3]:
-        print(f"\nprompt: {s['prompt'][-160:]}\nanswer: {s['answer']}\nreference: {s['reference']}")
+    for s in after['samples'][:samples]:  # whole: the prompt's last user message, the answer, the reference
+        print(f"\nprompt: {_indented(s['prompt'])}\nanswer: {_indented(s['answer'])}\n"
+              f"reference: {_indented(s['reference'])}")
+    sys.stdout.flush()
+
+
+def _indented(text):
+    return str(text).replace('\n', '\n  ')  # continuation lines indented under the label
+
+
+def format_metrics(metrics):
+    """{'eval/loss': 0.29481, ...} -> 'eval/loss 0.2948, ...' (4 significant digits)."""
+    return ', '.join(f'{k} {logs.significant(v)}' for k, v in metrics.items())

@@ -6,8 +6,12 @@ the target logit, and dropping the logits again. Under differentiation the same 
 each chunk's gradient (softmax minus one-hot, times the head), so the backward pass neither keeps
 nor recomputes any logits: one vocabulary projection per chunk in the forward pass, one or two
 (hidden, and the head when it trains) for the gradient. The batch axis stays whole (it is the
-sharded one).
+sharded one), so a chunk is sized in tokens *per device*: `batch_shards` is how many ways the
+batch axis is split (`ftjax.sharding.batch_shards`), and each device's vocabulary matmul sees about
+`chunk_tokens` tokens however many devices share the batch.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -29,19 +33,28 @@ def _project(h, head):
     return jnp.einsum('bne,ev->bnv', h, head, preferred_element_type=jnp.float32)
 
 
-def lm_loss(hidden, head_kernel, targets, loss_mask, chunk_tokens: int = 512):
+def chunk_positions(batch: int, seq: int, chunk_tokens: int, batch_shards: int = 1) -> int:
+    """Sequence positions per chunk so that one device's share of a chunk is about `chunk_tokens` tokens."""
+    rows = max(1, batch // max(1, batch_shards))  # rows of the batch on one device
+    return max(1, min(seq, int(chunk_tokens) // rows))
+
+
+def lm_loss(hidden, head_kernel, targets, loss_mask, chunk_tokens: int = 512, *, batch_shards: int = 1,
+            barrier: bool = True):
     """Token cross-entropy from final hidden states.
 
     hidden: [batch, seq, embed] (`model.apply(..., return_hidden=True)`); head_kernel: [embed, vocab]
     (`ftjax.models.lm_head_kernel`); targets: [batch, seq] int; loss_mask: [batch, seq] (1 on the
-    tokens that count). chunk_tokens: about this many tokens of the batch per chunk.
+    tokens that count). chunk_tokens: about this many tokens per device per chunk, the batch being split
+    `batch_shards` ways. barrier: the head gradient's transpose behind an optimization barrier (the CPU
+    layout, `ftjax.models.kernels` 'cpu'); the accelerators leave the layout to the compiler.
     Returns (loss_sum, correct, count): float32 scalars, summed over the masked tokens.
     """
     b, t, e = hidden.shape
     weights = loss_mask.astype(jnp.float32)  # [batch, seq]
     targets = targets.astype(jnp.int32)
     head = head_kernel.astype(hidden.dtype)
-    c = max(1, min(t, int(chunk_tokens) // max(b, 1)))  # sequence positions per chunk
+    c = chunk_positions(b, t, chunk_tokens, batch_shards)  # sequence positions per chunk
     pad = (-t) % c
     if pad:  # padded positions carry weight 0
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
@@ -51,11 +64,11 @@ def lm_loss(hidden, head_kernel, targets, loss_mask, chunk_tokens: int = 512):
     hs = hidden.reshape(b, n, c, e).swapaxes(0, 1)  # [chunks, batch, chunk, embed]
     ys = targets.reshape(b, n, c).swapaxes(0, 1)  # [chunks, batch, chunk]
     ws = weights_p.reshape(b, n, c).swapaxes(0, 1)
-    loss, correct = _chunked_ce(hs, head, ys, ws)
+    loss, correct = _chunked_ce(hs, head, ys, ws, barrier)
     return loss, correct, jnp.sum(weights)
 
 
-def _chunk_scan(hs, head, ys, ws, grad_h=False, grad_head=False):
+def _chunk_scan(hs, head, ys, ws, grad_h=False, grad_head=False, barrier=True):
     """Sums over the chunks; with grad_h / grad_head also d(loss_sum) w.r.t. hs / head."""
     def body(carry, xs):
         loss, correct, dhead = carry
@@ -70,7 +83,8 @@ def _chunk_scan(hs, head, ys, ws, grad_h=False, grad_head=False):
             if grad_h:
                 dh = jnp.einsum('bcv,ev->bce', dlogits, head)  # [batch, chunk, embed]
             if grad_head:  # contract over tokens with the narrow [embed, tokens] side transposed
-                ht = jax.lax.optimization_barrier(h.reshape(-1, h.shape[-1]).T)  # [embed, tokens]
+                ht = h.reshape(-1, h.shape[-1]).T  # [embed, tokens]
+                ht = jax.lax.optimization_barrier(ht) if barrier else ht
                 dhead = dhead + (ht @ dlogits.reshape(-1, dlogits.shape[-1])).astype(dhead.dtype)
         return (loss + l, correct + c, dhead), dh
 
@@ -80,20 +94,20 @@ def _chunk_scan(hs, head, ys, ws, grad_h=False, grad_head=False):
     return loss, correct, dhs, dhead
 
 
-@jax.custom_vjp
-def _chunked_ce(hs, head, ys, ws):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_ce(hs, head, ys, ws, barrier):
     loss, correct, _, _ = _chunk_scan(hs, head, ys, ws)
     return loss, correct
 
 
-def _chunked_ce_fwd(hs, head, ys, ws):
+def _chunked_ce_fwd(hs, head, ys, ws, barrier):
     grad_h, grad_head = hs.perturbed, head.perturbed
-    loss, correct, dhs, dhead = _chunk_scan(hs.value, head.value, ys.value, ws.value, grad_h, grad_head)
+    loss, correct, dhs, dhead = _chunk_scan(hs.value, head.value, ys.value, ws.value, grad_h, grad_head, barrier)
     dhead = None if dhead is None else dhead.astype(head.value.dtype)
     return (loss, correct), (dhs, dhead)  # None for what needs no gradient
 
 
-def _chunked_ce_bwd(res, cts):
+def _chunked_ce_bwd(barrier, res, cts):
     dhs, dhead = res
     g = cts[0]  # the cotangent of loss_sum; `correct` has no gradient
     scale = lambda d: None if d is None else (d * g).astype(d.dtype)

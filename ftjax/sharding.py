@@ -114,6 +114,16 @@ def batch_sharding(mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def batch_shards() -> int:
+    """How many ways the batch axis is split on the mesh set with `jax.set_mesh` (1 when none is set):
+    while tracing the step, the size of data x fsdp."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    return math.prod(sizes.get(a, 1) for a in BATCH_AXES)
+
+
 def place(tree, shardings):
     """Host numpy/jax arrays -> global arrays in their shardings; each process fills its own shards."""
     def put(x, s):

@@ -6,6 +6,10 @@ Small pretrained models answer in prose or invent keys; a short LoRA run learns 
 Scored by exact match of the parsed JSON object (`eval.scorer='json'`, `ftjax.evaluate.score_json`).
 `write_task(dir, n_train, n_eval, seed)` writes chat-format `train.jsonl` / `eval.jsonl` (`messages`
 lists) that `data.format='chat'` reads.
+
+The preference version (`write_preference_task`, `data.format='preference'`): the same prompts, the correct
+JSON as `chosen` and a plausible wrong answer as `rejected` (`wrong_answer`: a wrong value, a missing or
+renamed key, or the right JSON wrapped in prose).
 """
 import json
 import os
@@ -40,17 +44,55 @@ def make_example(rng):
                          {'role': 'assistant', 'content': answer}]}
 
 
-def write_task(out_dir, n_train=2000, n_eval=100, seed=0):
-    """Writes train.jsonl and eval.jsonl (disjoint sentences); returns their paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    rng = random.Random(seed)
+PROSE = ['Sure! Here is the JSON: {}', '{}\nLet me know if you need anything else.', 'The answer is {}.']
+
+
+def wrong_answer(answer, rng):
+    """A plausible wrong answer to the JSON `answer`: one wrong value, a key missing or renamed, or prose around it."""
+    rec = json.loads(answer)
+    kind = rng.randrange(5)
+    if kind == 0:
+        rec['age'] = rec['age'] + rng.choice([-10, -1, 1, 10])
+    elif kind == 1:
+        rec['city'] = rng.choice([c for c in CITIES if c != rec['city']])
+    elif kind == 2:
+        del rec[rng.choice(['age', 'city', 'job'])]
+    elif kind == 3:
+        rec = {('occupation' if k == 'job' else k): v for k, v in rec.items()}
+    else:
+        return rng.choice(PROSE).format(answer)
+    return json.dumps(rec)
+
+
+def _unique_examples(rng, n):
     seen, rows = set(), []
-    while len(rows) < n_train + n_eval:
+    while len(rows) < n:
         ex = make_example(rng)
         key = ex['messages'][0]['content']
         if key not in seen:
             seen.add(key)
             rows.append(ex)
+    return rows
+
+
+def write_preference_task(out_dir, n_train=2000, n_eval=100, seed=0):
+    """Writes preference-format train.jsonl and eval.jsonl ({prompt: [user message], chosen, rejected});
+    returns their paths."""
+    rng = random.Random(seed)
+    rows = [{'prompt': ex['messages'][:1], 'chosen': ex['messages'][1]['content'],
+             'rejected': wrong_answer(ex['messages'][1]['content'], rng)}
+            for ex in _unique_examples(rng, n_train + n_eval)]
+    return _write_splits(out_dir, rows, n_train)
+
+
+def write_task(out_dir, n_train=2000, n_eval=100, seed=0):
+    """Writes train.jsonl and eval.jsonl (disjoint sentences); returns their paths."""
+    rows = _unique_examples(random.Random(seed), n_train + n_eval)
+    return _write_splits(out_dir, rows, n_train)
+
+
+def _write_splits(out_dir, rows, n_train):
+    os.makedirs(out_dir, exist_ok=True)
     paths = {}
     for split, part in (('train', rows[:n_train]), ('eval', rows[n_train:])):
         paths[split] = os.path.join(out_dir, f'{split}.jsonl')

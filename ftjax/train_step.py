@@ -10,12 +10,17 @@ shardings around it) is the caller's business.
 Gradient accumulation (`optim.grad_accum` = k) splits the batch into k micro-batches inside the
 step and scans over them, summing the gradients of the *summed* loss; the sum is divided by the
 total token (or example) count once, so the update equals that of the whole batch at once.
+
+A preference objective (`data.format='preference'`, `align.loss` dpo / ipo / simpo / orpo, `ftjax.preference`)
+is one more task of the same step: each micro-batch's loss is already divided by the whole batch's pair
+(and chosen-token) count, taken before the split, so accumulation stays exact; the reference of dpo / ipo
+is the same model with its adapters off, run in the same step, or log-probs the batch carries.
 """
 import jax
 import jax.numpy as jnp
 import optax
 
-from ftjax import losses
+from ftjax import losses, preference, sharding
 from ftjax.models.heads import lm_head_kernel, task_of
 from ftjax.state import TrainState, combine
 from ftjax.tree import count_params
@@ -33,7 +38,8 @@ def _check_batch(batch, task):
 
 
 def forward(model, params, batch, *, rng=None, loss_chunk=512):
-    """(loss_sum, correct, count, logits-or-None) of one batch; dropout on when `rng` is given."""
+    """(loss_sum, correct, count, logits-or-None) of one batch; dropout on when `rng` is given.
+    `loss_chunk` counts tokens per device (the batch split over the mesh's data x fsdp axes)."""
     task = task_of(model.cfg)
     _check_batch(batch, task)
     kw = dict(deterministic=rng is None, rngs=None if rng is None else {'dropout': rng})
@@ -41,7 +47,9 @@ def forward(model, params, batch, *, rng=None, loss_chunk=512):
         hidden = model.apply({'params': params}, batch['input_ids'], batch.get('positions'),
                              batch.get('segment_ids'), return_hidden=True, **kw)  # [batch, seq, embed]
         head = lm_head_kernel(params, model.cfg)  # [embed, vocab]
-        return (*losses.lm_loss(hidden, head, batch['target_ids'], batch['loss_mask'], loss_chunk), None)
+        barrier = getattr(model.cfg, 'kernels', 'cpu') == 'cpu'  # the CPU layout of the head gradient
+        return (*losses.lm_loss(hidden, head, batch['target_ids'], batch['loss_mask'], loss_chunk,
+                                batch_shards=sharding.batch_shards(), barrier=barrier), None)
     logits = model.apply({'params': params}, batch['input_ids'], batch.get('attention_mask'),
                          batch.get('token_type_ids'), **kw)  # [batch, num_labels]
     return (*losses.classification_loss(logits, batch['label'], batch.get('valid')), logits)
@@ -66,34 +74,50 @@ def make_train_step(model, config, tx, lr_schedule):
     chunk = int(config.train.loss_chunk)
     skip_bad = config.train.nan_policy == 'skip'  # else 'halt' (ftjax.config.validate)
     task_of(model.cfg)
+    pref = preference.settings(config) if is_preference(config) else None
 
-    def summed_loss(trainable, frozen, batch, rng):
+    def summed_loss(trainable, frozen, batch, rng, norms):
+        if pref is not None:  # (mean-loss part, {'pairs', 'loss_sum', 'rewards/...', ...} sums)
+            if pref.reference == 'adapters_off':
+                preference.check_adapters_only(trainable)
+            logps, counts = preference.answer_logps(model, combine(trainable, frozen), batch, rng, chunk)
+            ref = preference.reference_logps(model, pref, frozen, batch, chunk)
+            return preference.loss_and_sums(pref, logps, counts, ref, *norms)
         loss, correct, count, _ = forward(model, combine(trainable, frozen), batch, rng=rng, loss_chunk=chunk)
-        return loss, (correct, count)
+        return loss, {'correct': correct, 'count': count}
 
     def sums_and_grads(state, batch, rng):
         value_and_grad = jax.value_and_grad(summed_loss, has_aux=True)  # w.r.t. `trainable` only
+        norms = preference.normalisers(batch) if pref is not None else ()  # of the whole batch
         if k == 1:
-            (loss, (correct, count)), grads = value_and_grad(state.trainable, state.frozen, batch, rng)
-            return loss, correct, count, grads
+            (loss, sums), grads = value_and_grad(state.trainable, state.frozen, batch, rng, norms)
+            return loss, sums, grads
 
         def body(carry, xs):
             i, micro = xs
-            g_sum, loss, correct, count = carry
-            (l, (c, n)), g = value_and_grad(state.trainable, state.frozen, micro, jax.random.fold_in(rng, i))
+            g_sum, loss, sums = carry
+            (l, s), g = value_and_grad(state.trainable, state.frozen, micro, jax.random.fold_in(rng, i), norms)
             g_sum = jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_sum, g)
-            return (g_sum, loss + l, correct + c, count + n), None
+            return (g_sum, loss + l, jax.tree.map(jnp.add, sums, s)), None
 
         zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state.trainable)
         z = jnp.zeros((), jnp.float32)
-        (grads, loss, correct, count), _ = jax.lax.scan(
-            body, (zeros, z, z, z), (jnp.arange(k), _micro_batches(batch, k)))
+        micro = _micro_batches(batch, k)
+        sums0 = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), jax.eval_shape(
+            lambda: summed_loss(state.trainable, state.frozen, jax.tree.map(lambda x: x[0], micro), rng, norms)[1]))
+        (grads, loss, sums), _ = jax.lax.scan(body, (zeros, z, sums0), (jnp.arange(k), micro))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
-        return loss, correct, count, grads
+        return loss, sums, grads
 
     def train_step(state: TrainState, batch, rng):
-        loss_sum, correct, count, grads = sums_and_grads(state, batch, rng)
-        denom = jnp.maximum(count, 1.0)
+        loss_sum, sums, grads = sums_and_grads(state, batch, rng)
+        if pref is not None:  # the loss is already the batch mean
+            pairs = jnp.maximum(sums['pairs'], 1.0)
+            extra = {name: sums[name] / pairs for name in preference.METRICS}
+            correct, count, denom = extra['rewards/accuracy'], sums['pairs'], jnp.ones((), jnp.float32)
+        else:
+            extra, correct, count = {}, sums['correct'], sums['count']
+            denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)  # gradient of the mean loss
         loss = loss_sum / denom
         grad_norm = optax.global_norm(grads)
@@ -110,19 +134,35 @@ def make_train_step(model, config, tx, lr_schedule):
             'learning_rate': jnp.asarray(lr_schedule(state.step), jnp.float32), 'num_tokens': count,
             'trainable_params': jnp.asarray(count_params(state.trainable), jnp.float32),
             'is_finite': finite.astype(jnp.float32), 'nan_count': new_state.nan_count.astype(jnp.float32),
+            **extra,
         }
         return new_state, metrics
 
     return train_step
 
 
+def is_preference(config):
+    """Whether the step trains a preference objective (`align.*`): the data are preference pairs."""
+    return config.data.format == 'preference'
+
+
 def make_eval_step(model, config):
     """`eval_step(params, batch) -> dict of sums`: loss_sum, correct, count (divide after summing over
-    batches); classification adds per-row 'pred' and 'label' [batch] (for F1)."""
+    batches); classification adds per-row 'pred' and 'label' [batch] (for F1). Preference: per pair, loss_sum,
+    correct (reward accuracy), count (pairs) and '<metric>_sum' of `ftjax.preference.METRICS`. Its reference
+    with adapters off comes from `params` with the adapter leaves left out."""
     chunk = int(config.train.loss_chunk)
     task = task_of(model.cfg)
+    pref = preference.settings(config) if is_preference(config) else None
 
     def eval_step(params, batch):
+        if pref is not None:
+            logps, counts = preference.answer_logps(model, params, batch, None, chunk)
+            ref = preference.reference_logps(model, pref, params, batch, chunk)
+            _, sums = preference.loss_and_sums(pref, logps, counts, ref, 1.0, 1.0)
+            out = {'loss_sum': sums['loss_sum'], 'correct': sums['rewards/accuracy'], 'count': sums['pairs']}
+            out.update({f'{name}_sum': sums[name] for name in preference.METRICS})
+            return out
         loss, correct, count, logits = forward(model, params, batch, loss_chunk=chunk)
         out = {'loss_sum': loss, 'correct': correct, 'count': count}
         if task == 'classification':

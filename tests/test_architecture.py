@@ -1,6 +1,6 @@
 """The module graph is one-way (docs/architecture.md): no import cycle among ftjax's modules, no function-local
 import of an ftjax module, nothing imports the `python -m ftjax.generate` command line, and `ftjax.generate`
-stays the function whatever modules a program imports.
+stays the function whatever modules a program imports. Among the tests, no test module imports another.
 
 The graph is read from the source with `ast`: top-level and function-local imports, relative ones resolved;
 `from ftjax.x import y` is an edge to `ftjax.x.y` when that is a module, else to `ftjax.x`. Importing a module
@@ -12,6 +12,7 @@ exception: every import runs ftjax/__init__.py first, which imports `ftjax.pretr
 import ast
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -194,3 +195,35 @@ def test_generate_stays_the_function_after_importing_everything(tiny_llama_dir, 
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert 'ftjax.generate is <function generate' in proc.stdout, proc.stdout
+
+
+def imported_test_modules(source, strings=True):
+    """The test modules (`test_*`) a test file's source imports: in import statements, relative or not, and in
+    the text of the experiment files it writes (string constants holding `from tests.test_x import ...`)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split('.')[-1].startswith('test_')]
+        elif isinstance(node, ast.ImportFrom):
+            base = (node.module or '').split('.')
+            if base[-1].startswith('test_'):
+                found.append('.' * node.level + '.'.join(base))
+            elif base in (['tests'], ['']):  # `from tests import test_x`, `from . import test_x`
+                found += [a.name for a in node.names if a.name.startswith('test_')]
+        elif strings and isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found += re.findall(r'^\s*(?:from|import)\s+(?:tests\.)?(test_\w+)', node.value, re.MULTILINE)
+    return found
+
+
+def test_no_test_module_imports_another():
+    """Shared helpers live in tests/tiny.py (plain functions) and tests/conftest.py (fixtures), so each test
+    module can run alone and a fixture is not silently redefined by an import."""
+    assert imported_test_modules('from tests.test_trainer import chat_data\nfrom tests import tiny, test_data\n'
+                                 'import tests.test_gguf\nfrom .test_x import y\nx = "from tests.test_sweep import z"') \
+        == ['tests.test_trainer', 'test_data', 'tests.test_gguf', '.test_x', 'test_sweep']
+    assert imported_test_modules('from tests import tiny\nfrom tests.tiny_gguf import permute\n') == []
+    bad = {path.name: imported_test_modules(path.read_text(), strings=path.name != 'test_architecture.py')
+           for path in sorted((REPO / 'tests').glob('*.py'))}  # (this file's strings are the examples above)
+    bad = {name: found for name, found in bad.items() if found}
+    assert not bad, (f'test files import other test modules: {bad}; move the shared code to tests/tiny.py '
+                     '(functions) or tests/conftest.py (fixtures)')

@@ -10,7 +10,8 @@ import pytest
 
 from ftjax import build, compile_check, optim, sharding
 from ftjax.state import partition
-from tests.test_trainer import REPO, chat_data, tiny_config  # noqa: F401  (chat_data is a fixture)
+from tests.tiny import REPO, tiny_config, write_experiment
+from tests.tiny_gguf import write_tiny_gguf
 
 
 def _shard_bytes(tree):
@@ -20,7 +21,7 @@ def _shard_bytes(tree):
 
 @pytest.mark.parametrize('method', ['lora', 'full'])
 @pytest.mark.parametrize('topology', ['data=2,fsdp=2,tensor=2', 'fsdp=4'])
-def test_compiles_and_counts_what_the_trainer_places(tiny_llama_dir, chat_data, monkeypatch, method,  # noqa: F811
+def test_compiles_and_counts_what_the_trainer_places(tiny_llama_dir, chat_data, monkeypatch, method,
                                                      topology):
     config = tiny_config(tiny_llama_dir, chat_data, **{'peft.method': method, 'train.batch_size': 8})
     topo = compile_check.parse_topology(topology)
@@ -46,7 +47,6 @@ def test_compiles_and_counts_what_the_trainer_places(tiny_llama_dir, chat_data, 
 
 def test_gguf_metadata_gives_the_same_architecture(tiny_llama_dir, tmp_path):
     from ftjax.models import llama
-    from tests.tiny_gguf import write_tiny_gguf
     path = str(tmp_path / 'tiny.gguf')
     write_tiny_gguf(tiny_llama_dir, path)
     from_gguf = llama.LlamaConfig.from_hf(compile_check.hf_config_of(path))
@@ -60,10 +60,8 @@ def test_topology_errors():
             compile_check.parse_topology(bad)
 
 
-def test_command_line(tiny_llama_dir, chat_data, tmp_path):  # noqa: F811
-    exp = tmp_path / 'exp.py'
-    exp.write_text(f'from tests.test_trainer import tiny_config\n\n\ndef get_config(arg=None):\n'
-                   f'    return tiny_config({tiny_llama_dir!r}, {chat_data!r}, **{{"train.batch_size": 8}})\n')
+def test_command_line(tiny_llama_dir, chat_data, tmp_path):
+    exp = write_experiment(tmp_path / 'exp.py', tiny_llama_dir, chat_data, **{'train.batch_size': 8})
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # it sets up its own 8 devices
     out = subprocess.run([sys.executable, '-m', 'ftjax.compile_check', f'--config={exp}',
                           '--topology=data=4,fsdp=2,tensor=1'], cwd=REPO, env=dict(env, PYTHONPATH=REPO),

@@ -13,8 +13,9 @@ from absl import flags
 
 from ftjax import cli, config as config_lib, sweep
 from ftjax.errors import EXIT_BAD_INPUT, ConfigError
+from tests import tiny
+from tests.tiny import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS='--xla_force_host_platform_device_count=1')
 EXPERIMENT = '''
 from ftjax.config import default_config, parse_arg
@@ -257,13 +258,15 @@ def test_train_command_line_errors_are_one_line(experiment, tmp_path):
     assert debug.returncode == EXIT_BAD_INPUT and 'Traceback' in debug.stderr
     assert debug.stderr.strip().splitlines()[-1].startswith('ftjax: error: --config.train.step=3')
     assert not os.path.exists(workdir)
-    # List overrides get through the parse: the run writes its config, then fails on the missing model.
-    ok = run_module('ftjax.train', f'--config={experiment}', f'--workdir={workdir}',
-                    '--config.peft.trainable=.*norm.*', "--config.peft.lora.targets=('q_proj$', 'v_proj$')",
-                    '--config.optim.no_decay=norm', '--config.optim.no_decay=bias$')
+    # List overrides get through the parse: the run fails on the missing model, and a run that failed
+    # leaves no config.json (tests/test_workdir_guard.py).
+    overrides = ['--config.peft.trainable=.*norm.*', "--config.peft.lora.targets=('q_proj$', 'v_proj$')",
+                 '--config.optim.no_decay=norm', '--config.optim.no_decay=bias$']
+    ok = run_module('ftjax.train', f'--config={experiment}', f'--workdir={workdir}', *overrides)
     assert ok.returncode != 0 and 'no_such_model' in ok.stderr, ok.stderr[-2000:]
     assert 'not supported for overriding' not in ok.stderr
-    written = json.load(open(os.path.join(workdir, 'config.json')))
+    assert not os.path.exists(os.path.join(workdir, 'config.json'))
+    written = json.loads(cli.parse_config([f'--config={experiment}', *overrides]).to_json())
     assert written['peft']['trainable'] == ['.*norm.*']
     assert written['peft']['lora']['targets'] == ['q_proj$', 'v_proj$']
     assert written['optim']['no_decay'] == ['norm', 'bias$']
@@ -317,23 +320,13 @@ def test_sweep_command_line_error_is_one_line(experiment, tmp_path):
                            'Did you mean config.peft.lora.rank')
 
 
-TINY = '''
-from tests.test_trainer import tiny_config
-
-
-def get_config(arg=None):
-    return tiny_config({model!r}, {{'train': {train!r}, 'eval': {eval!r}}}, **{{
-        'train.steps': 2, 'train.batch_size': 2, 'train.eval_every': 2, 'train.checkpoint_every': 2,
-        'mesh.data': 2, 'mesh.tensor': -1}})
-'''
-
-
 @pytest.mark.slow  # ~20 s: one 2-step run of the tiny Llama, in process
 def test_tiny_sweep_trains_with_a_list_override(tmp_path, tiny_llama_dir):
     from ftjax import report, synthetic
     paths = synthetic.write_task(str(tmp_path / 'data'), n_train=8, n_eval=2, seed=0)
-    exp = tmp_path / 'tiny_exp.py'
-    exp.write_text(TINY.format(model=tiny_llama_dir, train=paths['train'], eval=paths['eval']))
+    exp = tiny.write_experiment(tmp_path / 'tiny_exp.py', tiny_llama_dir, paths, **{
+        'train.steps': 2, 'train.batch_size': 2, 'train.eval_every': 2, 'train.checkpoint_every': 2,
+        'mesh.data': 2, 'mesh.tensor': -1})
     workdir = str(tmp_path / 'sweep')
     assert sweep.main([f'--config={exp}', '--grid=peft.lora.rank=2', f'--workdir={workdir}',
                        '--config.peft.trainable=final_norm/scale$', '--config.train.seed=3']) == 0

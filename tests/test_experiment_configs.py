@@ -26,6 +26,7 @@ ARGS = {
     'experiments/alpaca_smollm2.py': [f'{v}{s}' for v in ('lora', 'dora', 'full') for s in ('', ',smoke')],
     'experiments/shakespeare_smollm2.py': [f'{v}{s}' for v in ('lora', 'dora', 'full') for s in ('', ',smoke')],
     'experiments/papers/lora_glue.py': ['sst2', 'mrpc', 'sst2,cpu,smoke', 'mrpc,cpu,smoke'],
+    'experiments/dpo_smollm2.py': [f'{v}{s}' for v in ('dpo', 'ipo', 'simpo', 'orpo') for s in ('', ',smoke')],
 }
 
 # Parses every argument of every experiment in a fresh interpreter where importlib cannot find the

@@ -21,8 +21,8 @@ import pytest
 from ftjax import workdir as workdir_lib
 from ftjax.data import locations as shared_data
 from ftjax.models import packaged
+from tests.tiny import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 300
 
 
@@ -49,6 +49,7 @@ SMOKES = [  # (config argument, packaged model, ../shared/data files it reads)
       for v in ('lora', 'dora', 'full')],
     *[(f'experiments/shakespeare_smollm2.py:{v},smoke', SMOLLM2, [('tinyshakespeare', 'input.txt')])
       for v in ('lora', 'full')],
+    *[(f'experiments/dpo_smollm2.py:{v},smoke', SMOLLM2, []) for v in ('dpo', 'ipo', 'simpo', 'orpo')],
 ]
 
 
@@ -101,6 +102,10 @@ def test_experiment_smoke(arg, model, data, tmp_path):
     assert sorted(train_rows) == list(range(1, steps + 1)) and all(map(finite, train_rows.values())), rows
     evals = [r['eval/loss'] for r in rows if 'eval/loss' in r]
     assert evals and all(map(finite, evals)), rows
+    if config['data']['format'] == 'preference':  # DPO & co.: reward metrics per step, held-out pairs before/after
+        assert all('rewards/accuracy' in r and 'rewards/margin' in r for r in rows if 'loss' in r), rows
+        assert 0.0 <= summary['eval/rewards/accuracy'] <= 1.0 and 'eval/logps/accuracy_base' in summary
+        assert '| reward accuracy |' in proc.stdout, tail
     if config['data']['format'] == 'classification':
         assert 0.0 <= summary['eval/accuracy'] <= 1.0 and 'eval/f1' in summary
     else:

@@ -18,7 +18,9 @@ from safetensors.numpy import load_file, save_file
 from ftjax import export, load_pretrained
 from ftjax.models import LoraSpec, adapters, build_model, convert
 from ftjax.peft import lora
-from tests import test_trainer, tiny
+from tests import tiny
+from tests.tiny import REPO, tiny_config
+from tests.tiny_gguf import write_tiny_gguf
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -262,7 +264,6 @@ def test_sharded_bfloat16_export(checkpoint, tmp_path):
 
 
 def test_gguf_model_exports_as_hf_directory(tiny_llama_dir, tmp_path):
-    from tests.tiny_gguf import write_tiny_gguf
     (tmp_path / 'g').mkdir()
     gguf_path = write_tiny_gguf(tiny_llama_dir, str(tmp_path / 'g' / 'tiny.gguf'))
     pre = finetune(load_pretrained(gguf_path), LoraSpec(rank=4, alpha=8.0, targets=ATTN_MLP))
@@ -379,10 +380,6 @@ def test_import_refuses_other_base_model(checkpoint, tmp_path):
 
 
 # --- the command line on runs trained by ftjax.loop: build.restore_for_export -> export -> transformers / peft ----
-
-chat_data = test_trainer.chat_data  # the trainer tests' fixture: synthetic chat rows
-tiny_config = test_trainer.tiny_config
-REPO = test_trainer.REPO
 
 CLI_ENV = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS='--xla_force_host_platform_device_count=1',
                HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1')

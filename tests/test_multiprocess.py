@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from ftjax import logs, workdir as workdir_lib
-from tests.test_trainer import REPO, chat_data, losses, tiny_config  # noqa: F401  (chat_data is a fixture)
+from tests.tiny import REPO, losses, tiny_config, write_experiment
 
 TIMEOUT_S = 400
 RTOL = 1e-5
@@ -33,9 +33,7 @@ def _free_port():
 
 
 def _experiment(path, model_dir, data):
-    path.write_text(f'from tests.test_trainer import tiny_config\n\n\ndef get_config(arg=None):\n'
-                    f'    return tiny_config({model_dir!r}, {data!r}, **{OVERRIDES!r})\n')
-    return str(path)
+    return write_experiment(path, model_dir, data, **OVERRIDES)
 
 
 def _launch(exp, workdir, devices, log, extra=()):
@@ -67,7 +65,7 @@ def _wait(procs, logs_):
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path, tiny_llama_dir, chat_data):  # noqa: F811
+def test_two_processes_train_like_one(tmp_path, tiny_llama_dir, chat_data):
     exp = _experiment(tmp_path / 'exp.py', tiny_llama_dir, chat_data)
     two, one = str(tmp_path / 'two_processes'), str(tmp_path / 'one_process')
     port = _free_port()
@@ -110,7 +108,7 @@ def test_two_processes_train_like_one(tmp_path, tiny_llama_dir, chat_data):  # n
 
 # ------------------------------------------------------------------ bucket workdirs (gs://) of pod runs
 
-def test_bucket_workdir_without_gcsfs_fails_clearly(tiny_llama_dir, chat_data):  # noqa: F811
+def test_bucket_workdir_without_gcsfs_fails_clearly(tiny_llama_dir, chat_data):
     if importlib.util.find_spec('gcsfs') is not None:
         pytest.skip('gcsfs is installed: a gs:// workdir would be used for real')
     from ftjax.loop import train_and_evaluate

@@ -14,7 +14,7 @@ from ftjax import build, checkpoint, data as data_lib, optim, sharding
 from ftjax.config import DEFAULT_RULES
 from ftjax.models import abstract_variables
 from ftjax.state import partition
-from tests.test_trainer import chat_data, losses, tiny_config  # noqa: F401  (chat_data is a fixture)
+from tests.tiny import losses, tiny_config
 
 MESHES = {'data8': (8, 1, 1), 'fsdp8': (1, 8, 1), 'data2_fsdp2_tensor2': (2, 2, 2)}
 RTOL = 1e-5
@@ -57,7 +57,7 @@ def train_steps(config, shape, steps=STEPS):
 
 
 @pytest.fixture(scope='module')
-def one_device(tiny_llama_dir, chat_data):  # noqa: F811
+def one_device(tiny_llama_dir, chat_data):
     return {m: train_steps(equivalence_config(tiny_llama_dir, chat_data, m), (1, 1, 1)) for m in ('full', 'lora')}
 
 
@@ -67,7 +67,7 @@ def rel(a, b):
 
 @pytest.mark.parametrize('method', ['full', 'lora'])
 @pytest.mark.parametrize('mesh_name', list(MESHES))
-def test_sharded_steps_equal_one_device(tiny_llama_dir, chat_data, one_device, method, mesh_name):  # noqa: F811
+def test_sharded_steps_equal_one_device(tiny_llama_dir, chat_data, one_device, method, mesh_name):
     ref_loss, ref_gnorm, ref_init, ref_params, _ = one_device[method]
     loss, gnorm, init, params, state = train_steps(equivalence_config(tiny_llama_dir, chat_data, method),
                                                    MESHES[mesh_name])
@@ -123,7 +123,7 @@ def strip(spec):
 
 @pytest.mark.parametrize('method', ['full', 'lora'])
 @pytest.mark.parametrize('mesh_name', ['fsdp8', 'data2_fsdp2_tensor2'])
-def test_params_placed_as_the_rules_say(tiny_llama_dir, chat_data, method, mesh_name):  # noqa: F811
+def test_params_placed_as_the_rules_say(tiny_llama_dir, chat_data, method, mesh_name):
     config = tiny_config(tiny_llama_dir, chat_data, **{'peft.method': method})
     pre, mask = build.build_model_and_mask(config)
     mesh = mesh_of(MESHES[mesh_name])
@@ -183,7 +183,7 @@ def restored_on(config, workdir, step, shape):
     return state, state_sh
 
 
-def test_checkpoint_moves_between_meshes(tmp_path, tiny_llama_dir, chat_data):  # noqa: F811
+def test_checkpoint_moves_between_meshes(tmp_path, tiny_llama_dir, chat_data):
     from ftjax.loop import train_and_evaluate
     mesh_cfg = lambda d, f, t: {'mesh.data': d, 'mesh.fsdp': f, 'mesh.tensor': t, 'train.batch_size': 8}
     ref, moved = str(tmp_path / 'ref'), str(tmp_path / 'moved')

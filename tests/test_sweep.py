@@ -15,6 +15,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from ftjax import report, sweep
+from tests import tiny
 
 SCHEMA = '''
 import ml_collections
@@ -327,26 +328,15 @@ def test_report_main_and_errors(tmp_path, capsys):
 
 # --- end to end -----------------------------------------------------------------------------------
 
-SMOKE = '''
-from tests.test_trainer import tiny_config
-
-
-def get_config(arg=None):
-    # 8 fake CPU devices: a batch of 2 over data, the rest over tensor
-    return tiny_config({model!r}, {{'train': {train!r}, 'eval': {eval!r}}}, **{{
-        'train.steps': 2, 'train.batch_size': 2, 'train.eval_every': 2, 'train.checkpoint_every': 2,
-        'mesh.data': 2, 'mesh.tensor': -1}})
-'''
-
-
 @pytest.mark.slow
 def test_smoke_sweep_2x2(tmp_path, monkeypatch, capsys):
     from ftjax import synthetic
-    from tests import tiny
     model = tiny.make_llama_checkpoint(str(tmp_path / 'llama'))
     paths = synthetic.write_task(str(tmp_path / 'data'), n_train=16, n_eval=4, seed=0)
-    exp = tmp_path / 'smoke_exp.py'
-    exp.write_text(SMOKE.format(model=model, train=paths['train'], eval=paths['eval']))
+    # 8 fake CPU devices: a batch of 2 over data, the rest over tensor
+    exp = tiny.write_experiment(tmp_path / 'smoke_exp.py', model, paths, **{
+        'train.steps': 2, 'train.batch_size': 2, 'train.eval_every': 2, 'train.checkpoint_every': 2,
+        'mesh.data': 2, 'mesh.tensor': -1})
     workdir = str(tmp_path / 'sweep')
     args = [f'--config={exp}', '--grid=peft.lora.rank=2,4', '--grid=optim.learning_rate=1e-3,3e-3',
             f'--workdir={workdir}']

@@ -1,10 +1,17 @@
-"""Tiny tokenizers and checkpoints that tests build themselves (no network, no ../shared).
+"""What the tests share, as plain functions: tiny tokenizers and checkpoints they build themselves (no
+network, no ../shared), the tiny training config, experiment files for the command lines, metrics.
 
 The checkpoints are written by transformers' PyTorch models with `save_pretrained`, so they are
 exactly what a user's Hugging Face directory looks like. torch is imported lazily, here only.
+Fixtures live in tests/conftest.py; no test module imports another test module.
 """
 import json
 import os
+
+from ftjax import sweep, workdir as workdir_lib
+from ftjax.config import default_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -116,3 +123,48 @@ def write_jsonl(path, rows):
         for r in rows:
             f.write(json.dumps(r) + "\n")
     return path
+
+
+# --- training on the tiny model -------------------------------------------------------------------
+
+def tiny_config(model_dir, data, **over):
+    """6 steps of the chat task on `model_dir`; `data` is {'train': path, 'eval': path} (the chat_data fixture)."""
+    c = default_config()
+    c.model.path = model_dir
+    c.data.path, c.data.eval_path = data['train'], data['eval']
+    c.data.format = 'chat'
+    c.data.max_length = 192
+    c.train.batch_size = 4
+    c.train.steps = 6
+    c.train.log_every = 1
+    c.train.eval_every = 3
+    c.train.eval_batches = 1
+    c.train.checkpoint_every = 3
+    c.optim.learning_rate = 1e-2
+    c.optim.schedule = 'cosine'
+    c.optim.warmup_steps = 1
+    c.mesh.data = 1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = -1  # 8 fake devices: tensor parallel over the tiny model
+    return sweep.apply(c, over)  # dotted keys, e.g. **{'peft.lora.rank': 4}
+
+
+EXPERIMENT = '''from tests.tiny import tiny_config
+
+
+def get_config(arg=None):
+    return tiny_config({model_dir!r}, {data!r}, **{over!r})
+'''
+
+
+def write_experiment(path, model_dir, data, **over):
+    """An experiment file (for `--config=`) whose get_config() is tiny_config(model_dir, data, **over)."""
+    data = {'train': data['train'], 'eval': data['eval']}
+    with open(path, 'w') as f:
+        f.write(EXPERIMENT.format(model_dir=model_dir, data=data, over=over))
+    return str(path)
+
+
+def losses(workdir):
+    """{step: training loss} from a run's metrics."""
+    return {r['step']: r['loss'] for r in workdir_lib.read_metrics(workdir) if 'loss' in r}

@@ -1,5 +1,11 @@
 """`build_dataset`: config + tokenizer -> TokenizedData (ragged examples, rows, stats).
 
+Preference pairs (`data.format='preference'`, task 'preference'): each pair is two examples, chosen then
+rejected, and each row holds exactly one pair (segment 1 chosen, segment 2 rejected), so the pair stays
+together and attention within each sequence; a pair longer than a row is truncated evenly ('right' keeps
+the first tokens of each sequence, 'left' the last) or dropped ('drop'); a pair whose truncated answers are
+the same tokens (the difference was cut off) is dropped.
+
 load (sources) -> tokenise with `datasets.map` (cached under a fingerprint of the raw data, the
 format options, the tokenizer and its chat template, and the library versions; a second run reads
 the cache) -> held-out selection -> bad rows (error | skip) -> truncate or chunk -> pack into rows.
@@ -28,7 +34,7 @@ RECHECK = 256  # bad rows formatted again before their cached verdict is used
 @dataclasses.dataclass
 class TokenizedData:
     """Examples back to back in flat arrays; rows list their examples. `len()` is the number of rows."""
-    task: str  # 'lm' | 'classification'
+    task: str  # 'lm' | 'classification' | 'preference'
     max_length: int  # positions per row
     pad_id: int
     tokens: np.ndarray  # int32 [num_tokens]
@@ -38,6 +44,7 @@ class TokenizedData:
     answer: Optional[np.ndarray] = None  # int8 [num_tokens] (lm): 1 on answer tokens, unshifted
     token_types: Optional[np.ndarray] = None  # int8 [num_tokens] (classification)
     labels: Optional[np.ndarray] = None  # int32 [num_examples] (classification)
+    ref_logps: Optional[np.ndarray] = None  # float32 [num_rows, 2] (preference): the reference's answer log-probs
     stats: dict = dataclasses.field(default_factory=dict)
 
     def __len__(self):
@@ -110,6 +117,43 @@ def _language_model(table, rows, cfg, plan, fmt):
     return fields, counts
 
 
+def _preference(table, rows, cfg):
+    """Each selected row -> two examples (chosen, rejected), one pair per packed row."""
+    tokens, offs = _ragged(table, 'input_ids', np.int32)
+    answer, _ = _ragged(table, 'answer_mask', np.int8)
+    split = table.column('pair_split').to_numpy().astype(np.int64)
+    start, end = offs[rows], offs[rows + 1]
+    mid = start + split[rows]
+    ws = np.stack([start, mid], 1).reshape(-1)  # [2 * pairs]: chosen, rejected, chosen, ...
+    we = np.stack([mid, end], 1).reshape(-1)
+    L = cfg.max_length
+    long = (we - ws - 1).reshape(-1, 2).sum(1) > L  # [pairs] positions of both > one row
+    budget = np.repeat(np.where(long, L // 2 + 1, np.iinfo(np.int64).max), 2)  # tokens per sequence
+    n_truncated = 0
+    keep = np.ones(len(rows), bool)
+    if cfg.truncation == 'drop':
+        keep &= ~long
+    else:
+        cut = we - ws > budget
+        if cfg.truncation == 'right':
+            we = np.where(cut, ws + budget, we)
+        else:
+            ws = np.where(cut, we - budget, ws)
+        n_truncated = int(long.sum())
+    cum = np.concatenate([[0], np.cumsum(answer, dtype=np.int64)])
+    answers_left = (cum[we] - cum[np.minimum(ws + 1, we)]).reshape(-1, 2)  # answer targets after truncation
+    keep &= (answers_left > 0).all(1)
+    for p in np.nonzero(keep & long)[0]:  # truncation may leave the same answer tokens on both sides: no preference
+        a, b = (tokens[ws[2 * p + i] + 1:we[2 * p + i]][answer[ws[2 * p + i] + 1:we[2 * p + i]] > 0] for i in (0, 1))
+        keep[p] = not np.array_equal(a, b)
+    ok = np.repeat(keep, 2)
+    (tokens, answer), offsets = packing.ragged_gather([tokens, answer], ws[ok], we[ok])
+    n = int(keep.sum())
+    fields = dict(tokens=tokens, offsets=offsets, row_offsets=np.arange(0, 2 * n + 1, 2, dtype=np.int64),
+                  row_examples=np.arange(2 * n, dtype=np.int64), answer=answer)
+    return fields, {'num_truncated': n_truncated, 'num_dropped': int((~keep).sum())}
+
+
 def _classification(table, rows, cfg):
     tokens, offs = _ragged(table, 'input_ids', np.int32)
     types, _ = _ragged(table, 'token_type_ids', np.int8)
@@ -160,6 +204,9 @@ def build_dataset(cfg, tokenizer, split='train', num_labels=None) -> Optional[To
     if cfg.format == 'classification':
         fields, counts = _classification(table, rows, cfg)
         task = 'classification'
+    elif cfg.format == 'preference':
+        fields, counts = _preference(table, rows, cfg)
+        task = 'preference'
     else:
         fields, counts = _language_model(table, rows, cfg, plan, cfg.format)
         task = 'lm'
@@ -171,7 +218,7 @@ def build_dataset(cfg, tokenizer, split='train', num_labels=None) -> Optional[To
                       num_examples=data.num_examples, num_rows=len(data), **counts,
                       num_tokens=int(packing.row_lengths(data).sum()), packing_efficiency=packing.efficiency(data),
                       tokenize_s=tokenize_s)
-    if task == 'lm':
+    if task != 'classification':
         first = data.answer[data.offsets[:-1]]  # an example's first token is never a target
         data.stats['num_loss_tokens'] = int(data.answer.sum(dtype=np.int64) - first.sum(dtype=np.int64))
     else:

@@ -6,6 +6,10 @@ answer token to learn (unshifted; `packing.take_rows` shifts, so loss_mask[t] = 
   prompt_completion  [prefix] prompt + prompt_separator           | completion [EOS]
   chat               the chat template; assistant content and its end-of-turn token
   text               [prefix] text [EOS], all tokens
+  preference         prompt | chosen, then prompt | rejected, back to back: input_ids and answer_mask of
+                     both sequences and `pair_split` (the chosen sequence's length); the prompt is
+                     text (rendered as prompt_completion, or a user turn with use_chat_template) or a
+                     list of messages (the chat template; only the final answer is learned)
 (| marks where the answer starts; [prefix] is what the tokenizer puts before a text, e.g. BOS
 for Llama and nothing for GPT-2-style BPE; prompt and answer are tokenised separately.)
 `classification` returns {'input_ids', 'token_type_ids', 'label'} (special tokens included).
@@ -84,7 +88,8 @@ def label_set(cfg, model_num_labels=None):
 
 def check_tokenizer(info, opts):
     """Once before any row: what would otherwise fail every row for a reason that is not the rows'."""
-    if opts.format == 'chat' or (opts.use_chat_template and opts.format in ('alpaca', 'prompt_completion')):
+    if opts.format == 'chat' or (opts.use_chat_template and opts.format in ('alpaca', 'prompt_completion',
+                                                                            'preference')):
         check_template(info)
 
 
@@ -187,6 +192,62 @@ def prompt_completion(row, info, opts):
     return prompt_answer(info, opts, *prompt_completion_parts(row, opts))
 
 
+def _answer_text(row, opts, role):
+    """A preference answer: a string, or (TRL's conversational form) a list of messages, the last one's content."""
+    value = row.get(opts.fields.get(role) or role)
+    if isinstance(value, (list, tuple)) and value:
+        last = value[-1]
+        keys = opts.fields['content'].split('|')
+        value = next((last[k] for k in keys if isinstance(last, dict) and k in last), None)
+        return get_text({role: value}, {}, role)
+    return get_text(row, opts.fields, role)
+
+
+def _last_answer_only(tokens):
+    """Keeps the answer mask of the last assistant turn only (earlier turns of a message prompt are context)."""
+    mask = list(tokens['answer_mask'])
+    end = max((i for i, m in enumerate(mask) if m), default=-1)
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return {'input_ids': tokens['input_ids'], 'answer_mask': [int(start <= i <= end) for i in range(len(mask))]}
+
+
+def preference_parts(row, opts):
+    """(prompt: text or message list, chosen, rejected) of a preference row, or BadRow."""
+    column = opts.fields.get('prompt') or 'prompt'
+    prompt = row.get(column)
+    if isinstance(prompt, (list, tuple)):
+        if not prompt:
+            raise BadRow('prompt', 'is an empty list of messages')
+        try:
+            msgs = normalise_messages(list(prompt) + [{'role': 'assistant', 'content': 'x'}], opts.fields)[:-1]
+        except BadRow as e:
+            raise BadRow('prompt', e.reason) from e
+        if not any(m['content'].strip() for m in msgs):
+            raise BadRow('prompt', 'is empty')
+    else:
+        msgs = None
+        prompt = get_text(row, opts.fields, 'prompt')
+    chosen, rejected = _answer_text(row, opts, 'chosen'), _answer_text(row, opts, 'rejected')
+    if chosen.strip() == rejected.strip():
+        raise BadRow('rejected', 'is identical to chosen (no preference to learn)')
+    return (msgs if msgs is not None else prompt), chosen, rejected
+
+
+def preference_sequence(info, opts, prompt, answer):
+    if isinstance(prompt, list):
+        return _last_answer_only(chat_tokens(info, prompt + [{'role': 'assistant', 'content': answer}]))
+    return prompt_answer(info, opts, prompt if opts.use_chat_template else prompt + opts.prompt_separator, answer)
+
+
+def preference(row, info, opts):
+    prompt, chosen, rejected = preference_parts(row, opts)
+    a, b = (preference_sequence(info, opts, prompt, x) for x in (chosen, rejected))
+    return {'input_ids': a['input_ids'] + b['input_ids'], 'answer_mask': a['answer_mask'] + b['answer_mask'],
+            'pair_split': len(a['input_ids'])}
+
+
 def chat(row, info, opts):
     return chat_tokens(info, normalise_messages(row.get(opts.fields['messages']), opts.fields))
 
@@ -255,6 +316,12 @@ def prompt_and_answer(row, cfg):
         msgs = normalise_messages(row.get(opts.fields['messages']), opts.fields)
         last = max(i for i, m in enumerate(msgs) if m['role'] == 'assistant')
         return msgs[:last], msgs[last]['content']
+    if opts.format == 'preference':  # the chosen answer is the reference
+        prompt, chosen, _ = preference_parts(row, opts)
+        if isinstance(prompt, list):
+            return prompt, chosen
+        return ([{'role': 'user', 'content': prompt}] if opts.use_chat_template else
+                prompt + opts.prompt_separator), chosen
     parts = {'alpaca': alpaca_parts, 'prompt_completion': prompt_completion_parts}.get(opts.format)
     if parts is None:
         raise ValueError(f'data.format={opts.format!r} has no prompt and answer to generate from.')
@@ -263,10 +330,11 @@ def prompt_and_answer(row, cfg):
 
 
 FORMATS = {'alpaca': alpaca, 'prompt_completion': prompt_completion, 'chat': chat, 'text': text,
-           'classification': classification}
+           'classification': classification, 'preference': preference}
 
 
-COLUMN_ROLES = ('instruction', 'input', 'output', 'messages', 'prompt', 'completion', 'text', 'text_pair', 'label')
+COLUMN_ROLES = ('instruction', 'input', 'output', 'messages', 'prompt', 'completion', 'text', 'text_pair', 'label',
+                'chosen', 'rejected')
 
 
 def resolve_fields(opts, columns):
@@ -283,7 +351,7 @@ def resolve_fields(opts, columns):
 def required_roles(opts):
     """Roles whose column must exist in the data (optional ones: alpaca's input)."""
     return {'alpaca': ['instruction', 'output'], 'prompt_completion': ['prompt', 'completion'],
-            'chat': ['messages'], 'text': ['text'],
+            'chat': ['messages'], 'text': ['text'], 'preference': ['prompt', 'chosen', 'rejected'],
             'classification': ['text', 'label'] + (['text_pair'] if opts.fields['text_pair'] else [])
             }[opts.format]
 
@@ -296,6 +364,8 @@ def output_features(opts):
         f.update(token_type_ids=ints('int8'), label=datasets.Value('int32'), truncated=datasets.Value('int8'))
     else:
         f.update(answer_mask=ints('int8'))
+    if opts.format == 'preference':
+        f.update(pair_split=datasets.Value('int32'))
     return datasets.Features(f)
 
 
@@ -311,13 +381,16 @@ def tokenize_batch(batch, info, opts):
         try:
             ex, field, reason = fn(row, info, opts), '', ''
         except BadRow as e:
-            ex = {'input_ids': [], 'answer_mask': [], 'token_type_ids': [], 'label': -1, 'truncated': 0}
+            ex = {'input_ids': [], 'answer_mask': [], 'token_type_ids': [], 'label': -1, 'truncated': 0,
+                  'pair_split': 0}
             field, reason = e.field, e.reason
         except (ImportError, MemoryError) as e:  # not the row's fault: stop, whatever data.on_bad_row says
             raise environment_error(e, f'data: tokenising ({opts.format})') from e
         out['input_ids'].append(ex['input_ids'])
         out['bad_field'].append(field)
         out['bad_reason'].append(reason)
+        if 'pair_split' in out:
+            out['pair_split'].append(ex['pair_split'])
         if lm:
             out['answer_mask'].append(ex['answer_mask'])
         else:

@@ -21,6 +21,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 # task -> (cache folder, writer(out_dir) -> {split: path}); the folder name changes with the content
 TASKS = {
     'extract_json': ('extract_json_v1', lambda d: synthetic.write_task(d, n_train=2000, n_eval=100, seed=0)),
+    'extract_json_pref': ('extract_json_pref_v1',
+                          lambda d: synthetic.write_preference_task(d, n_train=2000, n_eval=100, seed=0)),
 }
 
 

@@ -104,7 +104,9 @@ def take_rows(data, rows, valid=None):
     """The batch arrays of `rows` (indices into the data's rows) [len(rows), max_length].
 
     LM: input_ids, target_ids, loss_mask (float32), segment_ids, positions. Classification:
-    input_ids, attention_mask, token_type_ids, label [len(rows)]. With `valid` [len(rows)] bool
+    input_ids, attention_mask, token_type_ids, label [len(rows)]. Preference rows are LM rows of two segments
+    (1: chosen, 2: rejected), plus 'ref_logps' [len(rows), 2] once `ftjax.preference.attach_reference` has set
+    `data.ref_logps`. With `valid` [len(rows)] bool
     (padding rows of a short last eval batch), adds 'valid' and zeroes the loss mask of invalid rows.
     """
     rows = np.asarray(rows, np.int64)
@@ -137,6 +139,8 @@ def take_rows(data, rows, valid=None):
                 out['segment_ids'][i, pos:pos + n] = seg
                 out['positions'][i, pos:pos + n] = np.arange(n)
                 pos += n
+    if getattr(data, 'ref_logps', None) is not None:
+        out['ref_logps'] = data.ref_logps[rows].astype(np.float32)  # [batch, 2]
     if valid is not None:
         valid = np.asarray(valid, bool)
         out['valid'] = valid

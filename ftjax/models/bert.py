@@ -11,7 +11,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ftjax.models import layers
+from ftjax.models import kernels, layers
 from ftjax.models.adapters import LoraSpec
 from ftjax.models.layers import BLOCK_AXES, Dense, LayerNorm
 
@@ -42,6 +42,7 @@ class BertConfig:
     param_dtype: Any = jnp.float32
     remat: str = 'none'
     scan_unroll: int = 1
+    kernels: str = 'cpu'  # resolved config.model.kernels (`ftjax.models.kernels`)
     lora: Optional[LoraSpec] = None
 
     @property
@@ -83,7 +84,7 @@ class BertBlock(nn.Module):
         """x: [batch, seq, embed]; mask: [batch, seq, seq] bool."""
         cfg = self.cfg
         dense = lambda f, axes, name: Dense(f, axes, use_bias=True, lora=cfg.lora, dtype=cfg.dtype,
-                                            param_dtype=cfg.param_dtype, name=name)
+                                            param_dtype=cfg.param_dtype, kernels=cfg.kernels, name=name)
         drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
         x = nn.with_logical_constraint(x, BLOCK_AXES)
         b, t, _ = x.shape
@@ -91,7 +92,7 @@ class BertBlock(nn.Module):
         q = dense(cfg.hidden_size, ('embed', 'heads'), 'q_proj')(x, self.deterministic).reshape(shape)
         k = dense(cfg.hidden_size, ('embed', 'heads'), 'k_proj')(x, self.deterministic).reshape(shape)
         v = dense(cfg.hidden_size, ('embed', 'heads'), 'v_proj')(x, self.deterministic).reshape(shape)
-        o = layers.attend(q, k, v, mask, cfg.dtype).reshape(b, t, cfg.hidden_size)
+        o = kernels.masked_attention(q, k, v, mask, cfg.dtype, cfg.kernels).reshape(b, t, cfg.hidden_size)
         o = dense(cfg.hidden_size, ('heads', 'embed'), 'o_proj')(o, self.deterministic)
         x = LayerNorm(cfg.layer_norm_eps, cfg.dtype, cfg.param_dtype, name='attn_norm')(x + drop(o))
         h = ACTIVATIONS[cfg.hidden_act](dense(cfg.intermediate_size, ('embed', 'mlp'), 'up_proj')(x, self.deterministic))

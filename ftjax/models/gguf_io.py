@@ -173,6 +173,17 @@ def _state_dict(reader, hf_config, path):
     return state_dict
 
 
+def quantization(path):
+    """The quantized tensor types of a GGUF file, most bytes first (e.g. ['Q4_1', 'Q8_0']); [] when every
+    tensor is a float type. Reads the header only (the tensor data is memory-mapped, not read)."""
+    sizes = {}
+    for tensor in _open(path).tensors:
+        kind = tensor.tensor_type.name
+        if kind not in ('F32', 'F16', 'BF16', 'F64'):
+            sizes[kind] = sizes.get(kind, 0) + int(tensor.n_bytes)
+    return sorted(sizes, key=sizes.get, reverse=True)
+
+
 def _hf_name(gguf_name, path):
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]

@@ -17,49 +17,12 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from ftjax.models import kernels as kernels_lib
 from ftjax.models.adapters import LORA_A, LORA_B, MAGNITUDE, LoraSpec, dora_norm, lora_a_init
 
 Dtype = Any
 DEFAULT_INIT = nn.initializers.normal(stddev=0.02)
 BLOCK_AXES = ('activation_batch', 'activation_length', 'activation_embed')  # logical axes between blocks
-
-
-@jax.custom_vjp
-def linear(x, w):
-    """x [..., in] @ w [in, out], with a backward pass laid out for the CPU's matmul kernels.
-
-    The weight gradient contracts over the tokens (x^T @ g). Left to itself, XLA's CPU backend
-    makes the kernel-friendly operand by writing the [tokens, out] gradient transposed (fused into
-    the elementwise ops before it, a strided write that cost more than the matmuls of the MLP on
-    SmolLM2). Here the narrower of x and g is transposed explicitly, behind an optimization
-    barrier so that the transpose is not folded back into the dot. Same values as `x @ w`.
-    """
-    return x @ w
-
-
-def _linear_fwd(x, w):
-    # symbolic_zeros: `perturbed` says whether a gradient flows to the input; a frozen kernel
-    # (LoRA, partial fine-tuning) then gets no weight-gradient matmul at all.
-    y = x.value @ w.value
-    return y, (w.value if x.perturbed else None, x.value if w.perturbed else None)  # None: not needed
-
-
-def _linear_bwd(res, g):
-    w, x = res
-    dx = None if w is None else g @ w.T  # [..., in]
-    dw = None
-    if x is not None:
-        x2 = x.reshape(-1, x.shape[-1])  # [tokens, in]
-        g2 = g.reshape(-1, g.shape[-1])  # [tokens, out]
-        if x2.shape[1] <= g2.shape[1]:
-            dw = jax.lax.optimization_barrier(x2.T) @ g2  # [in, out]
-        else:
-            dw = (jax.lax.optimization_barrier(g2.T) @ x2).T  # ([out, tokens] @ [tokens, in]).T
-        dw = dw.astype(x.dtype)  # Dense casts x and the kernel to one compute dtype
-    return dx, dw
-
-
-linear.defvjp(_linear_fwd, _linear_bwd, symbolic_zeros=True)
 
 
 class Dense(nn.Module):
@@ -71,6 +34,7 @@ class Dense(nn.Module):
     dtype: Dtype = jnp.float32  # compute dtype
     param_dtype: Dtype = jnp.float32
     kernel_init: Any = DEFAULT_INIT
+    kernels: str = 'cpu'  # resolved config.model.kernels (`ftjax.models.kernels`): which matmul
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
@@ -78,7 +42,7 @@ class Dense(nn.Module):
         kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, self.axes),
                             (x.shape[-1], self.features), self.param_dtype)  # [in, out]
         x = x.astype(self.dtype)
-        y = checkpoint_name(linear(x, kernel.astype(self.dtype)), 'dense')  # [..., out]
+        y = checkpoint_name(kernels_lib.matmul(x, kernel.astype(self.dtype), self.kernels), 'dense')  # [..., out]
         spec = self.lora
         if spec is not None and spec.matches('/'.join(self.path)):
             a = self.param(LORA_A, nn.with_logical_partitioning(lora_a_init, (in_axis, None)),
@@ -88,13 +52,13 @@ class Dense(nn.Module):
             xd = x
             if spec.dropout > 0.0:
                 xd = nn.Dropout(spec.dropout)(x, deterministic=deterministic)
-            xa = checkpoint_name(linear(xd, a.astype(self.dtype)), 'dense')  # [..., r]
-            delta = linear(xa, b.astype(self.dtype)) * spec.scale  # [..., out]
+            xa = checkpoint_name(kernels_lib.matmul(xd, a.astype(self.dtype), self.kernels), 'dense')  # [..., r]
+            delta = kernels_lib.matmul(xa, b.astype(self.dtype), self.kernels) * spec.scale  # [..., out]
             if spec.dora:
                 m = self.param(MAGNITUDE, nn.with_logical_partitioning(nn.initializers.ones, (out_axis,)),
                                (self.features,), jnp.float32)  # [out]
                 g = (m / dora_norm(kernel, a, b, spec.scale)).astype(self.dtype)  # [out]
-                base_d = y if xd is x else linear(xd, kernel.astype(self.dtype))
+                base_d = y if xd is x else kernels_lib.matmul(xd, kernel.astype(self.dtype), self.kernels)
                 y = y + (g - 1.0) * base_d + g * delta  # PEFT's DoRA forward
             else:
                 y = y + delta
@@ -191,89 +155,9 @@ def apply_rope(x, positions, inv_freq):
     return out.astype(x.dtype)
 
 
-def attend(q, k, v, mask, dtype):
-    """Grouped-query attention without repeating K/V.
-
-    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
-    mask: [batch, q_len, kv_len] bool (True = may attend). Returns [batch, q_len, heads, head_dim].
-    The query heads of one KV head are folded into the query axis, so each KV head is one batched
-    matmul: [batch, kv_heads, groups * q_len, head_dim] against [batch, kv_heads, kv_len, head_dim].
-    """
-    b, t, h, d = q.shape
-    s, kvh = k.shape[1], k.shape[2]
-    g = h // kvh
-    qg = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)  # [b, kvh, g*t, d]
-    kt = k.transpose(0, 2, 1, 3)  # [batch, kv_heads, kv_len, head_dim]
-    vt = v.transpose(0, 2, 1, 3)
-    m = jnp.broadcast_to(mask[:, None, None], (b, 1, g, t, s)).reshape(b, 1, g * t, s)  # [b, 1, g*t, kv_len]
-    o = _attention(qg.astype(dtype), kt.astype(dtype), vt.astype(dtype), m)  # [b, kvh, g*t, d]
-    return o.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
-
-
-def _probs(q, k, mask):
-    """Softmax probabilities [b, kvh, q, kv] (float32) and their log-normaliser [b, kvh, q]."""
-    scores = jnp.einsum('bkqd,bksd->bkqs', q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    lse = jax.nn.logsumexp(scores, axis=-1)
-    return jnp.exp(scores - lse[..., None]), lse
-
-
-@jax.custom_vjp
-def _attention(q, k, v, mask):
-    """softmax(q k^T / sqrt(d), masked) v over [b, kvh, q, d] x [b, kvh, kv, d].
-
-    The backward pass recomputes the probabilities from q, k and the saved log-normaliser instead
-    of keeping them (FlashAttention's trade, here without tiling): a [q, kv] matrix per head and
-    layer is not stored across the whole forward pass. Its matmuls contract over the query axis by
-    transposing the narrow [q, head_dim] operands, never the [q, kv] probabilities.
-    """
-    p, _ = _probs(q, k, mask)
-    return jnp.einsum('bkqs,bksd->bkqd', p.astype(v.dtype), v)
-
-
-def _attention_fwd(q, k, v, mask):
-    p, lse = _probs(q, k, mask)
-    o = jnp.einsum('bkqs,bksd->bkqd', p.astype(v.dtype), v)
-    return o, (q, k, v, mask, o, lse)
-
-
-def _attention_bwd(res, do):
-    q, k, v, mask, o, lse = res
-    scores = jnp.einsum('bkqd,bksd->bkqs', q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    p = jnp.where(mask, jnp.exp(scores - lse[..., None]), 0.0)  # [b, kvh, q, kv]
-    t = lambda x: jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))  # a narrow [q, d] -> [d, q]
-    dv = jnp.swapaxes(t(do) @ p.astype(do.dtype), -1, -2)  # [b, kvh, kv, d]
-    dp = jnp.einsum('bkqd,bksd->bkqs', do, v, preferred_element_type=jnp.float32)
-    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)  # [b, kvh, q, 1]
-    ds = (p * (dp - delta) / math.sqrt(q.shape[-1])).astype(q.dtype)
-    dq = ds @ k  # [b, kvh, q, d]
-    dk = jnp.swapaxes(t(q) @ ds, -1, -2)  # [b, kvh, kv, d]
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-def causal_mask(segment_ids, q_positions=None, kv_len=None, kv_valid=None):
-    """[batch, q_len, kv_len] bool: causal, and within one segment when `segment_ids` is given.
-
-    Training/prefill: q and kv are the same tokens. Decoding with a cache: `q_positions` are the
-    cache slots of the queries and `kv_valid` [batch, kv_len] marks filled, non-padding slots.
-    """
-    if q_positions is None:
-        b, t = segment_ids.shape
-        idx = jnp.arange(t)
-        mask = (idx[None, :, None] >= idx[None, None, :])  # [1, q, kv]
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]
-        return mask & same
-    slots = jnp.arange(kv_len)
-    mask = slots[None, None, :] <= q_positions[:, :, None]  # [batch, q, kv]
-    return mask & kv_valid[:, None, :]
-
-
 _cp = jax.checkpoint_policies
-# `Dense` runs its matmuls through the custom-gradient `linear`, which remat policies cannot look into:
-# its outputs are named 'dense' so that the dots policies keep saving the projections.
+# With kernels='cpu', `Dense` runs its matmuls through the custom-gradient `kernels.linear`, which remat
+# policies cannot look into: its outputs are named 'dense' so that the dots policies keep saving the projections.
 REMAT_POLICIES = {
     'none': None,
     'full': _cp.nothing_saveable,

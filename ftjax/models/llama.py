@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ftjax.models import layers
+from ftjax.models import kernels, layers
 from ftjax.models.adapters import LoraSpec
 from ftjax.models.layers import BLOCK_AXES, Dense, RMSNorm
 
@@ -40,6 +40,7 @@ class LlamaConfig:
     param_dtype: Any = jnp.float32
     remat: str = 'none'
     scan_unroll: int = 1
+    kernels: str = 'cpu'  # resolved config.model.kernels: 'cpu', 'xla', 'splash', 'cudnn' (`ftjax.models.kernels`)
     lora: Optional[LoraSpec] = None
 
     @property
@@ -81,11 +82,12 @@ class LlamaBlock(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache, cache_index):
-        """x: [batch, seq, embed]; mask: [batch, seq, kv_len]; cache: {'k','v'} [batch, kv_len, kv_heads, head_dim]."""
+    def __call__(self, x, positions, mask, segment_ids, cache, cache_index):
+        """x: [batch, seq, embed]; mask: [batch, seq, kv_len] (None: `kernels.self_attention` over
+        segment_ids [batch, seq]); cache: {'k','v'} [batch, kv_len, kv_heads, head_dim]."""
         cfg = self.cfg
         dense = lambda f, axes, name, bias: Dense(f, axes, use_bias=bias, lora=cfg.lora, dtype=cfg.dtype,
-                                                  param_dtype=cfg.param_dtype, name=name)
+                                                  param_dtype=cfg.param_dtype, kernels=cfg.kernels, name=name)
         x = nn.with_logical_constraint(x, BLOCK_AXES)
         b, t, _ = x.shape
         h = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name='attn_norm')(x)
@@ -103,7 +105,11 @@ class LlamaBlock(nn.Module):
                 k = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), (0, cache_index, 0, 0))
                 v = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), (0, cache_index, 0, 0))
                 cache = {'k': k, 'v': v}
-            o = layers.attend(q, k.astype(cfg.dtype), v.astype(cfg.dtype), mask, cfg.dtype)
+            if mask is None:  # training / eval on the accelerators: a fused kernel over the segments
+                o = kernels.self_attention(q.astype(cfg.dtype), k.astype(cfg.dtype), v.astype(cfg.dtype),
+                                           segment_ids, cfg.kernels)
+            else:
+                o = kernels.attend(q, k.astype(cfg.dtype), v.astype(cfg.dtype), mask, cfg.dtype)
             o = o.reshape(b, t, cfg.num_heads * cfg.head_dim)
             x = x + dense(cfg.hidden_size, ('heads', 'embed'), 'o_proj', cfg.o_bias)(o, self.deterministic)
         h = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name='mlp_norm')(x)
@@ -130,21 +136,21 @@ class Llama(nn.Module):
         b, t = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
         if cache is None:
-            seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
-            mask = layers.causal_mask(seg)  # [batch, seq, seq]
+            mask = kernels.causal_mask(seg) if cfg.kernels == 'cpu' else None  # [batch, seq, seq]
         else:
             slots = cache_index + jnp.arange(t)
             kv_len = cache['k'].shape[2]
-            mask = layers.causal_mask(None, jnp.broadcast_to(slots, (b, t)), kv_len, kv_valid)
+            mask = kernels.causal_mask(None, jnp.broadcast_to(slots, (b, t)), kv_len, kv_valid)
         embed = layers.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                              name='embed')
         x = embed(input_ids)  # [batch, seq, embed]
         block = layers.remat(LlamaBlock, cfg.remat)
         stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
-                        unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: 'layers'})
-        x, new_cache = stack(cfg, deterministic, name='layers')(x, positions, mask, cache, cache_index)
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                        length=cfg.num_layers, unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: 'layers'})
+        x, new_cache = stack(cfg, deterministic, name='layers')(x, positions, mask, seg, cache, cache_index)
         x = nn.with_logical_constraint(x, BLOCK_AXES)
         x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name='final_norm')(x)
         if return_hidden:
@@ -153,7 +159,7 @@ class Llama(nn.Module):
             out = embed.attend(x)  # [batch, seq, vocab]
         else:
             out = Dense(cfg.vocab_size, ('embed', 'vocab'), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                        name='lm_head')(x)
+                        kernels=cfg.kernels, name='lm_head')(x)
         return out if cache is None else (out, new_cache)
 
 

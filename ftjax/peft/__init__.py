@@ -7,9 +7,11 @@ beside the targeted kernels (base paths unchanged), and every method returns the
 import dataclasses
 import logging
 
+import jax
 import jax.numpy as jnp
 
 from ftjax.config import validate
+from ftjax.models import kernels
 from ftjax.models.adapters import LoraSpec
 from ftjax.models.loading import Pretrained, build_model
 from ftjax.peft import lora
@@ -26,8 +28,12 @@ def lora_spec(lora_cfg, dora: bool = False) -> LoraSpec:
 
 
 def _with_runtime(pre: Pretrained, model_cfg) -> Pretrained:
-    """Applies `model.remat` and `model.dtype` (compute dtype) from the config to the module."""
+    """Applies `model.remat`, `model.dtype` (compute dtype) and `model.kernels` (resolved for the default
+    backend; `ftjax.compile_check` resolves it for its target first) from the config to the module."""
     changes = {}
+    kind = kernels.resolve(model_cfg.get('kernels', 'auto'), jax.default_backend())
+    if kind != pre.config.kernels:
+        changes['kernels'] = kind
     if model_cfg.remat != pre.config.remat:
         changes['remat'] = model_cfg.remat
     if jnp.dtype(model_cfg.dtype) != jnp.dtype(pre.config.dtype):

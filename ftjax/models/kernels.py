@@ -1,0 +1,265 @@
+"""Which kernels the hot path uses: the matmuls of `layers.Dense`, self-attention, and (through
+`train_step`) the fused loss. `config.model.kernels` picks them:
+
+  'auto'    'cpu' on the CPU backend, 'splash' on TPU, 'cudnn' on GPU (`resolve`)
+  'cpu'     custom VJPs laid out for XLA's CPU backend (transposes behind optimization barriers,
+            attention recomputed from the saved log-normaliser): what ftjax always ran on the CPU
+  'xla'     plain `x @ w` and `jax.nn.dot_product_attention(implementation='xla')`; no barriers
+  'splash'  'xla' with TPU splash attention (a Pallas/Mosaic kernel) for causal, packed self-attention
+  'cudnn'   'xla' with cuDNN flash attention (`jax.nn.dot_product_attention(implementation='cudnn')`),
+            the XLA attention when cuDNN refuses the shape or dtype
+
+Every choice computes the same function (tests/test_kernels.py compares each with the reference
+einsum attention and plain matmuls, forward and gradients). Decoding with a KV cache always uses
+`attend` with an explicit mask.
+"""
+import functools
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+from jax.sharding import PartitionSpec as P
+
+CHOICES = ('auto', 'cpu', 'xla', 'splash', 'cudnn')  # config.model.kernels
+AUTO = {'cpu': 'cpu', 'tpu': 'splash', 'gpu': 'cudnn', 'cuda': 'cudnn', 'rocm': 'xla'}
+BATCH_AXES, HEAD_AXIS = ('data', 'fsdp'), 'tensor'  # mesh axes (ftjax.sharding.MESH_AXES)
+SPLASH_BLOCK = 512  # splash tile along q and kv (smaller for short sequences)
+
+
+def resolve(choice: str, platform: str) -> str:
+    """config.model.kernels -> the kernels used on `platform` ('cpu', 'tpu', 'gpu'): never 'auto'."""
+    if choice not in CHOICES:
+        raise ValueError(f"config.model.kernels={choice!r} is not known; choose one of {list(CHOICES)}.")
+    return AUTO.get(platform, 'xla') if choice == 'auto' else choice
+
+
+# ---------------------------------------------------------------------------------------------
+# Matmuls
+# ---------------------------------------------------------------------------------------------
+
+@jax.custom_vjp
+def linear(x, w):
+    """x [..., in] @ w [in, out], with a backward pass laid out for the CPU's matmul kernels.
+
+    The weight gradient contracts over the tokens (x^T @ g). Left to itself, XLA's CPU backend
+    makes the kernel-friendly operand by writing the [tokens, out] gradient transposed (fused into
+    the elementwise ops before it, a strided write that cost more than the matmuls of the MLP on
+    SmolLM2). Here the narrower of x and g is transposed explicitly, behind an optimization
+    barrier so that the transpose is not folded back into the dot. Same values as `x @ w`.
+    """
+    return x @ w
+
+
+def _linear_fwd(x, w):
+    # symbolic_zeros: `perturbed` says whether a gradient flows to the input; a frozen kernel
+    # (LoRA, partial fine-tuning) then gets no weight-gradient matmul at all.
+    y = x.value @ w.value
+    return y, (w.value if x.perturbed else None, x.value if w.perturbed else None)  # None: not needed
+
+
+def _linear_bwd(res, g):
+    w, x = res
+    dx = None if w is None else g @ w.T  # [..., in]
+    dw = None
+    if x is not None:
+        x2 = x.reshape(-1, x.shape[-1])  # [tokens, in]
+        g2 = g.reshape(-1, g.shape[-1])  # [tokens, out]
+        if x2.shape[1] <= g2.shape[1]:
+            dw = jax.lax.optimization_barrier(x2.T) @ g2  # [in, out]
+        else:
+            dw = (jax.lax.optimization_barrier(g2.T) @ x2).T  # ([out, tokens] @ [tokens, in]).T
+        dw = dw.astype(x.dtype)  # Dense casts x and the kernel to one compute dtype
+    return dx, dw
+
+
+linear.defvjp(_linear_fwd, _linear_bwd, symbolic_zeros=True)
+
+
+def matmul(x, w, kernels: str = 'cpu'):
+    """x [..., in] @ w [in, out]: the CPU custom VJP for kernels='cpu', XLA's own dot otherwise."""
+    return linear(x, w) if kernels == 'cpu' else x @ w
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention with an explicit mask (the CPU path, decoding, encoders)
+# ---------------------------------------------------------------------------------------------
+
+def causal_mask(segment_ids, q_positions=None, kv_len=None, kv_valid=None, window=None):
+    """[batch, q_len, kv_len] bool: causal, and within one segment when `segment_ids` is given.
+
+    Training/prefill: q and kv are the same tokens; `window` w keeps only the last w keys of each
+    query (itself included). Decoding with a cache: `q_positions` are the cache slots of the queries
+    and `kv_valid` [batch, kv_len] marks filled, non-padding slots.
+    """
+    if q_positions is None:
+        b, t = segment_ids.shape
+        idx = jnp.arange(t)
+        mask = (idx[None, :, None] >= idx[None, None, :])  # [1, q, kv]
+        if window is not None:
+            mask = mask & (idx[None, :, None] - idx[None, None, :] < window)
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        return mask & same
+    slots = jnp.arange(kv_len)
+    mask = slots[None, None, :] <= q_positions[:, :, None]  # [batch, q, kv]
+    return mask & kv_valid[:, None, :]
+
+
+def attend(q, k, v, mask, dtype):
+    """Grouped-query attention without repeating K/V (the 'cpu' kernels).
+
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
+    mask: [batch, q_len, kv_len] bool (True = may attend). Returns [batch, q_len, heads, head_dim].
+    The query heads of one KV head are folded into the query axis, so each KV head is one batched
+    matmul: [batch, kv_heads, groups * q_len, head_dim] against [batch, kv_heads, kv_len, head_dim].
+    """
+    b, t, h, d = q.shape
+    s, kvh = k.shape[1], k.shape[2]
+    g = h // kvh
+    qg = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)  # [b, kvh, g*t, d]
+    kt = k.transpose(0, 2, 1, 3)  # [batch, kv_heads, kv_len, head_dim]
+    vt = v.transpose(0, 2, 1, 3)
+    m = jnp.broadcast_to(mask[:, None, None], (b, 1, g, t, s)).reshape(b, 1, g * t, s)  # [b, 1, g*t, kv_len]
+    o = _attention(qg.astype(dtype), kt.astype(dtype), vt.astype(dtype), m)  # [b, kvh, g*t, d]
+    return o.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def masked_attention(q, k, v, mask, dtype, kernels: str = 'cpu'):
+    """Attention with an explicit mask [batch, q_len, kv_len] (encoders): `attend` for kernels='cpu',
+    `jax.nn.dot_product_attention` (XLA) otherwise. Shapes as `attend`."""
+    if kernels == 'cpu':
+        return attend(q, k, v, mask, dtype)
+    return jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), mask=mask[:, None],
+                                        implementation='xla')
+
+
+def _probs(q, k, mask):
+    """Softmax probabilities [b, kvh, q, kv] (float32) and their log-normaliser [b, kvh, q]."""
+    scores = jnp.einsum('bkqd,bksd->bkqs', q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    lse = jax.nn.logsumexp(scores, axis=-1)
+    return jnp.exp(scores - lse[..., None]), lse
+
+
+@jax.custom_vjp
+def _attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(d), masked) v over [b, kvh, q, d] x [b, kvh, kv, d].
+
+    The backward pass recomputes the probabilities from q, k and the saved log-normaliser instead
+    of keeping them (FlashAttention's trade, here without tiling): a [q, kv] matrix per head and
+    layer is not stored across the whole forward pass. Its matmuls contract over the query axis by
+    transposing the narrow [q, head_dim] operands, never the [q, kv] probabilities.
+    """
+    p, _ = _probs(q, k, mask)
+    return jnp.einsum('bkqs,bksd->bkqd', p.astype(v.dtype), v)
+
+
+def _attention_fwd(q, k, v, mask):
+    p, lse = _probs(q, k, mask)
+    o = jnp.einsum('bkqs,bksd->bkqd', p.astype(v.dtype), v)
+    return o, (q, k, v, mask, o, lse)
+
+
+def _attention_bwd(res, do):
+    q, k, v, mask, o, lse = res
+    scores = jnp.einsum('bkqd,bksd->bkqs', q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    p = jnp.where(mask, jnp.exp(scores - lse[..., None]), 0.0)  # [b, kvh, q, kv]
+    t = lambda x: jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))  # a narrow [q, d] -> [d, q]
+    dv = jnp.swapaxes(t(do) @ p.astype(do.dtype), -1, -2)  # [b, kvh, kv, d]
+    dp = jnp.einsum('bkqd,bksd->bkqs', do, v, preferred_element_type=jnp.float32)
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)  # [b, kvh, q, 1]
+    ds = (p * (dp - delta) / math.sqrt(q.shape[-1])).astype(q.dtype)
+    dq = ds @ k  # [b, kvh, q, d]
+    dk = jnp.swapaxes(t(q) @ ds, -1, -2)  # [b, kvh, kv, d]
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Causal self-attention over packed rows (training, eval): the kernel choice
+# ---------------------------------------------------------------------------------------------
+
+def self_attention(q, k, v, segment_ids, kernels: str, window=None, *, interpret=False):
+    """Causal attention of packed rows, each token within its segment (and its last `window` keys).
+
+    q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim] (GQA: heads a multiple of
+    kv_heads); segment_ids: [batch, seq] int. Returns [batch, seq, heads, head_dim] in q's dtype.
+    `interpret` runs the splash kernel in Pallas's interpreter (tests on the CPU).
+    """
+    if kernels == 'cpu':
+        return attend(q, k, v, causal_mask(segment_ids, window=window), q.dtype)
+    if kernels == 'splash':
+        if q.shape[1] % 128 == 0:  # the kernel tiles q and kv in multiples of 128 lanes
+            return _sharded(_splash_rows, q, k, v, segment_ids, window=window, interpret=interpret)
+        logging.warning('kernels: splash attention needs a sequence length that is a multiple of 128 (got %d); '
+                        'using the XLA attention.', q.shape[1])
+        return dot_product_attention(q, k, v, segment_ids, 'xla', window)
+    if kernels == 'cudnn':
+        try:
+            return _sharded(dot_product_attention, q, k, v, segment_ids, implementation='cudnn', window=window)
+        except (ValueError, NotImplementedError, RuntimeError) as e:  # cuDNN refuses this shape / dtype / GPU
+            logging.warning('kernels: cuDNN attention unavailable (%s); using the XLA attention.', e)
+    return dot_product_attention(q, k, v, segment_ids, 'xla', window)
+
+
+def dot_product_attention(q, k, v, segment_ids, implementation='xla', window=None):
+    """`jax.nn.dot_product_attention` with the causal, same-segment (and window) mask; GQA native."""
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [batch, 1, q, kv]
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=same, is_causal=True, implementation=implementation,
+        local_window_size=None if window is None else (window - 1, 0))
+
+
+def splash_mask(seq: int, heads: int, window=None):
+    """The static splash mask: causal (and the last `window` keys) for each of `heads` heads."""
+    one = sm.CausalMask((seq, seq))
+    if window is not None:
+        one = sm.LogicalAnd(one, sm.LocalMask((seq, seq), window_size=(window - 1, 0), offset=0))
+    return sm.MultiHeadMask([one] * heads)
+
+
+def _splash_rows(q, k, v, segment_ids, window=None, interpret=False):
+    """Splash attention on one device's rows: q [b, t, h, d], k/v [b, t, kvh, d], segment_ids [b, t]."""
+    b, t, h, d = q.shape
+    blk = min(SPLASH_BLOCK, t)
+    sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+                          block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+    kernel = sk.make_splash_mha(splash_mask(t, h, window), head_shards=1, q_seq_shards=1, block_sizes=sizes,
+                                interpret=interpret)
+    qs = (q * (1.0 / math.sqrt(d))).astype(q.dtype).transpose(0, 2, 1, 3)  # [b, h, t, d]; splash does not scale
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kvh, t, d]
+    seg = segment_ids.astype(jnp.int32)
+    o = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(s1, s1)))(qs, kt, vt, seg)
+    return o.transpose(0, 2, 1, 3).astype(q.dtype)  # [b, t, h, d]
+
+
+def _sharded(fn, q, k, v, segment_ids, **kw):
+    """Runs `fn` per device under `shard_map` when a mesh is set (a custom kernel cannot be split by the
+    compiler): rows over the batch axes, heads over 'tensor', each only when it divides evenly."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(q, k, v, segment_ids, **kw)
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    rows = tuple(a for a in BATCH_AXES if a in sizes)
+    rows = rows if rows and q.shape[0] % math.prod(sizes[a] for a in rows) == 0 else None
+    heads = HEAD_AXIS if sizes.get(HEAD_AXIS, 1) > 1 and q.shape[2] % sizes[HEAD_AXIS] == 0 \
+        and k.shape[2] % sizes[HEAD_AXIS] == 0 else None
+    qkv, seg = P(rows, None, heads, None), P(rows, None)
+    run = jax.shard_map(functools.partial(fn, **kw), in_specs=(qkv, qkv, qkv, seg), out_specs=qkv,
+                        check_vma=False)
+    return run(q, k, v, segment_ids)
+
+
+def kernel_names_in(hlo_text: str):
+    """Which fused attention kernels a compiled program's HLO text calls (for compile_check and tests)."""
+    calls = [line for line in hlo_text.splitlines() if 'custom_call_target=' in line]
+    found = []
+    if any('tpu_custom_call' in line and 'splash' in line for line in calls):
+        found.append('splash')
+    if any('__cudnn$fmha' in line for line in calls):
+        found.append('cudnn')
+    return found

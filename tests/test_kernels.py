@@ -1,0 +1,166 @@
+"""`ftjax.models.kernels`: every kernel choice computes the reference function, forward and gradients.
+
+The reference is the plain einsum attention (K/V repeated for GQA, float32 scores, autodiff) and plain
+`x @ w`. Splash attention runs in Pallas's interpreter on the CPU; cuDNN cannot run here, so its exact
+call (`kernels.dot_product_attention`) is checked with implementation='xla', and the 'cudnn' choice must
+fall back to it on a machine without cuDNN.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftjax import losses, sharding
+from ftjax.models import kernels, llama
+
+B, T, H, KVH, D = 2, 128, 4, 2, 32
+
+
+def reference_attention(q, k, v, mask):
+    """q [b, t, h, d], k/v [b, s, kvh, d], mask [b, t, s] bool -> [b, t, h, d]."""
+    g = q.shape[2] // k.shape[2]
+    kr, vr = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)  # [b, s, h, d]
+    scores = jnp.einsum('bthd,bshd->bhts', q, kr, preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1])
+    scores = jnp.where(mask[:, None], scores, -1e30)
+    return jnp.einsum('bhts,bshd->bthd', jax.nn.softmax(scores, axis=-1).astype(v.dtype), vr)
+
+
+def _qkv(seed=0, t=T):
+    r = np.random.RandomState(seed)
+    q = jnp.asarray(r.randn(B, t, H, D), jnp.float32)
+    k = jnp.asarray(r.randn(B, t, KVH, D), jnp.float32)
+    v = jnp.asarray(r.randn(B, t, KVH, D), jnp.float32)
+    # row 0: three packed segments and trailing padding (0); row 1: one segment
+    seg0 = np.concatenate([np.full(50, 1), np.full(40, 2), np.full(30, 3), np.zeros(t - 120)])
+    seg = jnp.asarray(np.stack([seg0, np.ones(t)]), jnp.int32)
+    return q, k, v, seg
+
+
+def _loss_and_grads(attn, q, k, v):
+    w = jnp.asarray(np.random.RandomState(9).randn(*q.shape), jnp.float32)  # a fixed cotangent
+    return jax.value_and_grad(lambda q, k, v: jnp.sum(attn(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
+
+
+def _assert_close(got, want, tol):
+    (lg, gg), (lw, gw) = got, want
+    np.testing.assert_allclose(lg, lw, rtol=tol, atol=tol)
+    for a, b, name in zip(gg, gw, 'qkv'):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol, err_msg=f'd{name}')
+
+
+@pytest.mark.parametrize('window', [None, 16])
+@pytest.mark.parametrize('kind', ['cpu', 'xla', 'cudnn', 'splash'])
+def test_self_attention_matches_the_reference(kind, window):
+    q, k, v, seg = _qkv()
+    mask = kernels.causal_mask(seg, window=window)
+    want = _loss_and_grads(lambda q, k, v: reference_attention(q, k, v, mask), q, k, v)
+    # 'splash' runs the real kernel in Pallas's interpreter; 'cudnn' falls back to XLA without a GPU
+    attn = functools.partial(kernels.self_attention, segment_ids=seg, kernels=kind, window=window,
+                             interpret=kind == 'splash')
+    _assert_close(_loss_and_grads(attn, q, k, v), want, 2e-4)
+
+
+def test_the_cudnn_call_with_the_xla_implementation():
+    """The arguments `self_attention` gives cuDNN (mask, is_causal, window), run by XLA's implementation."""
+    q, k, v, seg = _qkv(1)
+    for window in (None, 8):
+        mask = kernels.causal_mask(seg, window=window)
+        want = _loss_and_grads(lambda q, k, v: reference_attention(q, k, v, mask), q, k, v)
+        got = _loss_and_grads(lambda q, k, v: kernels.dot_product_attention(q, k, v, seg, 'xla', window), q, k, v)
+        _assert_close(got, want, 2e-4)
+
+
+def test_splash_mask_is_the_causal_window_mask():
+    seg = jnp.ones((1, 64), jnp.int32)
+    for window in (None, 1, 5, 64):
+        splash = np.asarray(kernels.splash_mask(64, 2, window)[:, :, :])  # [heads, q, kv]
+        want = np.asarray(kernels.causal_mask(seg, window=window)[0])
+        assert splash.shape == (2, 64, 64) and (splash == want[None]).all(), window
+
+
+def test_splash_under_a_mesh_shards_rows_and_heads():
+    """With a mesh set, splash runs per device under shard_map (rows over data x fsdp, heads over tensor)."""
+    q, k, v, seg = _qkv(2)
+    mesh = jax.make_mesh((2, 1, 2), sharding.MESH_AXES, devices=jax.devices()[:4],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mask = kernels.causal_mask(seg)
+    want = reference_attention(q, k, v, mask)
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda q, k, v, s: kernels.self_attention(q, k, v, s, 'splash', interpret=True))(q, k, v, seg)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize('kind', ['cpu', 'xla'])
+def test_matmul_matches_plain_dot(kind):
+    r = np.random.RandomState(3)
+    x = jnp.asarray(r.randn(2, 8, 24), jnp.float32)
+    w = jnp.asarray(r.randn(24, 40), jnp.float32)
+    g = jnp.asarray(r.randn(2, 8, 40), jnp.float32)
+    f = lambda mm: jax.value_and_grad(lambda x, w: jnp.sum(mm(x, w) * g), argnums=(0, 1))(x, w)
+    (l1, (dx1, dw1)), (l2, (dx2, dw2)) = f(lambda x, w: kernels.matmul(x, w, kind)), f(jnp.matmul)
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    np.testing.assert_allclose(dx1, dx2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw1, dw2, rtol=1e-5, atol=1e-5)
+
+
+def test_resolve():
+    assert kernels.resolve('auto', 'cpu') == 'cpu'
+    assert kernels.resolve('auto', 'tpu') == 'splash'
+    assert kernels.resolve('auto', 'gpu') == 'cudnn'
+    assert kernels.resolve('xla', 'tpu') == 'xla'
+    with pytest.raises(ValueError, match='model.kernels'):
+        kernels.resolve('flash', 'cpu')
+
+
+def test_llama_kernels_compute_the_same_model():
+    """The whole decoder (packed rows, GQA) with each kernel choice: same logits, same gradients."""
+    cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                            num_kv_heads=2, head_dim=8)
+    ids = jnp.asarray(np.random.RandomState(4).randint(0, 64, (2, 128)), jnp.int32)
+    seg = _qkv()[3]
+    params = llama.Llama(cfg).init(jax.random.key(0), ids)['params']
+
+    def run(kind):
+        model = llama.Llama(llama.LlamaConfig(**{**cfg.__dict__, 'kernels': kind}))
+        loss = lambda p: jnp.sum(model.apply({'params': p}, ids, None, seg) ** 2) / ids.size
+        return jax.value_and_grad(loss)(params)
+
+    want_l, want_g = run('cpu')
+    for kind in ('xla', 'cudnn'):  # 'cudnn' without a GPU: the XLA fallback; splash: test_tpu_compile.py
+        l, g = run(kind)
+        np.testing.assert_allclose(l, want_l, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(want_g)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('barrier', [True, False])
+def test_loss_chunk_counts_tokens_per_device(barrier):
+    """Chunks sized per device give the same loss and gradients as one chunk per sequence."""
+    assert losses.chunk_positions(64, 1024, 512) == 8  # the old global count: 8 tokens per row per chunk
+    assert losses.chunk_positions(64, 1024, 512, batch_shards=64) == 512  # one row per device: 512 tokens
+    r = np.random.RandomState(5)
+    h = jnp.asarray(r.randn(8, 48, 16), jnp.float32)
+    head = jnp.asarray(r.randn(16, 50), jnp.float32)
+    y = jnp.asarray(r.randint(0, 50, (8, 48)), jnp.int32)
+    m = jnp.asarray(r.rand(8, 48) > 0.3, jnp.float32)
+
+    def run(**kw):
+        f = lambda h, head: losses.lm_loss(h, head, y, m, 32, **kw)[0]
+        return jax.value_and_grad(f, argnums=(0, 1))(h, head)
+
+    (l1, g1), (l8, g8) = run(barrier=barrier), run(batch_shards=8, barrier=barrier)
+    np.testing.assert_allclose(l1, l8, rtol=1e-5)
+    for a, b in zip(g1, g8):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_shards_reads_the_mesh():
+    assert sharding.batch_shards() == 1
+    mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, devices=jax.devices()[:8],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    seen = []
+    with jax.set_mesh(mesh):
+        jax.jit(lambda x: seen.append(sharding.batch_shards()) or x)(jnp.ones((8,)))
+    assert seen == [4]
