@@ -15,8 +15,9 @@ Variants (each with `,smoke`: 2 steps, seconds):
   ipo    LoRA, IPO (squared loss on the per-token log-ratio margin)
   simpo  LoRA, SimPO (reference-free, length-normalised, margin gamma)
   orpo   LoRA, ORPO (SFT loss + odds ratio, reference-free)
-Start from an SFT adapter (e.g. the quickstart's exported one) with --config.model.adapter=DIR (then the
-reference is the base without any adapter); sweep beta with ftjax.sweep over --config.align.beta.
+Start from an SFT adapter (e.g. the quickstart's, exported with `python -m ftjax.export`) with
+--config.model.adapter=DIR: the reference is then that SFT model (its answer log-probs computed once before
+training, `align.reference=auto`). Sweep beta with ftjax.sweep over --config.align.beta like any key.
 
 Results (measured on the 2-core CPU): see docs/results/dpo_smollm2.md.
 """

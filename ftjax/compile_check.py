@@ -150,10 +150,10 @@ def _device_bytes(abstract, shardings):
                for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
 
 
-def check(config, topology, devices=None, topology_name=None):
+def check(config, topology, devices=None, topology_name=None, keep_compiled=False):
     """Compiles the train step of `config` for the mesh `topology` ({'data': 4, 'fsdp': 2, 'tensor': 1}) over
     `devices` (this process's by default; a TPU topology's from `tpu_devices`); returns the numbers `main`
-    prints (bytes per device)."""
+    prints (bytes per device), and the compiled step as 'compiled' when `keep_compiled`."""
     n = math.prod(topology.values())
     devices = jax.devices()[:n] if devices is None else devices
     if len(devices) < n:
@@ -198,6 +198,8 @@ def check(config, topology, devices=None, topology_name=None):
     found = kernels.kernel_names_in(compiled.as_text())
     out['attention'] = found[0] if found else ('cpu custom VJP' if config.model.kernels == 'cpu' else 'xla')
     out.update(_estimates(out, compiled.cost_analysis(), pre.config, topology_name))
+    if keep_compiled:
+        out['compiled'] = compiled
     return out
 
 

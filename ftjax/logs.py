@@ -195,7 +195,7 @@ class Progress:
         self.printed = False
         self.bar = None
         if self.enabled and (console_is_terminal() if tty is None else tty):
-            self.bar = tqdm(total=self.total, initial=self.n, desc=f'ftjax: {desc}', unit=unit or 'it',
+            self.bar = tqdm(total=self.total, initial=self.n, desc=f'ftjax: {desc}', unit=unit or desc.split()[-1],
                             dynamic_ncols=True, leave=leave)
         elif self.enabled and announce:  # the first line says that the loop started
             print(self.line(self.t_start), flush=True)

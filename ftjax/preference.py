@@ -21,7 +21,8 @@ The reference of dpo / ipo (`align.reference`):
                 untouched base. Refused when a non-adapter leaf trains (that base is no longer untouched).
   precomputed   full / partial: the base model's answer log-probs of every row, computed once before
                 training (`attach_reference`) and carried by each batch as 'ref_logps' [batch, 2].
-  auto          adapters_off for lora / dora, precomputed for full / partial.
+  auto          adapters_off for lora / dora, precomputed for full / partial and for training on from a loaded
+                adapter (`model.adapter`, e.g. an SFT adapter: the reference is then that starting model).
 """
 import dataclasses
 import math
@@ -57,8 +58,9 @@ def settings(config):
     a = config.align
     if a.loss not in NEEDS_REFERENCE:
         reference = 'none'
-    elif a.reference == 'auto':
-        reference = 'adapters_off' if config.peft.method in ('lora', 'dora') else 'precomputed'
+    elif a.reference == 'auto':  # a loaded (SFT) adapter is part of the starting policy: precompute its log-probs
+        adapters = config.peft.method in ('lora', 'dora') and not config.model.get('adapter')
+        reference = 'adapters_off' if adapters else 'precomputed'
     else:
         reference = a.reference
     if reference == 'adapters_off' and config.peft.method not in ('lora', 'dora'):

@@ -7,6 +7,7 @@ Per-answer log-prob sums against a transformers float32 computation on the tiny 
 reference with adapters off is exactly the untouched base (step 0: DPO loss log 2, rewards 0). The
 `preference` data format: pairs kept in one row, masks on answers only, bad rows through the policy.
 """
+import json
 import math
 import types
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftjax import data as data_lib, optim, peft, preference, sweep, synthetic
+from ftjax import data as data_lib, evaluate, optim, peft, preference, sweep, synthetic
 from ftjax import state as state_lib
 from ftjax.config import default_config, validate
 from ftjax.errors import ConfigError, DataError
@@ -185,7 +186,7 @@ def test_bad_pairs_follow_the_bad_row_policy(tmp_path, row, field):
 
 def test_synthetic_preference_task(tmp_path):
     paths = synthetic.write_preference_task(str(tmp_path), n_train=40, n_eval=5, seed=0)
-    rows = [r for r in map(__import__('json').loads, open(paths['train']))]
+    rows = [json.loads(line) for line in open(paths['train'])]
     assert len(rows) == 40 and all(r['chosen'] != r['rejected'] for r in rows)
     assert all(r['prompt'][0]['role'] == 'user' for r in rows)
 
@@ -204,7 +205,10 @@ def pref_data(tmp_path_factory, llama):
     paths = synthetic.write_preference_task(str(d), n_train=16, n_eval=4, seed=0)
     out = []
     for split in ('train', 'eval'):  # nothing truncated, every pair kept
-        cfg = data_config(paths[split], **{'data.max_length': 640})  # ~300 tiny-tokenizer tokens a sequence
+        rows = [json.loads(line) for line in open(paths[split])]
+        for r in rows:  # the sentence without the long instruction: ~150 tiny-tokenizer tokens a sequence
+            r['prompt'][0]['content'] = r['prompt'][0]['content'].split('\n')[-1]
+        cfg = data_config(tiny.write_jsonl(d / f'short_{split}.jsonl', rows), **{'data.max_length': 320})
         out.append(data_lib.build_dataset(cfg, llama.tokenizer))
         assert out[-1].stats['num_truncated'] == 0 and len(out[-1]) == (16 if split == 'train' else 4)
     return out
@@ -316,6 +320,7 @@ def test_dpo_in_every_mode(llama, pref_data, mode):
     assert curve[-1][0] < curve[0][0] - 0.01 and curve[-1][1] > 0.5 and curve[-1][2] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('loss', ['ipo', 'simpo', 'orpo'])
 def test_other_losses_train_with_lora(llama, pref_data, loss):
     c = make_config('lora', loss, 1e-2, **{'train.batch_size': 4, 'align.beta': 2.0 if loss == 'simpo' else 0.5})
@@ -329,6 +334,7 @@ def test_other_losses_train_with_lora(llama, pref_data, loss):
     assert all(np.isfinite(curve)) and curve[-1] < curve[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('loss', ['dpo', 'orpo'])
 def test_grad_accumulation_is_exact(llama, pref_data, loss):
     """Uneven answer lengths across micro-batches: the step's normalisers come from the whole batch."""
@@ -351,7 +357,7 @@ def test_eval_step_sums(llama, pref_data):
     _, eval_data = pref_data
     c = make_config('lora', 'dpo')
     pre, state, _ = build(llama, c)
-    batches = list(__import__('ftjax.evaluate', fromlist=['eval_batches']).eval_batches(eval_data, 3))
+    batches = list(evaluate.eval_batches(eval_data, 3))
     eval_step = jax.jit(make_eval_step(pre.model, c))
     sums = {}
     for b in batches:
@@ -360,3 +366,12 @@ def test_eval_step_sums(llama, pref_data):
     assert sums['count'] == len(eval_data)  # the padded rows of the short last batch count for nothing
     assert sums['loss_sum'] / sums['count'] == pytest.approx(LOG2, abs=1e-6)
     assert sums['rewards/margin_sum'] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_reference_resolution():
+    s = lambda method, **over: preference.settings(make_config(method, **over)).reference  # noqa: E731
+    assert s('lora') == s('dora') == 'adapters_off' and s('full') == s('partial') == 'precomputed'
+    assert s('lora', **{'model.adapter': '/sft_adapter'}) == 'precomputed'  # the SFT model is the reference
+    assert s('lora', **{'align.loss': 'simpo'}) == s('full', **{'align.loss': 'orpo'}) == 'none'
+    with pytest.raises(ConfigError, match="config.align.loss='kto' is not one of"):
+        make_config('lora', 'kto')

@@ -195,8 +195,9 @@ def self_attention(q, k, v, segment_ids, kernels: str, window=None, *, interpret
     if kernels == 'splash':
         if q.shape[1] % 128 == 0:  # the kernel tiles q and kv in multiples of 128 lanes
             return _sharded(_splash_rows, q, k, v, segment_ids, window=window, interpret=interpret)
-        logging.warning('kernels: splash attention needs a sequence length that is a multiple of 128 (got %d); '
-                        'using the XLA attention.', q.shape[1])
+        if q.shape[1] > 128:  # (shorter: model.init's dummy input, or a tiny test batch)
+            logging.warning('kernels: splash attention needs a sequence length that is a multiple of 128 (got %d); '
+                            'using the XLA attention.', q.shape[1])
         return dot_product_attention(q, k, v, segment_ids, 'xla', window)
     if kernels == 'cudnn':
         try:
@@ -233,7 +234,12 @@ def _splash_rows(q, k, v, segment_ids, window=None, interpret=False):
     qs = (q * (1.0 / math.sqrt(d))).astype(q.dtype).transpose(0, 2, 1, 3)  # [b, h, t, d]; splash does not scale
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kvh, t, d]
     seg = segment_ids.astype(jnp.int32)
-    o = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(s1, s1)))(qs, kt, vt, seg)
+    run = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(s1, s1)))
+    if q.dtype == jnp.float32:
+        o = run(qs, kt, vt, seg)
+    else:  # Mosaic's bf16 matmuls take the default precision only (a process may set 'highest' for float32)
+        with jax.default_matmul_precision('default'):
+            o = run(qs, kt, vt, seg)
     return o.transpose(0, 2, 1, 3).astype(q.dtype)  # [b, t, h, d]
 
 
