@@ -153,7 +153,11 @@ class Throughput:
 
 def significant(x, digits=4):
     """`x` with `digits` significant digits: 0.2720186 -> '0.2720', 12.3456 -> '12.35', 1234567 -> '1.235e+06'."""
-    if x is None or not math.isfinite(x):
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if not math.isfinite(x):
         return str(x)
     if x == 0:
         return '0'

@@ -97,7 +97,7 @@ def train_and_evaluate(config, workdir, stop_at=None):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             pref_before = evaluate.eval_split(p_eval, state, eval_data, config, batch_sh, task)
         log.write(0, pref_before)
-        result.update({f'{k}_base': v for k, v in pref_before.items()})
+        result.update({f'base/{k}': v for k, v in pref_before.items()})  # summary.json: before training
     last = {}
     bad_in_a_row = 0
     compile_s = None

@@ -58,7 +58,7 @@ class Workdir:
     path: str
     stored: Optional[dict]  # config.json of the run that owns the workdir; None when the workdir is new
     summary: Optional[dict]  # summary.json, when the run ended cleanly before
-    changed: list  # ['key: stored -> new', ...] (allowed by train.allow_config_change, or only RESUMABLE keys)
+    changed: list  # ['key: stored -> new', ...] of the keys that are not RESUMABLE (train.allow_config_change)
     config_differs: bool  # the stored config.json is not this run's (a RESUMABLE key or an allowed change)
 
 
@@ -176,9 +176,9 @@ def check_workdir(config, workdir):
     stored = _read_json(config_path) if used else None
     if used and stored is None:
         what = 'unreadable' if config_path.exists() else 'missing'
-        raise WorkdirError(f'{workdir} holds checkpoints but its config.json is {what}, so this run cannot be '
-                           f'checked against the one that wrote them; use a new --workdir, or restore '
-                           f'{config_path}.')
+        raise WorkdirError(f'{workdir} holds a run (checkpoints or summary.json) but its config.json is {what}, so '
+                           f'this run cannot be checked against the one that wrote them; use a new --workdir, or '
+                           f'restore {config_path}.')
     changes = config_changes(stored, config_dict(config)) if stored is not None else {}
     blocking = {k: v for k, v in changes.items() if not resumable(k)}
     if blocking and not config.train.get('allow_config_change', False):

@@ -1,11 +1,13 @@
 """Packing is exact: each packed example's logits equal those of the example run alone (the model's
 segment mask and restarted positions keep examples apart)."""
 import numpy as np
+import pytest
 
 from ftjax import data as data_lib
 from tests import tiny
 
 
+@pytest.mark.slow  # the fast lane has tests/test_models.py::test_decoder_segments_and_positions
 def test_packed_logits_equal_each_example_alone(tiny_llama_dir, tmp_path):
     import jax.numpy as jnp
     from ftjax.models import load_pretrained

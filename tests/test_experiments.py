@@ -104,7 +104,7 @@ def test_experiment_smoke(arg, model, data, tmp_path):
     assert evals and all(map(finite, evals)), rows
     if config['data']['format'] == 'preference':  # DPO & co.: reward metrics per step, held-out pairs before/after
         assert all('rewards/accuracy' in r and 'rewards/margin' in r for r in rows if 'loss' in r), rows
-        assert 0.0 <= summary['eval/rewards/accuracy'] <= 1.0 and 'eval/logps/accuracy_base' in summary
+        assert 0.0 <= summary['eval/rewards/accuracy'] <= 1.0 and 'base/eval/logps/accuracy' in summary
         assert '| reward accuracy |' in proc.stdout, tail
     if config['data']['format'] == 'classification':
         assert 0.0 <= summary['eval/accuracy'] <= 1.0 and 'eval/f1' in summary

@@ -413,6 +413,7 @@ def restored(workdir, step=None):
     return (merged_model(pre) if pre.config.lora is not None else (pre.model, pre.params)), pre
 
 
+@pytest.mark.slow
 def test_cli_hf_export_of_a_trained_lora_run_at_an_older_step(lora_run, tiny_llama_dir, tmp_path):
     assert sorted(os.listdir(os.path.join(lora_run, 'checkpoints'))) == ['3', '6']
     out = str(tmp_path / 'hf')
@@ -436,6 +437,7 @@ def test_cli_hf_export_of_a_trained_lora_run_at_an_older_step(lora_run, tiny_lla
     assert np.abs(ours3 - torch_out(base, cfg)).max() > 100 * TOL  # and the training shows in it
 
 
+@pytest.mark.slow
 def test_export_of_a_trained_lora_run_hf_and_peft(lora_run, tiny_llama_dir, tmp_path):
     """What the CLI runs (`export.export`), latest checkpoint: merged in transformers, adapter in peft."""
     (merged, merged_params), pre = restored(lora_run)
@@ -449,6 +451,7 @@ def test_export_of_a_trained_lora_run_hf_and_peft(lora_run, tiny_llama_dir, tmp_
     assert max_delta(ftjax_out(pre.model, pre.params, cfg), theirs, cfg, 'run peft') < TOL  # unmerged
 
 
+@pytest.mark.slow
 def test_cli_refusals_name_the_problem_and_the_fix(lora_run, tiny_llama_dir, chat_data, tmp_path):
     import shutil
     empty = tmp_path / 'empty'
@@ -483,6 +486,7 @@ def test_cli_refusals_name_the_problem_and_the_fix(lora_run, tiny_llama_dir, cha
     assert max_delta(ftjax_out(model, params, pre.config), torch_out(ref, pre.config), pre.config, 'full') < TOL
 
 
+@pytest.mark.slow
 def test_export_skips_an_incomplete_latest_checkpoint(lora_run, tmp_path):
     import shutil
     broken = str(tmp_path / 'broken')

@@ -76,6 +76,7 @@ def test_greedy_matches_transformers(tmp_path, tiny_llama_dir, arch, overrides):
         assert generate(pre, prompt, NEW, eos_ids=[eos]) == theirs[:stop]
 
 
+@pytest.mark.slow
 def test_greedy_matches_no_cache_loop(varied):
     for prompt in _prompts(varied.config.vocab_size, [1, 9, 40]):
         ours = generate(varied, prompt, NEW, eos_ids=[])
@@ -110,6 +111,7 @@ def test_stops_at_eos_and_keeps_it(varied):
     assert varied.tokenizer.eos_token_id in eos_token_ids(varied)
 
 
+@pytest.mark.slow
 def test_max_new_tokens_and_one_step(varied):
     prompt = _prompts(varied.config.vocab_size, [4], seed=3)[0]
     long = generate(varied, prompt, NEW, eos_ids=[])
@@ -117,6 +119,7 @@ def test_max_new_tokens_and_one_step(varied):
     assert generate(varied, prompt, 5, eos_ids=[]) == long[:5]
 
 
+@pytest.mark.slow
 def test_sampling(varied):
     prompt = _prompts(varied.config.vocab_size, [8], seed=4)[0]
     greedy = generate(varied, prompt, NEW, eos_ids=[])
@@ -136,6 +139,7 @@ def test_sampling(varied):
     assert sampled != greedy
 
 
+@pytest.mark.slow
 def test_sharded_params_same_tokens(varied):
     """The trainer's params live on a (data, fsdp, tensor) mesh; generation gives the same tokens.
 
@@ -169,6 +173,7 @@ def test_bad_input(varied, tiny_bert_dir):
         generate(load_pretrained(tiny_bert_dir), [1, 2], 4)
 
 
+@pytest.mark.slow
 def test_generate_text_chat(varied):
     tok = varied.tokenizer
     text = generate_text(varied, 'What is the capital of France?', chat=True, max_new_tokens=NEW)

@@ -87,6 +87,7 @@ def test_sequence_classification_parity(tmp_path, arch):
     assert np.abs(ours - theirs).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_new_head_on_pretrained_body(tiny_bert_dir):
     model, params, _, cfg = load_pretrained(tiny_bert_dir, num_labels=4, pooling='mean')
     logits = model.apply({'params': params}, np.ones((2, 5), np.int32))

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from ftjax import compile_check, sharding
@@ -48,7 +49,8 @@ def lora_step(tmp_path_factory):
     devices = compile_check.tpu_devices(TOPOLOGY)
     config = smollm2_config(smollm2_dir(tmp_path_factory.mktemp('smollm2')))
     sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, len(devices))))
-    report = compile_check.check(config, sizes, devices, topology_name=TOPOLOGY, keep_compiled=True)
+    with jax.default_matmul_precision('default'):  # as in training (tests/conftest.py sets 'highest' for the CPU)
+        report = compile_check.check(config, sizes, devices, topology_name=TOPOLOGY, keep_compiled=True)
     return report, report.pop('compiled').as_text()
 
 
@@ -93,6 +95,7 @@ def test_bf16_hot_path_keeps_activations_in_bf16(lora_step):
     assert not found.get('f32'), '\n'.join(found['f32'][:10])
 
 
+@pytest.mark.slow
 def test_command_line_prints_the_summary_json(tmp_path):
     path = smollm2_dir(tmp_path, layers=1)
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}

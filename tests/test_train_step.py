@@ -26,6 +26,7 @@ MODES = {  # method, peft overrides, learning rate
     'dora': ('dora', {}, 1e-2),
 }
 OVERFIT_STEPS = 25
+FAST_LORA_MODES = [mode if mode == 'lora' else pytest.param(mode, marks=pytest.mark.slow) for mode in MODES]  # the fast lane trains LoRA
 
 
 def make_config(method='lora', lr=1e-2, **over):
@@ -89,7 +90,7 @@ def runs(sharp_llama):
     return get
 
 
-@pytest.mark.parametrize('mode', list(MODES))
+@pytest.mark.parametrize('mode', FAST_LORA_MODES)
 def test_overfits_a_repeated_batch(runs, mode):
     r = runs(mode)
     first, last = r['losses'][0], r['losses'][-1]
@@ -102,7 +103,7 @@ def test_overfits_a_repeated_batch(runs, mode):
     assert 0.9 <= m['accuracy'] <= 1.0 and int(r['state'].step) == OVERFIT_STEPS
 
 
-@pytest.mark.parametrize('mode', list(MODES))
+@pytest.mark.parametrize('mode', FAST_LORA_MODES)
 def test_frozen_leaves_bit_identical_trainable_leaves_changed(runs, mode):
     r = runs(mode)
     end = traverse_util.flatten_dict(jax.device_get(r['state'].params()))
@@ -126,7 +127,7 @@ def test_frozen_leaves_bit_identical_trainable_leaves_changed(runs, mode):
     assert n_trained and (n_frozen or mode == 'full')
 
 
-@pytest.mark.parametrize('mode', list(MODES))
+@pytest.mark.parametrize('mode', FAST_LORA_MODES)
 def test_optimizer_state_only_for_trainable_leaves(runs, mode):
     r = runs(mode)
     state = r['state']
@@ -139,6 +140,7 @@ def test_optimizer_state_only_for_trainable_leaves(runs, mode):
         assert tree.count_params(trainable) < 0.5 * total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', ['lora', 'dora'])
 def test_merge_after_training_matches_the_adapter_model(llama, method):
     """On the std-0.02 fixture (logits of order 1): on the sharp model float32 rounding alone reaches 2e-5
@@ -162,6 +164,7 @@ def test_merge_after_training_matches_the_adapter_model(llama, method):
     assert diff < 1e-5
 
 
+@pytest.mark.slow
 def test_compiled_memory_lora_well_under_full(llama):
     batch = lm_batch(llama.config.vocab_size)
     mem = {}
@@ -179,7 +182,7 @@ def test_compiled_memory_lora_well_under_full(llama):
     assert mem['lora'][0] < 0.75 * mem['full'][0]
 
 
-@pytest.mark.parametrize('method,k', [('full', 2), ('lora', 4)])
+@pytest.mark.parametrize('method,k', [('full', 2), pytest.param('lora', 4, marks=pytest.mark.slow)])
 def test_grad_accumulation_equals_one_big_batch(llama, method, k):
     """SGD at learning rate 1 and no momentum: the update *is* the (clipped) mean gradient, so any
     difference between k micro-batches and one batch shows unscaled."""
@@ -202,6 +205,7 @@ def test_grad_accumulation_equals_one_big_batch(llama, method, k):
         assert after[k][1][name] == pytest.approx(after[1][1][name], rel=1e-6, abs=1e-7), name
 
 
+@pytest.mark.slow
 def test_chunked_lm_loss_equals_full_vocab_softmax(llama):
     pre = llama
     b, t = 2, 13
@@ -235,6 +239,7 @@ def test_chunked_lm_loss_equals_full_vocab_softmax(llama):
         assert gdiff < 1e-5
 
 
+@pytest.mark.slow
 def test_nan_skip_leaves_state_unchanged(llama):
     c = make_config('lora', **{'train.nan_policy': 'skip'})
     _, _, _, _, state, step = build(llama, c)
@@ -251,6 +256,7 @@ def test_nan_skip_leaves_state_unchanged(llama):
     assert not np.array_equal(jax.tree.leaves(before[0])[0], jax.device_get(jax.tree.leaves(state.trainable)[0]))
 
 
+@pytest.mark.slow
 def test_frozen_bf16_remat_and_eval_step(llama):
     """Frozen params stored in bfloat16 next to float32 trainable ones; `model.remat` changes nothing numerically;
     the eval step's sums agree with the train step's metrics."""
@@ -280,6 +286,7 @@ def bert_cls(tmp_path_factory):
     return load_pretrained(path, num_labels=2)
 
 
+@pytest.mark.slow
 def test_classifier_lora_plus_head_trains_and_evaluates(bert_cls):
     rng = np.random.RandomState(0)
     b, t = 8, 12

@@ -20,6 +20,7 @@ def final_trainable(workdir):
     return pre.params
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path, tiny_llama_dir, chat_data):
     from ftjax.loop import train_and_evaluate
     full, parts = str(tmp_path / 'full'), str(tmp_path / 'parts')
@@ -78,6 +79,7 @@ def test_sigterm_saves_and_resumes_exactly(tmp_path, tiny_llama_dir, chat_data):
         assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_half_written_checkpoint_is_ignored_and_corrupt_one_reported(tmp_path, tiny_llama_dir, chat_data):
     from ftjax.loop import train_and_evaluate
     wd = str(tmp_path / 'run')
@@ -104,6 +106,7 @@ def _dir_bytes(path):
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
+@pytest.mark.slow
 def test_lora_checkpoint_is_small(tmp_path, tiny_llama_dir, chat_data):
     from ftjax.loop import train_and_evaluate
     sizes = {}
@@ -117,7 +120,8 @@ def test_lora_checkpoint_is_small(tmp_path, tiny_llama_dir, chat_data):
     assert sizes['lora'] < 0.25 * sizes['full']
 
 
-@pytest.mark.parametrize('policy', ['halt', 'skip'])
+# halt stays in the fast lane: its one end-to-end run of ftjax.loop (build, data, steps, checkpoints, metrics)
+@pytest.mark.parametrize('policy', ['halt', pytest.param('skip', marks=pytest.mark.slow)])
 def test_nan_policy(tmp_path, tiny_llama_dir, chat_data, monkeypatch, policy):
     """A batch whose loss mask is NaN at step 5 poisons the loss: halt stops, skip drops the update."""
     from ftjax import data as data_lib
@@ -154,6 +158,7 @@ def test_config_errors_before_any_work(tmp_path, tiny_llama_dir, chat_data, monk
                                                                           'optim.grad_accum': 4}), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_cli_rejects_unknown_key_and_used_workdir(tmp_path, tiny_llama_dir, chat_data):
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', PYTHONPATH=REPO)
     exp = _write_experiment(tmp_path / 'exp.py', tiny_llama_dir, chat_data, steps=1)

@@ -234,12 +234,8 @@ def _splash_rows(q, k, v, segment_ids, window=None, interpret=False):
     qs = (q * (1.0 / math.sqrt(d))).astype(q.dtype).transpose(0, 2, 1, 3)  # [b, h, t, d]; splash does not scale
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kvh, t, d]
     seg = segment_ids.astype(jnp.int32)
-    run = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(s1, s1)))
-    if q.dtype == jnp.float32:
-        o = run(qs, kt, vt, seg)
-    else:  # Mosaic's bf16 matmuls take the default precision only (a process may set 'highest' for float32)
-        with jax.default_matmul_precision('default'):
-            o = run(qs, kt, vt, seg)
+    # (Mosaic refuses bf16 matmuls at 'highest' precision: lower it without jax_default_matmul_precision set)
+    o = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(s1, s1)))(qs, kt, vt, seg)
     return o.transpose(0, 2, 1, 3).astype(q.dtype)  # [b, t, h, d]
 
 
