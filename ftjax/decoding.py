@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax.errors import ConfigError
 from ftjax.models import llama
 
 NO_TOKEN = -1  # the output slot after a row's EOS
@@ -39,7 +40,7 @@ def generate(pretrained, prompt_ids, max_new_tokens: int = 64, temperature: floa
     """
     model, cfg = pretrained.model, pretrained.config
     if getattr(cfg, 'family', None) != 'llama':
-        raise ValueError(f"{pretrained.path or 'this model'} is a {getattr(cfg, 'family', type(cfg).__name__)} "
+        raise ConfigError(f"{pretrained.path or 'this model'} is a {getattr(cfg, 'family', type(cfg).__name__)} "
                          f"encoder; generation needs a decoder (Llama, Mistral, Qwen2, SmolLM). Use "
                          f"`model.apply` for an encoder's hidden states or class logits.")
     single, rows = _as_rows(prompt_ids, cfg.vocab_size)
@@ -139,7 +140,7 @@ def generate_text(pretrained, prompts, chat: bool = False, system: Optional[str]
     template as one user turn (or is already a list of {'role', 'content'} messages). `kw` go to `generate`."""
     tok = pretrained.tokenizer
     if tok is None:
-        raise ValueError(f"{pretrained.path}: the model has no tokenizer; use `generate` with token ids.")
+        raise ConfigError(f"{pretrained.path}: the model has no tokenizer; use `generate` with token ids.")
     single = isinstance(prompts, str) or (chat and _is_messages(prompts))
     batch = [prompts] if single else list(prompts)
     ids = [encode_prompt(tok, p, chat, system) for p in batch]
@@ -153,7 +154,7 @@ def encode_prompt(tokenizer, prompt, chat: bool = False, system: Optional[str] =
     if not chat:
         return list(tokenizer(prompt)['input_ids'])
     if not getattr(tokenizer, 'chat_template', None):
-        raise ValueError("chat=True needs a tokenizer with a chat template (tokenizer.chat_template is empty); "
+        raise ConfigError("chat=True needs a tokenizer with a chat template (tokenizer.chat_template is empty); "
                          "pass chat=False (--nochat) for plain text prompts.")
     messages = list(prompt) if _is_messages(prompt) else [{'role': 'user', 'content': prompt}]
     if system and messages[0].get('role') != 'system':
@@ -176,29 +177,29 @@ def _as_rows(prompt_ids, vocab_size):
         single = bool(items) and np.ndim(items[0]) == 0
         rows = [items] if single else [list(np.asarray(r).reshape(-1)) for r in items]
     if not rows:
-        raise ValueError("prompt_ids is empty; pass a list of token ids or a list of such lists.")
+        raise ConfigError("prompt_ids is empty; pass a list of token ids or a list of such lists.")
     for i, r in enumerate(rows):
         if not r:
-            raise ValueError(f"prompt_ids row {i} is empty; every prompt needs at least one token "
+            raise ConfigError(f"prompt_ids row {i} is empty; every prompt needs at least one token "
                              f"(e.g. the tokenizer's BOS id).")
         bad = [int(t) for t in r if not 0 <= int(t) < vocab_size]
         if bad:
-            raise ValueError(f"prompt_ids row {i} has ids {bad[:5]} outside the vocabulary [0, {vocab_size}); "
+            raise ConfigError(f"prompt_ids row {i} has ids {bad[:5]} outside the vocabulary [0, {vocab_size}); "
                              f"was it tokenized with another model's tokenizer?")
     return single, [[int(t) for t in r] for r in rows]
 
 
 def _check_sampling(max_new_tokens, temperature, top_k, top_p, prompt_bucket):
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer.")
+        raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a positive integer.")
     if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy).")
+        raise ConfigError(f"temperature={temperature} must be >= 0 (0 = greedy).")
     if top_k < 0:
-        raise ValueError(f"top_k={top_k} must be >= 0 (0 = no top-k filter).")
+        raise ConfigError(f"top_k={top_k} must be >= 0 (0 = no top-k filter).")
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = no nucleus filter).")
+        raise ConfigError(f"top_p={top_p} must be in (0, 1] (1 = no nucleus filter).")
     if prompt_bucket < 1:
-        raise ValueError(f"prompt_bucket={prompt_bucket} must be >= 1.")
+        raise ConfigError(f"prompt_bucket={prompt_bucket} must be >= 1.")
 
 
 def _until_stop(row):

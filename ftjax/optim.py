@@ -12,6 +12,7 @@ import re
 import jax
 import optax
 
+from ftjax.errors import ConfigError
 from ftjax.config import validate
 from ftjax.models.adapters import LORA_B
 from ftjax.tree import path_str
@@ -56,7 +57,7 @@ def lr_multipliers(config, trainable_params):
     flat = jax.tree.leaves(paths)
     for rx, _ in rules:
         if not any(rx.search(p) for p in flat):
-            raise ValueError(f"config.optim.lr_multipliers: {rx.pattern!r} matches no trainable parameter "
+            raise ConfigError(f"config.optim.lr_multipliers: {rx.pattern!r} matches no trainable parameter "
                              f"(trainable: {', '.join(sorted(flat)[:10])}{' ...' if len(flat) > 10 else ''}).")
     ratio = float(config.peft.lora.lr_ratio)
 

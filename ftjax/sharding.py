@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ftjax.errors import ConfigError
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 
@@ -20,16 +22,16 @@ def mesh_shape(mesh_cfg, num_devices: int):
     """(data, fsdp, tensor) sizes; one of them may be -1 for 'all remaining devices'."""
     sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh: only one of mesh.data/mesh.fsdp/mesh.tensor may be -1, got {sizes}.")
+        raise ConfigError(f"mesh: only one of mesh.data/mesh.fsdp/mesh.tensor may be -1, got {sizes}.")
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}.")
+        raise ConfigError(f"mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}.")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes ({known}).")
+            raise ConfigError(f"mesh: {num_devices} devices are not divisible by the fixed axes ({known}).")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {num_devices} devices; "
+        raise ConfigError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {num_devices} devices; "
                          f"set one axis to -1 or make the product match.")
     return tuple(sizes)
 
@@ -49,7 +51,7 @@ def rules_from_config(rules_cfg):
             axes = tuple(axes)
         for a in (axes if isinstance(axes, tuple) else (axes,)):
             if a is not None and a not in MESH_AXES:
-                raise ValueError(f"mesh.rules: {name!r} -> {a!r} is not a mesh axis; use one of {MESH_AXES}.")
+                raise ConfigError(f"mesh.rules: {name!r} -> {a!r} is not a mesh axis; use one of {MESH_AXES}.")
         out.append((name, axes))
     return tuple(out)
 

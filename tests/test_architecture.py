@@ -218,12 +218,14 @@ def imported_test_modules(source, strings=True):
 def test_no_test_module_imports_another():
     """Shared helpers live in tests/tiny.py (plain functions) and tests/conftest.py (fixtures), so each test
     module can run alone and a fixture is not silently redefined by an import."""
-    assert imported_test_modules('from tests.test_trainer import chat_data\nfrom tests import tiny, test_data\n'
-                                 'import tests.test_gguf\nfrom .test_x import y\nx = "from tests.test_sweep import z"') \
-        == ['tests.test_trainer', 'test_data', 'tests.test_gguf', '.test_x', 'test_sweep']
+    example = ('from tests.test_trainer import chat_data\nfrom tests import tiny, test_data\nimport tests.test_gguf\n'
+               'from .test_x import y\nx = "from tests.test_sweep import z"')
+    assert imported_test_modules(example) == ['tests.test_trainer', 'test_data', 'tests.test_gguf', '.test_x',
+                                              'test_sweep']
     assert imported_test_modules('from tests import tiny\nfrom tests.tiny_gguf import permute\n') == []
+    # (this file's own strings are the examples above)
     bad = {path.name: imported_test_modules(path.read_text(), strings=path.name != 'test_architecture.py')
-           for path in sorted((REPO / 'tests').glob('*.py'))}  # (this file's strings are the examples above)
+           for path in sorted((REPO / 'tests').glob('*.py'))}
     bad = {name: found for name, found in bad.items() if found}
     assert not bad, (f'test files import other test modules: {bad}; move the shared code to tests/tiny.py '
                      '(functions) or tests/conftest.py (fixtures)')

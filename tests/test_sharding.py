@@ -3,6 +3,8 @@
 All on the 8 fake CPU devices of conftest, through the functions the trainer itself uses
 (`build.build_model_and_mask`, `build.sharded_state`, `build.jit_train_step`, `data.to_global`).
 """
+import itertools
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -72,9 +74,11 @@ def rel(a, b):
     return float(np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(np.asarray(b, np.float64)), 1e-30))
 
 
-@pytest.mark.parametrize('method,mesh_name', [
-    (method, mesh) if (method, mesh) == ('full', 'data2_fsdp2_tensor2') else pytest.param(method, mesh, marks=pytest.mark.slow)
-    for mesh in MESHES for method in ('full', 'lora')])  # the fast lane: full fine-tuning on all three axes
+FAST_CASE = ('data2_fsdp2_tensor2', 'full')  # the fast lane: full fine-tuning on all three axes at once
+
+
+@pytest.mark.parametrize('mesh_name,method', [case if case == FAST_CASE else pytest.param(*case, marks=pytest.mark.slow)
+                                              for case in itertools.product(MESHES, ('full', 'lora'))])
 def test_sharded_steps_equal_one_device(tiny_llama_dir, chat_data, one_device, method, mesh_name):
     ref_loss, ref_gnorm, ref_init, ref_params, _ = one_device(method)
     loss, gnorm, init, params, state = train_steps(equivalence_config(tiny_llama_dir, chat_data, method),

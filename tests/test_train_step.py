@@ -26,7 +26,8 @@ MODES = {  # method, peft overrides, learning rate
     'dora': ('dora', {}, 1e-2),
 }
 OVERFIT_STEPS = 25
-FAST_LORA_MODES = [mode if mode == 'lora' else pytest.param(mode, marks=pytest.mark.slow) for mode in MODES]  # the fast lane trains LoRA
+# the fast lane trains LoRA only
+FAST_LORA_MODES = [mode if mode == 'lora' else pytest.param(mode, marks=pytest.mark.slow) for mode in MODES]
 
 
 def make_config(method='lora', lr=1e-2, **over):

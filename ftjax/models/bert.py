@@ -11,6 +11,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ftjax.errors import ModelError
 from ftjax.models import kernels, layers
 from ftjax.models.adapters import LoraSpec
 from ftjax.models.layers import BLOCK_AXES, Dense, LayerNorm
@@ -64,7 +65,7 @@ class BertConfig:
         model_type = get('model_type', 'bert')
         pad = get('pad_token_id', 0) or 0
         if get('hidden_act', 'gelu') not in ACTIVATIONS:
-            raise ValueError(f"hidden_act={get('hidden_act')!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+            raise ModelError(f"hidden_act={get('hidden_act')!r} is not supported; supported: {sorted(ACTIVATIONS)}")
         return cls(
             vocab_size=get('vocab_size'), hidden_size=get('hidden_size'),
             intermediate_size=get('intermediate_size'), num_layers=get('num_hidden_layers'),
@@ -143,7 +144,7 @@ class Bert(nn.Module):
             w = valid[..., None].astype(x.dtype)
             pooled = jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)  # [batch, embed]
         else:
-            raise ValueError(f"model.pooling={cfg.pooling!r}: choose 'cls' or 'mean'")
+            raise ModelError(f"model.pooling={cfg.pooling!r}: choose 'cls' or 'mean'")
         pooled = nn.Dropout(cfg.dropout)(pooled, deterministic=deterministic)
         return Dense(cfg.num_labels, ('embed', None), use_bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                      name='classifier')(pooled).astype(jnp.float32)  # [batch, num_labels]

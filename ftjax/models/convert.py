@@ -6,6 +6,7 @@ stacked leaf with a leading 'layers' axis. kind 'linear' transposes PyTorch's [o
 """
 import numpy as np
 
+from ftjax.errors import ModelError
 from ftjax.tree import get_path
 
 LINEAR, PLAIN = 'linear', 'plain'
@@ -87,7 +88,7 @@ def hf_rows(cfg):
     if not cfg.num_labels:
         return bert_table(cfg, ''), []
     if cfg.pooling != 'cls':
-        raise ValueError(f"model.pooling={cfg.pooling!r}: transformers' {ENCODERS[cfg.model_type]}ForSequence"
+        raise ModelError(f"model.pooling={cfg.pooling!r}: transformers' {ENCODERS[cfg.model_type]}ForSequence"
                          f"Classification pools the first token, so a mean-pooling classifier has no Hugging Face "
                          f"equivalent to export to. Train with model.pooling='cls' to export it.")
     return bert_table(cfg, f'{cfg.model_type}.'), bert_head_table(cfg)
@@ -149,7 +150,7 @@ def hf_to_params(state_dict, rows, expected, num_layers, source='checkpoint'):
             per_layer = want[1:] if '{i}' in name else want  # what one stored tensor should be
             stored = tuple(np.shape(state_dict[name.format(i=0)] if '{i}' in name else state_dict[name]))
             expect = tuple(per_layer[::-1] if kind == LINEAR else per_layer)
-            raise ValueError(f"{source}: tensor {label!r} has shape {stored}, but the model config expects "
+            raise ModelError(f"{source}: tensor {label!r} has shape {stored}, but the model config expects "
                              f"{expect} (ftjax parameter {'/'.join(path)}). Is config.json from the same model "
                              f"as the weights?")
         _set(params, path, arr)
@@ -173,7 +174,7 @@ def _fetch(state_dict, name, source):
     if name not in state_dict:
         close = [k for k in state_dict if k.split('.')[-2:] == name.split('.')[-2:]][:3]
         hint = f" Similar names present: {close}." if close else ''
-        raise ValueError(f"{source}: missing tensor {name!r}.{hint} The checkpoint does not match the architecture "
+        raise ModelError(f"{source}: missing tensor {name!r}.{hint} The checkpoint does not match the architecture "
                          f"in its config.json, or it is incomplete.")
     return state_dict[name]
 

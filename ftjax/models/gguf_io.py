@@ -20,6 +20,8 @@ import re
 
 import numpy as np
 
+from ftjax.errors import MissingFileError, ModelError
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ('llama',)
@@ -70,7 +72,7 @@ def read_gguf(path: str):
     metadata = {name: field.contents() for name, field in reader.fields.items()}
     arch = metadata.get('general.architecture')
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported "
+        raise ModelError(f"{path}: GGUF architecture {arch!r} is not supported "
                          f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}).")
     tensor_names = {t.name for t in reader.tensors}
     hf_config = _config(metadata, tensor_names, path)
@@ -91,13 +93,13 @@ def _open(path):
     import gguf
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"GGUF file {path!r} does not exist.")
+        raise MissingFileError(f"GGUF file {path!r} does not exist.")
     try:
         return gguf.GGUFReader(path)
     except OSError:
         raise
     except Exception as e:  # bad magic, truncated header or tensor data, empty file, ...
-        raise ValueError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e}).") from e
+        raise ModelError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e}).") from e
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -108,14 +110,14 @@ def _config(metadata, tensor_names, path):
 
     def need(key):
         if key not in metadata:
-            raise ValueError(f"{path}: GGUF metadata key {key!r} is missing.")
+            raise ModelError(f"{path}: GGUF metadata key {key!r} is missing.")
         return metadata[key]
 
     hidden, heads = int(need('llama.embedding_length')), int(need('llama.attention.head_count'))
     tokens = metadata.get('tokenizer.ggml.tokens')
     vocab_size = metadata.get('llama.vocab_size', len(tokens) if tokens is not None else None)
     if vocab_size is None:
-        raise ValueError(f"{path}: GGUF metadata has neither 'llama.vocab_size' nor 'tokenizer.ggml.tokens'.")
+        raise ModelError(f"{path}: GGUF metadata has neither 'llama.vocab_size' nor 'tokenizer.ggml.tokens'.")
     cfg = dict(
         vocab_size=int(vocab_size), hidden_size=hidden,
         intermediate_size=int(need('llama.feed_forward_length')),
@@ -149,7 +151,7 @@ def _rope_scaling(metadata, path):
         return None
     if kind == 'linear':
         return {'rope_type': 'linear', 'factor': _f32(metadata['llama.rope.scaling.factor'])}
-    raise ValueError(f"{path}: RoPE scaling {kind!r} is not supported (supported: none, linear).")
+    raise ModelError(f"{path}: RoPE scaling {kind!r} is not supported (supported: none, linear).")
 
 
 # ----------------------------------------------------------------------------------------- tensors
@@ -190,7 +192,7 @@ def _hf_name(gguf_name, path):
     m = _LAYER_RE.match(gguf_name)
     if m and m.group(2) in _LAYER_NAMES:
         return f'model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight'
-    raise ValueError(f"{path}: unexpected tensor {gguf_name!r} for a llama GGUF file.")
+    raise ModelError(f"{path}: unexpected tensor {gguf_name!r} for a llama GGUF file.")
 
 
 def _dequantize(tensor, path):
@@ -201,7 +203,7 @@ def _dequantize(tensor, path):
     try:
         w = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError as e:
-        raise ValueError(f"{path}: tensor {tensor.name!r} has quantization type "
+        raise ModelError(f"{path}: tensor {tensor.name!r} has quantization type "
                          f"{tensor.tensor_type.name}, which cannot be dequantized ({e}).") from e
     return np.array(w.reshape(shape), dtype=np.float32)  # a copy: `w` may view the read-only mmap
 
@@ -223,7 +225,7 @@ def _check_complete(state_dict, hf_config, path):
                  for i in range(hf_config.num_hidden_layers) for name in _LAYER_NAMES.values()]
     missing = [name for name in expected if name not in state_dict]
     if missing:
-        raise ValueError(f"{path}: GGUF file lacks tensors for {', '.join(missing[:5])}"
+        raise ModelError(f"{path}: GGUF file lacks tensors for {', '.join(missing[:5])}"
                          f"{' ...' if len(missing) > 5 else ''}.")
 
 
@@ -244,7 +246,7 @@ def _tokenizer(metadata, path):
 
     tokenizer_dict, tokenizer_config = section(_TOKENIZER_KEYS), section(_TOKENIZER_CONFIG_KEYS)
     if 'tokens' not in tokenizer_dict:
-        raise ValueError(f"{path}: GGUF metadata key 'tokenizer.ggml.tokens' is missing (no vocabulary).")
+        raise ModelError(f"{path}: GGUF metadata key 'tokenizer.ggml.tokens' is missing (no vocabulary).")
     if tokenizer_dict.get('tokenizer_type') == 'llama':  # llama.cpp adds BOS to sentencepiece by default
         tokenizer_config.setdefault('add_bos_token', True)
     tokens = tokenizer_dict['tokens']
@@ -254,5 +256,5 @@ def _tokenizer(metadata, path):
     try:
         backend, extra = convert_gguf_tokenizer(metadata['general.architecture'], tokenizer_dict)
     except (ValueError, KeyError, NotImplementedError) as e:
-        raise ValueError(f"{path}: cannot build the tokenizer from the GGUF metadata ({e}).") from e
+        raise ModelError(f"{path}: cannot build the tokenizer from the GGUF metadata ({e}).") from e
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)

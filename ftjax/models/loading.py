@@ -84,7 +84,8 @@ def load_pretrained(path: str, dtype=jnp.float32, *, compute_dtype=None, num_lab
     if str(path).endswith('.gguf'):
         if not os.path.exists(path):
             raise MissingFileError(f"model.path: the GGUF file {path!r} does not exist; pass "
-                                   f"--config.model.path=FILE.gguf, a Hugging Face directory or a hub name.")
+                                   f"an existing .gguf file, a Hugging Face directory or a hub name (--config.model.path for "
+                                   f"ftjax.train, --model for ftjax.generate).")
         hf_config, state_dict, tokenizer = gguf_io.read_gguf(path)
         hf_config = hf_config.to_dict() if hasattr(hf_config, 'to_dict') else dict(hf_config)
         source = path

@@ -43,7 +43,7 @@ def resolve(path):
     found = find(name)
     if found is None:
         raise MissingFileError(f"model.path={path!r}: the package is not installed: {MODELS[name][2]} "
-                               f"(or pass --config.model.path=DIR_OR_GGUF).")
+                               f"(or point --config.model.path / --model at a model directory or .gguf file).")
     return found
 
 

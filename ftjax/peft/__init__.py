@@ -10,6 +10,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from ftjax.errors import ConfigError
 from ftjax.config import validate
 from ftjax.models import kernels
 from ftjax.models.adapters import LoraSpec
@@ -58,7 +59,7 @@ def prepare(pre: Pretrained, config, rng):
         if loaded is None:
             pre = lora.add_lora(pre, spec, rng)
         elif loaded.dora != spec.dora:
-            raise ValueError(f"config.peft.method={method!r}, but the loaded adapter (config.model.adapter) is "
+            raise ConfigError(f"config.peft.method={method!r}, but the loaded adapter (config.model.adapter) is "
                              f"{'DoRA' if loaded.dora else 'LoRA'}; set config.peft.method="
                              f"{'dora' if loaded.dora else 'lora'!r}.")
         elif (loaded.rank, loaded.targets) != (spec.rank, spec.targets):

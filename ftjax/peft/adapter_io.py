@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from ftjax.errors import MissingFileError, ModelError
 from ftjax.models import convert
 from ftjax.models.adapters import MAGNITUDE, LoraSpec, adapted_paths
 from ftjax.models.loading import Pretrained
@@ -41,20 +42,20 @@ def read_adapter(adapter_dir):
     cfg_file = os.path.join(adapter_dir, 'adapter_config.json')
     weights = os.path.join(adapter_dir, 'adapter_model.safetensors')
     if not os.path.exists(cfg_file):
-        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json; pass a directory written by peft's "
+        raise MissingFileError(f"{adapter_dir}: no adapter_config.json; pass a directory written by peft's "
                                 f"save_pretrained (or ftjax.export --format=peft).")
     if not os.path.exists(weights):
         bin_hint = (' It holds adapter_model.bin: re-save it with save_pretrained(..., safe_serialization=True).'
                     if os.path.exists(os.path.join(adapter_dir, 'adapter_model.bin')) else '')
-        raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors.{bin_hint}")
+        raise MissingFileError(f"{adapter_dir}: no adapter_model.safetensors.{bin_hint}")
     with open(cfg_file) as f:
         acfg = json.load(f)
     if acfg.get('peft_type') != 'LORA':
-        raise ValueError(f"{cfg_file}: peft_type {acfg.get('peft_type')!r} is not supported; ftjax imports LoRA "
+        raise ModelError(f"{cfg_file}: peft_type {acfg.get('peft_type')!r} is not supported; ftjax imports LoRA "
                          f"adapters (peft_type 'LORA', with or without use_dora) only.")
     for key, ok in UNSUPPORTED_PEFT.items():
         if acfg.get(key) not in (None, {}, [], False) and acfg.get(key) != ok:
-            raise ValueError(f"{cfg_file}: {key}={acfg[key]!r} is not supported by ftjax (it needs {key}={ok!r}).")
+            raise ModelError(f"{cfg_file}: {key}={acfg[key]!r} is not supported by ftjax (it needs {key}={ok!r}).")
     return acfg, {k: np.asarray(v, np.float32) for k, v in load_file(weights).items()}
 
 
@@ -62,11 +63,11 @@ def load_peft_adapter(pre: Pretrained, adapter_dir) -> Pretrained:
     """`pre` with the peft LoRA/DoRA adapter of `adapter_dir` added (and a classifier head it carries)."""
     cfg = pre.config
     if cfg.lora is not None:
-        raise ValueError(f"{adapter_dir}: the model already has LoRA adapters; load the adapter on a base model.")
+        raise ModelError(f"{adapter_dir}: the model already has LoRA adapters; load the adapter on a base model.")
     acfg, tensors = read_adapter(adapter_dir)
     where = f"{adapter_dir} (trained on {acfg.get('base_model_name_or_path')!r}, loading onto {pre.path!r})"
     if acfg.get('task_type') == 'SEQ_CLS' and not getattr(cfg, 'num_labels', None):
-        raise ValueError(f"{where}: a sequence-classification adapter (task_type SEQ_CLS) needs a classifier: load "
+        raise ModelError(f"{where}: a sequence-classification adapter (task_type SEQ_CLS) needs a classifier: load "
                          f"an encoder base with num_labels=N (model.num_labels)." if cfg.family == 'bert' else
                          f"{where}: a sequence-classification adapter (task_type SEQ_CLS); ftjax tunes decoders as "
                          f"language models only (task_type CAUSAL_LM).")
@@ -85,17 +86,17 @@ def load_peft_adapter(pre: Pretrained, adapter_dir) -> Pretrained:
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else None
         m = re.fullmatch(r'(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)', name or '')
         if name is None or (m is None and name not in {r[1] for r in head}):
-            raise ValueError(f"{where}: tensor {key!r} is not a LoRA tensor of this {arch} (nor its "
+            raise ModelError(f"{where}: tensor {key!r} is not a LoRA tensor of this {arch} (nor its "
                              f"classification head). Is the adapter from another base model?")
         if m is None:
             head_tensors[name] = arr
         elif m[1] not in lookup:
-            raise ValueError(f"{where}: the adapter targets module {m[1]!r}, which this {arch} does not "
+            raise ModelError(f"{where}: the adapter targets module {m[1]!r}, which this {arch} does not "
                              f"have. Is the adapter from another base model?")
         else:
             found.setdefault(lookup[m[1]][0], {})[(lookup[m[1]][1], m[2])] = arr
     if not found:
-        raise ValueError(f"{where}: adapter_model.safetensors holds no lora_A/lora_B tensors.")
+        raise ModelError(f"{where}: adapter_model.safetensors holds no lora_A/lora_B tensors.")
     spec = LoraSpec(rank=int(acfg['r']), alpha=float(acfg['lora_alpha']),
                     targets=tuple('^' + re.escape('/'.join(p)) + '$' for p in sorted(found)),
                     dropout=float(acfg.get('lora_dropout') or 0.0), rslora=bool(acfg.get('use_rslora')),
@@ -116,21 +117,21 @@ def load_peft_adapter(pre: Pretrained, adapter_dir) -> Pretrained:
             for i, name in convert.layer_names(template, cfg.num_layers):
                 key = f'{PEFT_PREFIX}{name}.{suffix}'
                 if (i, suffix) not in parts:
-                    raise ValueError(f"{where}: missing tensor {key!r}" + (
+                    raise ModelError(f"{where}: missing tensor {key!r}" + (
                         " (ftjax adapts a module in every layer; layers_to_transform is not supported)."
                         if '{i}' in template else '.'))
                 t = parts[(i, suffix)]
                 if t.shape != tuple(stored):
-                    raise ValueError(f"{where}: tensor {key!r} has shape {t.shape}, but this model with "
+                    raise ModelError(f"{where}: tensor {key!r} has shape {t.shape}, but this model with "
                                      f"r={spec.rank} expects {tuple(stored)}. Is the adapter from another base model?")
                 layers.append(t if leaf == MAGNITUDE else t.T)
             arr = np.stack(layers) if '{i}' in template else layers[0]
             flat[path + (leaf,)] = arr
         if not spec.dora and any(s == 'lora_magnitude_vector' for _, s in parts):
-            raise ValueError(f"{where}: lora_magnitude_vector tensors but use_dora is false in adapter_config.json.")
+            raise ModelError(f"{where}: lora_magnitude_vector tensors but use_dora is false in adapter_config.json.")
     if head_tensors:
         if not cfg.num_labels:
-            raise ValueError(f"{where}: the adapter carries a classification head ({sorted(head_tensors)}); load the "
+            raise ModelError(f"{where}: the adapter carries a classification head ({sorted(head_tensors)}); load the "
                              f"base with num_labels=N (model.num_labels) to use it.")
         rows_present = [r for r in head if r[1] in head_tensors]
         expected = traverse_util.unflatten_dict(flat)

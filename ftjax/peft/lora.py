@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 from flax import traverse_util
 
+from ftjax.errors import ConfigError
 from ftjax.models.adapters import LORA_A, LORA_B, MAGNITUDE, LoraSpec, dora_norm, is_adapter, map_adapted
 from ftjax.models.loading import Pretrained, build_model, dummy_inputs
 from ftjax.tree import overlay
@@ -26,15 +27,15 @@ def kernel_paths(params):
 def check_targets(spec: LoraSpec, params, key='peft.lora.targets'):
     """Every target regex must match at least one kernel, else an error that lists the kernels."""
     if spec.rank <= 0:
-        raise ValueError(f"peft.lora.rank must be a positive integer, got {spec.rank}.")
+        raise ConfigError(f"peft.lora.rank must be a positive integer, got {spec.rank}.")
     paths = kernel_paths(params)
     for t in spec.targets:
         try:
             rx = re.compile(t)
         except re.error as e:
-            raise ValueError(f"{key}: {t!r} is not a valid regex ({e}).") from e
+            raise ConfigError(f"{key}: {t!r} is not a valid regex ({e}).") from e
         if not any(rx.search(p) for p in paths):
-            raise ValueError(f"{key}: {t!r} matches no kernel. Kernels of this model: {sorted(set(paths))}.")
+            raise ConfigError(f"{key}: {t!r} matches no kernel. Kernels of this model: {sorted(set(paths))}.")
 
 
 def add_lora(pre: Pretrained, spec: LoraSpec, rng) -> Pretrained:

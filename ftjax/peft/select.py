@@ -22,6 +22,7 @@ import re
 
 from flax import traverse_util
 
+from ftjax.errors import ConfigError
 from ftjax.models.adapters import is_adapter
 from ftjax.tree import path_str
 
@@ -66,13 +67,13 @@ def trainable_mask(params, peft_cfg, num_layers: int):
     if method in ('lora', 'dora'):
         adapters = {p for p in paths if is_adapter(p)}
         if not adapters:
-            raise ValueError(f"config.peft.method={method!r} but the model has no adapter leaves; "
+            raise ConfigError(f"config.peft.method={method!r} but the model has no adapter leaves; "
                              f"`ftjax.peft.prepare` adds them (check config.peft.lora.targets).")
         whole |= adapters
     for pattern in peft_cfg.trainable:
         hit = _matching(paths, pattern)
         if not hit:
-            raise ValueError(f"config.peft.trainable: {pattern!r} matches no parameter. Parameter paths: "
+            raise ConfigError(f"config.peft.trainable: {pattern!r} matches no parameter. Parameter paths: "
                              f"{_examples(paths)}.")
         whole |= hit
     for key, pattern, what in (('embeddings', EMBEDDINGS, 'embedding tables'), ('norms', NORMS, 'norm parameters'),
@@ -80,7 +81,7 @@ def trainable_mask(params, peft_cfg, num_layers: int):
         if peft_cfg[key]:
             hit = _matching(paths, pattern)
             if not hit:
-                raise ValueError(f"config.peft.{key}=True but this model has no {what} (no path matches "
+                raise ConfigError(f"config.peft.{key}=True but this model has no {what} (no path matches "
                                  f"{pattern!r}); set config.peft.{key}=False.")
             whole |= hit
     if peft_cfg.head:  # "when there is one": decoders have none
@@ -88,7 +89,7 @@ def trainable_mask(params, peft_cfg, num_layers: int):
     partly = {}
     n = peft_cfg.last_n_blocks
     if n > num_layers:
-        raise ValueError(f"config.peft.last_n_blocks={n} must be between 0 and the model's {num_layers} layers.")
+        raise ConfigError(f"config.peft.last_n_blocks={n} must be between 0 and the model's {num_layers} layers.")
     if n:
         blocks = {p for p in paths if p.startswith(BLOCKS) and not is_adapter(p)}
         if n == num_layers:
@@ -96,7 +97,7 @@ def trainable_mask(params, peft_cfg, num_layers: int):
         else:
             partly = {p: LastLayers(n) for p in blocks - whole}
     if not whole and not partly:
-        raise ValueError("config.peft.method='partial' selects no parameter: set config.peft.trainable (regexes "
+        raise ConfigError("config.peft.method='partial' selects no parameter: set config.peft.trainable (regexes "
                          "over parameter paths), config.peft.last_n_blocks, config.peft.embeddings, "
                          "config.peft.norms, config.peft.biases or config.peft.head (classifiers).")
     mask = {flat[p]: (True if p in whole else partly.get(p, False)) for p in paths}
