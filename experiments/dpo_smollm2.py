@@ -19,7 +19,10 @@ Start from an SFT adapter (e.g. the quickstart's, exported with `python -m ftjax
 --config.model.adapter=DIR: the reference is then that SFT model (its answer log-probs computed once before
 training, `align.reference=auto`). Sweep beta with ftjax.sweep over --config.align.beta like any key.
 
-Results (measured on the 2-core CPU): see docs/results/dpo_smollm2.md.
+Measured (docs/results/dpo_smollm2.md; 2-core CPU, a reduced run: 12 steps of batch 4, dpo, 16 held-out
+pairs): reward accuracy 0.000 -> 1.000, reward margin 0 -> 1.395, DPO loss 0.6931 -> 0.2661, summed
+log p(rejected) -24.35 -> -36.63 with log p(chosen) -15.70 -> -14.03; the policy already preferred the
+chosen answer on 15/16 pairs before. Generation exact-match was not measured after training (no CPU time).
 """
 from ftjax.config import default_config, parse_arg, smoke as smoke_config
 

@@ -7,13 +7,15 @@ A TPU topology name (v4:2x2x1, v5e:2x2, v5p:2x2x2, v6e:4x4, ...; needs libtpu: `
 runs the real TPU compiler with no TPU present: the mesh is `config.mesh` over that topology's devices,
 `model.kernels='auto'` picks the TPU kernels (splash attention), and the report adds the chip's HBM,
 whether the step fits, the compiled FLOPs and a roofline estimate of the step time and MFU. Mesh sizes
-(data=4,...) instead set up data*fsdp*tensor fake CPU devices, builds the model from the checkpoint's config.json (or the
+(data=4,...) instead set up data*fsdp*tensor fake CPU devices.
+
+Either way it builds the model from the checkpoint's config.json (or the
 GGUF metadata) with `jax.eval_shape` -- no weights are read --, applies the PEFT method, then lowers and
 compiles the trainer's own train step (`build.jit_train_step`) with the trainer's shardings for that mesh.
-Prints the per-device bytes of trainable params, frozen params and optimizer state, and XLA's memory
-analysis of the compiled step (arguments, outputs, temporaries, generated code). The XLA numbers are
-those of the CPU compiler: TPU/GPU fuse differently, so read them as an estimate; the param and optimizer
-bytes are exact. `--config.*` overrides apply as for `ftjax.train` (e.g. --config.train.batch_size=64).
+Prints the per-device bytes of trainable params, frozen params and optimizer state, XLA's memory
+analysis of the compiled step (arguments, outputs, temporaries, generated code), and a last line of JSON
+(`summary_json`). With fake CPU devices the XLA numbers are the CPU compiler's (TPU/GPU fuse differently:
+an estimate); for a TPU topology they are the TPU compiler's own; the param and optimizer bytes are exact. `--config.*` overrides apply as for `ftjax.train` (e.g. --config.train.batch_size=64).
 """
 import dataclasses
 import json
@@ -59,7 +61,8 @@ def tpu_devices(name):
     """The devices of the TPU topology `name` (no TPU needed: libtpu's compiler targets them)."""
     chip = name.split(':')[0].lower()
     if chip not in TPU_CHIPS:
-        raise ValueError(f"--topology={name!r}: the chip should be one of {sorted(TPU_CHIPS)}, e.g. --topology=v5e:2x2.")
+        raise ValueError(f"--topology={name!r}: the chip should be one of {sorted(TPU_CHIPS)}, "
+                         f"e.g. --topology=v5e:2x2.")
     os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # another JAX process may hold libtpu's lockfile
     try:
         return list(topologies.get_topology_desc(platform='tpu', topology_name=name).devices)

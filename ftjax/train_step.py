@@ -69,7 +69,9 @@ def _micro_batches(batch, k):
 def make_train_step(model, config, tx, lr_schedule):
     """`train_step(state, batch, rng) -> (state, metrics)`; metrics are float32 scalars: loss, accuracy,
     grad_norm (before clipping), learning_rate, num_tokens (tokens or examples in the loss),
-    trainable_params, is_finite (1/0) and nan_count."""
+    trainable_params, is_finite (1/0) and nan_count. Preference: also the per-pair means of
+    `ftjax.preference.METRICS` (rewards/chosen, rewards/rejected, rewards/accuracy (= accuracy), rewards/margin,
+    logps/chosen, logps/rejected, logps/accuracy), orpo's nll; num_tokens counts pairs."""
     k = int(config.optim.grad_accum)
     chunk = int(config.train.loss_chunk)
     skip_bad = config.train.nan_policy == 'skip'  # else 'halt' (ftjax.config.validate)
@@ -114,6 +116,8 @@ def make_train_step(model, config, tx, lr_schedule):
         if pref is not None:  # the loss is already the batch mean
             pairs = jnp.maximum(sums['pairs'], 1.0)
             extra = {name: sums[name] / pairs for name in preference.METRICS}
+            if 'nll_sum' in sums:  # orpo: its SFT part, per chosen answer token
+                extra['nll'] = sums['nll_sum'] / jnp.maximum(sums['nll_tokens'], 1.0)
             correct, count, denom = extra['rewards/accuracy'], sums['pairs'], jnp.ones((), jnp.float32)
         else:
             extra, correct, count = {}, sums['correct'], sums['count']

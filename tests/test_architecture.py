@@ -184,7 +184,8 @@ print('imported', len(sys.modules), 'modules; ftjax.generate is', ftjax.generate
 '''
 
 
-@pytest.mark.parametrize('first', FLAG_DEFINING)
+@pytest.mark.parametrize('first', [FLAG_DEFINING[0], *(pytest.param(f, marks=pytest.mark.slow)  # fast lane: one
+                                                       for f in FLAG_DEFINING[1:])])
 def test_generate_stays_the_function_after_importing_everything(tiny_llama_dir, first):
     """`ftjax.generate(pre, ids)` once broke ("module object is not callable") after anything imported the
     module ftjax.generate. Every ftjax module is imported (but the CLI, and the other flag-defining entry

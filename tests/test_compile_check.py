@@ -1,5 +1,6 @@
 """`ftjax.compile_check`: compiles the train step for a topology without weights; its per-device bytes
 are what the trainer really places."""
+import itertools
 import math
 import os
 import subprocess
@@ -19,8 +20,9 @@ def _shard_bytes(tree):
     return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize('method', ['lora', 'full'])
-@pytest.mark.parametrize('topology', ['data=2,fsdp=2,tensor=2', 'fsdp=4'])
+@pytest.mark.parametrize('topology,method', [  # the fast lane: LoRA on all three axes
+    case if case == ('data=2,fsdp=2,tensor=2', 'lora') else pytest.param(*case, marks=pytest.mark.slow)
+    for case in itertools.product(['data=2,fsdp=2,tensor=2', 'fsdp=4'], ['lora', 'full'])])
 def test_compiles_and_counts_what_the_trainer_places(tiny_llama_dir, chat_data, monkeypatch, method,
                                                      topology):
     config = tiny_config(tiny_llama_dir, chat_data, **{'peft.method': method, 'train.batch_size': 8})

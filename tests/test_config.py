@@ -243,6 +243,7 @@ def run_module(*argv, timeout=120):
                           timeout=timeout)
 
 
+@pytest.mark.slow  # the fast lane has tests/test_console.py's one-line errors of `python -m ftjax.train`
 def test_train_command_line_errors_are_one_line(experiment, tmp_path):
     workdir = str(tmp_path / 'w')
     bad = run_module('ftjax.train', f'--config={experiment}', f'--workdir={workdir}', '--config.train.step=3')

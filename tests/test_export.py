@@ -131,7 +131,12 @@ CASE_IDS = ['llama-lora', 'llama-rslora-qv', 'llama-dora', 'untied-dora-rslora-l
             'bert-cls-lora', 'bert-cls-dora-pooler', 'roberta-cls-rslora', 'bert-encoder-lora']
 
 
-@pytest.mark.parametrize('name,spec', CASES, ids=CASE_IDS)
+def cases(fast):
+    """CASES for parametrize, those not named in `fast` marked slow (the fast lane: a decoder and a classifier)."""
+    return [pytest.param(*case, id=i, marks=() if i in fast else pytest.mark.slow) for case, i in zip(CASES, CASE_IDS)]
+
+
+@pytest.mark.parametrize('name,spec', cases({'llama-dora', 'bert-cls-lora'}))
 def test_export_hf_matches_transformers(checkpoint, tmp_path, name, spec):
     path, kw = checkpoint(name)
     pre = finetune(load_pretrained(path, **kw), spec)
@@ -154,7 +159,7 @@ def test_export_hf_matches_transformers(checkpoint, tmp_path, name, spec):
         assert ref.config.num_labels == cfg.num_labels
 
 
-@pytest.mark.parametrize('name,spec', CASES, ids=CASE_IDS)
+@pytest.mark.parametrize('name,spec', cases({'llama-lora', 'bert-cls-dora-pooler'}))
 def test_export_peft_matches_peft(checkpoint, tmp_path, name, spec):
     path, kw = checkpoint(name)
     pre = finetune(load_pretrained(path, **kw), spec)

@@ -121,8 +121,8 @@ def test_llama_kernels_compute_the_same_model():
     """The whole decoder (packed rows, GQA) with each kernel choice: same logits, same gradients."""
     cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                             num_kv_heads=2, head_dim=8)
-    ids = jnp.asarray(np.random.RandomState(4).randint(0, 64, (2, 128)), jnp.int32)
-    seg = _qkv()[3]
+    ids = jnp.asarray(np.random.RandomState(4).randint(0, 64, (2, 32)), jnp.int32)
+    seg = jnp.asarray([[1] * 12 + [2] * 16 + [0] * 4, [1] * 32], jnp.int32)  # packed + padding; one row
     params = llama.Llama(cfg).init(jax.random.key(0), ids)['params']
 
     def run(kind):

@@ -332,6 +332,8 @@ def test_other_losses_train_with_lora(llama, pref_data, loss):
         curve.append(float(m['loss']))
     print(f'{loss}: loss {curve[0]:.4f} -> {curve[-1]:.4f}, reward margin {float(m["rewards/margin"]):.3f}')
     assert all(np.isfinite(curve)) and curve[-1] < curve[0]
+    if loss == 'orpo':  # loss = NLL per chosen token - lambda mean log s(log odds ratio)
+        assert 0 < float(m['nll']) < float(m['loss'])
 
 
 @pytest.mark.slow
