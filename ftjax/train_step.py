@@ -153,7 +153,8 @@ def is_preference(config):
 def make_eval_step(model, config):
     """`eval_step(params, batch) -> dict of sums`: loss_sum, correct, count (divide after summing over
     batches); classification adds per-row 'pred' and 'label' [batch] (for F1). Preference: per pair, loss_sum,
-    correct (reward accuracy), count (pairs) and '<metric>_sum' of `ftjax.preference.METRICS`. Its reference
+    correct (reward accuracy), count (pairs) and '<metric>_sum' of `ftjax.preference.METRICS` (orpo's loss_sum: the
+    odds-ratio term only, its NLL is a per-token mean). Its reference
     with adapters off comes from `params` with the adapter leaves left out."""
     chunk = int(config.train.loss_chunk)
     task = task_of(model.cfg)
