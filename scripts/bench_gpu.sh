@@ -65,9 +65,12 @@ run() {  # name, limit, args...
   [ $rc -eq 0 ] || { echo "(exit $rc; last lines of the log:)" >> "$MD"; tail -5 "$OUT_DIR/$name.log" >> "$MD"; }
 }
 
-run smollm2_lora "$LIMIT" $SMOL --mode=lora $SHAPE_S --steps=$STEPS --dtype=$DTYPE $COMPARE
-run smollm2_full "$LIMIT" $SMOL --mode=full $SHAPE_S --steps=$STEPS --dtype=$DTYPE $COMPARE
-run llama1b_lora "$LIMIT" $BIG --mode=lora $SHAPE_B --steps=$STEPS --dtype=$DTYPE $COMPARE
-run llama1b_full "$LIMIT" $BIG --mode=full $SHAPE_B --steps=$STEPS --dtype=$DTYPE --remat=full $COMPARE
+# The accelerator path: model.kernels=auto picks cuDNN attention (XLA fallback) and plain matmuls on a GPU
+# (ftjax/models/kernels.py); bf16 compute, bf16 frozen weights, float32 trainable master weights.
+KERNELS="--config.model.kernels=${BENCH_KERNELS:-auto}"
+run smollm2_lora "$LIMIT" $SMOL --mode=lora $SHAPE_S --steps=$STEPS --dtype=$DTYPE --frozen_dtype=$DTYPE $KERNELS $COMPARE
+run smollm2_full "$LIMIT" $SMOL --mode=full $SHAPE_S --steps=$STEPS --dtype=$DTYPE $KERNELS $COMPARE
+run llama1b_lora "$LIMIT" $BIG --mode=lora $SHAPE_B --steps=$STEPS --dtype=$DTYPE --frozen_dtype=$DTYPE $KERNELS $COMPARE
+run llama1b_full "$LIMIT" $BIG --mode=full $SHAPE_B --steps=$STEPS --dtype=$DTYPE --remat=full $KERNELS $COMPARE
 echo "written: $MD $JSONL"
 cat "$MD"

@@ -23,18 +23,7 @@ def tok():
 
 
 def make_cfg(tmp_path, path, **overrides):
-    c = data_lib.default_data_config()
-    c.path = str(path)
-    c.cache_dir = str(tmp_path / 'hf_cache')
-    c.packing = False
-    c.max_length = 64
-    for k, v in overrides.items():
-        if k == 'fields':
-            for role, col in v.items():
-                c.fields[role] = col
-        else:
-            c[k] = v
-    return c
+    return tiny.data_config(tmp_path, path, **{'max_length': 64, **overrides})
 
 
 def raises(exc_class, fn, *words):

@@ -24,18 +24,7 @@ def enc(tok, text):
 
 
 def make_cfg(tmp_path, path, **overrides):
-    c = data_lib.default_data_config()
-    c.path = str(path)
-    c.cache_dir = str(tmp_path / 'hf_cache')
-    c.packing = False
-    c.max_length = 256
-    for k, v in overrides.items():
-        if k == 'fields':
-            for role, col in v.items():
-                c.fields[role] = col
-        else:
-            c[k] = v
-    return c
+    return tiny.data_config(tmp_path, path, **{'max_length': 256, **overrides})
 
 
 def first_row(data):

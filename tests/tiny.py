@@ -9,7 +9,7 @@ import json
 import os
 
 from ftjax import sweep, workdir as workdir_lib
-from ftjax.config import default_config
+from ftjax.config import default_config, default_data_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
@@ -168,3 +168,19 @@ def write_experiment(path, model_dir, data, **over):
 def losses(workdir):
     """{step: training loss} from a run's metrics."""
     return {r['step']: r['loss'] for r in workdir_lib.read_metrics(workdir) if 'loss' in r}
+
+
+def data_config(tmp_path, path, **overrides):
+    """`config.data` for a data file in a test: no packing, a cache under tmp_path, `fields={role: column}`."""
+    c = default_data_config()
+    c.path = str(path)
+    c.cache_dir = str(tmp_path / 'hf_cache')
+    c.packing = False
+    c.max_length = 256
+    for k, v in overrides.items():
+        if k == 'fields':
+            for role, col in v.items():
+                c.fields[role] = col
+        else:
+            c[k] = v
+    return c
