@@ -33,7 +33,7 @@ from jax.experimental import topologies
 
 from ftjax import build, cli, optim, peft, sharding
 from ftjax.config import validate
-from ftjax.errors import EnvironmentSetupError
+from ftjax.errors import ConfigError, EnvironmentSetupError, MissingFileError
 from ftjax.models import gguf_io, kernels, loading, packaged
 from ftjax.models.heads import task_of
 from ftjax.state import partition
@@ -61,7 +61,7 @@ def tpu_devices(name):
     """The devices of the TPU topology `name` (no TPU needed: libtpu's compiler targets them)."""
     chip = name.split(':')[0].lower()
     if chip not in TPU_CHIPS:
-        raise ValueError(f"--topology={name!r}: the chip should be one of {sorted(TPU_CHIPS)}, "
+        raise ConfigError(f"--topology={name!r}: the chip should be one of {sorted(TPU_CHIPS)}, "
                          f"e.g. --topology=v5e:2x2.")
     os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # another JAX process may hold libtpu's lockfile
     try:
@@ -79,7 +79,7 @@ def parse_topology(text):
     for part in filter(None, (text or '').split(',')):
         name, _, value = part.partition('=')
         if name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
-            raise ValueError(f"--topology: {part!r} should be AXIS=SIZE with AXIS one of {sharding.MESH_AXES} and "
+            raise ConfigError(f"--topology: {part!r} should be AXIS=SIZE with AXIS one of {sharding.MESH_AXES} and "
                              f"SIZE a positive integer, e.g. --topology=data=4,fsdp=2,tensor=1.")
         sizes[name.strip()] = int(value)
     return sizes
@@ -109,7 +109,7 @@ def hf_config_of(path):
         with open(huggingface_hub.hf_hub_download(path, 'config.json')) as f:
             return json.load(f)
     except Exception as e:
-        raise FileNotFoundError(f"config.model.path={path!r}: no local directory or .gguf file, and its config.json "
+        raise MissingFileError(f"config.model.path={path!r}: no local directory or .gguf file, and its config.json "
                                 f"could not be fetched from the hub ({type(e).__name__}: {e}).") from e
 
 
@@ -160,7 +160,7 @@ def check(config, topology, devices=None, topology_name=None, keep_compiled=Fals
     n = math.prod(topology.values())
     devices = jax.devices()[:n] if devices is None else devices
     if len(devices) < n:
-        raise ValueError(f"--topology needs {n} devices, this process has {len(devices)}.")
+        raise ConfigError(f"--topology needs {n} devices, this process has {len(devices)}.")
     config = config.copy_and_resolve_references()  # the caller's config stays as it was
     for axis, size in topology.items():
         config.mesh[axis] = size
@@ -169,7 +169,7 @@ def check(config, topology, devices=None, topology_name=None, keep_compiled=Fals
     validate(config)
     batch_ways = topology['data'] * topology['fsdp']
     if config.train.batch_size % batch_ways:
-        raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible by data*fsdp="
+        raise ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by data*fsdp="
                          f"{batch_ways}; pass --config.train.batch_size=<a multiple of {batch_ways}>.")
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.rules_from_config(config.mesh.rules)

@@ -31,7 +31,7 @@ DEFAULT_RULES = [  # logical axis -> mesh axes; first matching, unused mesh axis
     ('activation_embed', None), ('layers', None), ('vocab', 'tensor'), ('embed', 'fsdp'), ('embed_out', None),
     ('heads', 'tensor'), ('kv_heads', 'tensor'), ('mlp', 'tensor'), ('norm', None),
 ]
-MESH_AXES = ('data', 'fsdp', 'tensor')  # the mesh.* size keys; ftjax.sharding builds the mesh from them
+MESH_AXES = ('data', 'fsdp', 'tensor')  # the mesh.* size keys and axis names; ftjax.sharding builds the mesh from them
 ALPACA_TEMPLATE = (
     'Below is an instruction that describes a task, paired with an input that provides further context. '
     'Write a response that appropriately completes the request.\n\n'

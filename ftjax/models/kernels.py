@@ -23,6 +23,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import PartitionSpec as P
 
+from ftjax.errors import ConfigError
+
 CHOICES = ('auto', 'cpu', 'xla', 'splash', 'cudnn')  # config.model.kernels
 AUTO = {'cpu': 'cpu', 'tpu': 'splash', 'gpu': 'cudnn', 'cuda': 'cudnn', 'rocm': 'xla'}
 BATCH_AXES, HEAD_AXIS = ('data', 'fsdp'), 'tensor'  # mesh axes (ftjax.sharding.MESH_AXES)
@@ -32,7 +34,7 @@ SPLASH_BLOCK = 512  # splash tile along q and kv (smaller for short sequences)
 def resolve(choice: str, platform: str) -> str:
     """config.model.kernels -> the kernels used on `platform` ('cpu', 'tpu', 'gpu'): never 'auto'."""
     if choice not in CHOICES:
-        raise ValueError(f"config.model.kernels={choice!r} is not known; choose one of {list(CHOICES)}.")
+        raise ConfigError(f"config.model.kernels={choice!r} is not known; choose one of {list(CHOICES)}.")
     return AUTO.get(platform, 'xla') if choice == 'auto' else choice
 
 
