@@ -15,9 +15,16 @@ Variants (each with `,smoke`: 2 steps, seconds):
   ipo    LoRA, IPO (squared loss on the per-token log-ratio margin)
   simpo  LoRA, SimPO (reference-free, length-normalised, margin gamma)
   orpo   LoRA, ORPO (SFT loss + odds ratio, reference-free)
-Start from an SFT adapter (e.g. the quickstart's, exported with `python -m ftjax.export`) with
---config.model.adapter=DIR: the reference is then that SFT model (its answer log-probs computed once before
-training, `align.reference=auto`). Sweep beta with ftjax.sweep over --config.align.beta like any key.
+Flag `from_sft` (e.g. `:dpo,from_sft`): start from the SFT model of the quickstart's LoRA run instead of the base.
+`model.adapter` names that run's workdir (default `runs/quickstart`, the README's; a PEFT adapter directory works
+too) and `model.adapter_merge=true` folds its adapter into the frozen base, so a fresh LoRA trains on top and the
+adapters-off reference is exactly the SFT model. SFT stage and DPO in one command (rerunning it resumes; a
+finished stage is skipped):
+
+  python -m ftjax.train --config=experiments/quickstart.py --workdir=runs/quickstart && \
+  python -m ftjax.train --config=experiments/dpo_smollm2.py:dpo,from_sft --workdir=runs/dpo_sft
+
+Sweep beta with ftjax.sweep over --config.align.beta like any key.
 
 Measured (docs/results/dpo_smollm2.md; 2-core CPU, a reduced run: 12 steps of batch 4, dpo, 16 held-out
 pairs): reward accuracy 0.000 -> 1.000, reward margin 0 -> 1.395, DPO loss 0.6931 -> 0.2661, summed
@@ -27,10 +34,11 @@ chosen answer on 15/16 pairs before. Generation exact-match was not measured aft
 from ftjax.config import default_config, parse_arg, smoke as smoke_config
 
 VARIANTS = ('dpo', 'ipo', 'simpo', 'orpo')
+SFT_RUN = 'runs/quickstart'  # `python -m ftjax.train --config=experiments/quickstart.py --workdir=runs/quickstart`
 
 
 def get_config(arg='dpo'):
-    variant, flags = parse_arg(arg, 'dpo', VARIANTS, 'experiments/dpo_smollm2.py')
+    variant, flags = parse_arg(arg, 'dpo', VARIANTS, 'experiments/dpo_smollm2.py', flags=('smoke', 'from_sft'))
     c = default_config()
     c.model.path = 'packaged:smollm2'  # resolved when the run loads it (ftjax/models/packaged.py)
     c.peft.method = 'lora'
@@ -56,6 +64,9 @@ def get_config(arg='dpo'):
     c.eval.scorer = 'json'
     c.eval.max_new_tokens = 40
     c.eval.batch_size = 16
+    if 'from_sft' in flags:  # the SFT stage: the quickstart's LoRA run (a path: read when the run loads the model)
+        c.model.adapter = SFT_RUN
+        c.model.adapter_merge = True
     if 'smoke' in flags:
         smoke_config(c, max_length=320)
     return c

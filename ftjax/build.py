@@ -1,6 +1,8 @@
 """Run setup, shared by training (`ftjax.loop`), `ftjax.compile_check` and `ftjax.export`:
 
   build_model_and_mask(config)          the base model (+ adapter) with the PEFT method applied, and its mask
+  load_start(config)                    the model fine-tuning starts from: model.path + model.adapter (a PEFT
+                                        adapter directory or a ftjax run's workdir), merged with adapter_merge
   build_data(config, pre)               the train and eval splits, tokenised for the loaded model (preference
                                         pairs with `align.reference=precomputed`: with the base's log-probs)
   state_shardings / sharded_state(...)  the train state (trainable, frozen, optimizer) on the mesh
@@ -8,27 +10,127 @@
   restore_for_export(workdir, step)     a finished (or preempted) run's fine-tuned model, on the host
 """
 import dataclasses
+import hashlib
+import json
+import logging
+import os
 
 import jax
+import jax.numpy as jnp
 
 from ftjax import checkpoint, peft, preference, sharding
 from ftjax import data as data_lib
+from ftjax.data import templates
 from ftjax import state as state_lib
-from ftjax.models import abstract_variables
+from ftjax.errors import ConfigError, MissingFileError
+from ftjax.models import abstract_variables, adapters, build_model, packaged, quantize
+from ftjax.models.loading import Pretrained
 from ftjax.models.heads import task_of
 from ftjax.pretrained import load_pretrained
 from ftjax.train_step import is_preference, make_train_step
-from ftjax.workdir import load_workdir_config
+from ftjax.workdir import CHECKPOINTS_DIR, CONFIG_FILE, load_workdir_config
 
 
 def build_model_and_mask(config, rng=None):
-    """Loads the base model (+ adapter) and applies the fine-tuning method: (Pretrained, trainable mask)."""
-    m = config.model
-    pre = load_pretrained(m.path, dtype=m.param_dtype, compute_dtype=m.dtype, num_labels=m.num_labels,
-                          pooling=m.pooling, remat=m.remat, scan_unroll=m.scan_unroll, seed=config.train.seed,
-                          adapter=m.adapter)
+    """Loads the base model (+ adapter) and applies the fine-tuning method: (Pretrained, trainable mask).
+    With `model.quantize`, the frozen kernels and embeddings are then quantized (`quantize_frozen`)."""
+    pre = load_start(config)
     rng = jax.random.key(config.train.seed) if rng is None else rng
-    return peft.prepare(pre, config, jax.random.fold_in(rng, 1))
+    pre, mask = peft.prepare(pre, config, jax.random.fold_in(rng, 1))
+    return quantize_frozen(pre, mask, config), mask
+
+
+def quantize_frozen(pre, mask, config):
+    """`pre` with its frozen kernels / embeddings quantized as `config.model.quantize` says, once the trainable
+    mask is known (adapters, norms and whatever trains stay in the master dtype). Params may be shape structs."""
+    m = config.model
+    kind = m.get('quantize', 'none')
+    if kind == 'none':
+        return pre
+    params = quantize.quantize_params(pre.params, mask, kind, double=m.get('quantize_double', False),
+                                      gguf_path=packaged.resolve(m.path), cfg=pre.config)
+    logging.info('model.quantize=%s: frozen %s, %.1f MiB of params', quantize.describe(m),
+                 ', '.join(quantize.kinds_in(params)) or 'nothing quantized', quantize.nbytes(params) / 2**20)
+    return dataclasses.replace(pre, params=params)
+
+
+def is_run_dir(path):
+    """Whether `path` is a ftjax training run's workdir (config.json and checkpoints/), not a PEFT adapter."""
+    return bool(path) and os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(
+        os.path.join(path, CHECKPOINTS_DIR))
+
+
+def load_start(config):
+    """The model fine-tuning starts from: `model.path`, with `model.adapter` on top (a PEFT adapter directory, or
+    a ftjax run's workdir: that run's fine-tuned model at its latest complete checkpoint), folded into the base
+    weights when `model.adapter_merge` (a new adapter then trains on top of that model)."""
+    m = config.model
+    if m.get('adapter_merge') and not m.adapter:
+        raise ConfigError('config.model.adapter_merge=true but config.model.adapter is not set: pass '
+                          '--config.model.adapter=DIR (a PEFT adapter directory or a ftjax run\'s workdir).')
+    if m.get('adapter_merge') and m.get('quantize', 'none') == 'gguf':
+        raise ConfigError("config.model.adapter_merge=true with config.model.quantize='gguf': the file's own blocks "
+                          "cannot hold the merged adapter; use --config.model.quantize=nf4 (or int8), or keep the "
+                          "adapter unmerged (--config.model.adapter_merge=false).")
+    if m.adapter and '://' not in m.adapter and not os.path.exists(m.adapter):
+        raise MissingFileError(f"config.model.adapter={m.adapter!r} does not exist (relative to {os.getcwd()}): pass "
+                               f"a PEFT adapter directory or a ftjax run's workdir (train that run first, e.g. python "
+                               f"-m ftjax.train --config=experiments/quickstart.py --workdir={m.adapter}).")
+    if is_run_dir(m.adapter):
+        pre = _from_run(config)
+    else:
+        pre = load_pretrained(m.path, dtype=m.param_dtype, compute_dtype=m.dtype, num_labels=m.num_labels,
+                              pooling=m.pooling, remat=m.remat, scan_unroll=m.scan_unroll, seed=config.train.seed,
+                              adapter=m.adapter)
+    templates.apply(pre.tokenizer, getattr(pre.config, 'model_type', None), config.data.get('chat_template'),
+                    source=m.path)  # data.chat_template, else the model's own, else its family's
+    return merge_adapter(pre) if m.get('adapter_merge') else pre
+
+
+def _from_run(config):
+    """The fine-tuned model of the run in `model.adapter`, which must have trained on this run's base weights."""
+    m = config.model
+    run = load_workdir_config(m.adapter)
+    if run.model.path != m.path and (checkpoint.base_reference(run.model.path)['sha256'] !=
+                                     checkpoint.base_reference(m.path)['sha256']):
+        raise ConfigError(f"config.model.adapter={m.adapter!r} is a run on the base {run.model.path!r}, not on "
+                          f"config.model.path={m.path!r}; start from that base or from another run.")
+    pre = restore_for_export(m.adapter)  # a quantized (QLoRA) run's frozen weights come back dequantized, as it ran
+    dtype = jnp.dtype(m.param_dtype)
+    params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                          quantize.dequantize_tree(pre.params))
+    return dataclasses.replace(pre, params=params)
+
+
+def merge_adapter(pre: Pretrained) -> Pretrained:
+    """`pre` with its LoRA / DoRA adapters folded into the kernels (W + s A B) and the adapter leaves gone."""
+    if pre.config.lora is None:
+        return pre
+    cfg = dataclasses.replace(pre.config, lora=None)
+    return dataclasses.replace(pre, model=build_model(cfg), config=cfg,
+                               params=jax.device_get(adapters.merge(pre.params, pre.config.lora)))
+
+
+def start_identity(config):
+    """What the starting model's outputs depend on, as one hash: the base weights' content, the adapter's files
+    (a run's: its latest complete checkpoint) and the model keys (path, dtypes, quantization, merge). Keys the
+    precomputed reference's cache (`ftjax.preference.attach_reference`)."""
+    m = config.model
+    ident = {'base': checkpoint.base_reference(m.path)['sha256'],
+             'model': {k: v for k, v in m.to_dict().items() if k not in ('remat', 'scan_unroll')}}
+    if m.adapter:
+        where = m.adapter
+        if is_run_dir(where):
+            step, _ = checkpoint.pick_complete_step(where)
+            where = os.path.join(where, CHECKPOINTS_DIR, str(step), 'params')  # the trained weights
+        h = hashlib.sha256()
+        for root, _, files in sorted(os.walk(where)):
+            for f in sorted(files):
+                with open(os.path.join(root, f), 'rb') as fp:
+                    h.update(os.path.relpath(os.path.join(root, f), where).encode())
+                    h.update(hashlib.sha256(fp.read()).digest())
+        ident['adapter'] = h.hexdigest()
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def build_data(config, pre):
@@ -38,8 +140,11 @@ def build_data(config, pre):
     splits = tuple(data_lib.build_dataset(config.data, pre.tokenizer, split, num_labels=num_labels)
                    for split in ('train', 'eval'))
     if is_preference(config) and preference.settings(config).reference == 'precomputed':
-        for data in filter(None, splits):  # the base model's answer log-probs, once, before any step
-            preference.attach_reference(pre.model, pre.params, data, config.train.batch_size, config.train.loss_chunk)
+        cache = preference.cache_dir(config)
+        ident = start_identity(config)
+        for data in filter(None, splits):  # the base model's answer log-probs, once, before any step (or cached)
+            preference.attach_reference(pre.model, pre.params, data, config.train.batch_size, config.train.loss_chunk,
+                                        cache=cache, identity=ident)
     return splits
 
 
@@ -48,7 +153,7 @@ def state_shardings(model, params, mask, tx, config, mesh, rules):
 
     `params` may be abstract (shape structs): `ftjax.compile_check` uses this without any weights.
     """
-    param_sh = sharding.param_shardings(sharding.logical_specs(abstract_variables(model)), mesh, rules)
+    param_sh = sharding.param_shardings(sharding.logical_specs(abstract_variables(model)), mesh, rules, params)
     abstract_state = jax.eval_shape(_state_fn(mask, tx, config), params)
     return (abstract_state, sharding.tree_shardings(abstract_state, param_sh, mesh),
             sharding.tree_shardings(params, param_sh, mesh))
@@ -85,7 +190,8 @@ def restore_for_export(workdir, step=None):
     step, complete = checkpoint.pick_complete_step(workdir, step)
     pre, mask = build_model_and_mask(config)
     trainable, frozen = state_lib.partition(pre.params, mask)
-    restored = checkpoint.read_trainable(workdir, step, trainable, config.model.path, complete)
+    restored = checkpoint.read_trainable(workdir, step, trainable, config.model.path, complete,
+                                         quantize.describe(config.model))
     pre = dataclasses.replace(pre, params=state_lib.combine(restored, frozen))
     pre.method = config.peft.method
     return pre

@@ -89,8 +89,10 @@ def step_dir(mngr, step):
     return os.path.join(str(mngr.directory), str(int(step)))
 
 
-def base_reference(model_path):
-    """Path and content hash of the base weights, so a LoRA checkpoint is tied to its base."""
+def base_reference(model_path, quantized='none'):
+    """Path and content hash of the base weights, so a LoRA checkpoint is tied to its base. `quantized`
+    ('nf4', 'nf4+double', 'int8', 'gguf'; `ftjax.models.quantize.describe`): the base the adapters trained on
+    is those weights quantized so, which the hash then covers ('none' leaves it as it always was)."""
     model_path = packaged.resolve(model_path)
     files = []
     if os.path.isdir(model_path):
@@ -109,8 +111,11 @@ def base_reference(model_path):
                     fh.update(chunk)
             _HASH_CACHE[key] = fh.hexdigest()
         h.update(os.path.basename(f).encode() + _HASH_CACHE[key].encode())
-    return {'path': os.path.abspath(model_path) if os.path.exists(model_path) else model_path,
-            'sha256': h.hexdigest()}
+    ref = {'path': os.path.abspath(model_path) if os.path.exists(model_path) else model_path}
+    if quantized != 'none':
+        h.update(f'quantize={quantized}'.encode())
+        ref['quantize'] = quantized
+    return dict(ref, sha256=h.hexdigest())
 
 
 def leaf_signature(tree):
@@ -300,9 +305,9 @@ def resume(mngr, workdir, train_cfg, state, base_ref, trainable_sig, primary=Tru
     return state, meta, start, f'moved checkpoint {listed} to {dest}/ (not deleted); {then}.'
 
 
-def read_trainable(workdir, step, trainable, model_path, complete=()):
+def read_trainable(workdir, step, trainable, model_path, complete=(), quantized='none'):
     """The trainable params of checkpoint `step` as host numpy arrays, for a run whose trainable leaves are
-    shaped like `trainable` on the base weights at `model_path`.
+    shaped like `trainable` on the base weights at `model_path` (quantized as `quantized`, `base_reference`).
 
     Reads only: nothing in `workdir` is created or cleaned up, so reading beside a running training (whose
     save may be in flight) is safe, and a checkpoint of any mesh is read on a single host.
@@ -311,7 +316,7 @@ def read_trainable(workdir, step, trainable, model_path, complete=()):
     mngr = ocp.CheckpointManager(_checkpoints_dir(workdir), options=options, item_names=('params', 'opt', 'meta'))
     where = step_dir(mngr, step)
     meta = read_meta(mngr, step)
-    base = base_reference(model_path)
+    base = base_reference(model_path, quantized)
     if meta.get('base', {}).get('sha256') != base['sha256']:
         raise CheckpointError(f"{where} was trained on the base weights {meta.get('base')}, but model.path in "
                               f"{os.path.join(workdir, 'config.json')} now holds {base}. Restore the original base "

@@ -37,7 +37,7 @@ VERBOSITY = {'debug': 1, 'info': 0, 'warning': -1, 'error': -2, 'fatal': -3}  # 
 # logger carries orbax's (and absl's own) chatter; ftjax logs through the root logger.
 THIRD_PARTY_LOGGERS = ('absl', 'jax', 'jax2tf', 'orbax', 'flax', 'optax', 'chex', 'etils', 'transformers',
                        'datasets', 'huggingface_hub', 'fsspec', 'filelock', 'urllib3', 'matplotlib', 'PIL',
-                       'torch', 'tensorflow', 'h5py', 'numexpr')
+                       'torch', 'tensorflow', 'h5py', 'numexpr', 'lm_eval', 'evaluate')
 _OVERRIDE = re.compile(r'^--?(no)?config\.([^=]+)(?:(=)(.*))?$', re.S)
 
 

@@ -14,7 +14,8 @@ GGUF metadata) with `jax.eval_shape` -- no weights are read --, applies the PEFT
 compiles the trainer's own train step (`build.jit_train_step`) with the trainer's shardings for that mesh.
 Prints the per-device bytes of trainable params, frozen params and optimizer state, XLA's memory
 analysis of the compiled step (arguments, outputs, temporaries, generated code), and a last line of JSON
-(`summary_json`). With fake CPU devices the XLA numbers are the CPU compiler's (TPU/GPU fuse differently:
+(`summary_json`). `--config.model.quantize=nf4` (or int8) sizes a quantized frozen base (QLoRA) from the
+shapes alone (`ftjax.models.quantize`; 'gguf' needs the file's blocks and is refused). With fake CPU devices the XLA numbers are the CPU compiler's (TPU/GPU fuse differently:
 an estimate); for a TPU topology they are the TPU compiler's own; the param and optimizer bytes are exact. `--config.*` overrides apply as for `ftjax.train` (e.g. --config.train.batch_size=64).
 """
 import dataclasses
@@ -34,7 +35,7 @@ from jax.experimental import topologies
 from ftjax import build, cli, optim, peft, sharding
 from ftjax.config import validate
 from ftjax.errors import ConfigError, EnvironmentSetupError, MissingFileError
-from ftjax.models import gguf_io, kernels, loading, packaged
+from ftjax.models import gguf_io, kernels, loading, packaged, quantize
 from ftjax.models.heads import task_of
 from ftjax.state import partition
 
@@ -131,7 +132,12 @@ def abstract_model(config):
         out['pre'], out['mask'] = peft.prepare(dataclasses.replace(pre, params=params), config, jax.random.key(0))
         return out['pre'].params
     params = jax.eval_shape(prepared, params)
-    return dataclasses.replace(out['pre'], params=params), out['mask']
+    if m.get('quantize', 'none') == 'gguf':
+        raise ConfigError("compile_check sizes model.quantize='int8' or 'nf4' bases from shapes alone; 'gguf' keeps "
+                          "a file's own blocks, which it does not read: pass --config.model.quantize=nf4 (4.5 bits "
+                          "per weight, Q4_1 is 5) or int8.")
+    pre = build.quantize_frozen(dataclasses.replace(out['pre'], params=params), out['mask'], config)  # shapes only
+    return pre, out['mask']
 
 
 def abstract_batch(model, batch_size, max_length, batch_sh):
@@ -190,7 +196,7 @@ def check(config, topology, devices=None, topology_name=None, keep_compiled=Fals
         'batch': (config.train.batch_size, config.data.max_length), 'compile_s': time.perf_counter() - t0,
         'platform': platform, 'topology': topology_name, 'devices': n, 'kernels': config.model.kernels,
         'dtype': str(config.model.dtype), 'frozen_dtype': str(config.model.frozen_dtype),
-        'params': sum(math.prod(x.shape) for x in jax.tree.leaves(pre.params)),
+        'params': quantize.num_weights(pre.params), 'quantize': quantize.describe(config.model),
         'trainable_params': sum(math.prod(x.shape) for x in jax.tree.leaves(trainable)),
         'trainable_bytes': _device_bytes(abstract_state.trainable, state_sh.trainable),
         'frozen_bytes': _device_bytes(abstract_state.frozen, state_sh.frozen),
@@ -254,7 +260,8 @@ def format_report(r):
     lines = [f"compile check: {r['model']} ({r['method']}), {target}mesh {mesh} = {math.prod(r['mesh'].values())} "
              f"devices, global batch {r['batch'][0]} x {r['batch'][1]} tokens; compiled in {r['compile_s']:.1f}s",
              f"  params: {r['params']:,} ({r['trainable_params']:,} trainable); compute {r['dtype']}, frozen "
-             f"{r['frozen_dtype']}; kernels {r['kernels']}, attention: {r['attention']}",
+             f"{r['frozen_dtype'] if r.get('quantize', 'none') == 'none' else 'quantized ' + r['quantize']}; "
+             f"kernels {r['kernels']}, attention: {r['attention']}",
              'per device:',
              f"  trainable params      {_size(r['trainable_bytes'])}",
              f"  frozen params         {_size(r['frozen_bytes'])}",
@@ -281,7 +288,8 @@ def format_report(r):
 def summary_json(r):
     """The last line `main` prints: the report's headline numbers as one JSON object."""
     keys = ('platform', 'topology', 'devices', 'mesh', 'model', 'method', 'batch', 'kernels', 'attention',
-            'per_device_bytes', 'hbm_bytes', 'fits', 'flops_per_step', 'estimate', 'compile_s')
+            'quantize', 'frozen_bytes', 'per_device_bytes', 'hbm_bytes', 'fits', 'flops_per_step', 'estimate',
+            'compile_s')
     return json.dumps({k: r[k] for k in keys if k in r})
 
 

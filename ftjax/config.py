@@ -106,6 +106,10 @@ TARGETS = _each('non-empty regexes', _regex_problem,
 MULTIPLIERS = _each("'regex=multiplier' items", _multiplier_problem)
 RULES = _each('[logical_axis, mesh_axes] pairs', _rule_problem)
 DTYPES = one_of('float32', 'bfloat16', 'float16')
+CHAT_FORMATS = ('gemma', 'chatml', 'llama3')  # the named formats of ftjax.data.templates
+CHAT_TEMPLATE = Check(' | '.join(CHAT_FORMATS) + ' | a Jinja template', lambda k, v: None if (
+    v in CHAT_FORMATS or '{{' in v or '{%' in v) else f"config.{k}={v!r} is neither a named chat format "
+    f"{list(CHAT_FORMATS)} nor a Jinja template (with {{{{ ... }}}} or {{% ... %}}); None = the model's own.")
 TYPE_NAMES = {bool: 'a bool', int: 'an integer', float: 'a number', str: 'a string', list: 'a list'}
 
 
@@ -136,6 +140,12 @@ SCHEMA = [
     K('model.dtype', 'float32', 'compute dtype: float32 on CPU, bfloat16 on TPU/GPU', DTYPES),
     K('model.param_dtype', 'float32', 'storage dtype of trainable params (the master copy)', DTYPES),
     K('model.frozen_dtype', 'float32', "storage dtype of frozen params ('bfloat16' halves them)", DTYPES),
+    K('model.quantize', 'none', 'frozen kernels and embeddings stored quantized (QLoRA), dequantized in the compute '
+      'dtype at each matmul: int8 (per output channel), nf4 (4-bit NormalFloat, blocks of 64), gguf (the .gguf '
+      "file's own blocks); what trains stays in param_dtype (ftjax/models/quantize.py)",
+      one_of('none', 'int8', 'nf4', 'gguf')),
+    K('model.quantize_double', False, 'nf4: quantize the block scales too (double quantization, 4.5 -> ~4.13 '
+      'bits per weight)'),
     K('model.remat', 'full', "rematerialisation of each block ('full' was faster and smaller on CPU, "
       "docs/performance.md)", one_of('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
                                      'everything_saveable')),
@@ -145,7 +155,10 @@ SCHEMA = [
       one_of('auto', 'cpu', 'xla', 'splash', 'cudnn')),
     K('model.num_labels', None, 'classification head size for encoders (None: no head)', POSITIVE_INT, kind=int),
     K('model.pooling', 'cls', 'how an encoder pools tokens for the classification head', one_of('cls', 'mean')),
-    K('model.adapter', None, 'start from a PEFT LoRA adapter directory', kind=str),
+    K('model.adapter', None, "start from a LoRA adapter: a PEFT adapter directory or a ftjax run's workdir "
+      "(its latest checkpoint)", kind=str),
+    K('model.adapter_merge', False, 'fold model.adapter into the frozen base at load: a new adapter trains on top '
+      '(DPO from an SFT adapter: the adapters-off reference is then the SFT model)'),
     # --- peft ---
     K('peft.method', 'lora', 'what trains: everything, a selection, or LoRA / DoRA adapters',
       one_of('full', 'partial', 'lora', 'dora')),
@@ -200,11 +213,17 @@ SCHEMA = [
     # --- eval: generation on held-out prompts (decoders) ---
     K('eval.generate', 0, 'answer this many eval prompts greedily before and after training; 0 = off',
       NON_NEGATIVE),
-    K('eval.scorer', 'exact', "how an answer is scored (last_number: GSM8K's final number)",
-      one_of('exact', 'json', 'last_number')),
+    K('eval.scorer', 'exact', "how an answer is scored (ftjax/scores.py; last_number: GSM8K's final number, "
+      'squad_*: SQuAD-normalised, bleu/chrf: sacreBLEU corpus score / 100)',
+      one_of('exact', 'json', 'last_number', 'squad_em', 'squad_f1', 'rouge1', 'rouge2', 'rougeL', 'bleu', 'chrf')),
     K('eval.max_new_tokens', 64, 'most new tokens per answer', POSITIVE_INT),
     K('eval.batch_size', 8, 'prompts per generation batch', POSITIVE_INT),
     K('eval.log_samples', 3, 'generations printed and written to TensorBoard', NON_NEGATIVE),
+    K('eval.harness_tasks', [], 'lm-evaluation-harness tasks (names or YAML files) run on the fine-tuned model at '
+      "the end of the run, results in the workdir's harness.json (ftjax/harness.py; the eval extra)", kind=list),
+    K('eval.harness_include_path', None, 'a directory of task YAMLs for eval.harness_tasks, e.g. '
+      'experiments/eval_tasks', kind=str),
+    K('eval.harness_limit', 0, 'examples per harness task; 0 = all', NON_NEGATIVE),
     # --- mesh ---
     K('mesh.data', -1, 'data-parallel axis size; -1: all devices not used by the other axes', AXIS_SIZE),
     K('mesh.fsdp', 1, 'fully-sharded data-parallel axis size (params sharded, batch split)', AXIS_SIZE),
@@ -220,7 +239,8 @@ SCHEMA = [
     K('align.simpo_gamma', 0.5, 'simpo: target reward margin gamma', NON_NEGATIVE),
     K('align.orpo_lambda', 0.1, 'orpo: weight of the odds-ratio term beside the SFT loss', POSITIVE),
     K('align.reference', 'auto', 'dpo / ipo reference: adapters_off (LoRA / DoRA: the base in the same step), '
-      'precomputed (base log-probs of every pair before training), auto (by peft.method)',
+      'precomputed (base log-probs of every pair before training, cached), auto (by peft.method and '
+      'model.adapter_merge)',
       one_of('auto', 'adapters_off', 'precomputed')),
     # --- data: where it comes from ---
     K('data.path', None, "hub name, a file, a glob ('data/*.jsonl') or a directory", kind=str, required=True),
@@ -254,6 +274,8 @@ SCHEMA = [
     K('data.prompt_separator', '', "prompt_completion: text appended to the prompt (e.g. '\\n'); no loss on it"),
     K('data.use_chat_template', False, 'alpaca / prompt_completion / preference (text prompt): render as a user + '
       'assistant turn'),
+    K('data.chat_template', None, "chat / use_chat_template: None = the model's own, else its family's published "
+      "format (Gemma, Qwen); a named format or a Jinja template overrides it", CHAT_TEMPLATE, kind=str),
     K('data.add_eos', True, 'alpaca / prompt_completion / text / preference: append EOS after the answer (it is '
       'learned)'),
     K('data.label_names', None, 'classification: string labels, index = class id', kind=list),

@@ -29,7 +29,7 @@ from etils import epath
 
 from ftjax import build, cli
 from ftjax.errors import ConfigError, MissingFileError, ModelError, OutputExistsError
-from ftjax.models import adapters, convert, gguf_io
+from ftjax.models import adapters, convert, gguf_io, quantize
 from ftjax.models.convert import hf_rows, layer_names, linear_modules
 from ftjax.models.loading import Pretrained
 from ftjax.peft.adapter_io import LORA_TENSORS, PEFT_PREFIX, peft_task
@@ -85,7 +85,13 @@ def export_hf(pre: Pretrained, out_dir, dtype='float32', max_shard_bytes=DEFAULT
     cfg = pre.config
     rows, head = hf_rows(cfg)
     np_dtype = _np_dtype(dtype)
-    params = jax.device_get(adapters.merge(pre.params, cfg.lora) if cfg.lora is not None else pre.params)
+    params = pre.params
+    kinds = quantize.kinds_in(params)
+    if kinds:  # a run on a quantized base (model.quantize): its adapters were trained on exactly these weights
+        logging.info('The base was quantized (%s): the export merges the adapters into the dequantized base '
+                     'weights, written as %s.', '/'.join(kinds), np_dtype.name)
+        params = quantize.dequantize_tree(params)
+    params = jax.device_get(adapters.merge(params, cfg.lora) if cfg.lora is not None else params)
     tensors = {k: v.astype(np_dtype) for k, v in convert.params_to_hf(params, rows + head, cfg.num_layers).items()}
     _prepare_out_dir(out_dir)
     note = dequantization_note(pre.path, sum(a.nbytes for a in tensors.values()), np_dtype)
@@ -158,6 +164,8 @@ def hf_config_dict(pre, dtype_name):
     out['architectures'] = [convert.architecture(cfg, pre.hf_config)]
     out['dtype'] = out['torch_dtype'] = dtype_name  # transformers 5 reads `dtype`; vLLM and older ones `torch_dtype`
     if cfg.family == 'llama':
+        out.update(cfg.to_hf(out))  # what the source lacks (a config read from GGUF metadata)
+        out['model_type'] = cfg.model_type
         out['tie_word_embeddings'] = bool(cfg.tie_embeddings)
     elif cfg.num_labels:
         id2label = {str(k): v for k, v in (out.get('id2label') or {}).items()}
@@ -249,6 +257,10 @@ def check_peft_run(pre, workdir, run_config=None):
         raise ConfigError(f"--format=peft exports LoRA adapters, but {workdir} is a peft.method={method!r} run: its "
                           f"base weights changed, which an adapter cannot carry. Export it with --format=hf "
                           f"(merged weights).")
+    if run_config is not None and run_config.model.get('adapter_merge'):
+        raise ConfigError(f"--format=peft: {workdir} trained its adapter on the base with model.adapter="
+                          f"{run_config.model.adapter!r} merged into it (model.adapter_merge), so it is no adapter of "
+                          f"the base alone. Export it with --format=hf (merged weights).")
     if run_config is not None:
         p = run_config.peft
         extra = [k for k, v in (('peft.trainable', list(p.get('trainable', []))), ('peft.norms', p.get('norms')),

@@ -20,6 +20,7 @@ from absl import app, flags
 
 from ftjax import cli
 from ftjax.build import restore_for_export
+from ftjax.data import templates
 from ftjax.decoding import generate_text
 from ftjax.errors import ConfigError
 from ftjax.pretrained import load_pretrained
@@ -34,6 +35,8 @@ def define_flags(flag_values=None):
               ('multi_string', 'prompt', None, 'Prompt text; repeat the flag for a batch.'),
               ('bool', 'chat', False, "Wrap each prompt in the tokenizer's chat template as a user turn."),
               ('string', 'system', None, 'Optional system message (with --chat).'),
+              ('string', 'chat_template', None, "With --chat and --model: 'gemma' | 'chatml' | 'llama3' or a Jinja "
+               "template (default: the model's own, else its family's published format)."),
               ('integer', 'max_new_tokens', 64, 'Most new tokens per prompt.'),
               ('float', 'temperature', 0.0, '0 = greedy; > 0 samples.'),
               ('integer', 'top_k', 0, 'Sample among the k most likely tokens (0 = all).'),
@@ -58,10 +61,10 @@ def check_flags(fv):
         raise ConfigError('pass --model=PATH (a HF directory, .gguf file or hub name) or --workdir=RUN '
                           '(a training run).')
     if fv.workdir:
-        given = [f'--{name}' for name in ('adapter', 'dtype') if fv[name].present]
+        given = [f'--{name}' for name in ('adapter', 'dtype', 'chat_template') if fv[name].present]
         if given:
             raise ConfigError(f"{' and '.join(given)} go with --model; with --workdir={fv.workdir} the run's "
-                              f"config decides them (model.adapter, model.param_dtype).")
+                              f"config decides them (model.adapter, model.param_dtype, data.chat_template).")
     elif fv.step is not None:
         raise ConfigError(f'--step={fv.step} picks a checkpoint of a --workdir; --model={fv.model} has none.')
     for name, ok, need in (('max_new_tokens', fv.max_new_tokens > 0, 'a positive integer'),
@@ -76,7 +79,9 @@ def load_model(fv):
     """The model to generate with: `--model` (+ `--adapter`), or a training run's fine-tuned model."""
     if fv.workdir:
         return restore_for_export(fv.workdir, fv.step)
-    return load_pretrained(fv.model, dtype=jnp.dtype(fv.dtype), adapter=fv.adapter)
+    pre = load_pretrained(fv.model, dtype=jnp.dtype(fv.dtype), adapter=fv.adapter)
+    templates.apply(pre.tokenizer, getattr(pre.config, 'model_type', None), fv.chat_template, source=fv.model)
+    return pre
 
 
 def run_cli(fv, out=None):

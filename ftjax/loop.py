@@ -5,7 +5,9 @@ mesh -> model + PEFT method (`ftjax.build`) -> data -> sharded state -> restore 
 (`checkpoint.resume`) -> config.json (the workdir is now this run's) -> jitted train steps with periodic
 eval (`ftjax.evaluate`), metrics, checkpoints and preemption handling.
 """
+import dataclasses
 import logging
+import os
 import sys
 import time
 
@@ -13,14 +15,15 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from ftjax import checkpoint, data as data_lib, evaluate, logs, optim, preference, sharding
+from ftjax import checkpoint, data as data_lib, evaluate, harness, logs, optim, preference, sharding
 from ftjax import state as state_lib
 from ftjax.build import build_data, build_model_and_mask, jit_train_step, sharded_state
 from ftjax.config import validate
 from ftjax.errors import EXIT_PREEMPTED
+from ftjax.models import quantize
 from ftjax.models.heads import task_of
 from ftjax.train_step import is_preference, make_eval_step
-from ftjax.workdir import check_workdir, commit_config, finished_summary, write_summary
+from ftjax.workdir import HARNESS_FILE, check_workdir, commit_config, finished_summary, write_summary
 
 
 def _meta(config, it, base_ref, trainable_sig, step):
@@ -60,10 +63,10 @@ def train_and_evaluate(config, workdir, stop_at=None):
     state, state_sh = sharded_state(pre, mask, tx, config, mesh, rules)
     batch_sh = sharding.batch_sharding(mesh)
     n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.trainable))
-    n_total = n_trainable + sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.frozen))
+    n_total = n_trainable + quantize.num_weights(state.frozen)  # a quantized matrix counts its weights
 
     mngr = checkpoint.make_manager(workdir, config.train)
-    base_ref = checkpoint.base_reference(config.model.path)
+    base_ref = checkpoint.base_reference(config.model.path, quantize.describe(config.model))
     trainable_sig = checkpoint.leaf_signature(state.trainable)
     state, meta, start, note = checkpoint.resume(mngr, workdir, config.train, state, base_ref, trainable_sig, primary)
     if meta is not None:
@@ -89,9 +92,8 @@ def train_and_evaluate(config, workdir, stop_at=None):
     if gen_eval and start == 0:
         with jax.set_mesh(mesh):
             before = evaluate.generation_eval(pre, state, config, desc='base model answers')
-        log.write(0, {'gen/exact_match': before['exact_match']})
-        print(f"ftjax: base model exact match {before['exact_match']:.1%} on {before['n']} held-out prompts",
-              flush=True)
+        log.write(0, evaluate.gen_metrics(before))
+        print(f"ftjax: base model {' '.join(evaluate.headline(before))} on {before['n']} held-out prompts", flush=True)
     pref_before = None
     if is_preference(config) and eval_data is not None and start == 0:  # held-out pairs before training
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -162,12 +164,15 @@ def train_and_evaluate(config, workdir, stop_at=None):
     if gen_eval and finished:
         with jax.set_mesh(mesh):
             after = evaluate.generation_eval(pre, state, config, desc='fine-tuned model answers')
-        log.write(result['step'], {'gen/exact_match': after['exact_match']})
+        log.write(result['step'], evaluate.gen_metrics(after))
         for s in after['samples'][:config.eval.log_samples]:
             log.text(result['step'], 'samples', f"{s['prompt']}\n\n-> {s['answer']}")
-        result['gen/exact_match'] = after['exact_match']
+        result.update(evaluate.gen_metrics(after))
         if before is not None:
-            result['gen/exact_match_base'] = before['exact_match']
+            result.update({f'{k}_base': v for k, v in evaluate.gen_metrics(before).items()})
+    if config.eval.harness_tasks and finished and task == 'lm':
+        result.update(run_harness(pre, state, config, workdir, mesh, result['step']))
+        log.write(result['step'], {k: v for k, v in result.items() if k.startswith('harness/')})
     log.close()
     wall = time.time() - t_start
     result['wall_s'] = wall
@@ -184,13 +189,29 @@ def train_and_evaluate(config, workdir, stop_at=None):
     return result
 
 
+def run_harness(pre, state, config, workdir, mesh, step):
+    """The fine-tuned model on config.eval.harness_tasks (lm-evaluation-harness): workdir/harness.json, and its
+    summary as {'harness/task/metric': value}. One process only (as the generation eval)."""
+    if jax.process_count() > 1:
+        logging.warning('eval.harness_tasks runs in single-process runs only; evaluate this run afterwards with '
+                        'python -m ftjax.evaluate --workdir=%s --tasks=...', workdir)
+        return {}
+    current = dataclasses.replace(pre, params=state.params())  # on the mesh already: placed, not copied
+    _, summary = harness.evaluate_model(
+        current, config.eval.harness_tasks, out=os.path.join(workdir, HARNESS_FILE),
+        include_path=config.eval.harness_include_path, limit=config.eval.harness_limit or None,
+        batch_size=config.eval.batch_size, mesh=mesh, meta={'model': config.model.path, 'step': step})
+    return {f'harness/{k}': v for k, v in summary.items()}
+
+
 def print_before_after(before, after, result, samples=3):
-    rows = [('base model', before['exact_match'], 0, '', ''),
-            ('fine-tuned', after['exact_match'], result['step'], f"{result.get('tokens_per_s', 0):,.0f}",
+    name, _ = evaluate.headline(after)
+    rows = [('base model', evaluate.headline(before)[1], 0, '', ''),
+            ('fine-tuned', evaluate.headline(after)[1], result['step'], f"{result.get('tokens_per_s', 0):,.0f}",
              f"{result['wall_s']:.0f}")]
-    print(f"\n| model | exact match (n={after['n']}) | steps | train tokens/s | wall s |\n|---|---|---|---|---|")
-    for name, em, steps, tps, wall in rows:
-        print(f'| {name} | {em:.1%} | {steps} | {tps} | {wall} |')
+    print(f"\n| model | {name} (n={after['n']}) | steps | train tokens/s | wall s |\n|---|---|---|---|---|")
+    for label, value, steps, tps, wall in rows:
+        print(f'| {label} | {value} | {steps} | {tps} | {wall} |')
     for s in after['samples'][:samples]:  # whole: the prompt's last user message, the answer, the reference
         print(f"\nprompt: {_indented(s['prompt'])}\nanswer: {_indented(s['answer'])}\n"
               f"reference: {_indented(s['reference'])}")

@@ -40,7 +40,7 @@ def chunk_positions(batch: int, seq: int, chunk_tokens: int, batch_shards: int =
 
 
 def lm_loss(hidden, head_kernel, targets, loss_mask, chunk_tokens: int = 512, *, batch_shards: int = 1,
-            barrier: bool = True):
+            barrier: bool = True, softcap=None):
     """Token cross-entropy from final hidden states.
 
     hidden: [batch, seq, embed] (`model.apply(..., return_hidden=True)`); head_kernel: [embed, vocab]
@@ -48,6 +48,7 @@ def lm_loss(hidden, head_kernel, targets, loss_mask, chunk_tokens: int = 512, *,
     tokens that count). chunk_tokens: about this many tokens per device per chunk, the batch being split
     `batch_shards` ways. barrier: the head gradient's transpose behind an optimization barrier (the CPU
     layout, `ftjax.models.kernels` 'cpu'); the accelerators leave the layout to the compiler.
+    softcap: the model's final-logit soft-cap c (Gemma 2: logits -> tanh(logits / c) * c), or None.
     Returns (loss_sum, correct, count): float32 scalars, summed over the masked tokens.
     """
     b, t, e = hidden.shape
@@ -64,22 +65,27 @@ def lm_loss(hidden, head_kernel, targets, loss_mask, chunk_tokens: int = 512, *,
     hs = hidden.reshape(b, n, c, e).swapaxes(0, 1)  # [chunks, batch, chunk, embed]
     ys = targets.reshape(b, n, c).swapaxes(0, 1)  # [chunks, batch, chunk]
     ws = weights_p.reshape(b, n, c).swapaxes(0, 1)
-    loss, correct = _chunked_ce(hs, head, ys, ws, barrier)
+    loss, correct = _chunked_ce(hs, head, ys, ws, barrier, softcap)
     return loss, correct, jnp.sum(weights)
 
 
-def _chunk_scan(hs, head, ys, ws, grad_h=False, grad_head=False, barrier=True):
+def _chunk_scan(hs, head, ys, ws, grad_h=False, grad_head=False, barrier=True, softcap=None):
     """Sums over the chunks; with grad_h / grad_head also d(loss_sum) w.r.t. hs / head."""
     def body(carry, xs):
         loss, correct, dhead = carry
         h, y, w = xs  # [batch, chunk, embed], [batch, chunk], [batch, chunk]
         logits = _project(h, head)  # [batch, chunk, vocab] float32
+        if softcap is not None:
+            logits = jnp.tanh(logits / softcap) * softcap
         l, c, lse = _token_sums(logits, y, w)
         dh = None
         if grad_h or grad_head:  # d(sum w * (lse - logit_y)) / d logits = w * (softmax - onehot)
             vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
             p = jnp.exp(logits - lse[..., None])
-            dlogits = (jnp.where(vocab == y[..., None], p - 1.0, p) * w[..., None]).astype(h.dtype)
+            dlogits = jnp.where(vocab == y[..., None], p - 1.0, p) * w[..., None]
+            if softcap is not None:  # through the cap: d(tanh(z / c) * c) / dz = 1 - tanh(z / c)^2
+                dlogits = dlogits * (1.0 - jnp.square(logits / softcap))
+            dlogits = dlogits.astype(h.dtype)
             if grad_h:
                 dh = jnp.einsum('bcv,ev->bce', dlogits, head)  # [batch, chunk, embed]
             if grad_head:  # contract over tokens with the narrow [embed, tokens] side transposed
@@ -94,20 +100,21 @@ def _chunk_scan(hs, head, ys, ws, grad_h=False, grad_head=False, barrier=True):
     return loss, correct, dhs, dhead
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked_ce(hs, head, ys, ws, barrier):
-    loss, correct, _, _ = _chunk_scan(hs, head, ys, ws)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked_ce(hs, head, ys, ws, barrier, softcap=None):
+    loss, correct, _, _ = _chunk_scan(hs, head, ys, ws, softcap=softcap)
     return loss, correct
 
 
-def _chunked_ce_fwd(hs, head, ys, ws, barrier):
+def _chunked_ce_fwd(hs, head, ys, ws, barrier, softcap):
     grad_h, grad_head = hs.perturbed, head.perturbed
-    loss, correct, dhs, dhead = _chunk_scan(hs.value, head.value, ys.value, ws.value, grad_h, grad_head, barrier)
+    loss, correct, dhs, dhead = _chunk_scan(hs.value, head.value, ys.value, ws.value, grad_h, grad_head, barrier,
+                                            softcap)
     dhead = None if dhead is None else dhead.astype(head.value.dtype)
     return (loss, correct), (dhs, dhead)  # None for what needs no gradient
 
 
-def _chunked_ce_bwd(barrier, res, cts):
+def _chunked_ce_bwd(barrier, softcap, res, cts):
     dhs, dhead = res
     g = cts[0]  # the cotangent of loss_sum; `correct` has no gradient
     scale = lambda d: None if d is None else (d * g).astype(d.dtype)

@@ -19,19 +19,32 @@ The reference of dpo / ipo (`align.reference`):
   adapters_off  LoRA / DoRA: the same step runs the model once more without its adapters (the model
                 rebuilt with `cfg.lora = None`) on the frozen base params: no second copy, and exactly the
                 untouched base. Refused when a non-adapter leaf trains (that base is no longer untouched).
-  precomputed   full / partial: the base model's answer log-probs of every row, computed once before
-                training (`attach_reference`) and carried by each batch as 'ref_logps' [batch, 2].
-  auto          adapters_off for lora / dora, precomputed for full / partial and for training on from a loaded
+  precomputed   full / partial: the starting model's answer log-probs of every row, computed once before
+                training (`attach_reference`) and carried by each batch as 'ref_logps' [batch, 2]; kept in a
+                cache beside the data's (`cache_dir`), keyed by the starting model's identity (base weights'
+                hash, adapter files, model keys) and the tokenised rows, so a restart (or a sweep) reads them.
+  auto          adapters_off for lora / dora, precomputed for full / partial and for training on a loaded
                 adapter (`model.adapter`, e.g. an SFT adapter: the reference is then that starting model).
+
+From an SFT adapter (`model.adapter`, a PEFT directory or a ftjax run's workdir) there are two ways, as in TRL's
+notes on DPO with PEFT: `model.adapter_merge=true` folds the SFT adapter into the frozen base and trains a fresh
+adapter on top, so adapters_off is exactly the SFT model, in the same step (auto picks it); without the merge the
+loaded adapter trains on and auto precomputes the SFT model's log-probs (an explicit adapters_off would compare
+with the bare base, as TRL's `disable_adapter` does).
 """
 import dataclasses
+import hashlib
+import logging
 import math
+import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from ftjax.data.locations import cache_root
 from ftjax.data.packing import take_rows
 from ftjax.errors import ConfigError
 from ftjax.models.adapters import is_adapter
@@ -39,6 +52,7 @@ from ftjax.models.heads import lm_head_kernel
 
 LOSSES = ('dpo', 'ipo', 'simpo', 'orpo')
 NEEDS_REFERENCE = ('dpo', 'ipo')
+_WARNED = set()  # model.adapter values warned about (settings() runs for the train step, eval step and data)
 METRICS = ('rewards/chosen', 'rewards/rejected', 'rewards/accuracy', 'rewards/margin', 'logps/chosen',
            'logps/rejected', 'logps/accuracy')  # per-pair means; logps/accuracy: policy log p(chosen) > log p(rejected)
 
@@ -58,11 +72,18 @@ def settings(config):
     a = config.align
     if a.loss not in NEEDS_REFERENCE:
         reference = 'none'
-    elif a.reference == 'auto':  # a loaded (SFT) adapter is part of the starting policy: precompute its log-probs
-        adapters = config.peft.method in ('lora', 'dora') and not config.model.get('adapter')
+    elif a.reference == 'auto':  # a loaded (SFT) adapter is part of the starting policy: merged, or precomputed
+        m = config.model
+        adapters = config.peft.method in ('lora', 'dora') and (not m.get('adapter') or m.get('adapter_merge'))
         reference = 'adapters_off' if adapters else 'precomputed'
     else:
         reference = a.reference
+    if reference == 'adapters_off' and config.model.get('adapter') and not config.model.get('adapter_merge') and \
+            config.model.adapter not in _WARNED:
+        _WARNED.add(config.model.adapter)
+        logging.warning("align.reference='adapters_off' with model.adapter=%s: the reference is the base without "
+                        'that adapter, not the model training starts from; set --config.model.adapter_merge=true for '
+                        'the adapter\'s model as the reference.', config.model.adapter)
     if reference == 'adapters_off' and config.peft.method not in ('lora', 'dora'):
         raise ConfigError(f"config.align.reference='adapters_off' needs peft.method lora or dora (got "
                           f"{config.peft.method!r}): use --config.align.reference=precomputed.")
@@ -72,7 +93,7 @@ def settings(config):
 
 # --- log-probs of the answers ---------------------------------------------------------------------------------
 
-def token_logps(hidden, head, targets, chunk_tokens=512):
+def token_logps(hidden, head, targets, chunk_tokens=512, softcap=None):
     """log p(target) per position [batch, seq] float32 from hidden [batch, seq, embed] and head [embed, vocab].
 
     The sequence is cut into chunks of about `chunk_tokens` tokens of the batch; each chunk's logits are
@@ -90,6 +111,8 @@ def token_logps(hidden, head, targets, chunk_tokens=512):
     @jax.checkpoint
     def one(h, y):
         logits = jnp.einsum('bce,ev->bcv', h, head, preferred_element_type=jnp.float32)  # [batch, chunk, vocab]
+        if softcap is not None:  # the model's final-logit soft-cap (Gemma 2)
+            logits = jnp.tanh(logits / softcap) * softcap
         lse = jax.nn.logsumexp(logits, axis=-1)
         return jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0] - lse  # [batch, chunk]
 
@@ -108,7 +131,8 @@ def answer_logps(model, params, batch, rng=None, chunk_tokens=512):
     kw = dict(deterministic=rng is None, rngs=None if rng is None else {'dropout': rng})
     hidden = model.apply({'params': params}, batch['input_ids'], batch.get('positions'), batch['segment_ids'],
                          return_hidden=True, **kw)  # [batch, seq, embed]
-    lp = token_logps(hidden, lm_head_kernel(params, model.cfg), batch['target_ids'], chunk_tokens)
+    lp = token_logps(hidden, lm_head_kernel(params, model.cfg), batch['target_ids'], chunk_tokens,
+                     getattr(model.cfg, 'final_softcap', None))
     seg = batch['segment_ids']
     return segment_sums(lp, batch['loss_mask'], seg), segment_sums(jnp.ones_like(lp), batch['loss_mask'], seg)
 
@@ -218,20 +242,62 @@ def reference_logps(model, s: Settings, frozen, batch, chunk_tokens=512):
 
 # --- the precomputed reference (full / partial fine-tuning) ------------------------------------------------------
 
-def attach_reference(model, params, data, batch_size=8, chunk_tokens=512):
+def cache_dir(config):
+    """Where precomputed reference log-probs are kept: beside the data cache (`data.cache_dir`), else under
+    $FTJAX_CACHE (~/.cache/ftjax)."""
+    return os.path.join(config.data.cache_dir or cache_root(), 'reference_logps')
+
+
+def data_digest(data):
+    """A hash of a TokenizedData's rows: tokens, answer masks and how they are cut into sequences and rows."""
+    h = hashlib.sha256(f'{data.task}:{data.max_length}'.encode())
+    for name in ('tokens', 'offsets', 'row_offsets', 'row_examples', 'answer'):
+        h.update(np.ascontiguousarray(getattr(data, name)).tobytes())
+    return h.hexdigest()
+
+
+def attach_reference(model, params, data, batch_size=8, chunk_tokens=512, cache=None, identity=None):
     """Computes the model's summed answer log-probs of every row of `data` (a preference TokenizedData) once
     and stores them as `data.ref_logps` [rows, 2] (float32), which batches then carry as 'ref_logps'.
-    Returns `data`."""
+
+    With `cache` (a directory) and `identity` (a hash of the model, `ftjax.build.start_identity`), they are
+    read from `cache/<identity + data_digest>.npy` when there, and written there once computed.
+    `data.stats['reference_batches']` counts the forward batches run (0: read from the cache). Returns `data`."""
     data.ref_logps = None
-    fn = jax.jit(lambda p, b: answer_logps(model, p, b, None, chunk_tokens)[0])
     n = len(data)
+    path = None
+    if cache and identity:
+        key = hashlib.sha256(f'{identity}:{data_digest(data)}'.encode()).hexdigest()[:32]
+        path = os.path.join(cache, f'{key}.npy')
+        if os.path.exists(path):
+            try:
+                got = np.load(path)
+            except (ValueError, OSError) as e:  # a damaged file: computed again and replaced
+                got = np.zeros((0,), np.float32)
+                logging.warning('%s: %s', path, e)
+            if got.shape == (n, 2) and got.dtype == np.float32 and np.all(np.isfinite(got)):
+                data.ref_logps, data.stats['reference_batches'] = got, 0
+                logging.info('reference log-probs of %d pairs: read from %s', n, path)
+                return data
+            logging.warning('reference log-probs in %s do not fit the data; computing them again', path)
+    t0 = time.perf_counter()
+    fn = jax.jit(lambda p, b: answer_logps(model, p, b, None, chunk_tokens)[0])
     out = np.zeros((n, 2), np.float32)
+    batches = 0
     for start in range(0, n, batch_size):
         rows = np.minimum(np.arange(start, start + batch_size), n - 1)  # a full last batch: one compiled shape
         got = np.asarray(jax.device_get(fn(params, take_rows(data, rows))))
         keep = min(batch_size, n - start)
         out[start:start + keep] = got[:keep]
-    data.ref_logps = out
+        batches += 1
+    data.ref_logps, data.stats['reference_batches'] = out, batches
+    if path:  # written whole, then renamed: a reader never sees half a file (every process writes the same)
+        os.makedirs(cache, exist_ok=True)
+        tmp = f'{path}.tmp{os.getpid()}.npy'
+        np.save(tmp, out)
+        os.replace(tmp, path)
+    logging.info('reference log-probs of %d pairs: computed in %.0f s (%d batches)%s', n, time.perf_counter() - t0,
+                 batches, f', saved to {path}' if path else '')
     return data
 
 
@@ -243,4 +309,7 @@ def before_after(before, after):
     for key, name in names:
         if key in before and key in after:
             lines.append(f'| {name} | {before[key]:.4g} | {after[key]:.4g} |')
+    if 'gen/exact_match_base' in after and 'gen/exact_match' in after:  # `eval.generate` prompts, greedy
+        lines.append(f"| generation exact match (held-out prompts) | {after['gen/exact_match_base']:.1%} | "
+                     f"{after['gen/exact_match']:.1%} |")
     return '\n'.join(lines)

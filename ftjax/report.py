@@ -3,7 +3,8 @@
   python -m ftjax.report --workdir=DIR      # DIR: one run's workdir, or a sweep's (run dirs inside)
 
 A run's workdir holds `config.json` (the resolved config), `metrics.jsonl` (one object per logged
-step) and, once it ended cleanly, `summary.json`. A sweep's workdir holds one such directory per grid
+step), once it ended cleanly `summary.json`, and after an lm-evaluation-harness run (`eval.harness_tasks`, or
+`python -m ftjax.evaluate --workdir`) `harness.json`, whose task metrics become 'final harness/TASK/METRIC' columns. A sweep's workdir holds one such directory per grid
 point and `sweep.json` (the grid), whose keys become the table's first columns; without it, the
 columns are the config keys whose values differ between the runs.
 """
@@ -15,7 +16,7 @@ import os
 
 from ftjax import cli
 from ftjax.errors import MissingFileError, WorkdirError
-from ftjax.workdir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
+from ftjax.workdir import CONFIG_FILE, HARNESS_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
 
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE)
 SWEEP_FILE = 'sweep.json'
@@ -108,6 +109,8 @@ def run_row(run_dir, varied=(), planned=None):
     evals = sorted({k for k in list(summary) + list(last) if k.startswith('eval/') or k.startswith('gen/')})
     for k in evals:
         row[f'final {k}'] = summary.get(k, last.get(k))
+    harness = (_read_json(os.path.join(run_dir, HARNESS_FILE)) or {}).get('summary', {})
+    row.update({f'final harness/{k}': v for k, v in harness.items()})  # the latest harness evaluation
     row.update(best_metrics(metrics))
     row['trainable params'] = summary.get('trainable_params')
     row['tokens/s'] = summary.get('tokens_per_s', last.get('tokens_per_s'))

@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ftjax.config import MESH_AXES
 from ftjax.errors import ConfigError
+from ftjax.models import quantize
 
 BATCH_AXES = ('data', 'fsdp')
 
@@ -61,8 +62,12 @@ def logical_specs(abstract_variables):
     return nn.get_partition_spec(abstract_variables)['params']
 
 
-def param_shardings(specs, mesh, rules):
-    """NamedSharding per param; a dimension whose size the mesh axis does not divide stays unsharded."""
+def param_shardings(specs, mesh, rules, params=None):
+    """NamedSharding per param; a dimension whose size the mesh axis does not divide stays unsharded. With
+    `params`, each quantized leaf gets one sharding per part, its blocks never split
+    (`ftjax.models.quantize.partition_specs`)."""
+    if params is not None:
+        specs = quantize.partition_specs(specs, params)
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
@@ -77,11 +82,14 @@ def _divisible(sharding, shape):
 
 
 def _path_key(path):
-    """Trailing dict keys of a pytree path, '/'-joined: 'layers/q_proj/kernel'."""
+    """Trailing dict keys (and attribute names) of a pytree path, '/'-joined: 'layers/q_proj/kernel', or
+    'layers/q_proj/kernel/parts/q' for a part of a quantized kernel (`ftjax.models.quantize.QArray`)."""
     keys = []
     for k in reversed(path):
         if isinstance(k, jax.tree_util.DictKey):
             keys.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            keys.append(k.name)
         else:
             break
     return '/'.join(reversed(keys))

@@ -3,7 +3,8 @@
 Freezing is structural: the optimizer is built for, initialised on and updated with the trainable
 subtree alone, and the train step differentiates with respect to it alone. A frozen leaf therefore
 has no optimizer state and no gradient buffer, and it may be stored in a lower precision
-(`model.frozen_dtype`, e.g. bfloat16) than the trainable float32 master copy.
+(`model.frozen_dtype`, e.g. bfloat16) than the trainable float32 master copy, or quantized
+(`model.quantize`, `ftjax.models.quantize.QArray` leaves, kept as they are).
 
 A stacked block leaf of which only the last layers train (`peft.last_n_blocks`, mask leaf
 `LastLayers(n)`) is split along its leading 'layers' axis: the same path then appears in both
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from ftjax.models.quantize import is_quantized
 from ftjax.peft.select import LastLayers
 
 
@@ -73,7 +75,8 @@ def create_state(params, mask, tx, frozen_dtype='float32', param_dtype=None) -> 
     trainable, frozen = partition(params, mask)
     cast = lambda dtype: (lambda x: jnp.asarray(x, jnp.dtype(dtype)) if jnp.issubdtype(x.dtype, jnp.floating)
                           else jnp.asarray(x))
-    frozen = jax.tree.map(cast(frozen_dtype), frozen)
+    keep_quantized = lambda x: jax.tree.map(jnp.asarray, x) if is_quantized(x) else cast(frozen_dtype)(x)
+    frozen = jax.tree.map(keep_quantized, frozen, is_leaf=is_quantized)  # quantized leaves keep their scales
     trainable = jax.tree.map(cast(param_dtype) if param_dtype else jnp.asarray, trainable)
     return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
                       opt_state=tx.init(trainable), nan_count=jnp.zeros((), jnp.int32))

@@ -49,7 +49,8 @@ def forward(model, params, batch, *, rng=None, loss_chunk=512):
         head = lm_head_kernel(params, model.cfg)  # [embed, vocab]
         barrier = getattr(model.cfg, 'kernels', 'cpu') == 'cpu'  # the CPU layout of the head gradient
         return (*losses.lm_loss(hidden, head, batch['target_ids'], batch['loss_mask'], loss_chunk,
-                                batch_shards=sharding.batch_shards(), barrier=barrier), None)
+                                batch_shards=sharding.batch_shards(), barrier=barrier,
+                                softcap=getattr(model.cfg, 'final_softcap', None)), None)
     logits = model.apply({'params': params}, batch['input_ids'], batch.get('attention_mask'),
                          batch.get('token_type_ids'), **kw)  # [batch, num_labels]
     return (*losses.classification_loss(logits, batch['label'], batch.get('valid')), logits)

@@ -30,6 +30,7 @@ from ftjax.errors import EnvironmentSetupError, MissingFileError, WorkdirError
 CONFIG_FILE = 'config.json'
 METRICS_FILE = 'metrics.jsonl'
 SUMMARY_FILE = 'summary.json'
+HARNESS_FILE = 'harness.json'  # lm-evaluation-harness results (ftjax.harness), when a run was evaluated
 CHECKPOINTS_DIR = 'checkpoints'
 ASIDE_DIR = 'checkpoints_aside'  # ftjax.checkpoint.ASIDE_DIR: steps moved aside, never deleted
 OVERRIDE = '--config.train.allow_config_change=true'

@@ -2,7 +2,8 @@ r"""Training-step benchmark: ftjax (and optionally transformers + PEFT) on the s
 
   python scripts/bench.py [--config=experiments/quickstart.py] [--config.KEY=VALUE ...] \
       [--mode=lora] [--batch=8] [--seq=256] [--steps=4] [--compare=torch] [--model=PATH | --random_init=NAME] \
-      [--rank=8] [--remat=full] [--dtype=float32] [--frozen_dtype=...] [--out=FILE] [--profile=DIR]
+      [--rank=8] [--remat=full] [--dtype=float32] [--frozen_dtype=...] [--quantize=none|int8|nf4|gguf] \
+      [--out=FILE] [--profile=DIR]
 
 The run is described by an experiment config, exactly as for `python -m ftjax.train` (ftjax/cli.py):
 --config (default experiments/quickstart.py: SmolLM2-135M, LoRA r=8 alpha=16 on all seven projections,
@@ -11,7 +12,8 @@ batch 8 x 256) with --config.KEY=VALUE overrides, list keys included
 applied on top: --model (model.path), --mode (peft.method; partial trains the last 2 blocks unless the
 config chose what trains), --batch / --batch_size (train.batch_size), --seq / --seq_len
 (data.max_length), --rank (peft.lora.rank, alpha = 2 x rank as in the torch run), --remat (model.remat),
---dtype (model.dtype, and model.frozen_dtype unless --frozen_dtype), --scan_unroll, --loss_chunk.
+--dtype (model.dtype, and model.frozen_dtype unless --frozen_dtype), --quantize (model.quantize: the frozen
+base stored int8 / nf4 / as the GGUF file's blocks; --quantize_double), --scan_unroll, --loss_chunk.
 
 The step is the trainer's own (ftjax/loop.py): `build.build_model_and_mask`, the Optax chain of
 `optim.make_optimizer`, `build.sharded_state` and `build.jit_train_step` on a 1-device mesh, fed random
@@ -26,6 +28,8 @@ FLOPs convention: a weight that trains costs 6 FLOPs per parameter per token (fo
 a frozen weight 4 (forward 2, gradient w.r.t. activations 2), attention scores and values
 12 * layers * seq * heads * head_dim per token (PaLM's count, causal mask not discounted); the
 embedding lookup is free. Peak memory on CPU is the peak RSS from the first training step on.
+`frozen_param_bytes` in the JSON line: the bytes the frozen parameters occupy in the train state (quantized or
+not), `trainable_param_bytes` those of the trainable ones.
 """
 import importlib.util
 import json
@@ -51,7 +55,7 @@ from ftjax import build, cli, data as data_lib, optim, sharding  # noqa: E402
 from ftjax import config as config_lib  # noqa: E402
 from ftjax import state as state_lib  # noqa: E402
 from ftjax.errors import ConfigError, EnvironmentSetupError  # noqa: E402
-from ftjax.models import LlamaConfig, abstract_variables, build_model, convert, packaged  # noqa: E402
+from ftjax.models import LlamaConfig, abstract_variables, build_model, convert, packaged, quantize  # noqa: E402
 from ftjax.models.heads import task_of  # noqa: E402
 from ftjax.peft import LastLayers  # noqa: E402
 
@@ -81,6 +85,9 @@ flags.DEFINE_string('remat', None, 'Shortcut for --config.model.remat.')
 flags.DEFINE_string('dtype', None, 'Shortcut for --config.model.dtype (compute; bfloat16 on GPU/TPU), also the '
                     'frozen weights\' storage unless --frozen_dtype.')
 flags.DEFINE_string('frozen_dtype', None, 'Shortcut for --config.model.frozen_dtype.')
+flags.DEFINE_enum('quantize', None, list(quantize.KINDS), 'Shortcut for --config.model.quantize (the frozen base: '
+                  'int8, nf4, or the GGUF file\'s own blocks).')
+flags.DEFINE_bool('quantize_double', None, 'Shortcut for --config.model.quantize_double (nf4).')
 flags.DEFINE_integer('scan_unroll', None, 'Shortcut for --config.model.scan_unroll.')
 flags.DEFINE_integer('loss_chunk', None, 'Shortcut for --config.train.loss_chunk.')
 flags.DEFINE_enum('compare', None, ['torch'], 'Also time transformers + PEFT (scripts/bench_torch.py).')
@@ -94,14 +101,15 @@ flags.DEFINE_string('profile', None, 'Write a profiler trace of one extra step (
 # --- the config ---------------------------------------------------------------------------------------
 
 def bench_config(config, model=None, mode=None, batch=None, seq=None, rank=None, remat=None, dtype=None,
-                 frozen_dtype=None, scan_unroll=None, loss_chunk=None):
+                 frozen_dtype=None, scan_unroll=None, loss_chunk=None, quantize=None, quantize_double=None):
     """The experiment config with the short flags applied (None: keep the config's value), on one device;
     validated. The caller's config is not changed."""
     c = config.copy_and_resolve_references()
     shortcuts = {'model.path': model, 'peft.method': mode, 'train.batch_size': batch, 'data.max_length': seq,
                  'peft.lora.rank': rank, 'peft.lora.alpha': None if rank is None else 2.0 * rank,
                  'model.remat': remat, 'model.dtype': dtype, 'model.frozen_dtype': frozen_dtype or dtype,
-                 'model.scan_unroll': scan_unroll, 'train.loss_chunk': loss_chunk}
+                 'model.scan_unroll': scan_unroll, 'train.loss_chunk': loss_chunk, 'model.quantize': quantize,
+                 'model.quantize_double': quantize_double}
     for name, value in shortcuts.items():
         if value is not None:
             *groups, leaf = name.split('.')
@@ -158,7 +166,7 @@ def matmul_params(params, mask, tied):
     biases, DoRA magnitudes, also when stacked per layer) are not matmuls and do not count.
     """
     t = f = 0
-    flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat_p = jax.tree_util.tree_flatten_with_path(params, is_leaf=quantize.is_quantized)[0]  # a QArray: one leaf
     flat_m = jax.tree.leaves(mask, is_leaf=lambda m: isinstance(m, LastLayers))
     assert len(flat_p) == len(flat_m), 'mask and params differ in structure'
     for (path, x), m in zip(flat_p, flat_m):
@@ -239,6 +247,8 @@ def bench_ftjax(config, steps, profile=None):
     tx, schedule = optim.make_optimizer(config, trainable, config.train.steps)
     state, state_sh = build.sharded_state(pre, mask, tx, config, mesh, rules)
     del pre, trainable  # host copies of the weights: only the device state stays
+    param_bytes = {'frozen_param_bytes': quantize.nbytes(state.frozen),
+                   'trainable_param_bytes': quantize.nbytes(state.trainable)}
     batch_sh = sharding.batch_sharding(mesh)
     p_step = build.jit_train_step(model, config, tx, schedule, state_sh, batch_sh)
     b, t = config.train.batch_size, config.data.max_length
@@ -271,7 +281,8 @@ def bench_ftjax(config, steps, profile=None):
     return dict(times=times, compile_s=compile_s, peak_mb=peak_mb, peak_kind='device' if stats else 'rss',
                 flops_per_token=flops_per_token(model_cfg, n_tr, n_fr, t), trainable_params=n_tr,
                 compiled_temp_mb=getattr(mem, 'temp_size_in_bytes', 0) / 2 ** 20 if mem else None,
-                loss=float(metrics['loss']), device=f'{dev.platform}:{dev.device_kind}', lora_modules=lora_modules)
+                loss=float(metrics['loss']), device=f'{dev.platform}:{dev.device_kind}', lora_modules=lora_modules,
+                **param_bytes)
 
 
 def check_torch_comparable(config):
@@ -311,7 +322,8 @@ def summarize(name, r, tokens, peak_flops):
         achieved = r['flops_per_token'] * tokens / med
         out.update(flops_per_token=r['flops_per_token'], achieved_tflops=achieved / 1e12,
                    mfu=achieved / peak_flops, compile_s=r['compile_s'], compiled_temp_mb=r['compiled_temp_mb'],
-                   trainable_params=r['trainable_params'], device=r['device'])
+                   trainable_params=r['trainable_params'], device=r['device'],
+                   frozen_param_bytes=r['frozen_param_bytes'], trainable_param_bytes=r['trainable_param_bytes'])
     return out
 
 
@@ -322,9 +334,11 @@ def report(config, path, experiment, rows, peak, cpu):
     if method in ('lora', 'dora'):
         method += f' (r={c.peft.lora.rank}, alpha={c.peft.lora.alpha:g})'
     machine = f'cpu {cpu} | matmul peak {peak / 1e9:.1f} GFLOP/s ({c.model.dtype}, measured in this run)'
+    quantized = quantize.describe(c.model)
     print(f'\nmodel {path} | experiment {experiment} | {method} | batch {c.train.batch_size} x seq '
-          f'{c.data.max_length} | dtype {c.model.dtype} | remat {c.model.remat} | mesh 1 device '
-          f"{rows[0]['device']}\n{machine}")
+          f'{c.data.max_length} | dtype {c.model.dtype} | remat {c.model.remat} | base '
+          f"{'quantized ' + quantized if quantized != 'none' else 'frozen ' + c.model.frozen_dtype} "
+          f"({rows[0]['frozen_param_bytes'] / 2**20:,.1f} MiB) | mesh 1 device {rows[0]['device']}\n{machine}")
     if len(rows) > 1:
         speedup = rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']
         memory = rows[0]['peak_mem_mb'] / rows[1]['peak_mem_mb']
@@ -337,7 +351,7 @@ def report(config, path, experiment, rows, peak, cpu):
               f"{r['tokens_per_s']:,.0f} | {r.get('achieved_tflops', float('nan')):.3f} | "
               f"{r.get('mfu', float('nan')):.1%} | {r['peak_mem_mb']:,.0f} | {r.get('compile_s', float('nan')):.1f} |")
     result = dict(rows[0], mode=c.peft.method, batch=c.train.batch_size, seq=c.data.max_length, dtype=c.model.dtype,
-                  remat=c.model.remat, matmul_peak_tflops=peak / 1e12, cpu_model=cpu, model=path,
+                  remat=c.model.remat, quantize=quantized, matmul_peak_tflops=peak / 1e12, cpu_model=cpu, model=path,
                   experiment=experiment)
     if len(rows) > 1:
         result.update(torch_tokens_per_s=rows[1]['tokens_per_s'], torch_peak_mem_mb=rows[1]['peak_mem_mb'],
@@ -355,7 +369,8 @@ def main(argv):
     model = random_checkpoint(FLAGS.random_init) if FLAGS.random_init else FLAGS.model
     config = bench_config(FLAGS.config, model=model, mode=FLAGS.mode, batch=FLAGS.batch, seq=FLAGS.seq,
                           rank=FLAGS.rank, remat=FLAGS.remat, dtype=FLAGS.dtype, frozen_dtype=FLAGS.frozen_dtype,
-                          scan_unroll=FLAGS.scan_unroll, loss_chunk=FLAGS.loss_chunk)
+                          scan_unroll=FLAGS.scan_unroll, loss_chunk=FLAGS.loss_chunk, quantize=FLAGS.quantize,
+                          quantize_double=FLAGS.quantize_double)
     if FLAGS.compare == 'torch':
         check_torch_comparable(config)
     path = packaged.resolve(config.model.path)  # 'packaged:smollm2' -> the installed file, for torch too

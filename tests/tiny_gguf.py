@@ -122,3 +122,83 @@ def _add_tokenizer(w, src_dir, vocab_size):
     w.add_pad_token_id(tok.pad_token_id)
     w.add_add_bos_token(False)
     w.add_chat_template(tok.chat_template)
+
+
+# --- other architectures, written as llama.cpp's convert_hf_to_gguf.py writes them ------------------------
+
+GGUF_ARCH = {'llama': 'LLAMA', 'qwen2': 'QWEN2', 'qwen3': 'QWEN3', 'gemma2': 'GEMMA2', 'gemma3_text': 'GEMMA3',
+             'phi3': 'PHI3'}
+
+
+def family_config(model_type, tok):
+    """A tiny transformers config of `model_type` whose fields llama.cpp can express (e.g. Gemma's
+    query_pre_attn_scalar = head_dim, the value llama.cpp assumes below 27B)."""
+    import transformers
+
+    base = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    extra = {
+        'qwen2': dict(rope_theta=1e6, tie_word_embeddings=False),
+        'qwen3': dict(head_dim=32, rope_theta=1e6, tie_word_embeddings=True),
+        'gemma2': dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=8, num_hidden_layers=4,
+                       attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+        'gemma3_text': dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=8, num_hidden_layers=7,
+                            rope_theta=1e6, rope_local_base_freq=10000.0),
+        'phi3': dict(tie_word_embeddings=False, sliding_window=64, rope_theta=10000.0),
+        'llama': dict(rope_theta=10000.0),
+    }[model_type]
+    return transformers.AutoConfig.for_model(model_type, **{**base, **extra})
+
+
+def write_family_gguf(src_dir, out_path, model_type):
+    """The HF checkpoint in `src_dir` (of `model_type`) as an all-F32 GGUF at `out_path`, with llama.cpp's
+    metadata keys, tensor names (gguf's own name map), q/k permutation (llama only) and Gemma norms stored as
+    1 + w. Returns out_path."""
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(src_dir)
+    arch = getattr(gguf.MODEL_ARCH, GGUF_ARCH[model_type])
+    head_dim = getattr(cfg, 'head_dim', None) or cfg.hidden_size // cfg.num_attention_heads
+    rope = cfg.rope_parameters
+    rope = rope.get('full_attention', rope)
+    w = gguf.GGUFWriter(out_path, gguf.MODEL_ARCH_NAMES[arch])
+    w.add_name(f'tiny-{model_type}')
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(rope['rope_theta'])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if model_type in ('llama', 'phi3'):
+        w.add_rope_dimension_count(head_dim)
+    if head_dim != cfg.hidden_size // cfg.num_attention_heads or model_type.startswith('gemma'):
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if getattr(cfg, 'sliding_window', None) and model_type in ('gemma2', 'gemma3_text', 'phi3'):
+        w.add_sliding_window(cfg.sliding_window)
+    if model_type == 'gemma2':
+        w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    _add_tokenizer(w, src_dir, cfg.vocab_size)
+
+    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    for name, t in load_file(os.path.join(src_dir, 'model.safetensors')).items():
+        if name == 'lm_head.weight' and cfg.tie_word_embeddings:
+            continue
+        t = t.astype(np.float32)
+        if model_type == 'llama' and name.endswith('q_proj.weight'):
+            t = permute(t, cfg.num_attention_heads)
+        elif model_type == 'llama' and name.endswith('k_proj.weight'):
+            t = permute(t, cfg.num_key_value_heads)
+        if model_type.startswith('gemma') and name.endswith('norm.weight'):
+            t = t + 1.0
+        w.add_tensor(names.get_name(name, try_suffixes=('.weight', '.bias')), t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out_path

@@ -8,11 +8,15 @@ its last special token (the end-of-turn token, e.g. <|im_end|> / <|eot_id|> / <e
 template whitespace after it is not learned. Both conditions are checked: a template whose
 prompt is not a prefix of the full conversation (it rewrites earlier turns) is refused.
 
+The template is the model's own, or the one `ftjax.data.templates.apply` gave its tokenizer when the run
+loaded it (data.chat_template, else the family's published format, e.g. Gemma's for a base Gemma GGUF).
+
 `check_template` renders two plain conversations once, before any row: when that fails, the fault is
 the environment's (jinja2 missing: EnvironmentSetupError) or the tokenizer's (no template, a template
 that does not compile or refuses everything: ModelError), never a row's. After it, only the errors a
 template raises about a conversation's content (ROW_ERRORS) make a bad row; anything else propagates.
 """
+from ftjax.config import CHAT_FORMATS
 from ftjax.data.bad_rows import BadRow, environment_error
 from ftjax.errors import ModelError
 
@@ -80,7 +84,9 @@ def check_template(info):
                          'offset mapping; this model has a slow one: use a model with tokenizer.json.')
     if not getattr(tok, 'chat_template', None):
         raise ModelError("the model's tokenizer has no chat template, which data.format=chat (or "
-                         'data.use_chat_template) needs: use a chat model, or data.format=prompt_completion.')
+                         "data.use_chat_template) needs: set data.chat_template (a named format: "
+                         f"{' | '.join(CHAT_FORMATS)}, or a Jinja template), use a chat model, or "
+                         'data.format=prompt_completion.')
     refusals = []
     for messages in PROBES:
         try:

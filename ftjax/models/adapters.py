@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from ftjax.config import LORA_TARGETS_ATTN_MLP
+from ftjax.models import quantize
 
 DEFAULT_TARGETS = tuple(LORA_TARGETS_ATTN_MLP)  # regexes over module paths: every attention and MLP projection
 LORA_A, LORA_B, MAGNITUDE = 'lora_a', 'lora_b', 'lora_magnitude'
@@ -72,6 +73,7 @@ def dora_norm(kernel, a, b, scale):
 def merged_kernel(mod, spec: LoraSpec):
     """W + s A B for LoRA; m * (W + s A B) / ||W + s A B|| for DoRA. Shapes [..., in, out]."""
     kernel = mod['kernel']
+    kernel = quantize.dequantize(kernel) if quantize.is_quantized(kernel) else kernel  # a quantized base: float32
     w = adapted_kernel(kernel, mod[LORA_A], mod[LORA_B], spec.scale)
     if MAGNITUDE in mod:
         w = w * (mod[MAGNITUDE] / column_norm(w))[..., None, :]  # [..., 1, out]

@@ -10,24 +10,34 @@ from ftjax.errors import ModelError
 from ftjax.tree import get_path
 
 LINEAR, PLAIN = 'linear', 'plain'
-DECODERS = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM', 'qwen2': 'Qwen2ForCausalLM'}
+DECODERS = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
+            'qwen3': 'Qwen3ForCausalLM', 'phi3': 'Phi3ForCausalLM', 'gemma2': 'Gemma2ForCausalLM',
+            'gemma3_text': 'Gemma3ForCausalLM'}  # model_type -> the exported transformers class
 ENCODERS = {'bert': 'Bert', 'roberta': 'Roberta'}
 
 
 def llama_table(cfg):
+    """Every decoder family (`ftjax.models.decoder_config`): Phi-3's fused projections keep their fused
+    names; Gemma's sandwich norms are post_attention_layernorm (after attention), pre_/post_feedforward_layernorm."""
     layer = 'model.layers.{i}.'
     rows = []
-    for p in ('q', 'k', 'v', 'o'):
+    attn = ('qkv', 'o') if cfg.fused_qkv else ('q', 'k', 'v', 'o')
+    for p in attn:
         rows.append((('layers', f'{p}_proj', 'kernel'), layer + f'self_attn.{p}_proj.weight', LINEAR))
         if (cfg.qkv_bias and p != 'o') or (cfg.o_bias and p == 'o'):
             rows.append((('layers', f'{p}_proj', 'bias'), layer + f'self_attn.{p}_proj.bias', PLAIN))
-    for p in ('gate', 'up', 'down'):
+    for p in ('gate_up', 'down') if cfg.fused_gate_up else ('gate', 'up', 'down'):
         rows.append((('layers', f'{p}_proj', 'kernel'), layer + f'mlp.{p}_proj.weight', LINEAR))
         if cfg.mlp_bias:
             rows.append((('layers', f'{p}_proj', 'bias'), layer + f'mlp.{p}_proj.bias', PLAIN))
-    rows += [(('layers', 'attn_norm', 'scale'), layer + 'input_layernorm.weight', PLAIN),
-             (('layers', 'mlp_norm', 'scale'), layer + 'post_attention_layernorm.weight', PLAIN),
-             (('embed', 'embedding'), 'model.embed_tokens.weight', PLAIN),
+    if cfg.qk_norm:
+        rows += [(('layers', f'{p}_norm', 'scale'), layer + f'self_attn.{p}_norm.weight', PLAIN) for p in 'qk']
+    norms = {'attn_norm': 'input_layernorm', 'mlp_norm': 'post_attention_layernorm'}
+    if cfg.post_norms:
+        norms = {'attn_norm': 'input_layernorm', 'attn_post_norm': 'post_attention_layernorm',
+                 'mlp_norm': 'pre_feedforward_layernorm', 'mlp_post_norm': 'post_feedforward_layernorm'}
+    rows += [(('layers', ours, 'scale'), layer + f'{theirs}.weight', PLAIN) for ours, theirs in norms.items()]
+    rows += [(('embed', 'embedding'), 'model.embed_tokens.weight', PLAIN),
              (('final_norm', 'scale'), 'model.norm.weight', PLAIN)]
     if not cfg.tie_embeddings:
         rows.append((('lm_head', 'kernel'), 'lm_head.weight', LINEAR))
@@ -108,9 +118,9 @@ def layer_names(template, num_layers):
 
 def architecture(cfg, hf_config):
     """The transformers class name of a model: 'LlamaForCausalLM', 'BertForSequenceClassification', ..."""
-    model_type = hf_config.get('model_type', getattr(cfg, 'model_type', None))
     if cfg.family == 'llama':
-        return DECODERS.get(model_type, 'LlamaForCausalLM')
+        return DECODERS.get(cfg.model_type, 'LlamaForCausalLM')
+    model_type = hf_config.get('model_type', getattr(cfg, 'model_type', None))
     return ENCODERS[model_type] + ('ForSequenceClassification' if cfg.num_labels else 'Model')
 
 

@@ -5,7 +5,7 @@
                                over the vocabulary, so the step takes hidden states and this kernel)
 """
 from ftjax.errors import ConfigError, ModelError
-from ftjax.models import llama
+from ftjax.models import llama, quantize
 
 TASKS = ('lm', 'classification')
 
@@ -20,7 +20,9 @@ def task_of(cfg) -> str:
 
 
 def lm_head_kernel(params, cfg):
-    """The output projection of a decoder as [embed, vocab] (the transposed embedding when tied)."""
+    """The output projection of a decoder as [embed, vocab] (the transposed embedding when tied); a quantized
+    one (`ftjax.models.quantize`) dequantized in the compute dtype, for the loss of this step only."""
     if cfg.family == 'llama':
-        return llama.lm_head_kernel(params, cfg)
+        head = llama.lm_head_kernel(params, cfg)
+        return quantize.dequantize(head, cfg.dtype) if quantize.is_quantized(head) else head
     raise ModelError(f"A {cfg.family} model has no language-model head; only decoders (Llama family) do.")

@@ -12,6 +12,11 @@
 Every choice computes the same function (tests/test_kernels.py compares each with the reference
 einsum attention and plain matmuls, forward and gradients). Decoding with a KV cache always uses
 `attend` with an explicit mask.
+
+Family options of the attention: `window` (sliding-window layers; `local` a traced per-layer flag picks
+windowed or not inside the layer scan), `scale` (the score scale, default head_dim ** -0.5) and `softcap`
+(Gemma 2: scores -> tanh(scores / c) * c before the mask). XLA's and cuDNN's fused attention cannot
+soft-cap: with `softcap` those choices run the einsum attention of 'cpu' (`attend`), said once in the log.
 """
 import functools
 import logging
@@ -94,7 +99,8 @@ def causal_mask(segment_ids, q_positions=None, kv_len=None, kv_valid=None, windo
 
     Training/prefill: q and kv are the same tokens; `window` w keeps only the last w keys of each
     query (itself included). Decoding with a cache: `q_positions` are the cache slots of the queries
-    and `kv_valid` [batch, kv_len] marks filled, non-padding slots.
+    and `kv_valid` [batch, kv_len] marks filled, non-padding slots (contiguous per row, so a slot
+    distance is a position distance and `window` applies to slots alike).
     """
     if q_positions is None:
         b, t = segment_ids.shape
@@ -106,14 +112,17 @@ def causal_mask(segment_ids, q_positions=None, kv_len=None, kv_valid=None, windo
         return mask & same
     slots = jnp.arange(kv_len)
     mask = slots[None, None, :] <= q_positions[:, :, None]  # [batch, q, kv]
+    if window is not None:
+        mask = mask & (q_positions[:, :, None] - slots[None, None, :] < window)
     return mask & kv_valid[:, None, :]
 
 
-def attend(q, k, v, mask, dtype):
+def attend(q, k, v, mask, dtype, scale=None, softcap=None):
     """Grouped-query attention without repeating K/V (the 'cpu' kernels).
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
     mask: [batch, q_len, kv_len] bool (True = may attend). Returns [batch, q_len, heads, head_dim].
+    scale: of the scores (None: 1 / sqrt(head_dim)); softcap c: scores -> tanh(scores / c) * c.
     The query heads of one KV head are folded into the query axis, so each KV head is one batched
     matmul: [batch, kv_heads, groups * q_len, head_dim] against [batch, kv_heads, kv_len, head_dim].
     """
@@ -124,7 +133,7 @@ def attend(q, k, v, mask, dtype):
     kt = k.transpose(0, 2, 1, 3)  # [batch, kv_heads, kv_len, head_dim]
     vt = v.transpose(0, 2, 1, 3)
     m = jnp.broadcast_to(mask[:, None, None], (b, 1, g, t, s)).reshape(b, 1, g * t, s)  # [b, 1, g*t, kv_len]
-    o = _attention(qg.astype(dtype), kt.astype(dtype), vt.astype(dtype), m)  # [b, kvh, g*t, d]
+    o = _attention(qg.astype(dtype), kt.astype(dtype), vt.astype(dtype), m, scale, softcap)  # [b, kvh, g*t, d]
     return o.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
@@ -137,42 +146,51 @@ def masked_attention(q, k, v, mask, dtype, kernels: str = 'cpu'):
                                         implementation='xla')
 
 
-def _probs(q, k, mask):
+def _scores(q, k, scale, softcap):
+    """Scaled (and soft-capped) scores [b, kvh, q, kv] in float32."""
+    s = jnp.einsum('bkqd,bksd->bkqs', q, k, preferred_element_type=jnp.float32)
+    s = s / math.sqrt(q.shape[-1]) if scale is None else s * scale
+    return s if softcap is None else jnp.tanh(s / softcap) * softcap
+
+
+def _probs(q, k, mask, scale=None, softcap=None):
     """Softmax probabilities [b, kvh, q, kv] (float32) and their log-normaliser [b, kvh, q]."""
-    scores = jnp.einsum('bkqd,bksd->bkqs', q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask, _scores(q, k, scale, softcap), jnp.finfo(jnp.float32).min)
     lse = jax.nn.logsumexp(scores, axis=-1)
     return jnp.exp(scores - lse[..., None]), lse
 
 
-@jax.custom_vjp
-def _attention(q, k, v, mask):
-    """softmax(q k^T / sqrt(d), masked) v over [b, kvh, q, d] x [b, kvh, kv, d].
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention(q, k, v, mask, scale=None, softcap=None):
+    """softmax(q k^T / sqrt(d), masked) v over [b, kvh, q, d] x [b, kvh, kv, d] (`scale`, `softcap`: `attend`).
 
     The backward pass recomputes the probabilities from q, k and the saved log-normaliser instead
     of keeping them (FlashAttention's trade, here without tiling): a [q, kv] matrix per head and
     layer is not stored across the whole forward pass. Its matmuls contract over the query axis by
     transposing the narrow [q, head_dim] operands, never the [q, kv] probabilities.
     """
-    p, _ = _probs(q, k, mask)
+    p, _ = _probs(q, k, mask, scale, softcap)
     return jnp.einsum('bkqs,bksd->bkqd', p.astype(v.dtype), v)
 
 
-def _attention_fwd(q, k, v, mask):
-    p, lse = _probs(q, k, mask)
+def _attention_fwd(q, k, v, mask, scale, softcap):
+    p, lse = _probs(q, k, mask, scale, softcap)
     o = jnp.einsum('bkqs,bksd->bkqd', p.astype(v.dtype), v)
     return o, (q, k, v, mask, o, lse)
 
 
-def _attention_bwd(res, do):
+def _attention_bwd(scale, softcap, res, do):
     q, k, v, mask, o, lse = res
-    scores = jnp.einsum('bkqd,bksd->bkqs', q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    scores = _scores(q, k, scale, softcap)
     p = jnp.where(mask, jnp.exp(scores - lse[..., None]), 0.0)  # [b, kvh, q, kv]
     t = lambda x: jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))  # a narrow [q, d] -> [d, q]
     dv = jnp.swapaxes(t(do) @ p.astype(do.dtype), -1, -2)  # [b, kvh, kv, d]
     dp = jnp.einsum('bkqd,bksd->bkqs', do, v, preferred_element_type=jnp.float32)
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)  # [b, kvh, q, 1]
-    ds = (p * (dp - delta) / math.sqrt(q.shape[-1])).astype(q.dtype)
+    ds = p * (dp - delta)  # d loss / d (capped) scores
+    if softcap is not None:  # d(tanh(s / c) * c) / ds = 1 - tanh(s / c)^2
+        ds = ds * (1.0 - jnp.square(scores / softcap))
+    ds = (ds / math.sqrt(q.shape[-1]) if scale is None else ds * scale).astype(q.dtype)
     dq = ds @ k  # [b, kvh, q, d]
     dk = jnp.swapaxes(t(q) @ ds, -1, -2)  # [b, kvh, kv, d]
     return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
@@ -185,35 +203,59 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 # Causal self-attention over packed rows (training, eval): the kernel choice
 # ---------------------------------------------------------------------------------------------
 
-def self_attention(q, k, v, segment_ids, kernels: str, window=None, *, interpret=False):
+def self_attention(q, k, v, segment_ids, kernels: str, window=None, *, local=None, scale=None, softcap=None,
+                   interpret=False):
     """Causal attention of packed rows, each token within its segment (and its last `window` keys).
 
     q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim] (GQA: heads a multiple of
     kv_heads); segment_ids: [batch, seq] int. Returns [batch, seq, heads, head_dim] in q's dtype.
+    local: None (`window` applies as given) or a traced bool scalar, the layer's flag inside the layer scan:
+      the window applies where it is true (a `lax.cond` between the windowed and the full call).
+    scale: of the scores (None: 1 / sqrt(head_dim)); softcap: see the module docstring.
     `interpret` runs the splash kernel in Pallas's interpreter (tests on the CPU).
     """
-    if kernels == 'cpu':
-        return attend(q, k, v, causal_mask(segment_ids, window=window), q.dtype)
+    kw = dict(scale=scale, softcap=softcap, interpret=interpret)
+    if window is not None and local is not None:
+        return jax.lax.cond(local, lambda: self_attention(q, k, v, segment_ids, kernels, window, **kw),
+                            lambda: self_attention(q, k, v, segment_ids, kernels, None, **kw))
+    if kernels == 'cpu' or (softcap is not None and kernels in ('xla', 'cudnn')):
+        if kernels != 'cpu':
+            _log_once(f'kernels: {kernels} attention cannot soft-cap attention logits (model attn_softcap); '
+                      f'using the einsum attention of kernels=cpu.')
+        return attend(q, k, v, causal_mask(segment_ids, window=window), q.dtype, scale, softcap)
     if kernels == 'splash':
         if q.shape[1] % 128 == 0:  # the kernel tiles q and kv in multiples of 128 lanes
-            return _sharded(_splash_rows, q, k, v, segment_ids, window=window, interpret=interpret)
+            return _sharded(_splash_rows, q, k, v, segment_ids, window=window, scale=scale, softcap=softcap,
+                            interpret=interpret)
         if q.shape[1] > 128:  # (shorter: model.init's dummy input, or a tiny test batch)
             logging.warning('kernels: splash attention needs a sequence length that is a multiple of 128 (got %d); '
                             'using the XLA attention.', q.shape[1])
-        return dot_product_attention(q, k, v, segment_ids, 'xla', window)
+        if softcap is not None:
+            return attend(q, k, v, causal_mask(segment_ids, window=window), q.dtype, scale, softcap)
+        return dot_product_attention(q, k, v, segment_ids, 'xla', window, scale)
     if kernels == 'cudnn':
         try:
-            return _sharded(dot_product_attention, q, k, v, segment_ids, implementation='cudnn', window=window)
+            return _sharded(dot_product_attention, q, k, v, segment_ids, implementation='cudnn', window=window,
+                            scale=scale)
         except (ValueError, NotImplementedError, RuntimeError) as e:  # cuDNN refuses this shape / dtype / GPU
             logging.warning('kernels: cuDNN attention unavailable (%s); using the XLA attention.', e)
-    return dot_product_attention(q, k, v, segment_ids, 'xla', window)
+    return dot_product_attention(q, k, v, segment_ids, 'xla', window, scale)
 
 
-def dot_product_attention(q, k, v, segment_ids, implementation='xla', window=None):
+_LOGGED = set()
+
+
+def _log_once(message):
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        logging.info('%s', message)
+
+
+def dot_product_attention(q, k, v, segment_ids, implementation='xla', window=None, scale=None):
     """`jax.nn.dot_product_attention` with the causal, same-segment (and window) mask; GQA native."""
     same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [batch, 1, q, kv]
     return jax.nn.dot_product_attention(
-        q, k, v, mask=same, is_causal=True, implementation=implementation,
+        q, k, v, mask=same, scale=scale, is_causal=True, implementation=implementation,
         local_window_size=None if window is None else (window - 1, 0))
 
 
@@ -225,15 +267,16 @@ def splash_mask(seq: int, heads: int, window=None):
     return sm.MultiHeadMask([one] * heads)
 
 
-def _splash_rows(q, k, v, segment_ids, window=None, interpret=False):
+def _splash_rows(q, k, v, segment_ids, window=None, scale=None, softcap=None, interpret=False):
     """Splash attention on one device's rows: q [b, t, h, d], k/v [b, t, kvh, d], segment_ids [b, t]."""
     b, t, h, d = q.shape
     blk = min(SPLASH_BLOCK, t)
     sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
                           block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
     kernel = sk.make_splash_mha(splash_mask(t, h, window), head_shards=1, q_seq_shards=1, block_sizes=sizes,
-                                interpret=interpret)
-    qs = (q * (1.0 / math.sqrt(d))).astype(q.dtype).transpose(0, 2, 1, 3)  # [b, h, t, d]; splash does not scale
+                                attn_logits_soft_cap=softcap, interpret=interpret)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qs = (q * scale).astype(q.dtype).transpose(0, 2, 1, 3)  # [b, h, t, d]; splash does not scale
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kvh, t, d]
     seg = segment_ids.astype(jnp.int32)
     # (Mosaic refuses bf16 matmuls at 'highest' precision: lower it without jax_default_matmul_precision set)

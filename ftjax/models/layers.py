@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from ftjax.models import kernels as kernels_lib
+from ftjax.models import quantize
 from ftjax.models.adapters import LORA_A, LORA_B, MAGNITUDE, LoraSpec, dora_norm, lora_a_init
 
 Dtype = Any
@@ -39,10 +40,14 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         in_axis, out_axis = self.axes
-        kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, self.axes),
-                            (x.shape[-1], self.features), self.param_dtype)  # [in, out]
+        kernel = quantize.frozen_param(self, 'kernel', nn.with_logical_partitioning(self.kernel_init, self.axes),
+                                       (x.shape[-1], self.features), self.param_dtype)  # [in, out], or a QArray
+        if quantize.is_quantized(kernel):  # a frozen quantized base: dequantized here, in the compute dtype
+            base = lambda v: quantize.qmatmul(v, kernel, self.dtype)
+        else:
+            base = lambda v: kernels_lib.matmul(v, kernel.astype(self.dtype), self.kernels)
         x = x.astype(self.dtype)
-        y = checkpoint_name(kernels_lib.matmul(x, kernel.astype(self.dtype), self.kernels), 'dense')  # [..., out]
+        y = checkpoint_name(base(x), 'dense')  # [..., out]
         spec = self.lora
         if spec is not None and spec.matches('/'.join(self.path)):
             a = self.param(LORA_A, nn.with_logical_partitioning(lora_a_init, (in_axis, None)),
@@ -57,8 +62,8 @@ class Dense(nn.Module):
             if spec.dora:
                 m = self.param(MAGNITUDE, nn.with_logical_partitioning(nn.initializers.ones, (out_axis,)),
                                (self.features,), jnp.float32)  # [out]
-                g = (m / dora_norm(kernel, a, b, spec.scale)).astype(self.dtype)  # [out]
-                base_d = y if xd is x else kernels_lib.matmul(xd, kernel.astype(self.dtype), self.kernels)
+                g = (m / dora_norm(quantize.dequantize(kernel), a, b, spec.scale)).astype(self.dtype)  # [out]
+                base_d = y if xd is x else base(xd)
                 y = y + (g - 1.0) * base_d + g * delta  # PEFT's DoRA forward
             else:
                 y = y + delta
@@ -70,17 +75,20 @@ class Dense(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) * (offset + scale) over the last axis, in float32. Gemma stores scale - 1 (offset 1)."""
     eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    offset: float = 0.0
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
-                           (x.shape[-1],), self.param_dtype)
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones  # the identity either way
+        scale = self.param('scale', nn.with_logical_partitioning(init, ('norm',)), (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+        w = scale.astype(jnp.float32) + self.offset if self.offset else scale.astype(jnp.float32)
+        return (y * w).astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -111,15 +119,18 @@ class Embed(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
-        self.embedding = self.param('embedding', nn.with_logical_partitioning(DEFAULT_INIT, self.axes),
-                                    (self.num_embeddings, self.features), self.param_dtype)  # [vocab, embed]
+        init = nn.with_logical_partitioning(DEFAULT_INIT, self.axes)
+        self.embedding = quantize.frozen_param(self, 'embedding', init, (self.num_embeddings, self.features),
+                                               self.param_dtype)  # [vocab, embed], or a QArray
 
     def __call__(self, ids):
+        if quantize.is_quantized(self.embedding):  # decodes the looked-up rows only
+            return quantize.take_rows(self.embedding, ids, self.dtype)
         return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)  # [batch, seq, embed]
 
     def attend(self, x):
         """Tied output projection: [batch, seq, embed] -> [batch, seq, vocab]."""
-        return x @ self.embedding.astype(self.dtype).T
+        return x @ quantize.dequantize(self.embedding, self.dtype).T
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict] = None):

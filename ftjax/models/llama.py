@@ -1,104 +1,77 @@
-"""Llama-family decoder (Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2) as a functional Flax linen module.
+"""The decoder of every supported family (Llama 2/3, SmolLM, Mistral, Qwen2/3, Phi-3, Gemma 2/3) as one
+functional Flax linen module; the families differ only in config fields (`decoder_config`, docs/models.md).
 
-RMSNorm, RoPE (rope_theta, Llama-3 scaling), grouped-query attention, SwiGLU MLP, tied or untied
-embeddings. The layers are one `nn.scan` over a stacked parameter tree (leading 'layers' axis);
-`scan_unroll` trades compile time for a loop-free program. Packed rows attend within their
-segment (`segment_ids`, 0 = padding) and use per-example `positions`.
+RMSNorm (Gemma: by 1 + w, sandwich post-norms), RoPE (rope_theta, linear / Llama-3 scaling; a local base
+on Gemma 3's sliding layers), grouped-query attention (optional q/k RMSNorm, score scale, soft-capping,
+sliding window), gated MLP (SiLU or tanh-GELU), tied or untied embeddings (Gemma: scaled by sqrt(hidden)).
+The layers are one `nn.scan` over a stacked parameter tree (leading 'layers' axis); what differs per layer
+(window on or off, RoPE base) is a scanned input, an int flag per layer. `scan_unroll` trades compile time
+for a loop-free program. Packed rows attend within their segment (`segment_ids`, 0 = padding) and use
+per-example `positions`.
 """
-import dataclasses
-from typing import Any, Optional
+import functools
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ftjax.models import kernels, layers
-from ftjax.models.adapters import LoraSpec
+from ftjax.models.decoder_config import LlamaConfig, rope_for
 from ftjax.models.layers import BLOCK_AXES, Dense, RMSNorm
 
+__all__ = ['Llama', 'LlamaBlock', 'LlamaConfig', 'init_cache', 'lm_head_kernel']
+ACTIVATIONS = {'silu': nn.silu, 'gelu_tanh': functools.partial(nn.gelu, approximate=True)}
 
 
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[tuple] = None  # sorted (key, value) pairs, hashable
-    tie_embeddings: bool = True
-    qkv_bias: bool = False  # Qwen2
-    o_bias: bool = False
-    mlp_bias: bool = False
-    max_position_embeddings: int = 2048
-    # Run-time choices (not part of the checkpoint):
-    dtype: Any = jnp.float32  # compute dtype
-    param_dtype: Any = jnp.float32
-    remat: str = 'none'
-    scan_unroll: int = 1
-    kernels: str = 'cpu'  # resolved config.model.kernels: 'cpu', 'xla', 'splash', 'cudnn' (`ftjax.models.kernels`)
-    lora: Optional[LoraSpec] = None
-
-    @property
-    def family(self):
-        return 'llama'
-
-    @property
-    def task(self):
-        """What the model is trained for (`ftjax.models.heads.task_of`): next-token prediction."""
-        return 'lm'
-
-    @classmethod
-    def from_hf(cls, hf, **runtime):
-        """From a transformers config (LlamaConfig, MistralConfig, Qwen2Config) or its dict."""
-        get = (lambda k, d=None: hf.get(k, d)) if isinstance(hf, dict) else (lambda k, d=None: getattr(hf, k, d))
-        heads = get('num_attention_heads')
-        rope = dict(get('rope_parameters') or {})
-        theta = rope.pop('rope_theta', None) or get('rope_theta') or 10000.0
-        scaling = get('rope_scaling') or rope
-        if scaling and scaling.get('rope_type', scaling.get('type')) in (None, 'default'):
-            scaling = None
-        model_type = get('model_type', 'llama')
-        attn_bias = bool(get('attention_bias', False))
-        return cls(
-            vocab_size=get('vocab_size'), hidden_size=get('hidden_size'),
-            intermediate_size=get('intermediate_size'), num_layers=get('num_hidden_layers'),
-            num_heads=heads, num_kv_heads=get('num_key_value_heads') or heads,
-            head_dim=get('head_dim') or get('hidden_size') // heads,
-            rms_norm_eps=get('rms_norm_eps', 1e-6), rope_theta=float(theta),
-            rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
-            tie_embeddings=bool(get('tie_word_embeddings', True)),
-            qkv_bias=attn_bias or model_type == 'qwen2', o_bias=attn_bias,
-            mlp_bias=bool(get('mlp_bias', False)),
-            max_position_embeddings=get('max_position_embeddings', 2048), **runtime)
+def softcap(x, cap):
+    """tanh(x / cap) * cap (Gemma 2's logit soft-capping); x unchanged when cap is None."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 class LlamaBlock(nn.Module):
     cfg: LlamaConfig
     deterministic: bool = True
 
-    @nn.compact
-    def __call__(self, x, positions, mask, segment_ids, cache, cache_index):
-        """x: [batch, seq, embed]; mask: [batch, seq, kv_len] (None: `kernels.self_attention` over
-        segment_ids [batch, seq]); cache: {'k','v'} [batch, kv_len, kv_heads, head_dim]."""
+    def norm(self, name):
         cfg = self.cfg
-        dense = lambda f, axes, name, bias: Dense(f, axes, use_bias=bias, lora=cfg.lora, dtype=cfg.dtype,
-                                                  param_dtype=cfg.param_dtype, kernels=cfg.kernels, name=name)
+        return RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, offset=cfg.norm_offset, name=name)
+
+    def dense(self, features, axes, name, bias):
+        cfg = self.cfg
+        return Dense(features, axes, use_bias=bias, lora=cfg.lora, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                     kernels=cfg.kernels, name=name)
+
+    @nn.compact
+    def __call__(self, x, positions, mask, local_mask, segment_ids, cache, cache_index, local):
+        """x: [batch, seq, embed]; mask / local_mask: [batch, seq, kv_len] for the global / sliding-window
+        layers (None: `kernels.self_attention` over segment_ids [batch, seq]); cache: {'k','v'} [batch,
+        kv_len, kv_heads, head_dim]; local: int32 scalar, this layer's flag (1 = sliding window)."""
+        cfg = self.cfg
         x = nn.with_logical_constraint(x, BLOCK_AXES)
         b, t, _ = x.shape
-        h = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name='attn_norm')(x)
+        hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        flags = cfg.local_layers
+        mixed = cfg.mixed_layers  # else every layer is the same (all local or all global): static
+        is_local = local.astype(bool) if mixed else None
+        h = self.norm('attn_norm')(x)
         with jax.named_scope('attention'):
-            q = dense(cfg.num_heads * cfg.head_dim, ('embed', 'heads'), 'q_proj', cfg.qkv_bias)(h, self.deterministic)
-            k = dense(cfg.num_kv_heads * cfg.head_dim, ('embed', 'kv_heads'), 'k_proj', cfg.qkv_bias)(h, self.deterministic)
-            v = dense(cfg.num_kv_heads * cfg.head_dim, ('embed', 'kv_heads'), 'v_proj', cfg.qkv_bias)(h, self.deterministic)
-            q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)  # [batch, seq, heads, head_dim]
-            k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [batch, seq, kv_heads, head_dim]
-            v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-            inv_freq = layers.rope_frequencies(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ()))
+            if cfg.fused_qkv:  # Phi-3: [q | k | v] in one projection, as in the checkpoint
+                qkv = self.dense((nh + 2 * nkv) * hd, ('embed', 'heads'), 'qkv_proj', cfg.qkv_bias)(h, self.deterministic)
+                q, k, v = jnp.split(qkv, [nh * hd, (nh + nkv) * hd], axis=-1)
+            else:
+                q = self.dense(nh * hd, ('embed', 'heads'), 'q_proj', cfg.qkv_bias)(h, self.deterministic)
+                k = self.dense(nkv * hd, ('embed', 'kv_heads'), 'k_proj', cfg.qkv_bias)(h, self.deterministic)
+                v = self.dense(nkv * hd, ('embed', 'kv_heads'), 'v_proj', cfg.qkv_bias)(h, self.deterministic)
+            q = q.reshape(b, t, nh, hd)  # [batch, seq, heads, head_dim]
+            k = k.reshape(b, t, nkv, hd)  # [batch, seq, kv_heads, head_dim]
+            v = v.reshape(b, t, nkv, hd)
+            if cfg.qk_norm:  # over head_dim, before RoPE
+                q, k = self.norm('q_norm')(q), self.norm('k_norm')(k)
+            inv_freq = layers.rope_frequencies(hd, *rope_for(cfg, flags[0]))  # [head_dim // 2]
+            if mixed and cfg.rope_local_theta is not None:  # Gemma 3: the local layers' own base
+                inv_freq = jnp.where(is_local, layers.rope_frequencies(hd, *rope_for(cfg, True)),
+                                     layers.rope_frequencies(hd, *rope_for(cfg, False)))
             q = layers.apply_rope(q, positions, inv_freq)
             k = layers.apply_rope(k, positions, inv_freq)
             if cache is not None:  # decoding: write this step's keys/values into their cache slots
@@ -106,18 +79,29 @@ class LlamaBlock(nn.Module):
                 v = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), (0, cache_index, 0, 0))
                 cache = {'k': k, 'v': v}
             if mask is None:  # training / eval on the accelerators: a fused kernel over the segments
+                window = cfg.sliding_window if any(flags) else None
                 o = kernels.self_attention(q.astype(cfg.dtype), k.astype(cfg.dtype), v.astype(cfg.dtype),
-                                           segment_ids, cfg.kernels)
+                                           segment_ids, cfg.kernels, window, local=is_local,
+                                           scale=cfg.query_scale, softcap=cfg.attn_softcap)
             else:
-                o = kernels.attend(q, k.astype(cfg.dtype), v.astype(cfg.dtype), mask, cfg.dtype)
-            o = o.reshape(b, t, cfg.num_heads * cfg.head_dim)
-            x = x + dense(cfg.hidden_size, ('heads', 'embed'), 'o_proj', cfg.o_bias)(o, self.deterministic)
-        h = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name='mlp_norm')(x)
+                m = jnp.where(is_local, local_mask, mask) if mixed else (local_mask if flags[0] else mask)
+                o = kernels.attend(q, k.astype(cfg.dtype), v.astype(cfg.dtype), m, cfg.dtype, cfg.query_scale,
+                                   cfg.attn_softcap)
+            o = o.reshape(b, t, nh * hd)
+            o = self.dense(cfg.hidden_size, ('heads', 'embed'), 'o_proj', cfg.o_bias)(o, self.deterministic)
+            x = x + (self.norm('attn_post_norm')(o) if cfg.post_norms else o)
+        h = self.norm('mlp_norm')(x)
         with jax.named_scope('mlp'):
-            gate = dense(cfg.intermediate_size, ('embed', 'mlp'), 'gate_proj', cfg.mlp_bias)(h, self.deterministic)
-            up = dense(cfg.intermediate_size, ('embed', 'mlp'), 'up_proj', cfg.mlp_bias)(h, self.deterministic)
-            x = x + dense(cfg.hidden_size, ('mlp', 'embed'), 'down_proj', cfg.mlp_bias)(
-                nn.silu(gate) * up, self.deterministic)  # [batch, seq, embed]
+            f = cfg.intermediate_size
+            if cfg.fused_gate_up:  # Phi-3: [gate | up] in one projection
+                gate, up = jnp.split(self.dense(2 * f, ('embed', 'mlp'), 'gate_up_proj', cfg.mlp_bias)(
+                    h, self.deterministic), 2, axis=-1)
+            else:
+                gate = self.dense(f, ('embed', 'mlp'), 'gate_proj', cfg.mlp_bias)(h, self.deterministic)
+                up = self.dense(f, ('embed', 'mlp'), 'up_proj', cfg.mlp_bias)(h, self.deterministic)
+            y = self.dense(cfg.hidden_size, ('mlp', 'embed'), 'down_proj', cfg.mlp_bias)(
+                ACTIVATIONS[cfg.activation](gate) * up, self.deterministic)  # [batch, seq, embed]
+            x = x + (self.norm('mlp_post_norm')(y) if cfg.post_norms else y)
         return x, cache
 
 
@@ -131,45 +115,59 @@ class Llama(nn.Module):
 
         Decoding: `cache` from `init_cache`, `cache_index` the first slot written by this call,
         `kv_valid` [batch, kv_len] the filled, non-padding slots; returns (logits, new_cache).
+        Sliding-window layers keep the full-length cache and mask the keys outside their window.
         """
         cfg = self.cfg
         b, t = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+        window = cfg.sliding_window if any(cfg.local_layers) else None
         if cache is None:
-            mask = kernels.causal_mask(seg) if cfg.kernels == 'cpu' else None  # [batch, seq, seq]
+            full = all(cfg.local_layers) and window is not None  # (no global layer needs the causal mask)
+            cpu = cfg.kernels == 'cpu'
+            mask = kernels.causal_mask(seg) if cpu and not full else None  # [batch, seq, seq]
+            local_mask = kernels.causal_mask(seg, window=window) if cpu and window else None
         else:
-            slots = cache_index + jnp.arange(t)
+            slots = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
             kv_len = cache['k'].shape[2]
-            mask = kernels.causal_mask(None, jnp.broadcast_to(slots, (b, t)), kv_len, kv_valid)
+            mask = kernels.causal_mask(None, slots, kv_len, kv_valid)  # [batch, seq, kv_len]
+            local_mask = kernels.causal_mask(None, slots, kv_len, kv_valid, window) if window else None
+        if mask is None and local_mask is not None:
+            mask = local_mask  # every layer local: `mask is None` still means "fused kernel"
         embed = layers.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                              name='embed')
         x = embed(input_ids)  # [batch, seq, embed]
+        if cfg.embed_scale:  # Gemma: sqrt(hidden) rounded to the compute dtype, as transformers does
+            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), cfg.dtype)
         block = layers.remat(LlamaBlock, cfg.remat)
         stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                        in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast, 0),
                         length=cfg.num_layers, unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: 'layers'})
-        x, new_cache = stack(cfg, deterministic, name='layers')(x, positions, mask, seg, cache, cache_index)
+        local = jnp.asarray(cfg.local_layers, jnp.int32)  # [layers]
+        x, new_cache = stack(cfg, deterministic, name='layers')(x, positions, mask, local_mask, seg, cache,
+                                                                cache_index, local)
         x = nn.with_logical_constraint(x, BLOCK_AXES)
-        x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name='final_norm')(x)
+        x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, offset=cfg.norm_offset, name='final_norm')(x)
         if return_hidden:
             out = x
         elif cfg.tie_embeddings:
-            out = embed.attend(x)  # [batch, seq, vocab]
+            out = softcap(embed.attend(x), cfg.final_softcap)  # [batch, seq, vocab]
         else:
-            out = Dense(cfg.vocab_size, ('embed', 'vocab'), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                        kernels=cfg.kernels, name='lm_head')(x)
+            out = softcap(Dense(cfg.vocab_size, ('embed', 'vocab'), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                kernels=cfg.kernels, name='lm_head')(x), cfg.final_softcap)
         return out if cache is None else (out, new_cache)
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None):
-    """Empty KV cache: {'k', 'v'} each [layers, batch, max_len, kv_heads, head_dim]."""
+    """Empty KV cache: {'k', 'v'} each [layers, batch, max_len, kv_heads, head_dim] (full length on every
+    layer; a sliding-window layer masks what lies outside its window)."""
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     dtype = dtype or cfg.dtype
     return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
 
 
 def lm_head_kernel(params, cfg: LlamaConfig):
-    """The output projection as [embed, vocab] (the transposed embedding when tied)."""
+    """The output projection as [embed, vocab] (the transposed embedding when tied); the loss applies
+    `cfg.final_softcap` to the logits (`softcap`)."""
     return params['embed']['embedding'].T if cfg.tie_embeddings else params['lm_head']['kernel']

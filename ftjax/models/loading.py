@@ -16,8 +16,9 @@ import numpy as np
 from ftjax.errors import MissingFileError, ModelError
 from ftjax.models import bert, convert, gguf_io, llama, packaged
 
-SUPPORTED = {
-    'llama': 'llama', 'mistral': 'llama', 'qwen2': 'llama',
+SUPPORTED = {  # config.json model_type -> family (decoders: docs/models.md)
+    'llama': 'llama', 'mistral': 'llama', 'qwen2': 'llama', 'qwen3': 'llama', 'phi3': 'llama',
+    'gemma2': 'llama', 'gemma3_text': 'llama',
     'bert': 'bert', 'roberta': 'bert',
 }
 WEIGHT_PATTERNS = ['*.json', '*.safetensors', '*.model', '*.txt', '*.jinja', 'tokenizer*']
@@ -60,7 +61,9 @@ def config_from_hf(hf_config, source, *, num_labels=None, pooling='cls', **runti
     model_type = hf_config.get('model_type')
     family = SUPPORTED.get(model_type)
     if family is None:
-        raise ValueError(f"{source}: model_type {model_type!r} is not supported. Supported architectures: "
+        hint = (" (the multimodal Gemma 3; its text-only checkpoints, e.g. gemma-3-270m / -1b, are "
+                "'gemma3_text')" if model_type == 'gemma3' else '')
+        raise ModelError(f"{source}: model_type {model_type!r}{hint} is not supported. Supported architectures: "
                          f"{', '.join(sorted(SUPPORTED))}.")
     if family == 'llama':
         if num_labels:
