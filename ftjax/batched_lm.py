@@ -6,7 +6,8 @@ lm-evaluation-harness backend) runs.
   lm.generate([prompt_ids, ...], max_new_tokens=256, stop=fn)            # new ids per prompt (KV cache)
 
 Shapes are bucketed so that a whole evaluation compiles a handful of programs: every call has `rows` rows
-(`batch_size` rounded up to the mesh's batch shards, a short batch padded with dummy rows) and a length from
+(`batch_size` rounded up to the mesh's batch shards; a short last batch the shards times a power of two, padded
+with dummy rows) and a length from
 32, 48, 64, 96, 128, 192, ... (powers of two and 1.5x them: at most 1.5x padding). Rows are split over the
 mesh's (data, fsdp) axes and the parameters are sharded by the model's logical axes, as in training.
 
@@ -71,11 +72,11 @@ def _score_rows(model, params, tokens, segment_ids, last_pos, candidates):
     -> next_logp [rows, len] (log p of the next input token at each position), cand_logp [rows, K],
        greedy [rows, len] (the argmax token at each position)."""
     logits = model.apply({'params': params}, tokens, None, segment_ids).astype(jnp.float32)  # [rows, len, vocab]
-    logp = jax.nn.log_softmax(logits, axis=-1)
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [rows, len]: log p = logit - lse, no [rows, len, vocab] copy
     nxt = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)  # [rows, len]; the last column is unused
-    next_logp = jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
-    last = jnp.take_along_axis(logp, last_pos[:, None, None], axis=1)[:, 0]  # [rows, vocab]
-    cand_logp = jnp.take_along_axis(last, candidates, axis=-1)  # [rows, K]
+    next_logp = jnp.take_along_axis(logits, nxt[..., None], axis=-1)[..., 0] - lse
+    last = jnp.take_along_axis(logits, last_pos[:, None, None], axis=1)[:, 0]  # [rows, vocab]
+    cand_logp = jnp.take_along_axis(last, candidates, axis=-1) - jnp.take_along_axis(lse, last_pos[:, None], axis=1)
     return next_logp, cand_logp, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
@@ -139,8 +140,8 @@ class BatchedLM:
         self.model, self.chunk = pretrained.model, int(chunk)
         self.mesh = mesh if mesh is not None else sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
         self.rules = sharding.rules_from_config(DEFAULT_RULES if rules is None else rules)
-        shards = math.prod(self.mesh.shape[a] for a in sharding.BATCH_AXES)
-        self.rows = -(-int(batch_size) // shards) * shards
+        self.shards = math.prod(self.mesh.shape[a] for a in sharding.BATCH_AXES)
+        self.rows = -(-int(batch_size) // self.shards) * self.shards
         specs = sharding.logical_specs(abstract_variables(self.model))
         param_sh = sharding.tree_shardings(pretrained.params, sharding.param_shardings(specs, self.mesh, self.rules),
                                            self.mesh)
@@ -154,6 +155,10 @@ class BatchedLM:
                                 static_argnames=('total', 'greedy', 'top_k', 'use_top_p'))
         self._decode = jax.jit(functools.partial(_decode_chunk, model), donate_argnums=(1,),
                                static_argnames=('steps', 'greedy', 'top_k', 'use_top_p'))
+
+    def rows_for(self, n):
+        """Rows of a batch of n requests: `rows`, or for a short (last) batch the batch shards times a power of two."""
+        return min(self.rows, self.shards * _pow2(-(-n // self.shards)))
 
     def _rows(self, *arrays):
         return [sharding.place(a, self.batch_sh) for a in arrays]
@@ -179,11 +184,12 @@ class BatchedLM:
         out, done = [None] * len(requests), 0
         for b in range(0, len(entries), self.rows):
             batch = entries[b:b + self.rows]
-            length, k = bucket(len(batch[0][0])), _pow2(max(len(reqs) for _, reqs in batch))
-            tokens = np.zeros((self.rows, length), np.int32)
-            seg = np.zeros((self.rows, length), np.int32)
-            last_pos = np.zeros((self.rows,), np.int32)
-            cands = np.zeros((self.rows, k), np.int32)
+            length, rows = bucket(len(batch[0][0])), self.rows_for(len(batch))
+            k = _pow2(max(len(reqs) for _, reqs in batch))
+            tokens = np.zeros((rows, length), np.int32)
+            seg = np.zeros((rows, length), np.int32)
+            last_pos = np.zeros((rows,), np.int32)
+            cands = np.zeros((rows, k), np.int32)
             for r, (inp, reqs) in enumerate(batch):
                 tokens[r, :len(inp)], seg[r, :len(inp)], last_pos[r] = inp, 1, len(inp) - 1
                 cands[r, :len(reqs)] = [last for _, _, last in reqs]
@@ -229,12 +235,13 @@ class BatchedLM:
             raise ConfigError('an empty prompt: every prompt needs at least one token (e.g. the BOS id).')
         width = bucket(max(len(prompts[i]) for i in index))
         total = width + -(-max_new_tokens // self.chunk) * self.chunk
-        tokens = np.zeros((self.rows, width), np.int32)  # [rows, width], left-padded with id 0
-        pad = np.full((self.rows,), width - 1, np.int32)  # dummy rows: one token
+        rows = self.rows_for(len(index))
+        tokens = np.zeros((rows, width), np.int32)  # [rows, width], left-padded with id 0
+        pad = np.full((rows,), width - 1, np.int32)  # dummy rows: one token
         for r, i in enumerate(index):
             tokens[r, width - len(prompts[i]):], pad[r] = prompts[i], width - len(prompts[i])
         new = [[] for _ in index]
-        done = np.arange(self.rows) >= len(index)
+        done = np.arange(rows) >= len(index)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             tokens_g, pad_g = self._rows(tokens, pad)
             tok, cache = self._prefill(self.params, tokens_g, pad_g, key, temp, nucleus, total=total, **flags)

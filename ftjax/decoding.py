@@ -1,4 +1,5 @@
-"""Autoregressive generation for the Llama-family decoders: KV cache, one jitted loop, greedy or sampled.
+"""Autoregressive generation for the decoders (every family of docs/models.md): KV cache, one jitted loop,
+greedy or sampled. Sliding-window layers keep a full-length cache and mask the slots outside their window.
 
     new_ids = ftjax.generate(pretrained, prompt_ids, max_new_tokens=32)          # greedy (this module's `generate`)
     texts = decoding.generate_text(pretrained, ['What is 2+2?'], chat=True, temperature=0.7, top_p=0.9, seed=1)
@@ -41,7 +42,7 @@ def generate(pretrained, prompt_ids, max_new_tokens: int = 64, temperature: floa
     model, cfg = pretrained.model, pretrained.config
     if getattr(cfg, 'family', None) != 'llama':
         raise ConfigError(f"{pretrained.path or 'this model'} is a {getattr(cfg, 'family', type(cfg).__name__)} "
-                         f"encoder; generation needs a decoder (Llama, Mistral, Qwen2, SmolLM). Use "
+                         f"encoder; generation needs a decoder (Llama, Mistral, Qwen, Phi-3, Gemma; docs/models.md). Use "
                          f"`model.apply` for an encoder's hidden states or class logits.")
     single, rows = _as_rows(prompt_ids, cfg.vocab_size)
     _check_sampling(max_new_tokens, temperature, top_k, top_p, prompt_bucket)

@@ -177,7 +177,8 @@ def define_flags(flag_values=None):
     fv = flag_values if flag_values is not None else flags.FLAGS
     define = [('string', 'model', None, 'HF directory (an export too), .gguf file, hub name or packaged:NAME.'),
               ('string', 'adapter', None, 'A PEFT LoRA adapter directory on top of --model.'),
-              ('enum', 'dtype', 'float32', 'Parameter/compute dtype (with --model).', ['float32', 'bfloat16', 'float16']),
+              ('enum', 'dtype', 'float32', 'Parameter/compute dtype (with --model).',
+               ['float32', 'bfloat16', 'float16']),
               ('string', 'workdir', None, "A training run: its fine-tuned model; results go to WORKDIR/harness.json."),
               ('integer', 'step', None, 'With --workdir: the checkpoint step (default: the latest complete one).'),
               ('list', 'tasks', None, 'lm-eval task names or task YAML files, comma-separated.'),

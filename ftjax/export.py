@@ -257,9 +257,10 @@ def check_peft_run(pre, workdir, run_config=None):
         raise ConfigError(f"--format=peft exports LoRA adapters, but {workdir} is a peft.method={method!r} run: its "
                           f"base weights changed, which an adapter cannot carry. Export it with --format=hf "
                           f"(merged weights).")
-    if run_config is not None and run_config.model.get('adapter_merge'):
+    model_cfg = run_config.get('model', {}) if run_config is not None else {}
+    if model_cfg.get('adapter_merge'):
         raise ConfigError(f"--format=peft: {workdir} trained its adapter on the base with model.adapter="
-                          f"{run_config.model.adapter!r} merged into it (model.adapter_merge), so it is no adapter of "
+                          f"{model_cfg.get('adapter')!r} merged into it (model.adapter_merge), so it is no adapter of "
                           f"the base alone. Export it with --format=hf (merged weights).")
     if run_config is not None:
         p = run_config.peft

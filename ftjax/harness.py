@@ -1,6 +1,6 @@
 """lm-evaluation-harness backend: the lm-eval model `ftjax` (loglikelihood, loglikelihood_rolling, generate_until).
 
-  python -m ftjax.evaluate --workdir=RUN --tasks=gsm8k_local --include_path=experiments/eval_tasks  # -> RUN/harness.json
+  python -m ftjax.evaluate --workdir=RUN --tasks=gsm8k_local --include_path=experiments/eval_tasks  # RUN/harness.json
   python -m ftjax.evaluate --model=packaged:smollm2 --tasks=sst2_local --include_path=experiments/eval_tasks
   python -m ftjax.harness --model ftjax --model_args pretrained=PATH_OR_GGUF[,workdir=RUN] --tasks T --include_path DIR
 
@@ -287,11 +287,11 @@ def _task_specs(tasks):
     return specs
 
 
-def run_tasks(lm, tasks, include_path=None, limit=None, num_fewshot=None, log_samples=False, **kwargs):
-    """lm-eval's `simple_evaluate` with the model `lm` (an FtjaxLM or any lm-eval model); `tasks` are names or YAML
-    files, `include_path` a directory (or list) of task YAMLs. Returns lm-eval's results dict."""
+def find_tasks(tasks, include_path=None):
+    """(lm-eval TaskManager, task specs): `tasks` are names (of lm-eval's tasks or of YAMLs under `include_path`,
+    a directory or a list) or YAML files; an unknown name is one line. Only lm-eval's own ~15k task files are
+    indexed only when a name is not under include_path."""
     _lm_eval()
-    from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     include = [include_path] if isinstance(include_path, str) else list(include_path or [])
@@ -301,12 +301,21 @@ def run_tasks(lm, tasks, include_path=None, limit=None, num_fewshot=None, log_sa
     specs = _task_specs(tasks)
     names = [t for t in specs if isinstance(t, str)]
     manager = TaskManager(include_path=include, include_defaults=False) if include else None
-    if manager is None or not all(manager.match_tasks([t]) for t in names):  # lm-eval's own ~15k tasks: ~10 s more
+    if manager is None or not all(manager.match_tasks([t]) for t in names):
         manager = TaskManager(include_path=include or None)
     missing = [t for t in names if not manager.match_tasks([t])]
     if missing:
         raise ConfigError(f"unknown lm-eval task(s) {missing}" + (f' (include_path: {include})' if include else
                           '; local tasks need include_path, e.g. experiments/eval_tasks') + '.')
+    return manager, specs
+
+
+def run_tasks(lm, tasks, include_path=None, limit=None, num_fewshot=None, log_samples=False, found=None, **kwargs):
+    """lm-eval's `simple_evaluate` with the model `lm` (an FtjaxLM or any lm-eval model) on `tasks` (`find_tasks`,
+    or `found`: what it returned). `kwargs` go to simple_evaluate. Returns lm-eval's results dict."""
+    from lm_eval import simple_evaluate
+
+    manager, specs = found or find_tasks(tasks, include_path)
     return simple_evaluate(model=lm, tasks=specs, task_manager=manager, limit=limit or None,
                            num_fewshot=num_fewshot, log_samples=log_samples, **kwargs)
 
@@ -351,8 +360,10 @@ def evaluate_model(pretrained, tasks, out=None, include_path=None, limit=None, n
     `pretrained`: a path / `Pretrained`, or None with model_args workdir=RUN; `evaluate_kwargs` go to lm-eval's
     simple_evaluate (apply_chat_template, bootstrap_iters, ...). Returns (results, summary)."""
     start = time.time()
+    found = find_tasks(tasks, include_path)  # a wrong task name fails before the model loads
     lm = register()(pretrained=pretrained, batch_size=batch_size, mesh=mesh, **model_args)
-    results = run_tasks(lm, tasks, include_path, limit, num_fewshot, log_samples, **(evaluate_kwargs or {}))
+    results = run_tasks(lm, tasks, limit=limit, num_fewshot=num_fewshot, log_samples=log_samples, found=found,
+                        **(evaluate_kwargs or {}))
     summary = summarize(results)
     if jax.process_index() == 0:
         from lm_eval.utils import make_table

@@ -3,10 +3,11 @@
   python -m ftjax.report --workdir=DIR      # DIR: one run's workdir, or a sweep's (run dirs inside)
 
 A run's workdir holds `config.json` (the resolved config), `metrics.jsonl` (one object per logged
-step), once it ended cleanly `summary.json`, and after an lm-evaluation-harness run (`eval.harness_tasks`, or
-`python -m ftjax.evaluate --workdir`) `harness.json`, whose task metrics become 'final harness/TASK/METRIC' columns. A sweep's workdir holds one such directory per grid
-point and `sweep.json` (the grid), whose keys become the table's first columns; without it, the
-columns are the config keys whose values differ between the runs.
+step), once it ended cleanly `summary.json`, and after an lm-evaluation-harness run (`eval.harness_tasks`,
+or `python -m ftjax.evaluate --workdir`) `harness.json`, whose task metrics become 'final harness/TASK/METRIC'
+columns. A sweep's workdir holds one such directory per grid point and `sweep.json` (the grid), whose keys
+become the table's first columns; without it, the columns are the config keys whose values differ between
+the runs.
 """
 import argparse
 import csv

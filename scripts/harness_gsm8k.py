@@ -50,7 +50,7 @@ def run(backend, args, model_args):
                               task_manager=TaskManager(include_path=TASK, include_defaults=False))
     end = time.time()
     summary = harness.summarize(results)
-    answers = [s['resps'][0][0] for s in results['samples']['gsm8k_local']]
+    answers = [s['resps'][0][0] for s in results['samples']['gsm8k_local'] if s['filter'] == 'strict-match']
     return {'backend': backend, 'model_args': {k: str(v) for k, v in model_args.items()},
             'strict': summary['gsm8k_local/exact_match/strict-match'],
             'flexible': summary['gsm8k_local/exact_match/flexible-extract'],
@@ -84,8 +84,8 @@ def main():
     for backend, model_args in plans:
         r = run(backend, args, model_args)
         report['runs'].append(r)
-        print(f"{backend} {model_args}: strict {r['strict']:.1%}, flexible {r['flexible']:.1%}, load {r['load_s']:.0f} s, "
-              f"eval {r['eval_s']:.0f} s, wall {r['wall_s']:.0f} s | {uptime()}", flush=True)
+        print(f"{backend} {model_args}: strict {r['strict']:.1%}, flexible {r['flexible']:.1%}, load "
+              f"{r['load_s']:.0f} s, eval {r['eval_s']:.0f} s, wall {r['wall_s']:.0f} s | {uptime()}", flush=True)
     base = [r for r in report['runs'] if 'workdir' not in r['model_args']]
     if len(base) == 2:
         a, b = base[0]['answers'], base[1]['answers']
@@ -95,7 +95,8 @@ def main():
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
         json.dump(report, f, indent=1)
-    print('\n| backend | model | strict-match | flexible-extract | load s | eval s | wall s |\n|---|---|---|---|---|---|---|')
+    print('\n| backend | model | strict-match | flexible-extract | load s | eval s | wall s |\n'
+          '|---|---|---|---|---|---|---|')
     for r in report['runs']:
         model = r['model_args'].get('workdir') or os.path.basename(gguf)
         print(f"| {r['backend']} | {model} | {r['strict']:.1%} | {r['flexible']:.1%} | {r['load_s']:.0f} | "

@@ -218,11 +218,14 @@ def test_gemma3_logits_equal_transformers(ours, theirs, which):
     mine = _logits(ours, ids)
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].numpy()
-    delta = float(np.abs(mine - ref).max())
+    per_position = np.abs(mine - ref).max(-1)
+    delta, typical = float(per_position.max()), float(np.median(per_position))
     agree = float((mine.argmax(-1) == ref.argmax(-1)).mean())
-    print(f'\nGemma 3 270M {which} prompt ({len(ids)} tokens): max |dlogits| = {delta:.3g} '
-          f'(logits up to {np.abs(ref).max():.1f}), argmax agreement {agree:.4f}')
-    assert delta < 2e-3 and agree == 1.0
+    print(f'\nGemma 3 270M {which} prompt ({len(ids)} tokens): max |dlogits| = {delta:.3g} (median over positions '
+          f'{typical:.2g}; logits up to {np.abs(ref).max():.1f}), argmax agreement {agree:.4f}')
+    # float32 rounding, amplified at a few positions past ~650 (transformers' own float32 logits are 10x closer to
+    # its float64 ones there); a sliding window off by one key moves the median past position 512 to ~0.03
+    assert delta < (1e-3 if which == 'short' else 1e-2) and typical < 2e-4 and agree == 1.0
 
 
 @pytest.mark.slow

@@ -126,8 +126,11 @@ def test_bucketed_scores_equal_a_plain_forward_on_any_mesh(tiny_llama_dir):
         diff = max(abs(g[0] - e[0]) for g, e in zip(got, expected))
         print(f'mesh {mesh}: max |log-likelihood difference| {diff:.2e}')
         assert diff < 1e-4 and [g[1] for g in got] == [e[1] for e in expected]
+        programs = lm._score._cache_size()  # one per (length bucket, candidate count, full or short batch)
         lengths = {bucket(min(len(c) + len(t), max_length + 1) - 1) for c, t in reqs}
-        assert lm._score._cache_size() <= len(lengths) * 2  # a program per (length bucket, candidate count)
+        assert programs <= len(lengths) * 2 * 2
+        again = lm.loglikelihoods(reqs[::-1], max_length)[::-1]  # other batches, the same programs
+        assert again == [(pytest.approx(g[0], abs=1e-5), g[1]) for g in got] and lm._score._cache_size() == programs
 
 
 def test_batched_generation_equals_decoding_and_stops(tiny_llama_dir):
@@ -259,8 +262,8 @@ def test_lm_evals_own_command_line(tmp_path, tiny_llama_dir, task_dir):
     out = tmp_path / 'out'
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', PYTHONPATH=tiny.REPO)
     proc = subprocess.run([sys.executable, '-m', 'ftjax.harness', '--model', 'ftjax', '--model_args',
-                           f'pretrained={tiny_llama_dir},mesh_data=2', '--batch_size', '4', '--tasks', 'tiny_mc', '--include_path', task_dir,
-                           '--limit', '4', '--output_path', str(out)],
+                           f'pretrained={tiny_llama_dir},mesh_data=2', '--batch_size', '4', '--tasks', 'tiny_mc',
+                           '--include_path', task_dir, '--limit', '4', '--output_path', str(out)],
                           cwd=tiny.REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'tiny_mc' in proc.stdout and 'acc' in proc.stdout

@@ -94,14 +94,15 @@ def test_xla_kernels_soft_cap_with_the_einsum_attention(caplog):
     assert sum('cannot soft-cap' in r.message for r in caplog.records) == 1
 
 
-@pytest.mark.parametrize('kind', ['cpu', 'xla'])
+@pytest.mark.parametrize('kind', ['cpu', 'xla', 'splash'])
 def test_per_layer_window_flag(kind):
     """`local` (a traced flag inside the layer scan) picks the windowed or the full attention, gradients too."""
     q, k, v, seg = _qkv(7)
     for flag, window in ((True, 5), (False, None)):
         mask = kernels.causal_mask(seg, window=window)
         want = _loss_and_grads(lambda q, k, v: reference_attention(q, k, v, mask), q, k, v)
-        attn = jax.jit(lambda q, k, v, f: kernels.self_attention(q, k, v, seg, kind, 5, local=f))
+        attn = jax.jit(lambda q, k, v, f: kernels.self_attention(q, k, v, seg, kind, 5, local=f,
+                                                                 interpret=kind == 'splash'))
         _assert_close(_loss_and_grads(lambda q, k, v: attn(q, k, v, jnp.asarray(flag)), q, k, v), want, 2e-4)
 
 
