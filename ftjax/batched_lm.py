@@ -134,7 +134,7 @@ class BatchedLM:
         cfg = pretrained.config
         if getattr(cfg, 'family', None) != 'llama':
             raise ConfigError(f"{pretrained.path or 'this model'} is an encoder ({type(cfg).__name__}); "
-                              f"log-likelihoods and generation need a decoder (Llama, Mistral, Qwen2, SmolLM).")
+                              f"log-likelihoods and generation need a decoder (docs/models.md).")
         if batch_size < 1 or chunk < 1:
             raise ConfigError(f'batch_size={batch_size} and chunk={chunk} must be positive integers.')
         self.model, self.chunk = pretrained.model, int(chunk)

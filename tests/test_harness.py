@@ -213,6 +213,8 @@ def test_local_dataset_resolves_paths_beside_the_yaml(tmp_path, tiny_llama_dir, 
                             log_samples=True)
     assert res['n-samples']['rel_qa']['effective'] == len(GEN_ROWS)
     assert [s['doc']['content'] for s in res['samples']['shared_sent']] == ['loved it "a lot', 'hated it']
+    by_file = harness.run_tasks(lm, [str(tasks / 'shared.yaml')], bootstrap_iters=0)  # a YAML file as the task
+    assert by_file['results']['shared_sent']['acc,none'] == res['results']['shared_sent']['acc,none']
     (tasks / 'qa.jsonl').unlink()
     with pytest.raises(MissingFileError, match=r'rel.yaml: dataset_kwargs.data_files.test=.qa.jsonl. is not a file'):
         harness.run_tasks(lm, ['rel_qa'], include_path=str(tasks))

@@ -314,7 +314,7 @@ def test_compile_check_sizes_the_quantized_base_as_placed(wide_llama_dir, chat_d
 def test_checkpoint_resume_and_export_with_a_quantized_base(wide_llama_dir, chat_data, tmp_path, caplog):
     from ftjax.loop import train_and_evaluate
     full, parts = str(tmp_path / 'full'), str(tmp_path / 'parts')
-    config = lambda **o: qconfig(wide_llama_dir, chat_data, 'nf4', **o)  # noqa: E731
+    config = lambda: qconfig(wide_llama_dir, chat_data, 'nf4', **{'mesh.tensor': -1})  # noqa: E731  8 devices
     train_and_evaluate(config(), full)
     assert train_and_evaluate(config(), parts, stop_at=3)['step'] == 3
     assert train_and_evaluate(config(), parts)['step'] == 6

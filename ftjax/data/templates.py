@@ -61,7 +61,8 @@ def resolve(value, key='data.chat_template'):
     if isinstance(value, str) and ('{{' in value or '{%' in value):
         return value
     raise ConfigError(f"{key}={value!r} is neither a known chat format ({', '.join(TEMPLATES)}) nor a Jinja "
-                      f"template (one with {{{{ ... }}}} / {{% ... %}}); pass one of those, or None for the model's own.")
+                      f"template (one with {{{{ ... }}}} / {{% ... %}}); pass one of those, or None for the "
+                      f"model's own.")
 
 
 def apply(tokenizer, model_type, value=None, source='the model'):
