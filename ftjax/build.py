@@ -23,7 +23,7 @@ from ftjax import data as data_lib
 from ftjax.data import templates
 from ftjax import state as state_lib
 from ftjax.errors import ConfigError, MissingFileError
-from ftjax.models import abstract_variables, adapters, build_model, packaged, quantize
+from ftjax.models import abstract_variables, adapters, build_model, convert, gguf_io, packaged, quantize
 from ftjax.models.loading import Pretrained
 from ftjax.models.heads import task_of
 from ftjax.pretrained import load_pretrained
@@ -47,11 +47,19 @@ def quantize_frozen(pre, mask, config):
     kind = m.get('quantize', 'none')
     if kind == 'none':
         return pre
-    params = quantize.quantize_params(pre.params, mask, kind, double=m.get('quantize_double', False),
-                                      gguf_path=packaged.resolve(m.path), cfg=pre.config)
+    gguf = gguf_blocks(packaged.resolve(m.path), pre.config) if kind == 'gguf' else None
+    params = quantize.quantize_params(pre.params, mask, kind, double=m.get('quantize_double', False), gguf=gguf)
     logging.info('model.quantize=%s: frozen %s, %.1f MiB of params', quantize.describe(m),
                  ', '.join(quantize.kinds_in(params)) or 'nothing quantized', quantize.nbytes(params) / 2**20)
     return dataclasses.replace(pre, params=params)
+
+
+def gguf_blocks(path, cfg):
+    """The blocks of the GGUF file at `path` and how they map to ftjax params (`quantize.GGUFBlocks`)."""
+    if not str(path or '').endswith('.gguf'):
+        raise ConfigError(f"config.model.quantize='gguf' keeps a GGUF file's own blocks, but config.model.path="
+                          f"{path!r} is not a .gguf file; use 'nf4' or 'int8' for other checkpoints.")
+    return quantize.GGUFBlocks(path, gguf_io.read_gguf_blocks(path), convert.table(cfg), cfg.num_layers)
 
 
 def is_run_dir(path):

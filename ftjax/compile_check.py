@@ -3,9 +3,9 @@ r"""Compile the train step for a mesh before renting it: does it compile, and wh
   python -m ftjax.compile_check --config=experiments/quickstart.py --topology=v5e:2x2
   python -m ftjax.compile_check --config=experiments/quickstart.py --topology=data=4,fsdp=2,tensor=1
 
-A TPU topology name (v4:2x2x1, v5e:2x2, v5p:2x2x2, v6e:4x4, ...; needs libtpu: `pip install -e '.[tpu]'`)
-runs the real TPU compiler with no TPU present: the mesh is `config.mesh` over that topology's devices,
-`model.kernels='auto'` picks the TPU kernels (splash attention), and the report adds the chip's HBM,
+A TPU topology name (v5e:1x1 = one chip, v4:2x2x1, v5e:2x2, v5p:2x2x2, v6e:4x4, ...; needs libtpu:
+`pip install -e '.[tpu]'`) runs the real TPU compiler with no TPU present: the mesh is `config.mesh` over that
+topology's devices, `model.kernels='auto'` picks the TPU kernels (splash attention), and the report adds the chip's HBM,
 whether the step fits, the compiled FLOPs and a roofline estimate of the step time and MFU. Mesh sizes
 (data=4,...) instead set up data*fsdp*tensor fake CPU devices.
 
@@ -15,7 +15,8 @@ compiles the trainer's own train step (`build.jit_train_step`) with the trainer'
 Prints the per-device bytes of trainable params, frozen params and optimizer state, XLA's memory
 analysis of the compiled step (arguments, outputs, temporaries, generated code), and a last line of JSON
 (`summary_json`). `--config.model.quantize=nf4` (or int8) sizes a quantized frozen base (QLoRA) from the
-shapes alone (`ftjax.models.quantize`; 'gguf' needs the file's blocks and is refused). With fake CPU devices the XLA numbers are the CPU compiler's (TPU/GPU fuse differently:
+shapes alone (`ftjax.models.quantize`; 'gguf' needs the file's blocks and is refused).
+With fake CPU devices the XLA numbers are the CPU compiler's (TPU/GPU fuse differently:
 an estimate); for a TPU topology they are the TPU compiler's own; the param and optimizer bytes are exact. `--config.*` overrides apply as for `ftjax.train` (e.g. --config.train.batch_size=64).
 """
 import dataclasses
@@ -65,8 +66,12 @@ def tpu_devices(name):
         raise ConfigError(f"--topology={name!r}: the chip should be one of {sorted(TPU_CHIPS)}, "
                          f"e.g. --topology=v5e:2x2.")
     os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # another JAX process may hold libtpu's lockfile
+    dims = [int(d) for d in name.split(':', 1)[1].split('x') if d.isdigit()]
+    kwargs = {}
+    if dims and math.prod(dims) < 4:  # fewer chips than one default host (2x2): a host of exactly these (v5e:1x1)
+        kwargs['chips_per_host_bounds'] = tuple(dims + [1] * (3 - len(dims)))
     try:
-        return list(topologies.get_topology_desc(platform='tpu', topology_name=name).devices)
+        return list(topologies.get_topology_desc(platform='tpu', topology_name=name, **kwargs).devices)
     except Exception as e:  # no libtpu, or a name libtpu does not know
         raise EnvironmentSetupError(
             f"--topology={name!r}: libtpu could not describe this TPU topology ({type(e).__name__}: "
@@ -189,7 +194,15 @@ def check(config, topology, devices=None, topology_name=None, keep_compiled=Fals
     p_step = build.jit_train_step(pre.model, config, tx, schedule, state_sh, batch_sh)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        compiled = p_step.lower(state_in, batch_in, jax.eval_shape(lambda: jax.random.key(0))).compile()
+        lowered = p_step.lower(state_in, batch_in, jax.eval_shape(lambda: jax.random.key(0)))
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a step that cannot fit its HBM
+            if 'RESOURCE_EXHAUSTED' not in str(e):
+                raise
+            raise ConfigError(f"the train step does not fit {topology_name or platform} ({str(e).splitlines()[0]}); "
+                              f"lower config.train.batch_size or data.max_length, quantize the frozen base "
+                              f"(--config.model.quantize=nf4) or use more devices.") from e
     mem = compiled.memory_analysis()
     out = {
         'mesh': dict(mesh.shape), 'model': str(config.model.path), 'method': config.peft.method,

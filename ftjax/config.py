@@ -10,15 +10,15 @@ users' scripts depend on these names, so rename nothing; add keys instead.
   python -m ftjax.config --markdown   # the same as docs/config.md (tests keep the file in sync)
 """
 import copy
-import dataclasses
 import difflib
-import re
 import sys
-from typing import Callable, Optional
 
 import ml_collections
 from ml_collections import config_dict
 
+from ftjax.config_checks import (AT_LEAST_2, AXIS_SIZE, BELOW_HALF, CHAT_TEMPLATE, DTYPES, FRACTION,
+                                  FRACTION_BELOW_1, MESH_AXES, MULTIPLIERS, NON_NEGATIVE, POSITIVE, POSITIVE_INT,
+                                  REGEXES, RULES, TARGETS, TYPE_NAMES, K, one_of)
 from ftjax.errors import ConfigError
 
 LORA_TARGETS_ATTN_MLP = ['(q|k|v|o)_proj$', '(gate|up|down)_proj$']
@@ -31,7 +31,6 @@ DEFAULT_RULES = [  # logical axis -> mesh axes; first matching, unused mesh axis
     ('activation_embed', None), ('layers', None), ('vocab', 'tensor'), ('embed', 'fsdp'), ('embed_out', None),
     ('heads', 'tensor'), ('kv_heads', 'tensor'), ('mlp', 'tensor'), ('norm', None),
 ]
-MESH_AXES = ('data', 'fsdp', 'tensor')  # the mesh.* size keys and axis names; ftjax.sharding builds the mesh from them
 ALPACA_TEMPLATE = (
     'Below is an instruction that describes a task, paired with an input that provides further context. '
     'Write a response that appropriately completes the request.\n\n'
@@ -39,99 +38,6 @@ ALPACA_TEMPLATE = (
 ALPACA_TEMPLATE_NO_INPUT = (
     'Below is an instruction that describes a task. Write a response that appropriately completes the request.'
     '\n\n### Instruction:\n{instruction}\n\n### Response:\n')
-
-
-# --- what a value may be (the `allowed` column) ------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Check:
-    allowed: str  # for the table, e.g. '> 0' or 'cosine | linear | constant'
-    problem: Callable  # (key, value) -> the error message, or None when the value is fine
-
-
-def one_of(*options):
-    return Check(' | '.join(options), lambda k, v: None if v in options else
-                 f'config.{k}={v!r} is not one of {list(options)}.')
-
-
-def _range(allowed, ok, must):
-    return Check(allowed, lambda k, v: None if ok(v) else f'config.{k} must be {must}, got {v!r}.')
-
-
-POSITIVE_INT = _range('>= 1', lambda v: v >= 1, 'a positive integer')
-POSITIVE = _range('> 0', lambda v: v > 0, 'positive')
-NON_NEGATIVE = _range('>= 0', lambda v: v >= 0, '>= 0')
-FRACTION = _range('[0, 1]', lambda v: 0 <= v <= 1, 'in [0, 1]')
-FRACTION_BELOW_1 = _range('[0, 1)', lambda v: 0 <= v < 1, 'in [0, 1)')
-AXIS_SIZE = _range('-1 or >= 1', lambda v: v == -1 or v >= 1, '-1 (all remaining devices) or a positive integer')
-AT_LEAST_2 = _range('>= 2', lambda v: v >= 2, 'an integer >= 2')
-
-
-def _regex_problem(key, pattern):
-    if not isinstance(pattern, str):
-        return f'config.{key}: {pattern!r} is not a string (a regex over parameter paths).'
-    try:
-        re.compile(pattern)
-    except re.error as e:
-        return f'config.{key}: {pattern!r} is not a valid regex ({e}).'
-    return None
-
-
-def _each(allowed, item_problem, empty=None):
-    def problem(key, value):
-        if empty and not value:
-            return f'config.{key} is empty: {empty}'
-        return next(filter(None, (item_problem(key, item) for item in value)), None)
-    return Check(allowed, problem)
-
-
-def _multiplier_problem(key, rule):
-    pattern, _, value = str(rule).rpartition('=')
-    if not pattern or not re.fullmatch(r'\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*', value):
-        return f"config.{key}: {rule!r} should look like 'regex=multiplier', e.g. 'lora_b$=16'."
-    return _regex_problem(key, pattern)
-
-
-def _rule_problem(key, rule):
-    if not isinstance(rule, (list, tuple)) or len(rule) != 2 or not isinstance(rule[0], str):
-        return f"config.{key}: {rule!r} should be a [logical_axis, mesh_axes] pair, e.g. ['embed', 'fsdp']."
-    axes = rule[1] if isinstance(rule[1], (list, tuple)) else (rule[1],)
-    bad = [a for a in axes if a is not None and a not in MESH_AXES]
-    return f'config.{key}: {rule[0]!r} -> {bad[0]!r} is not a mesh axis; use one of {MESH_AXES}.' if bad else None
-
-
-REGEXES = _each('regexes', _regex_problem)
-TARGETS = _each('non-empty regexes', _regex_problem,
-                empty="give regexes over module paths, e.g. ['(q|k|v|o)_proj$', '(gate|up|down)_proj$'].")
-MULTIPLIERS = _each("'regex=multiplier' items", _multiplier_problem)
-RULES = _each('[logical_axis, mesh_axes] pairs', _rule_problem)
-DTYPES = one_of('float32', 'bfloat16', 'float16')
-CHAT_FORMATS = ('gemma', 'chatml', 'llama3')  # the named formats of ftjax.data.templates
-CHAT_TEMPLATE = Check(' | '.join(CHAT_FORMATS) + ' | a Jinja template', lambda k, v: None if (
-    v in CHAT_FORMATS or '{{' in v or '{%' in v) else f"config.{k}={v!r} is neither a named chat format "
-    f"{list(CHAT_FORMATS)} nor a Jinja template (with {{{{ ... }}}} or {{% ... %}}); None = the model's own.")
-TYPE_NAMES = {bool: 'a bool', int: 'an integer', float: 'a number', str: 'a string', list: 'a list'}
-
-
-@dataclasses.dataclass(frozen=True)
-class Key:
-    name: str  # dotted, e.g. 'peft.lora.rank'
-    default: object
-    type: type  # bool | int | float | str | list
-    meaning: str
-    check: Optional[Check] = None
-    required: bool = False  # None is an error: the experiment or the command line must set it
-    optional: bool = False  # None is allowed (always, when the default is None)
-
-    @property
-    def nullable(self):
-        return self.optional or (self.default is None and not self.required)
-
-
-def K(name, default, meaning, check=None, kind=None, required=False, optional=False):
-    """One schema entry; the type is the default's unless `kind` says (None defaults)."""
-    kind = kind or (list if isinstance(default, (list, tuple)) else type(default))
-    return Key(name, default, kind, meaning, check, required, optional)
 
 
 SCHEMA = [
@@ -235,7 +141,7 @@ SCHEMA = [
       'reference-free)', one_of('dpo', 'ipo', 'simpo', 'orpo')),
     K('align.beta', 0.1, 'dpo / ipo / simpo: beta (dpo: KL strength; ipo: tau; simpo: reward scale, ~2)', POSITIVE),
     K('align.label_smoothing', 0.0, 'dpo / simpo: probability that a pair is flipped (conservative DPO)',
-      _range('[0, 0.5)', lambda v: 0 <= v < 0.5, 'in [0, 0.5)')),
+      BELOW_HALF),
     K('align.simpo_gamma', 0.5, 'simpo: target reward margin gamma', NON_NEGATIVE),
     K('align.orpo_lambda', 0.1, 'orpo: weight of the odds-ratio term beside the SFT loss', POSITIVE),
     K('align.reference', 'auto', 'dpo / ipo reference: adapters_off (LoRA / DoRA: the base in the same step), '

@@ -357,8 +357,8 @@ def smollm2(chat_data):
 @pytest.mark.slow
 def test_smollm2_gguf_blocks_equal_the_float_path(smollm2):
     config, pre, mask = smollm2
-    params = quantize.quantize_params(pre.params, mask, 'gguf', gguf_path=packaged.resolve('packaged:smollm2'),
-                                      cfg=pre.config)
+    params = quantize.quantize_params(pre.params, mask, 'gguf', gguf=build.gguf_blocks(
+        packaged.resolve('packaged:smollm2'), pre.config))
     assert quantize.kinds_in(params) == ['Q4_1', 'Q8_0']
     q = pre.__class__(pre.model, params, pre.tokenizer, pre.config)
     print(f'SmolLM2 frozen bytes: float32 {quantize.nbytes(pre.params):,}, gguf blocks {quantize.nbytes(params):,}')

@@ -16,7 +16,7 @@ the environment's (jinja2 missing: EnvironmentSetupError) or the tokenizer's (no
 that does not compile or refuses everything: ModelError), never a row's. After it, only the errors a
 template raises about a conversation's content (ROW_ERRORS) make a bad row; anything else propagates.
 """
-from ftjax.config import CHAT_FORMATS
+from ftjax.config_checks import CHAT_FORMATS
 from ftjax.data.bad_rows import BadRow, environment_error
 from ftjax.errors import ModelError
 

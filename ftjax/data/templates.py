@@ -13,7 +13,7 @@ image branch); the tokenizer then renders, saves (export) and fingerprints (data
 """
 import logging
 
-from ftjax.config import CHAT_FORMATS
+from ftjax.config_checks import CHAT_FORMATS
 from ftjax.errors import ConfigError
 
 GEMMA = (

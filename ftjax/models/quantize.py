@@ -20,6 +20,7 @@ blocks, never inside one, and a device dequantizes its shard alone.
 Dequantization happens inside the layer, in the compute dtype, just before the matmul (`qmatmul`); its backward
 pass dequantizes again instead of saving the float kernel, so no full-precision copy is stored.
 """
+import dataclasses
 import functools
 import logging
 
@@ -31,7 +32,6 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from ftjax.errors import ConfigError, ModelError
-from ftjax.models import convert, gguf_io
 
 KINDS = ('none', 'int8', 'nf4', 'gguf')  # config.model.quantize
 NF4_BLOCK = 64
@@ -299,17 +299,17 @@ def _abstract(kind, lead, k, n, double):
     return dict(parts, absmax_q=s(nb, n, dtype=np.uint8), absmax_scale=s(n), absmax_offset=s())
 
 
-def quantize_params(params, mask, kind, double=False, gguf_path=None, cfg=None):
+def quantize_params(params, mask, kind, double=False, gguf=None):
     """`params` with every frozen kernel / embedding (mask leaf False) as a QArray of `kind`; trainable leaves,
     vectors and matrices whose K does not fit the block stay as they are. Shape structs (`jax.eval_shape`,
-    `ftjax.compile_check`) give shape-struct QArrays. 'gguf' takes the blocks of the file at `gguf_path`."""
+    `ftjax.compile_check`) give shape-struct QArrays. 'gguf' takes the file's blocks: `gguf` is a `GGUFBlocks`."""
     if kind not in KINDS:
         raise ConfigError(f"config.model.quantize={kind!r} is not one of {list(KINDS)}.")
     if kind == 'none':
         return params
     flat, flat_mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(mask)
     if kind == 'gguf':
-        return traverse_util.unflatten_dict(gguf_params(flat, flat_mask, gguf_path, cfg))
+        return traverse_util.unflatten_dict(gguf_params(flat, flat_mask, gguf))
     kept = []
     for path, leaf in flat.items():
         found = _candidate(path, leaf, flat_mask.get(path))
@@ -335,22 +335,28 @@ def quantize_params(params, mask, kind, double=False, gguf_path=None, cfg=None):
 
 # --- GGUF: the file's own blocks ---------------------------------------------------------------------------
 
-def gguf_params(flat, flat_mask, path, cfg):
+@dataclasses.dataclass
+class GGUFBlocks:
+    """What `gguf_params` needs of a GGUF file (`ftjax.build.quantize_frozen` reads it)."""
+    path: str
+    blocks: dict  # {HF name: (GGML type, uint8 [N, bytes per row])}: `gguf_io.read_gguf_blocks`
+    rows: list  # [(ftjax path, HF name with '{i}', kind)]: `convert.table`
+    num_layers: int
+
+
+def gguf_params(flat, flat_mask, gguf: GGUFBlocks):
     """The flat params with each frozen kernel / embedding replaced by the GGUF file's blocks for it, checked
     against the float values already loaded from the same file (layer 0). A stacked leaf whose layers mix
     Q4_0 / Q5_0 / Q8_0 is kept as Q8_0 (exact); one that mixes other types (Q4_K and Q6_K), or that the file
     stores as floats, stays float (logged)."""
-    if not str(path or '').endswith('.gguf'):
-        raise ConfigError(f"config.model.quantize='gguf' keeps a GGUF file's own blocks, but config.model.path="
-                          f"{path!r} is not a .gguf file; use 'nf4' or 'int8' for other checkpoints.")
-    raw = gguf_io.read_gguf_blocks(path)  # {HF name: (GGML type, uint8 [N, bytes])}
+    raw, path = gguf.blocks, gguf.path
     kept = []
-    for ours, name, kind_ in convert.table(cfg, raw.keys()):
+    for ours, name, _ in gguf.rows:
         leaf = flat.get(ours)
         found = None if leaf is None else _candidate(ours, leaf, flat_mask.get(ours))
-        if found is None or kind_ not in (convert.LINEAR, convert.PLAIN):
+        if found is None:
             continue
-        names = [name.format(i=i) for i in range(cfg.num_layers)] if '{i}' in name else [name]
+        names = [name.format(i=i) for i in range(gguf.num_layers)] if '{i}' in name else [name]
         types = {raw[n_][0] if n_ in raw else 'F32' for n_ in names}
         rows = [raw[n_][1] for n_ in names if n_ in raw]
         if len(types) > 1 and types <= set(WIDEN):  # layers differ (llama.cpp's mixes): one exact block type
