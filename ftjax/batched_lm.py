@@ -143,8 +143,8 @@ class BatchedLM:
         self.shards = math.prod(self.mesh.shape[a] for a in sharding.BATCH_AXES)
         self.rows = -(-int(batch_size) // self.shards) * self.shards
         specs = sharding.logical_specs(abstract_variables(self.model))
-        param_sh = sharding.tree_shardings(pretrained.params, sharding.param_shardings(specs, self.mesh, self.rules),
-                                           self.mesh)
+        param_sh = sharding.tree_shardings(pretrained.params, sharding.param_shardings(
+            specs, self.mesh, self.rules, pretrained.params), self.mesh)  # quantized leaves: per part
         self.params = sharding.place(pretrained.params, param_sh)
         self.batch_sh = sharding.batch_sharding(self.mesh)
         self.replicated = NamedSharding(self.mesh, P())

@@ -9,7 +9,10 @@ trainer's own functions (`build.build_model_and_mask`, `build.sharded_state`, `b
 import json
 import logging
 import math
+import os
 import re
+import subprocess
+import sys
 
 import flax.linen as nn
 import gguf
@@ -25,7 +28,7 @@ from ftjax.models import packaged, quantize
 from ftjax.models.quantize import QArray
 from ftjax.state import combine, partition
 from ftjax.train_step import forward
-from tests.tiny import losses, make_llama_checkpoint, tiny_config
+from tests.tiny import REPO, losses, make_llama_checkpoint, tiny_config
 from tests.tiny_gguf import write_tiny_gguf
 
 # QLoRA (Dettmers et al. 2023), appendix E: the NF4 data type's 16 values.
@@ -306,6 +309,23 @@ def test_compile_check_sizes_the_quantized_base_as_placed(wide_llama_dir, chat_d
     assert report['quantize'] == 'nf4' and report['frozen_bytes'] == shard(state.frozen)
     assert report['params'] == quantize.num_weights((state.trainable, state.frozen))
     assert 'quantized nf4' in compile_check.format_report(report)
+
+
+@pytest.mark.slow
+def test_bench_reports_frozen_param_bytes(wide_llama_dir):
+    """scripts/bench.py --quantize: its JSON line carries the frozen base's bytes, quantized or not."""
+    got = {}
+    for kind in ('none', 'nf4'):
+        out = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'bench.py'), f'--model={wide_llama_dir}',
+                              f'--quantize={kind}', '--batch=2', '--seq=16', '--steps=1', '--rank=4'],
+                             env=dict(os.environ, XLA_FLAGS=''), capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        got[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+        assert got[kind]['quantize'] == kind and f'base {"frozen float32" if kind == "none" else "quantized nf4"}' \
+            in out.stdout
+    print({k: r['frozen_param_bytes'] for k, r in got.items()})
+    assert got['none']['frozen_param_bytes'] > 6 * got['nf4']['frozen_param_bytes'] > 0
+    assert got['none']['trainable_param_bytes'] == got['nf4']['trainable_param_bytes'] > 0
 
 
 # --- checkpoints and export -----------------------------------------------------------------------------
