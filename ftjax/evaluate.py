@@ -228,8 +228,8 @@ def run_cli(fv):
         fv.model, fv.tasks, out=out, include_path=fv.include_path, limit=fv.limit, num_fewshot=fv.num_fewshot,
         batch_size=fv.batch_size, log_samples=fv.log_samples, max_length=fv.max_length,
         mesh_data=mesh['data'], mesh_fsdp=mesh['fsdp'], mesh_tensor=mesh['tensor'],
-        evaluate_kwargs={'apply_chat_template': fv.apply_chat_template,
-                                                 'bootstrap_iters': fv.bootstrap_iters}, **model_args)
+        evaluate_kwargs={'apply_chat_template': fv.apply_chat_template, 'bootstrap_iters': fv.bootstrap_iters},
+        **model_args)
 
 
 def main(argv):
