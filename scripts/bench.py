@@ -51,6 +51,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import bench_torch  # noqa: E402  (scripts/bench_torch.py: torch side, peak-RSS helpers)
+import cpu_probe  # noqa: E402  (scripts/cpu_probe.py: the CPU's model, family and vector ISA)
 from ftjax import build, cli, data as data_lib, optim, sharding  # noqa: E402
 from ftjax import config as config_lib  # noqa: E402
 from ftjax import state as state_lib  # noqa: E402
@@ -212,14 +213,11 @@ def matmul_peak(dtype, n=2048, reps=5):
 
 
 def cpu_model():
-    """The CPU's model name (as `lscpu` prints it) and the cores this process may use."""
-    name = None
-    try:
-        with open('/proc/cpuinfo') as f:
-            name = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), None)
-    except OSError:
-        pass
-    return f"{name or 'unknown CPU'} ({len(os.sched_getaffinity(0))} cores)"
+    """The CPU as `lscpu` names it, with family/model number and vector ISA (they set the speed ratios), and
+    the cores this process may use: e.g. 'AMD EPYC (family 25 model 1, avx2 fma; 2 cores)'."""
+    info = cpu_probe.cpu_info()
+    isa = ' '.join(f for f in info['isa'] if f in ('avx2', 'fma', 'avx512f', 'amx_tile')) or 'no avx2'
+    return f"{info['model']} (family {info['family']} model {info['model_number']}, {isa}; {info['cores']} cores)"
 
 
 def random_batch(batch, seq, vocab_size):

@@ -3,7 +3,18 @@
 Shared plain functions (tiny_config, losses, write_experiment, REPO) are in tests/tiny.py.
 """
 import os
+import shutil
+import tempfile
 
+# One persistent XLA compilation cache per test run, shared by the xdist workers and the subprocesses the tests
+# start (they inherit the environment): a program compiled once (the same tiny train step in a resume test's
+# three runs, SmolLM2's generation programs in several experiment smokes) is read back, not compiled again.
+# Created here in the first process (the controller), removed when it ends; a JAX_COMPILATION_CACHE_DIR the
+# user set is used as is and kept.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="ftjax-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # With libtpu installed (the `tpu` extra), JAX would try the TPU plugin first (and hold libtpu's lockfile):
 # the suite runs on the CPU; tests/test_tpu_compile.py compiles for TPU topologies without a TPU.
@@ -20,6 +31,11 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 from ftjax import synthetic  # noqa: E402
 from tests import tiny  # noqa: E402
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

