@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from ftjax.models import load_pretrained
 from ftjax.models.gguf_io import read_gguf
 from tests import tiny
 from tests.tiny_gguf import gguf_name, permute, write_tiny_gguf
@@ -214,3 +215,14 @@ def test_smollm2_matches_transformers_gguf_loading():
         assert tok(text)['input_ids'] == ref_tok(text)['input_ids'], text
     assert tok.apply_chat_template(MESSAGES, add_generation_prompt=True)['input_ids'] == \
         ref_tok.apply_chat_template(MESSAGES, add_generation_prompt=True)['input_ids']
+
+    # the same transformers model's logits (loaded once for both checks): ftjax's forward on ftjax's load
+    model, params, _, _ = load_pretrained(path)
+    ids = np.asarray([tok.encode(chat, add_special_tokens=False)])
+    ours = np.asarray(model.apply({'params': params}, ids))
+    with torch.no_grad():
+        theirs = ref.eval()(torch.tensor(ids)).logits.numpy()
+    err = np.abs(ours - theirs).max()
+    print(f'SmolLM2 max |d logits| = {err:.2e} (logit scale {np.abs(theirs).max():.1f})')
+    assert err < 1e-3  # float32 accumulation order over 30 layers; logits are O(10)
+    assert ours[0, -1].argmax() == theirs[0, -1].argmax()
