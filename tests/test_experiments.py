@@ -5,8 +5,9 @@ Each run is a subprocess on one CPU device, offline, as a user would start it. A
 is skipped and says which. The runs are checked for exit code 0, summary.json, finite train and eval losses in
 metrics.jsonl, and (experiments with `eval.generate`) the base / fine-tuned generation table. SMOKES (10 runs,
 every experiment file but gemma3_instruct.py, whose parts two others cover) are in CI's command; VARIANT_SMOKES
-(the other method settings of the same files) are marked `variants`: `pytest -m variants tests/test_experiments.py`. A smoke that grows slow
-should be made smaller in its experiment file, not skipped here.
+(the other method settings of the same files) are marked `variants`:
+`pytest -m variants tests/test_experiments.py`. A smoke that grows slow should be made smaller in its experiment
+file, not skipped here.
 """
 import glob
 import importlib.util
