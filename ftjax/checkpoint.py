@@ -9,8 +9,8 @@ never taken for a good checkpoint; leftovers are cleaned at start-up.
 
 `resume` picks the step a run continues from. It never deletes a step: a broken one (missing commit
 markers, or one that fails to restore while an older one restores) and, with train.resume_step, the
-steps after the chosen one are moved to `workdir/checkpoints_aside/<step>.<why>.<time>/`, outside
-orbax's directory, so neither a save of the same step nor the keep_checkpoints retention can touch the
+steps after the chosen one are moved to `workdir/checkpoints_aside/<step>.<why>.<time>/` (`RunDir.aside`),
+outside orbax's directory, so neither a save of the same step nor the keep_checkpoints retention can touch the
 step the run resumed from.
 """
 import dataclasses
@@ -31,6 +31,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from ftjax.errors import CheckpointError, MissingFileError
 from ftjax.models import packaged
 from ftjax.tree import path_str
+from ftjax.workdir import ASIDE_DIR, CONFIG_FILE, RunDir
 
 _HASH_CACHE = {}
 
@@ -45,7 +46,7 @@ def make_manager(workdir, train_cfg):
     options = ocp.CheckpointManagerOptions(
         enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True,
         preservation_policy=pp.AnyPreservationPolicy(policies))
-    return ocp.CheckpointManager(_checkpoints_dir(workdir), options=options, item_names=('params', 'opt', 'meta'))
+    return ocp.CheckpointManager(RunDir(workdir).checkpoints, options=options, item_names=('params', 'opt', 'meta'))
 
 
 def split_state(state):
@@ -170,7 +171,7 @@ def step_status(workdir):
     items, each with its own marker. Orbax's temporary directories (`<step>.orbax-checkpoint-tmp-*`) are not
     listed: a save still running (or killed) is not a checkpoint.
     """
-    ckpt_dir = epath.Path(workdir) / 'checkpoints'
+    ckpt_dir = epath.Path(RunDir(workdir).checkpoints)
     out = {}
     for path in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else []):
         if not path.name.isdigit() or not path.is_dir():
@@ -181,13 +182,8 @@ def step_status(workdir):
     return out
 
 
-def _checkpoints_dir(workdir):
-    """`workdir/checkpoints`, absolute (a gs://bucket/... workdir stays as is)."""
-    return os.path.join(workdir if '://' in str(workdir) else os.path.abspath(workdir), 'checkpoints')
-
-
 def _no_checkpoint_error(workdir, status, step):
-    ckpt_dir = _checkpoints_dir(workdir)
+    ckpt_dir = RunDir(workdir).checkpoints
     complete = sorted(s for s, why in status.items() if why is None)
     broken = '; '.join(f'step {s}: {why}' for s, why in sorted(status.items()) if why is not None)
     broken = (f" Incomplete (an interrupted save, or a partial copy; orbax writes {COMMIT_MARKER} last): "
@@ -196,7 +192,7 @@ def _no_checkpoint_error(workdir, status, step):
         return MissingFileError(f"{workdir}: no complete checkpoint for --step={step} under {ckpt_dir}; complete "
                                 f"steps: {complete}. Pass one of those (or leave --step out for the latest).{broken}")
     return MissingFileError(f"{workdir}: no complete checkpoint under {ckpt_dir}.{broken} Train first, or rerun the "
-                            f"run's `python -m ftjax.train` command with this --workdir to resume it until a "
+                            f"run's `python -m ftjax train` command with this --workdir to resume it until a "
                             f"checkpoint is saved (every train.checkpoint_every steps and at the end).")
 
 
@@ -215,14 +211,11 @@ def pick_complete_step(workdir, step=None):
     return step, complete
 
 
-ASIDE_DIR = 'checkpoints_aside'  # beside checkpoints/: orbax (its retention included) never looks here
-
-
 def set_aside(workdir, step, why):
     """Moves `workdir/checkpoints/<step>` to `workdir/checkpoints_aside/<step>.<why>.<time>` -> the new path.
     Nothing is deleted: a step that is set aside can be moved back by hand."""
-    src = epath.Path(_checkpoints_dir(workdir)) / str(int(step))
-    aside = epath.Path(_checkpoints_dir(workdir)).parent / ASIDE_DIR
+    src = epath.Path(RunDir(workdir).checkpoints) / str(int(step))
+    aside = epath.Path(RunDir(workdir).aside)
     aside.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime('%Y%m%d-%H%M%S')
     dst, n = aside / f'{int(step)}.{why}.{stamp}', 1
@@ -270,8 +263,8 @@ def resume(mngr, workdir, train_cfg, state, base_ref, trainable_sig, primary=Tru
     """
     status = step_status(workdir)
     complete = sorted(s for s, why in status.items() if why is None)
-    wanted = train_cfg.get('resume_step', None)
-    where = _checkpoints_dir(workdir)
+    wanted = train_cfg.resume_step
+    where = RunDir(workdir).checkpoints
     if wanted is not None and int(wanted) not in complete:
         what = f'is incomplete ({status[int(wanted)]})' if int(wanted) in status else 'does not exist'
         raise CheckpointError(f'--config.train.resume_step={wanted}: {os.path.join(where, str(wanted))} {what}; '
@@ -313,13 +306,13 @@ def read_trainable(workdir, step, trainable, model_path, complete=(), quantized=
     save may be in flight) is safe, and a checkpoint of any mesh is read on a single host.
     """
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False)
-    mngr = ocp.CheckpointManager(_checkpoints_dir(workdir), options=options, item_names=('params', 'opt', 'meta'))
+    mngr = ocp.CheckpointManager(RunDir(workdir).checkpoints, options=options, item_names=('params', 'opt', 'meta'))
     where = step_dir(mngr, step)
     meta = read_meta(mngr, step)
     base = base_reference(model_path, quantized)
     if meta.get('base', {}).get('sha256') != base['sha256']:
         raise CheckpointError(f"{where} was trained on the base weights {meta.get('base')}, but model.path in "
-                              f"{os.path.join(workdir, 'config.json')} now holds {base}. Restore the original base "
+                              f"{os.path.join(workdir, CONFIG_FILE)} now holds {base}. Restore the original base "
                               f"model there (or point model.path in that config.json at a copy of it).")
     check_compatible(meta, base, leaf_signature(trainable), where)
     try:

@@ -1,7 +1,7 @@
 r"""Compile the train step for a mesh before renting it: does it compile, and what does a device hold?
 
-  python -m ftjax.compile_check --config=experiments/quickstart.py --topology=v5e:2x2
-  python -m ftjax.compile_check --config=experiments/quickstart.py --topology=data=4,fsdp=2,tensor=1
+  python -m ftjax compile_check --config=experiments/quickstart.py --topology=v5e:2x2
+  python -m ftjax compile_check --config=experiments/quickstart.py --topology=data=4,fsdp=2,tensor=1
 
 A TPU topology name (v5e:1x1 = one chip, v4:2x2x1, v5e:2x2, v5p:2x2x2, v6e:4x4, ...; needs libtpu:
 `pip install -e '.[tpu]'`) runs the real TPU compiler with no TPU present: the mesh is `config.mesh` over that
@@ -17,7 +17,9 @@ analysis of the compiled step (arguments, outputs, temporaries, generated code),
 (`summary_json`). `--config.model.quantize=nf4` (or int8) sizes a quantized frozen base (QLoRA) from the
 shapes alone (`ftjax.models.quantize`; 'gguf' needs the file's blocks and is refused).
 With fake CPU devices the XLA numbers are the CPU compiler's (TPU/GPU fuse differently:
-an estimate); for a TPU topology they are the TPU compiler's own; the param and optimizer bytes are exact. `--config.*` overrides apply as for `ftjax.train` (e.g. --config.train.batch_size=64).
+an estimate); for a TPU topology they are the TPU compiler's own; the param and optimizer bytes are exact.
+`--config.*` overrides apply as for `python -m ftjax train` (e.g. --config.train.batch_size=64). The command:
+ftjax/cli/compile_check.py.
 """
 import dataclasses
 import json
@@ -30,20 +32,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 from jax.experimental import topologies
 
-from ftjax import build, cli, optim, peft, sharding
+from ftjax import build, optim, peft, sharding
 from ftjax.config import validate
+from ftjax.data import layout
 from ftjax.errors import ConfigError, EnvironmentSetupError, MissingFileError
 from ftjax.models import gguf_io, kernels, loading, packaged, quantize
-from ftjax.models.heads import task_of
+from ftjax.objectives import objective_for
 from ftjax.state import partition
 
-FLAGS = flags.FLAGS
-cli.define_config_flag()
-flags.DEFINE_string('topology', None, "A TPU topology ('v5e:2x2', 'v5p:2x2x2'; the mesh is config.mesh over its "
-                    "devices), or fake CPU mesh sizes, e.g. 'data=4,fsdp=2,tensor=1' (missing axes are 1).")
 UNITS = {'GiB': 1 << 30, 'MiB': 1 << 20, 'KiB': 1 << 10}
 # Per chip (one JAX device): HBM bytes, peak dense bf16 FLOP/s, HBM bytes/s (Google Cloud's published specs).
 TPU_CHIPS = {
@@ -96,7 +94,7 @@ def use_fake_cpu_devices(n):
     from jax._src import xla_bridge
     if xla_bridge.backends_are_initialized():
         raise RuntimeError('compile_check: a JAX backend was initialised before the fake devices could be set up; '
-                           'run it as `python -m ftjax.compile_check ...` in a fresh process.')
+                           'run it as `python -m ftjax compile_check ...` in a fresh process.')
     flags_ = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'xla_force_host_platform_device_count' not in f]
     os.environ['XLA_FLAGS'] = ' '.join(flags_ + [f'--xla_force_host_platform_device_count={n}'])
     jax.config.update('jax_platforms', 'cpu')
@@ -137,7 +135,7 @@ def abstract_model(config):
         out['pre'], out['mask'] = peft.prepare(dataclasses.replace(pre, params=params), config, jax.random.key(0))
         return out['pre'].params
     params = jax.eval_shape(prepared, params)
-    if m.get('quantize', 'none') == 'gguf':
+    if m.quantize == 'gguf':
         raise ConfigError("compile_check sizes model.quantize='int8' or 'nf4' bases from shapes alone; 'gguf' keeps "
                           "a file's own blocks, which it does not read: pass --config.model.quantize=nf4 (4.5 bits "
                           "per weight, Q4_1 is 5) or int8.")
@@ -145,17 +143,11 @@ def abstract_model(config):
     return pre, out['mask']
 
 
-def abstract_batch(model, batch_size, max_length, batch_sh):
-    """Shape structs of one global batch, as `ftjax.data` builds it (see `data.take_rows`)."""
-    b, t = batch_size, max_length
-    if task_of(model.cfg) == 'lm':
-        spec = {'input_ids': ((b, t), jnp.int32), 'target_ids': ((b, t), jnp.int32),
-                'loss_mask': ((b, t), jnp.float32), 'segment_ids': ((b, t), jnp.int32),
-                'positions': ((b, t), jnp.int32)}
-    else:
-        spec = {'input_ids': ((b, t), jnp.int32), 'attention_mask': ((b, t), jnp.int32),
-                'token_type_ids': ((b, t), jnp.int32), 'label': ((b,), jnp.int32)}
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh) for k, (shape, dtype) in spec.items()}
+def abstract_batch(config, model, batch_sh):
+    """Shape structs of one global batch of `config`'s objective, as `ftjax.data` lays it out (`data.layout`)."""
+    objective = objective_for(config, model)
+    return layout.abstract_batch(objective.name, config.train.batch_size, config.data.max_length, batch_sh,
+                                 reference=objective.reference == 'precomputed')
 
 
 def _device_bytes(abstract, shardings):
@@ -166,8 +158,8 @@ def _device_bytes(abstract, shardings):
 
 def check(config, topology, devices=None, topology_name=None, keep_compiled=False):
     """Compiles the train step of `config` for the mesh `topology` ({'data': 4, 'fsdp': 2, 'tensor': 1}) over
-    `devices` (this process's by default; a TPU topology's from `tpu_devices`); returns the numbers `main`
-    prints (bytes per device), and the compiled step as 'compiled' when `keep_compiled`."""
+    `devices` (this process's by default; a TPU topology's from `tpu_devices`); returns the numbers the
+    command prints (bytes per device), and the compiled step as 'compiled' when `keep_compiled`."""
     n = math.prod(topology.values())
     devices = jax.devices()[:n] if devices is None else devices
     if len(devices) < n:
@@ -176,7 +168,7 @@ def check(config, topology, devices=None, topology_name=None, keep_compiled=Fals
     for axis, size in topology.items():
         config.mesh[axis] = size
     platform = devices[0].platform
-    config.model.kernels = kernels.resolve(config.model.get('kernels', 'auto'), platform)  # for the target
+    config.model.kernels = kernels.resolve(config.model.kernels, platform)  # for the target
     validate(config)
     batch_ways = topology['data'] * topology['fsdp']
     if config.train.batch_size % batch_ways:
@@ -190,7 +182,7 @@ def check(config, topology, devices=None, topology_name=None, keep_compiled=Fals
     abstract_state, state_sh, _ = build.state_shardings(pre.model, pre.params, mask, tx, config, mesh, rules)
     state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
     batch_sh = sharding.batch_sharding(mesh)
-    batch_in = abstract_batch(pre.model, config.train.batch_size, config.data.max_length, batch_sh)
+    batch_in = abstract_batch(config, pre.model, batch_sh)
     p_step = build.jit_train_step(pre.model, config, tx, schedule, state_sh, batch_sh)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -299,30 +291,8 @@ def format_report(r):
 
 
 def summary_json(r):
-    """The last line `main` prints: the report's headline numbers as one JSON object."""
+    """The last line the command prints: the report's headline numbers as one JSON object."""
     keys = ('platform', 'topology', 'devices', 'mesh', 'model', 'method', 'batch', 'kernels', 'attention',
             'quantize', 'frozen_bytes', 'per_device_bytes', 'hbm_bytes', 'fits', 'flops_per_step', 'estimate',
             'compile_s')
     return json.dumps({k: r[k] for k in keys if k in r})
-
-
-def main(argv):
-    del argv
-    if FLAGS.topology is None:
-        raise app.UsageError('--topology is required, e.g. --topology=v5e:2x2 or --topology=data=4,fsdp=2,tensor=1.')
-    if is_tpu_topology(FLAGS.topology):
-        jax.config.update('jax_platforms', 'cpu')  # the host runs on its CPU; the program is compiled for the TPU
-        devices = tpu_devices(FLAGS.topology)
-        sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(FLAGS.config.mesh, len(devices))))
-        report = check(FLAGS.config, sizes, devices, topology_name=FLAGS.topology)
-    else:
-        topology = parse_topology(FLAGS.topology)
-        use_fake_cpu_devices(math.prod(topology.values()))
-        report = check(FLAGS.config, topology)
-    print(format_report(report), flush=True)
-    print(summary_json(report), flush=True)
-
-
-if __name__ == '__main__':
-    flags.mark_flags_as_required(['config'])
-    cli.run(main)

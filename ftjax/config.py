@@ -6,12 +6,18 @@ valid key), types, allowed values or ranges, required keys, and the few checks t
 Every key is part of the command-line surface (`--config.peft.lora.rank=16`): sweeps, docs and
 users' scripts depend on these names, so rename nothing; add keys instead.
 
-  python -m ftjax.config              # the table of every key
-  python -m ftjax.config --markdown   # the same as docs/config.md (tests keep the file in sync)
+Text to values, once for every surface (`--config.KEY=VALUE`, a sweep's `--grid`, tests): `parse_value`
+reads a key's text as its type, `apply_overrides` sets [(key, text), ...] on a config and `override` sets
+{key: value}; `load_experiment` / `load_config` read an experiment file.
+
+  python -m ftjax config              # the table of every key (ftjax/cli/config.py)
+  python -m ftjax config --markdown   # the same as docs/config.md (tests keep the file in sync)
 """
+import ast
 import copy
 import difflib
-import sys
+import importlib.util
+import os
 
 import ml_collections
 from ml_collections import config_dict
@@ -19,7 +25,7 @@ from ml_collections import config_dict
 from ftjax.config_checks import (AT_LEAST_2, AXIS_SIZE, BELOW_HALF, CHAT_TEMPLATE, DTYPES, FRACTION,
                                   FRACTION_BELOW_1, MESH_AXES, MULTIPLIERS, NON_NEGATIVE, POSITIVE, POSITIVE_INT,
                                   REGEXES, RULES, TARGETS, TYPE_NAMES, K, one_of)
-from ftjax.errors import ConfigError
+from ftjax.errors import ConfigError, MissingFileError
 
 LORA_TARGETS_ATTN_MLP = ['(q|k|v|o)_proj$', '(gate|up|down)_proj$']
 DEFAULT_RULES = [  # logical axis -> mesh axes; first matching, unused mesh axis wins (flax semantics)
@@ -119,14 +125,14 @@ SCHEMA = [
     # --- eval: generation on held-out prompts (decoders) ---
     K('eval.generate', 0, 'answer this many eval prompts greedily before and after training; 0 = off',
       NON_NEGATIVE),
-    K('eval.scorer', 'exact', "how an answer is scored (ftjax/scores.py; last_number: GSM8K's final number, "
+    K('eval.scorer', 'exact', "how an answer is scored (ftjax/eval/scores.py; last_number: GSM8K's final number, "
       'squad_*: SQuAD-normalised, bleu/chrf: sacreBLEU corpus score / 100)',
       one_of('exact', 'json', 'last_number', 'squad_em', 'squad_f1', 'rouge1', 'rouge2', 'rougeL', 'bleu', 'chrf')),
     K('eval.max_new_tokens', 64, 'most new tokens per answer', POSITIVE_INT),
     K('eval.batch_size', 8, 'prompts per generation batch', POSITIVE_INT),
     K('eval.log_samples', 3, 'generations printed and written to TensorBoard', NON_NEGATIVE),
     K('eval.harness_tasks', [], 'lm-evaluation-harness tasks (names or YAML files) run on the fine-tuned model at '
-      "the end of the run, results in the workdir's harness.json (ftjax/harness.py; the eval extra)", kind=list),
+      "the end of the run, results in the workdir's harness.json (ftjax/eval/harness.py; the eval extra)", kind=list),
     K('eval.harness_include_path', None, 'a directory of task YAMLs for eval.harness_tasks, e.g. '
       'experiments/eval_tasks', kind=str),
     K('eval.harness_limit', 0, 'examples per harness task; 0 = all', NON_NEGATIVE),
@@ -136,7 +142,7 @@ SCHEMA = [
     K('mesh.tensor', 1, 'tensor-parallel axis size', AXIS_SIZE),
     K('mesh.rules', [list(r) for r in DEFAULT_RULES], 'logical axis -> mesh axes; the first matching, '
       'unused mesh axis wins', RULES),
-    # --- align: preference optimisation (data.format='preference'; ftjax/preference.py) ---
+    # --- align: preference optimisation (data.format='preference'; ftjax/objectives/preference.py) ---
     K('align.loss', 'dpo', 'preference loss: dpo (sigmoid), ipo, simpo (reference-free), orpo (SFT + odds ratio, '
       'reference-free)', one_of('dpo', 'ipo', 'simpo', 'orpo')),
     K('align.beta', 0.1, 'dpo / ipo / simpo: beta (dpo: KL strength; ipo: tau; simpo: reward scale, ~2)', POSITIVE),
@@ -208,6 +214,7 @@ SCHEMA = [
     K('data.shuffle', True, 'a new seeded permutation of the rows every epoch'),
 ]
 KEYS = {k.name: k for k in SCHEMA}
+TRUE, FALSE = ('true', 't', 'yes', 'y', '1'), ('false', 'f', 'no', 'n', '0')  # a bool's text
 GROUPS = sorted({k.name.rsplit('.', i)[0] for k in SCHEMA for i in range(1, k.name.count('.') + 1)})
 SECTIONS = {'model': 'The base model and its numerics.', 'peft': 'Which parameters train.',
             'optim': 'Optimizer and learning-rate schedule.', 'train': 'The training loop.',
@@ -264,7 +271,7 @@ def suggest(name, candidates):
 
 def unknown_key_error(name):
     hint = suggest(name, list(KEYS)) or suggest(name, GROUPS)
-    return ConfigError(f'config.{name} is not a config key.{hint} (`python -m ftjax.config` lists every key.)')
+    return ConfigError(f'config.{name} is not a config key.{hint} (`python -m ftjax config` lists every key.)')
 
 
 def _leaves(node, prefix):
@@ -351,52 +358,104 @@ def _closest(word, words):
     return f' Did you mean {close[0]!r}?' if close else ''
 
 
-# --- the table (python -m ftjax.config) ----------------------------------------------------------------
+# --- text to values: the command line, sweeps and tests ------------------------------------------------
 
-def _shown(value, width=44):
-    text = repr(value)
-    return text if len(text) <= width else text[:width - 4] + '...' + text[-1]
-
-
-def rows():
-    """(key, type, default, allowed, meaning) of every key, as text."""
-    for k in SCHEMA:
-        allowed = k.check.allowed if k.check else ('true | false' if k.type is bool else '')
-        if k.required:
-            allowed = f'required; {allowed}' if allowed else 'required'
-        elif k.nullable and k.default is not None:
-            allowed = f'{allowed} or None' if allowed else 'or None'
-        yield k.name, k.type.__name__, _shown(k.default), allowed, k.meaning
-
-
-def text_table():
-    table = list(rows())
-    widths = [max(len(r[i]) for r in table + [('key', 'type', 'default', 'allowed', '')]) for i in range(4)]
-    line = lambda r: '  '.join(c.ljust(w) for c, w in zip(r, widths)) + '  ' + r[4]
-    return '\n'.join([line(('key', 'type', 'default', 'allowed', 'meaning'))] + [line(r) for r in table]) + '\n'
-
-
-def markdown():
-    out = ['# Config keys', '',
-           '<!-- Generated by `python -m ftjax.config --markdown > docs/config.md`; '
-           'tests/test_config.py keeps it in sync. -->', '',
-           'Every key of an experiment config, settable on the command line of `ftjax.train`, `ftjax.sweep` '
-           'and `ftjax.compile_check`:', '',
-           '```\npython -m ftjax.train --config=experiments/x.py[:arg] --workdir=DIR --config.KEY=VALUE ...\n```', '',
-           'A list key takes one value (`--config.peft.trainable=.*norm.*` is `[\'.*norm.*\']`), repeated flags '
-           '(each adds one item), or a Python literal (`--config.peft.lora.targets="[\'q_proj$\', \'v_proj$\']"`); '
-           'a key whose default is None, or marked "or None", takes `None`. An unknown key is an error that names '
-           'the closest valid one.', '']
-    for section, about in SECTIONS.items():
-        out += [f'## {section}', '', about, '', '| key | type | default | allowed | meaning |',
-                '|---|---|---|---|---|']
-        for name, kind, default, allowed, meaning in rows():
-            if name.split('.')[0] == section:
-                cells = [f'`{name}`', kind, f'`{default}`', allowed, meaning]
-                out.append('| ' + ' | '.join(c.replace('|', '\\|') for c in cells) + ' |')
-        out.append('')
-    return '\n'.join(out)
+def parse_value(name, text, where=None):
+    """The text of the key `name` as the key's type (the one parser of `--config.KEY=VALUE` and `--grid`):
+    a bool is true/false (yes/no, 1/0, ...), a number may be written 3e-4 (an int 1e3), a str may be quoted
+    ('a,b'), a list key's text is a list literal or one item, and `None` fits a key that may be None."""
+    key = KEYS.get(name)
+    where = where or f'--config.{name}={text}'
+    if key is None:
+        raise ConfigError(f'{where}: {unknown_key_error(name)}')
+    text = str(text)
+    if text.strip() == 'None' and key.nullable:
+        return None
+    if key.type is list:  # a list or tuple literal, else one item: '(q|v)_proj$' is a regex, not a literal
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            value = None
+        return list(value) if isinstance(value, (list, tuple)) else [value if isinstance(value, str) else text]
+    if key.type is bool:
+        if text.strip().lower() not in TRUE + FALSE:
+            raise ConfigError(f'{where}: config.{name} is a bool (true or false).')
+        return text.strip().lower() in TRUE
+    if key.type is str:
+        quoted = len(text) > 1 and text[0] == text[-1] and text[0] in '\'"'
+        return text[1:-1] if quoted else text
+    try:
+        number = float(text)
+    except ValueError:
+        raise ConfigError(f'{where}: config.{name} must be {TYPE_NAMES[key.type]}.') from None
+    if key.type is int:
+        if not number.is_integer():
+            raise ConfigError(f'{where}: config.{name} must be an integer.')
+        return int(number)
+    return number
 
 
-if __name__ == '__main__':
-    sys.stdout.write(markdown() if '--markdown' in sys.argv[1:] else text_table())
+def set_value(config, name, value, where=None):
+    """Sets the dotted key `name` of `config` to `value` (a ConfigError names a group the config lacks)."""
+    where = where or f'config.{name}'
+    *groups, leaf = name.split('.')
+    node = config
+    for group in groups:
+        if not isinstance(node, ml_collections.ConfigDict) or group not in node:
+            raise ConfigError(f"{where}: the experiment's config has no group config.{name.rsplit('.', 1)[0]} "
+                              f'(build it from ftjax.config.default_config()).')
+        node = node[group]
+    try:
+        node[leaf] = value
+    except (TypeError, KeyError, AttributeError) as e:
+        raise ConfigError(f'{where}: {e}') from None
+
+
+def apply_overrides(config, overrides):
+    """Sets [(key, text), ...] (`--config.KEY=VALUE` in order) on `config`: a scalar key takes its last
+    value, the values of a list key are joined in order. An unknown key is a ConfigError naming the closest."""
+    values = {}
+    for name, text in overrides:
+        value = parse_value(name, text)
+        if KEYS[name].type is list and values.get(name) is not None and value is not None:
+            value = values[name] + value
+        values[name] = value
+    for name, value in values.items():
+        set_value(config, name, value, f'--config.{name}')
+    return config
+
+
+def override(config, values):
+    """A copy of `config` with `values` ({dotted key: value}, e.g. {'peft.lora.rank': 4}) set."""
+    config = copy.deepcopy(config)
+    for name, value in values.items():
+        set_value(config, name, value)
+    return config
+
+
+def load_experiment(spec):
+    """`file.py` or `file.py:arg` -> its get_config() or get_config('arg') (a ConfigDict)."""
+    path, *arg = spec.split(':', 1)
+    if not os.path.isfile(path):
+        raise MissingFileError(f'--config={spec}: no file {path!r} (relative to {os.getcwd()}).')
+    module_spec = importlib.util.spec_from_file_location('ftjax_experiment', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, 'get_config'):
+        raise ConfigError(f'--config={spec}: {path} defines no get_config(); an experiment file returns its '
+                          f'ConfigDict from get_config(arg=None).')
+    config = module.get_config(*arg)
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f'--config={spec}: get_config() returned {type(config).__name__}, not a ConfigDict '
+                          f'(start from ftjax.config.default_config()).')
+    return config
+
+
+def load_config(spec, overrides=(), check=True):
+    """The experiment `spec` with the [(key, text), ...] overrides applied, validated (unless not `check`)
+    and locked (no key can be added)."""
+    config = apply_overrides(load_experiment(spec), overrides)
+    if check:
+        validate(config)
+    config.lock()
+    return config

@@ -9,7 +9,7 @@ serves every (batch, prompt bucket, max_new_tokens, sampling mode). Inside it th
 in one call and a `lax.while_loop` decodes one token per step until every row has emitted an EOS
 token (kept in the output) or `max_new_tokens` are done.
 
-The command line is `python -m ftjax.generate` (ftjax/generate.py).
+The command line is `python -m ftjax generate` (ftjax/cli/generate.py).
 """
 import functools
 import json

@@ -1,13 +1,13 @@
 """Export a fine-tuned model for transformers / vLLM / llama.cpp, or its LoRA adapter for `peft`.
 
-  python -m ftjax.export --workdir=DIR --out=DIR --format=hf|peft [--step=N] [--dtype=bfloat16|float32]
+  python -m ftjax export --workdir=DIR --out=DIR --format=hf|peft [--step=N] [--dtype=bfloat16|float32]
 
 exports a training run's latest complete checkpoint (or step N); it only reads the workdir, so it is safe
 beside a training that is still running, and a run trained on any mesh exports on a single host. A base
 model read from a quantized GGUF file is exported dequantized (float32 unless --dtype says otherwise);
 the export says so, with both sizes. A run on a quantized base (`model.quantize`) exports `--format=peft` as
-any LoRA run, and `--format=hf` merges its adapters into the dequantized base (one line says so). Errors are
-one line (`ftjax.cli`), exit code 2.
+any LoRA run, and `--format=hf` merges its adapters into the dequantized base (one line says so). The command:
+ftjax/cli/export.py.
 
 Python API:
   export_hf(pre, out_dir, dtype='float32')  merged weights (LoRA/DoRA folded in) as a Hugging Face directory:
@@ -26,17 +26,16 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 from etils import epath
 
-from ftjax import build, cli
+from ftjax import build
 from ftjax.errors import ConfigError, MissingFileError, ModelError, OutputExistsError
 from ftjax.models import adapters, convert, gguf_io, quantize
 from ftjax.models.convert import hf_rows, layer_names, linear_modules
 from ftjax.models.loading import Pretrained
 from ftjax.peft.adapter_io import LORA_TENSORS, PEFT_PREFIX, peft_task
 from ftjax.tree import get_path
-from ftjax.workdir import load_workdir_config
+from ftjax.workdir import RunDir
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
 MODULES_TO_SAVE = {'bert': ('classifier', 'pooler'), 'roberta': ('classifier',)}  # the head, saved whole
@@ -252,7 +251,7 @@ def export_peft(pre: Pretrained, out_dir, dtype='float32'):
     return out_dir
 
 
-# --- command line -----------------------------------------------------------------------------------------
+# --- a run's export -----------------------------------------------------------------------------------------
 
 
 def check_peft_run(pre, workdir, run_config=None):
@@ -262,16 +261,15 @@ def check_peft_run(pre, workdir, run_config=None):
         raise ConfigError(f"--format=peft exports LoRA adapters, but {workdir} is a peft.method={method!r} run: its "
                           f"base weights changed, which an adapter cannot carry. Export it with --format=hf "
                           f"(merged weights).")
-    model_cfg = run_config.get('model', {}) if run_config is not None else {}
-    if model_cfg.get('adapter_merge'):
+    if run_config is not None and run_config.model.adapter_merge:  # laid over the defaults (RunDir.config)
         raise ConfigError(f"--format=peft: {workdir} trained its adapter on the base with model.adapter="
-                          f"{model_cfg.get('adapter')!r} merged into it (model.adapter_merge), so it is no adapter of "
+                          f"{run_config.model.adapter!r} merged into it (model.adapter_merge), so it is no adapter of "
                           f"the base alone. Export it with --format=hf (merged weights).")
     if run_config is not None:
         p = run_config.peft
-        extra = [k for k, v in (('peft.trainable', list(p.get('trainable', []))), ('peft.norms', p.get('norms')),
-                                ('peft.biases', p.get('biases')), ('peft.embeddings', p.get('embeddings')),
-                                ('peft.last_n_blocks', p.get('last_n_blocks'))) if v]
+        extra = [k for k, v in (('peft.trainable', list(p.trainable)), ('peft.norms', p.norms),
+                                ('peft.biases', p.biases), ('peft.embeddings', p.embeddings),
+                                ('peft.last_n_blocks', p.last_n_blocks)) if v]
         if extra:
             raise ConfigError(f"--format=peft: {workdir} also trained {', '.join(extra)}, which a LoRA adapter "
                               f"cannot carry. Export it with --format=hf (merged weights).")
@@ -284,10 +282,10 @@ def export(workdir, out_dir, format='hf', step=None, dtype='float32'):
     _np_dtype(dtype)
     if not epath.Path(workdir).is_dir():
         raise MissingFileError(f"--workdir={workdir} does not exist; pass the directory given to "
-                               f"`python -m ftjax.train --workdir=...`.")
+                               f"`python -m ftjax train --workdir=...`.")
     run_config = None
-    if (epath.Path(workdir) / 'config.json').exists():
-        run_config = load_workdir_config(workdir)
+    if RunDir(workdir).config_file.exists():
+        run_config = RunDir(workdir).config()
     if format == 'peft' and run_config is not None and run_config.peft.method not in ('lora', 'dora'):
         check_peft_run(None, workdir, run_config)  # refuse before loading anything
     pre = build.restore_for_export(workdir, step)
@@ -295,30 +293,3 @@ def export(workdir, out_dir, format='hf', step=None, dtype='float32'):
         check_peft_run(pre, workdir, run_config)
         return export_peft(pre, out_dir, dtype)
     return export_hf(pre, out_dir, dtype)
-
-
-def define_flags(flag_values=None):
-    """The CLI's absl flags (on demand; `--workdir` is shared with ftjax.train when that is imported first)."""
-    fv = flag_values if flag_values is not None else flags.FLAGS
-    define = [('string', 'workdir', None, 'The training run to export (holds config.json and checkpoints/).'),
-              ('string', 'out', None, 'Output directory (new or empty).'),
-              ('enum', 'format', 'hf', 'hf: merged Hugging Face model; peft: the LoRA adapter alone.', ['hf', 'peft']),
-              ('integer', 'step', None, 'Checkpoint step to export (default: the latest complete one).'),
-              ('enum', 'dtype', 'float32', 'dtype of the exported tensors.', ['float32', 'bfloat16', 'float16'])]
-    for kind, name, default, help_text, *choices in define:
-        if name not in fv:
-            getattr(flags, f'DEFINE_{kind}')(name, default, *choices, help_text, flag_values=fv)
-    flags.mark_flags_as_required(['workdir', 'out'], flag_values=fv)
-    return fv
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments {argv[1:]}.")
-    fv = flags.FLAGS
-    print(export(fv.workdir, fv.out, fv.format, fv.step, fv.dtype))
-
-
-if __name__ == '__main__':
-    define_flags()
-    cli.run(main)

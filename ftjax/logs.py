@@ -1,4 +1,4 @@
-"""Where metrics go: `workdir/metrics.jsonl` (read back by `ftjax.workdir.read_metrics`), TensorBoard event
+"""Where metrics go: `workdir/metrics.jsonl` (read back by `ftjax.workdir.RunDir.metrics`), TensorBoard event
 files, and the console's progress display (`Progress`).
 
 Only process 0 writes; every process may call these functions. The workdir may be a bucket
@@ -19,10 +19,9 @@ import time
 
 import jax
 import numpy as np
-from etils import epath
 from tqdm import tqdm
 
-from ftjax.workdir import METRICS_FILE
+from ftjax.workdir import RunDir
 
 
 def _scalar(v):
@@ -35,7 +34,7 @@ class MetricsLog:
 
     def __init__(self, workdir, total_steps, start_step=0, progress=True, log_every=1):
         self.primary = jax.process_index() == 0
-        self.path = epath.Path(workdir) / METRICS_FILE
+        self.path = RunDir(workdir).metrics_file
         self.remote = is_remote(workdir)
         self.rows = []  # a remote file's lines, rewritten whole on each write
         self.tb = None

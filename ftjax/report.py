@@ -1,27 +1,25 @@
 """Results of finished runs and sweeps: one row per run, as CSV, a markdown table and loss curves.
 
-  python -m ftjax.report --workdir=DIR      # DIR: one run's workdir, or a sweep's (run dirs inside)
+  python -m ftjax report --workdir=DIR      # DIR: one run's workdir, or a sweep's (run dirs inside)
 
 A run's workdir holds `config.json` (the resolved config), `metrics.jsonl` (one object per logged
 step), once it ended cleanly `summary.json`, and after an lm-evaluation-harness run (`eval.harness_tasks`,
-or `python -m ftjax.evaluate --workdir`) `harness.json`, whose task metrics become 'final harness/TASK/METRIC'
+or `python -m ftjax evaluate --workdir`) `harness.json`, whose task metrics become 'final harness/TASK/METRIC'
 columns. A sweep's workdir holds one such directory per grid point and `sweep.json` (the grid), whose keys
 become the table's first columns; without it, the columns are the config keys whose values differ between
 the runs.
 """
-import argparse
 import csv
 import json
 import math
 import os
 
-from ftjax import cli
 from ftjax.errors import MissingFileError, WorkdirError
-from ftjax.workdir import CONFIG_FILE, HARNESS_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
+from ftjax.workdir import CONFIG_FILE, HARNESS_FILE, METRICS_FILE, SUMMARY_FILE, RunDir
 
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE)
 SWEEP_FILE = 'sweep.json'
-ERROR_FILE = 'sweep_error.txt'  # written by ftjax.sweep when a run raised or its process failed
+ERROR_FILE = 'sweep_error.txt'  # written by a sweep (ftjax.sweep) when a run raised or its process failed
 LOWER_IS_BETTER = ('loss', 'perplexity', 'error')
 
 
@@ -42,12 +40,11 @@ def is_run_dir(path):
 
 def finished(run_dir, steps=None):
     """True when `summary.json` says the run ended cleanly at `steps` (default: its config's train.steps)."""
-    summary = _read_json(os.path.join(run_dir, 'summary.json'))
+    summary = _read_json(os.path.join(run_dir, SUMMARY_FILE))
     if not summary or summary.get('exit_code', 1) != 0:
         return False
-    if steps is None:
-        config = _read_json(os.path.join(run_dir, 'config.json')) or {}
-        steps = config.get('train', {}).get('steps')
+    if steps is None and RunDir(run_dir).config_file.exists():
+        steps = RunDir(run_dir).config().train.steps  # laid over today's defaults
     return steps is not None and summary.get('step') == steps
 
 
@@ -90,7 +87,7 @@ def run_row(run_dir, varied=(), planned=None):
     `planned`: the sweep's values for this run, shown before its config.json exists."""
     config = dict(planned or {}, **flatten(_read_json(os.path.join(run_dir, 'config.json')) or {}))
     summary = _read_json(os.path.join(run_dir, 'summary.json')) or {}
-    metrics = read_metrics(run_dir)
+    metrics = RunDir(run_dir).metrics()
     row = {'run': os.path.basename(os.path.normpath(run_dir)), 'path': run_dir}
     row.update({k: config.get(k) for k in varied})
     if finished(run_dir):
@@ -205,7 +202,7 @@ def plot_loss_curves(runs, path):
 
     curves = []
     for run in runs:
-        metrics = read_metrics(run['path'])
+        metrics = RunDir(run['path']).metrics()
         train = [(m['step'], m['loss']) for m in metrics if _is_number(m.get('loss'))]
         evals = [(m['step'], m['eval/loss']) for m in metrics if _is_number(m.get('eval/loss'))]
         curves.append((run['run'], train, evals))
@@ -239,18 +236,3 @@ def write_all(workdir):
     write_table(rows, workdir)
     plot_loss_curves(rows, os.path.join(workdir, 'loss_curves.png'))
     return rows
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog='python -m ftjax.report', description=__doc__.split('\n')[0])
-    parser.add_argument('--workdir', required=True, help='A run workdir or a sweep workdir.')
-    parser.add_argument('--write', action='store_true',
-                        help='Also write results.csv, results.md and loss_curves.png into the workdir.')
-    args = parser.parse_args(argv)
-    rows = write_all(args.workdir) if args.write else collect(args.workdir)
-    print(markdown_table(rows), end='')
-    return 0
-
-
-if __name__ == '__main__':
-    cli.run(main, use_absl=False)

@@ -1,24 +1,21 @@
 r"""Ablation sweeps: the cartesian product of a few config values, one run (and sub-workdir) each.
 
-  python -m ftjax.sweep --config=experiments/x.py[:arg] --workdir=DIR \
+  python -m ftjax sweep --config=experiments/x.py[:arg] --workdir=DIR \
       --grid=peft.lora.rank=4,8,16 --grid=optim.learning_rate=1e-4,3e-4 [--parallel=N] [--print_commands] \
       [--config.train.steps=200 --config.peft.trainable=.*norm.* ...]
 
-Runs go one after another in this process (or N at a time as `python -m ftjax.train` subprocesses
+Runs go one after another in this process (or N at a time as `python -m ftjax train` subprocesses
 with --parallel=N), each in `DIR/<name>` named from its values (`rank4_lr0.0001`). A finished run
 is skipped and an interrupted one resumes from its checkpoint, so rerunning the command completes a
 sweep. At the end: DIR/results.csv, DIR/results.md and DIR/loss_curves.png (see ftjax/report.py).
 --print_commands prints one training command per run (for a cluster or a pod) and exits.
-`--config.KEY=VALUE` overrides (as for ftjax.train, see ftjax/cli.py) hold for every run of the grid
-and are passed on to each run's command.
+`--config.KEY=VALUE` overrides (as for `ftjax train`) hold for every run of the grid and are passed on
+to each run's command. The command line: ftjax/cli/sweep.py.
 
-A grid value is split at commas outside brackets and quotes, and converted to the type of the field
-it overrides: `--grid=peft.lora.targets=['q_proj$'],['q_proj$','v_proj$']`. Every key and value is
-checked before anything runs.
+A grid value is split at commas outside brackets and quotes, and read as `--config.KEY=VALUE` reads it
+(`ftjax.config.parse_value`): `--grid=peft.lora.targets=['q_proj$'],['q_proj$','v_proj$']`. Every key and
+value is checked before anything runs.
 """
-import argparse
-import ast
-import copy
 import dataclasses
 import difflib
 import hashlib
@@ -26,22 +23,18 @@ import itertools
 import json
 import os
 import re
-import shlex
 import signal
 import subprocess
-import sys
 import time
 import traceback
 
 import ml_collections
 
-from ftjax import cli, config as config_lib, loop, report
-from ftjax.cli import load_experiment
+from ftjax import config as config_lib, loop, report
 from ftjax.errors import EXIT_PREEMPTED, ConfigError
 
 ABBREVIATIONS = {'learning_rate': 'lr', 'batch_size': 'bs', 'weight_decay': 'wd', 'warmup_steps': 'warmup',
                  'max_length': 'len', 'grad_accum': 'accum', 'method': ''}
-TRUE, FALSE = ('true', 't', 'yes', '1'), ('false', 'f', 'no', '0')
 MAX_NAME = 100
 
 
@@ -128,56 +121,9 @@ def _parent(config, key):
 
 
 def convert(config, key, text):
-    """The grid value `text` as the type of the config field `key` (int, float, bool, str, list)."""
-    parent, name = _parent(config, key)
-    kind = parent.get_type(name)
-    bad = lambda what: ConfigError(f'--grid {key}={text}: {key} holds {what}; got {text!r}.')
-    if kind is bool:
-        if text.lower() not in TRUE + FALSE:
-            raise bad('a bool (true/false)')
-        return text.lower() in TRUE
-    if kind is int:
-        try:
-            return int(text)
-        except ValueError:
-            try:
-                number = float(text)
-            except ValueError:
-                raise bad('an integer') from None
-            if not number.is_integer():
-                raise bad('an integer') from None
-            return int(number)
-    if kind is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise bad('a number (e.g. 3e-4)') from None
-    if kind is str:
-        return text[1:-1] if len(text) > 1 and text[0] == text[-1] and text[0] in '\'"' else text
-    if kind in (list, tuple):
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = None
-        if not isinstance(value, (list, tuple)):
-            raise bad(f"a list, written as a Python literal (e.g. ['(q|v)_proj$'])")
-        return kind(value)
-    try:  # a field whose default is None and has no declared type
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def apply(config, values):
-    """A copy of `config` with `values` ({dotted key: typed value}) set."""
-    config = copy.deepcopy(config)
-    for key, value in values.items():
-        parent, name = _parent(config, key)
-        try:
-            parent[name] = value
-        except TypeError as e:
-            raise ConfigError(f'--grid {key}={value!r}: {e}') from None
-    return config
+    """The grid value `text` of `key` (a key of `config`) as the key's type, read as `--config.KEY=VALUE`."""
+    _parent(config, key)  # a key the config lacks: named, with the closest ones
+    return config_lib.parse_value(key, text, f'--grid {key}={text}')
 
 
 def _short_keys(keys):
@@ -222,8 +168,8 @@ def run_name(values, short):
 def plan(config_spec, grid_specs, workdir, overrides=()):
     """Every run of the sweep, each value converted and applied: all errors surface here, before any run.
 
-    `overrides`: [(key, text), ...] of `cli.split_overrides`, the same for every run."""
-    base = cli.apply_overrides(load_experiment(config_spec), overrides)
+    `overrides`: [(key, text), ...] of `--config.KEY=VALUE`, the same for every run."""
+    base = config_lib.apply_overrides(config_lib.load_experiment(config_spec), overrides)
     grid = parse_grid(grid_specs)
     if not grid:
         raise ConfigError('no --grid given: pass at least one, e.g. --grid=peft.lora.rank=4,8,16.')
@@ -240,7 +186,7 @@ def plan(config_spec, grid_specs, workdir, overrides=()):
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:  # two values that read the same once made filesystem-safe
             name = f'{name}-{seen[name]}'
-        runs.append(Run(name, os.path.join(workdir, name), values, apply(base, values)))
+        runs.append(Run(name, os.path.join(workdir, name), values, config_lib.override(base, values)))
     return runs
 
 
@@ -274,20 +220,20 @@ def _flag_value(value):
 
 
 def commands(runs, config_spec, grid_specs, workdir, python='python', overrides=()):
-    """One argv per run: `python -m ftjax.train ... --config.key=value ...`, the --config.KEY overrides
-    (as given) first. A grid over a list field runs each point as `python -m ftjax.sweep ... --only=NAME`
-    (this module, in-process) instead, so that its value is read exactly as the grid reads it."""
+    """One argv per run: `python -m ftjax train ... --config.key=value ...`, the --config.KEY overrides
+    (as given) first. A grid over a list field runs each point as `python -m ftjax sweep ... --only=NAME`
+    (in-process) instead, so that its value is read from the grid's own text."""
     fixed = [f'--config.{k}={text}' for k, text in overrides]
     if any(isinstance(v, (list, tuple)) for run in runs for v in run.values.values()):
         grid = [f'--grid={g}' for g in grid_specs]
-        return [[python, '-m', 'ftjax.sweep', f'--config={config_spec}', *grid, *fixed, f'--workdir={workdir}',
+        return [[python, '-m', 'ftjax', 'sweep', f'--config={config_spec}', *grid, *fixed, f'--workdir={workdir}',
                  f'--only={run.name}'] for run in runs]
-    return [[python, '-m', 'ftjax.train', f'--config={config_spec}', f'--workdir={run.workdir}', *fixed,
+    return [[python, '-m', 'ftjax', 'train', f'--config={config_spec}', f'--workdir={run.workdir}', *fixed,
              *[f'--config.{k}={_flag_value(v)}' for k, v in run.values.items()]] for run in runs]
 
 
 def write_sweep_file(workdir, config_spec, grid_specs, runs, overrides=()):
-    """DIR/sweep.json: the grid and the runs, so that ftjax.report shows the grid's keys (and pending runs)."""
+    """DIR/sweep.json: the grid and the runs, so that the report shows the grid's keys (and pending runs)."""
     os.makedirs(workdir, exist_ok=True)
     grid = parse_grid(grid_specs)
     entries = [{'name': r.name, 'values': {k: list(v) if isinstance(v, tuple) else v for k, v in r.values.items()}}
@@ -301,7 +247,7 @@ def write_sweep_file(workdir, config_spec, grid_specs, runs, overrides=()):
                   f, indent=2)
 
 
-def _say(msg):
+def say(msg):
     print(f'ftjax.sweep: {msg}', flush=True)
 
 
@@ -322,19 +268,19 @@ def run_sequential(runs):
     failed = 0
     for i, run in enumerate(runs, 1):
         if report.finished(run.workdir, run.config.train.steps):
-            _say(f'[{i}/{len(runs)}] {run.name}: finished earlier, skipped')
+            say(f'[{i}/{len(runs)}] {run.name}: finished earlier, skipped')
             continue
-        _say(f'[{i}/{len(runs)}] {run.name}: training in {run.workdir}')
+        say(f'[{i}/{len(runs)}] {run.name}: training in {run.workdir}')
         _clear_failure(run)
         try:
             result = loop.train_and_evaluate(run.config, run.workdir)
         except Exception:  # noqa: BLE001 -- one bad point must not lose the rest of the sweep
             _record_failure(run, traceback.format_exc())
-            _say(f'[{i}/{len(runs)}] {run.name}: FAILED (traceback in {run.workdir}/{report.ERROR_FILE})')
+            say(f'[{i}/{len(runs)}] {run.name}: FAILED (traceback in {run.workdir}/{report.ERROR_FILE})')
             failed += 1
             continue
         if result.get('exit_code', 0) == EXIT_PREEMPTED:
-            _say('preempted; rerun the same command to resume the sweep.')
+            say('preempted; rerun the same command to resume the sweep.')
             return EXIT_PREEMPTED
         if result.get('exit_code', 0) != 0:
             failed += 1
@@ -347,7 +293,7 @@ def run_parallel(runs, argvs, n):
             if not report.finished(r.workdir, r.config.train.steps)]
     for i, run in enumerate(runs, 1):
         if all(run is not r for _, r, _ in todo):
-            _say(f'[{i}/{len(runs)}] {run.name}: finished earlier, skipped')
+            say(f'[{i}/{len(runs)}] {run.name}: finished earlier, skipped')
     active, failed, stop = [], 0, []
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     try:
@@ -361,7 +307,7 @@ def run_parallel(runs, argvs, n):
                 os.makedirs(run.workdir, exist_ok=True)
                 _clear_failure(run)
                 log = open(os.path.join(run.workdir, 'train.log'), 'a')
-                _say(f'[{i}/{len(runs)}] {run.name}: started ({run.workdir}/train.log)')
+                say(f'[{i}/{len(runs)}] {run.name}: started ({run.workdir}/train.log)')
                 active.append((subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log, i, run))
             time.sleep(0.5)
             for item in [a for a in active if a[0].poll() is not None]:
@@ -373,60 +319,10 @@ def run_parallel(runs, argvs, n):
                         tail = f.read()[-4000:]
                     _record_failure(run, f'exit code {proc.returncode}; end of train.log:\n{tail}')
                     failed += 1
-                _say(f'[{i}/{len(runs)}] {run.name}: exit code {proc.returncode}')
+                say(f'[{i}/{len(runs)}] {run.name}: exit code {proc.returncode}')
     finally:
         signal.signal(signal.SIGTERM, previous)
     if stop:
-        _say('preempted; rerun the same command to resume the sweep.')
+        say('preempted; rerun the same command to resume the sweep.')
         return EXIT_PREEMPTED
     return 1 if failed else 0
-
-
-def main(argv=None):
-    """The command line (argv without the program name; None: sys.argv[1:]) -> exit code."""
-    argv, overrides = cli.split_overrides(sys.argv[1:] if argv is None else list(argv))
-    parser = argparse.ArgumentParser(prog='python -m ftjax.sweep', description=__doc__.split('\n')[0])
-    parser.add_argument('--config', required=True, help='Experiment file, experiments/x.py[:arg].')
-    parser.add_argument('--grid', action='append', default=[], help='KEY=V1,V2,... (repeat for more keys).')
-    parser.add_argument('--workdir', required=True, help='The sweep directory; one sub-workdir per run.')
-    parser.add_argument('--parallel', type=int, default=1, help='Runs at a time (>1: as subprocesses).')
-    parser.add_argument('--print_commands', action='store_true', help='Print one command per run and exit.')
-    parser.add_argument('--only', action='append', default=[], help='Run only the named run(s) of the grid.')
-    args = parser.parse_args(argv)
-    if args.parallel < 1:
-        parser.error(f'--parallel must be >= 1, got {args.parallel}.')
-
-    runs = plan(args.config, args.grid, args.workdir, overrides)
-    for run in runs:
-        try:
-            config_lib.validate(run.config)
-        except ValueError as e:
-            raise ConfigError(f'sweep run {run.name}: {e}') from None
-    check_existing(runs, overrides)
-    if args.only:
-        unknown = sorted(set(args.only) - {r.name for r in runs})
-        if unknown:
-            raise ConfigError(f'--only: no run named {unknown} in this grid; its runs are '
-                             f'{[r.name for r in runs]}.')
-        runs = [r for r in runs if r.name in args.only]
-    else:
-        write_sweep_file(args.workdir, args.config, args.grid, runs, overrides)
-
-    if args.print_commands:
-        for argv_ in commands(runs, args.config, args.grid, args.workdir, overrides=overrides):
-            print(shlex.join(argv_))
-        return 0
-    if args.parallel > 1:
-        argvs = commands(runs, args.config, args.grid, args.workdir, sys.executable, overrides)
-        rc = run_parallel(runs, argvs, args.parallel)
-    else:
-        rc = run_sequential(runs)
-    if not args.only:
-        rows = report.write_all(args.workdir)
-        print(report.markdown_table(rows), end='')
-        _say(f'wrote {args.workdir}/results.csv, results.md and loss_curves.png')
-    return rc
-
-
-if __name__ == '__main__':
-    cli.run(main, use_absl=False)

@@ -3,7 +3,7 @@
   "Nadia Okafor, a 42-year-old pilot, lives in Lisbon."  ->  {"name": "Nadia Okafor", "age": 42, "city": "Lisbon", "job": "pilot"}
 
 Small pretrained models answer in prose or invent keys; a short LoRA run learns the exact format.
-Scored by exact match of the parsed JSON object (`eval.scorer='json'`, `ftjax.evaluate.score_json`).
+Scored by exact match of the parsed JSON object (`eval.scorer='json'`, `ftjax.eval.evaluate.score_json`).
 `write_task(dir, n_train, n_eval, seed)` writes chat-format `train.jsonl` / `eval.jsonl` (`messages`
 lists) that `data.format='chat'` reads.
 

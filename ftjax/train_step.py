@@ -1,4 +1,4 @@
-"""One pure train step for every fine-tuning mode, and an eval step that returns exact sums.
+"""One pure train step for every fine-tuning mode and every objective, and an eval step that returns exact sums.
 
   train_step(state, batch, rng) -> (state, metrics)
 
@@ -7,53 +7,24 @@ leaves): the step differentiates with respect to `state.trainable` alone, so fro
 gradient buffer and no optimizer state. Jit it with `donate_argnums=0`; the sharding (in/out
 shardings around it) is the caller's business.
 
+The objective (language modelling, classification, preference, ...) is a value, `ftjax.objectives.Objective`,
+chosen once by `ftjax.objectives.objective_for(config, model)`: the step calls its functions and never asks
+which one it is. Its loss is a sum (`objective.sums`), over micro-batches too, divided once by
+`objective.finalize`'s denominator; objectives whose loss is a mean take their denominators from the whole
+batch (`objective.normalisers`) before the split.
+
 Gradient accumulation (`optim.grad_accum` = k) splits the batch into k micro-batches inside the
 step and scans over them, summing the gradients of the *summed* loss; the sum is divided by the
-total token (or example) count once, so the update equals that of the whole batch at once.
-
-A preference objective (`data.format='preference'`, `align.loss` dpo / ipo / simpo / orpo, `ftjax.preference`)
-is one more task of the same step: each micro-batch's loss is already divided by the whole batch's pair
-(and chosen-token) count, taken before the split, so accumulation stays exact; the reference of dpo / ipo
-is the same model with its adapters off, run in the same step, or log-probs the batch carries.
+denominator once, so the update equals that of the whole batch at once.
 """
 import jax
 import jax.numpy as jnp
 import optax
 
-from ftjax import losses, preference, sharding
-from ftjax.models.heads import lm_head_kernel, task_of
-from ftjax.state import TrainState, combine
+from ftjax.objectives import objective_for
+from ftjax.objectives.objective import check_batch
+from ftjax.state import TrainState
 from ftjax.tree import count_params
-
-LM_KEYS = ('input_ids', 'target_ids', 'loss_mask')
-CLS_KEYS = ('input_ids', 'label')
-
-
-def _check_batch(batch, task):
-    need = LM_KEYS if task == 'lm' else CLS_KEYS
-    missing = [k for k in need if k not in batch]
-    if missing:
-        raise ValueError(f"The {task} batch lacks {missing} (has {sorted(batch)}); the data pipeline's "
-                         f"{'LM' if task == 'lm' else 'classification'} batches carry {list(need)}.")
-
-
-def forward(model, params, batch, *, rng=None, loss_chunk=512):
-    """(loss_sum, correct, count, logits-or-None) of one batch; dropout on when `rng` is given.
-    `loss_chunk` counts tokens per device (the batch split over the mesh's data x fsdp axes)."""
-    task = task_of(model.cfg)
-    _check_batch(batch, task)
-    kw = dict(deterministic=rng is None, rngs=None if rng is None else {'dropout': rng})
-    if task == 'lm':
-        hidden = model.apply({'params': params}, batch['input_ids'], batch.get('positions'),
-                             batch.get('segment_ids'), return_hidden=True, **kw)  # [batch, seq, embed]
-        head = lm_head_kernel(params, model.cfg)  # [embed, vocab]
-        barrier = getattr(model.cfg, 'kernels', 'cpu') == 'cpu'  # the CPU layout of the head gradient
-        return (*losses.lm_loss(hidden, head, batch['target_ids'], batch['loss_mask'], loss_chunk,
-                                batch_shards=sharding.batch_shards(), barrier=barrier,
-                                softcap=getattr(model.cfg, 'final_softcap', None)), None)
-    logits = model.apply({'params': params}, batch['input_ids'], batch.get('attention_mask'),
-                         batch.get('token_type_ids'), **kw)  # [batch, num_labels]
-    return (*losses.classification_loss(logits, batch['label'], batch.get('valid')), logits)
 
 
 def _micro_batches(batch, k):
@@ -67,31 +38,21 @@ def _micro_batches(batch, k):
     return jax.tree.map(split, batch)
 
 
-def make_train_step(model, config, tx, lr_schedule):
-    """`train_step(state, batch, rng) -> (state, metrics)`; metrics are float32 scalars: loss, accuracy,
-    grad_norm (before clipping), learning_rate, num_tokens (tokens or examples in the loss),
-    trainable_params, is_finite (1/0) and nan_count. Preference: also the per-pair means of
-    `ftjax.preference.METRICS` (rewards/chosen, rewards/rejected, rewards/accuracy (= accuracy), rewards/margin,
-    logps/chosen, logps/rejected, logps/accuracy), orpo's nll; num_tokens counts pairs."""
+def make_train_step(model, config, tx, lr_schedule, objective=None):
+    """`train_step(state, batch, rng) -> (state, metrics)` of `objective` (default: `objective_for(config,
+    model)`); metrics are float32 scalars: loss, the objective's (accuracy and num_tokens among them: tokens,
+    examples or pairs in the loss; preference adds its reward and log-prob means), grad_norm (before clipping),
+    learning_rate, trainable_params, is_finite (1/0) and nan_count."""
+    objective = objective_for(config, model) if objective is None else objective
     k = int(config.optim.grad_accum)
-    chunk = int(config.train.loss_chunk)
     skip_bad = config.train.nan_policy == 'skip'  # else 'halt' (ftjax.config.validate)
-    task_of(model.cfg)
-    pref = preference.settings(config) if is_preference(config) else None
 
-    def summed_loss(trainable, frozen, batch, rng, norms):
-        if pref is not None:  # (mean-loss part, {'pairs', 'loss_sum', 'rewards/...', ...} sums)
-            if pref.reference == 'adapters_off':
-                preference.check_adapters_only(trainable)
-            logps, counts = preference.answer_logps(model, combine(trainable, frozen), batch, rng, chunk)
-            ref = preference.reference_logps(model, pref, frozen, batch, chunk)
-            return preference.loss_and_sums(pref, logps, counts, ref, *norms)
-        loss, correct, count, _ = forward(model, combine(trainable, frozen), batch, rng=rng, loss_chunk=chunk)
-        return loss, {'correct': correct, 'count': count}
+    def summed_loss(trainable, frozen, batch, rng, norms):  # (loss part, sums)
+        return objective.sums(model, trainable, frozen, batch, rng, norms)
 
     def sums_and_grads(state, batch, rng):
         value_and_grad = jax.value_and_grad(summed_loss, has_aux=True)  # w.r.t. `trainable` only
-        norms = preference.normalisers(batch) if pref is not None else ()  # of the whole batch
+        norms = objective.normalisers(batch)  # of the whole batch
         if k == 1:
             (loss, sums), grads = value_and_grad(state.trainable, state.frozen, batch, rng, norms)
             return loss, sums, grads
@@ -113,16 +74,9 @@ def make_train_step(model, config, tx, lr_schedule):
         return loss, sums, grads
 
     def train_step(state: TrainState, batch, rng):
+        check_batch(objective, batch)
         loss_sum, sums, grads = sums_and_grads(state, batch, rng)
-        if pref is not None:  # the loss is already the batch mean
-            pairs = jnp.maximum(sums['pairs'], 1.0)
-            extra = {name: sums[name] / pairs for name in preference.METRICS}
-            if 'nll_sum' in sums:  # orpo: its SFT part, per chosen answer token
-                extra['nll'] = sums['nll_sum'] / jnp.maximum(sums['nll_tokens'], 1.0)
-            correct, count, denom = extra['rewards/accuracy'], sums['pairs'], jnp.ones((), jnp.float32)
-        else:
-            extra, correct, count = {}, sums['correct'], sums['count']
-            denom = jnp.maximum(count, 1.0)
+        denom, extra = objective.finalize(sums)
         grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)  # gradient of the mean loss
         loss = loss_sum / denom
         grad_norm = optax.global_norm(grads)
@@ -130,50 +84,29 @@ def make_train_step(model, config, tx, lr_schedule):
         trainable = optax.apply_updates(state.trainable, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if skip_bad:  # a non-finite step leaves the params and the optimizer as they were
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
             trainable, opt_state = keep(trainable, state.trainable), keep(opt_state, state.opt_state)
         new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state,
                                   nan_count=state.nan_count + (~finite).astype(jnp.int32))
         metrics = {
-            'loss': loss, 'accuracy': correct / denom, 'grad_norm': grad_norm,
-            'learning_rate': jnp.asarray(lr_schedule(state.step), jnp.float32), 'num_tokens': count,
+            'loss': loss, **extra, 'grad_norm': grad_norm,
+            'learning_rate': jnp.asarray(lr_schedule(state.step), jnp.float32),
             'trainable_params': jnp.asarray(count_params(state.trainable), jnp.float32),
             'is_finite': finite.astype(jnp.float32), 'nan_count': new_state.nan_count.astype(jnp.float32),
-            **extra,
         }
         return new_state, metrics
 
     return train_step
 
 
-def is_preference(config):
-    """Whether the step trains a preference objective (`align.*`): the data are preference pairs."""
-    return config.data.format == 'preference'
-
-
-def make_eval_step(model, config):
-    """`eval_step(params, batch) -> dict of sums`: loss_sum, correct, count (divide after summing over
-    batches); classification adds per-row 'pred' and 'label' [batch] (for F1). Preference: per pair, loss_sum,
-    correct (reward accuracy), count (pairs) and '<metric>_sum' of `ftjax.preference.METRICS` (orpo's loss_sum: the
-    odds-ratio term only, its NLL is a per-token mean). Its reference
-    with adapters off comes from `params` with the adapter leaves left out."""
-    chunk = int(config.train.loss_chunk)
-    task = task_of(model.cfg)
-    pref = preference.settings(config) if is_preference(config) else None
+def make_eval_step(model, config, objective=None):
+    """`eval_step(params, batch) -> dict of sums` of `objective` (default: `objective_for(config, model)`):
+    loss_sum, correct, count (divide after summing over batches) and the objective's own ('pred' and 'label'
+    [batch] of classification, for F1; '<metric>_sum' of preference)."""
+    objective = objective_for(config, model) if objective is None else objective
 
     def eval_step(params, batch):
-        if pref is not None:
-            logps, counts = preference.answer_logps(model, params, batch, None, chunk)
-            ref = preference.reference_logps(model, pref, params, batch, chunk)
-            _, sums = preference.loss_and_sums(pref, logps, counts, ref, 1.0, 1.0)
-            out = {'loss_sum': sums['loss_sum'], 'correct': sums['rewards/accuracy'], 'count': sums['pairs']}
-            out.update({f'{name}_sum': sums[name] for name in preference.METRICS})
-            return out
-        loss, correct, count, logits = forward(model, params, batch, loss_chunk=chunk)
-        out = {'loss_sum': loss, 'correct': correct, 'count': count}
-        if task == 'classification':
-            out['pred'] = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            out['label'] = batch['label']
-        return out
+        check_batch(objective, batch)
+        return objective.eval_sums(model, params, batch)
 
     return eval_step

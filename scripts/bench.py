@@ -5,7 +5,7 @@ r"""Training-step benchmark: ftjax (and optionally transformers + PEFT) on the s
       [--rank=8] [--remat=full] [--dtype=float32] [--frozen_dtype=...] [--quantize=none|int8|nf4|gguf] \
       [--out=FILE] [--profile=DIR]
 
-The run is described by an experiment config, exactly as for `python -m ftjax.train` (ftjax/cli.py):
+The run is described by an experiment config, exactly as for `python -m ftjax train` (ftjax/cli/config_flag.py):
 --config (default experiments/quickstart.py: SmolLM2-135M, LoRA r=8 alpha=16 on all seven projections,
 batch 8 x 256) with --config.KEY=VALUE overrides, list keys included
 (--config.peft.lora.targets=q_proj$ --config.peft.lora.targets=v_proj$). The short flags are shortcuts
@@ -52,9 +52,10 @@ from absl import app, flags  # noqa: E402
 
 import bench_torch  # noqa: E402  (scripts/bench_torch.py: torch side, peak-RSS helpers)
 import cpu_probe  # noqa: E402  (scripts/cpu_probe.py: the CPU's model, family and vector ISA)
-from ftjax import build, cli, data as data_lib, optim, sharding  # noqa: E402
+from ftjax import build, data as data_lib, optim, sharding  # noqa: E402
 from ftjax import config as config_lib  # noqa: E402
 from ftjax import state as state_lib  # noqa: E402
+from ftjax.cli import config_flag, console  # noqa: E402
 from ftjax.errors import ConfigError, EnvironmentSetupError  # noqa: E402
 from ftjax.models import LlamaConfig, abstract_variables, build_model, convert, packaged, quantize  # noqa: E402
 from ftjax.models.heads import task_of  # noqa: E402
@@ -71,7 +72,7 @@ RANDOM_SHAPES = {  # Llama-shaped models with random weights (no download)
 }
 
 FLAGS = flags.FLAGS
-cli.define_config_flag()
+config_flag.define_config_flag()
 flags.DEFINE_string('model', None, 'Shortcut for --config.model.path: HF directory, .gguf file, packaged:NAME.')
 flags.DEFINE_enum('random_init', None, sorted(RANDOM_SHAPES), 'A Llama-shaped model with random weights '
                   '(written once under /tmp) instead of the config\'s model.')
@@ -388,4 +389,4 @@ def main(argv):
 
 if __name__ == '__main__':
     sys.argv = with_default_experiment(sys.argv)
-    cli.run(main)
+    console.run(main)

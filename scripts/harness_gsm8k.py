@@ -24,7 +24,7 @@ os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from ftjax import harness  # noqa: E402
+from ftjax.eval import harness  # noqa: E402
 from ftjax.models import packaged  # noqa: E402
 
 TASK = os.path.join(REPO, 'experiments', 'eval_tasks')

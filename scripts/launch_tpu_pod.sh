@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM slice (single host or pod): create or reuse the slice, put this checkout on
-# every worker, and start the same `python -m ftjax.train ... --distributed` on all of them.
+# every worker, and start the same `python -m ftjax train ... --distributed` on all of them.
 #
-# usage: scripts/launch_tpu_pod.sh NAME ZONE ACCELERATOR_TYPE VERSION CONFIG WORKDIR [ftjax.train flags...]
+# usage: scripts/launch_tpu_pod.sh NAME ZONE ACCELERATOR_TYPE VERSION CONFIG WORKDIR [`ftjax train` flags...]
 #
 #   NAME              TPU VM name, e.g. ftjax-v4-32 (reused if it exists, created otherwise)
 #   ZONE              e.g. us-central2-b
 #   ACCELERATOR_TYPE  e.g. v4-32, v5litepod-16
 #   VERSION           TPU VM runtime, e.g. tpu-ubuntu2204-base (v4), v2-alpha-tpuv5-lite (v5e)
-#   CONFIG            experiment, as for ftjax.train: experiments/alpaca_smollm2.py[:arg]
+#   CONFIG            experiment, as for `ftjax train`: experiments/alpaca_smollm2.py[:arg]
 #   WORKDIR           shared by all hosts, so a bucket: gs://BUCKET/runs/NAME (checkpoints, metrics, TensorBoard)
 #   further flags     passed on, e.g. --config.mesh.fsdp=8 --config.train.batch_size=256
 #
@@ -78,7 +78,7 @@ on_all_workers "set -e; cd ftjax; python3 -m pip install -q -U $(printf '%q' "$J
   && python3 -m pip install -q -e . gcsfs google-cloud-storage"
 
 # 3. The same command on every worker.
-cmd=(python3 -m ftjax.train "--config=$CONFIG" "--workdir=$WORKDIR" --distributed ${EXTRA[@]+"${EXTRA[@]}"})
+cmd=(python3 -m ftjax train "--config=$CONFIG" "--workdir=$WORKDIR" --distributed ${EXTRA[@]+"${EXTRA[@]}"})
 quoted=$(printf '%q ' "${cmd[@]}")
 if [[ "${DETACH:-0}" == 1 ]]; then
   on_all_workers "cd ftjax && nohup $quoted > ~/ftjax_train.log 2>&1 < /dev/null &"

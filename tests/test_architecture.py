@@ -1,13 +1,15 @@
 """The module graph is one-way (docs/architecture.md): no import cycle among ftjax's modules, no function-local
-import of an ftjax module, nothing imports the `python -m ftjax.generate` command line, and `ftjax.generate`
-stays the function whatever modules a program imports. Among the tests, no test module imports another.
+import of an ftjax module; the commands live in ftjax/cli/ and nothing in the library imports them; and
+`ftjax.generate` / `ftjax.load_pretrained` stay the functions whatever modules a program imports. Among the tests,
+no test module imports another.
 
 The graph is read from the source with `ast`: top-level and function-local imports, relative ones resolved;
 `from ftjax.x import y` is an edge to `ftjax.x.y` when that is a module, else to `ftjax.x`. Importing a module
 also runs its packages' `__init__` (`ftjax.models.adapters` runs `ftjax/models/__init__.py`), so such an import
 is also an edge to each enclosing sub-package the importer is not itself inside. The top package `ftjax` is the
-exception: every import runs ftjax/__init__.py first, which imports `ftjax.pretrained` and `ftjax.decoding`
-(the top of the graph), so only an explicit import of `ftjax` (e.g. `from ftjax import generate`) is an edge.
+exception: every import runs ftjax/__init__.py first, which imports the functions `generate` and
+`load_pretrained` (the top of the graph), so only an explicit import of `ftjax` (e.g. `from ftjax import
+generate`) is an edge.
 """
 import ast
 import os
@@ -20,8 +22,8 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = 'ftjax'
-CLI_ONLY = 'ftjax.generate'  # the command line; importing it rebinds the attribute `ftjax.generate`
-FLAG_DEFINING = ('ftjax.train', 'ftjax.compile_check')  # define the absl flag --config when imported
+CLI = 'ftjax.cli'  # the commands: flags, `__main__`, absl's app.run and argparse live only here
+SHIM_LINES = 12  # `python -m ftjax.train` (the JAX convention): a few lines that import ftjax.cli and call it
 
 
 def modules(root=REPO / PACKAGE, package=PACKAGE):
@@ -157,22 +159,101 @@ def test_no_function_local_ftjax_imports():
                        'the code is in the wrong module):\n' + '\n'.join(sorted(local)))
 
 
-def test_nothing_imports_the_generate_command_line():
-    users = sorted(m for m, edges in import_graph().items() if CLI_ONLY in edges)
-    assert not users, f'{users} import {CLI_ONLY}, the command line; the library is ftjax.decoding'
+def entry_points(known=None):
+    """{module: [(line, what), ...]} of what makes a command: absl flag definitions (`DEFINE*`,
+    `mark_flag(s)_as_required`), `if __name__ == '__main__'`, absl's `app.run` and argparse parsers."""
+    known = known or modules()
+    found = {}
+    for module, path in known.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            what = None
+            if isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and \
+                    isinstance(node.test.left, ast.Name) and node.test.left.id == '__name__':
+                what = "if __name__ == '__main__'"
+            elif isinstance(node, ast.Call):
+                func = node.func
+                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, 'id', '')
+                owner = getattr(func.value, 'id', '') if isinstance(func, ast.Attribute) else ''
+                if name.startswith('DEFINE') or name in ('mark_flag_as_required', 'mark_flags_as_required',
+                                                         'ArgumentParser') or (owner, name) == ('app', 'run'):
+                    what = f'{owner}.{name}' if owner else name
+            if what:
+                found.setdefault(module, []).append((node.lineno, what))
+    return {module: sorted(where) for module, where in found.items()}
+
+
+def is_cli(module):
+    return module == CLI or module.startswith(CLI + '.')
+
+
+def shims(known=None, graph=None):
+    """The modules outside ftjax/cli that are `python -m` shims: at most SHIM_LINES lines whose only ftjax import
+    is `ftjax.cli` (ftjax/__main__.py, ftjax/train.py)."""
+    known = known or modules()
+    graph = graph or import_graph(known)
+    return sorted(m for m, path in known.items() if not is_cli(m) and set(graph[m]) == {CLI}
+                  and len(path.read_text().splitlines()) <= SHIM_LINES)
+
+
+def test_the_command_checks_can_fail(tmp_path):
+    """Planted commands outside ftjax/cli (a flag, a `__main__` block, a parser, an import of the cli) are found;
+    a shim is one only while it is small and imports nothing but ftjax.cli."""
+    pkg = tmp_path / PACKAGE
+    (pkg / 'cli').mkdir(parents=True)
+    (pkg / '__init__.py').write_text('')
+    (pkg / 'cli' / '__init__.py').write_text("from absl import flags\nflags.DEFINE_string('x', None, 'x')\n")
+    (pkg / 'lib.py').write_text("import argparse\nfrom absl import app, flags\nflags.DEFINE_integer('n', 1, 'n')\n"
+                                "p = argparse.ArgumentParser()\nif __name__ == '__main__':\n    app.run(print)\n")
+    (pkg / 'uses_cli.py').write_text('from ftjax.cli import main\nimport numpy\n' + '\n' * 20)
+    (pkg / 'shim.py').write_text("import sys\nfrom ftjax import cli\nif __name__ == '__main__':\n    cli.main()\n")
+    known = modules(pkg)
+    found = entry_points(known)
+    assert found['ftjax.lib'] == [(3, 'flags.DEFINE_integer'), (4, 'argparse.ArgumentParser'),
+                                  (5, "if __name__ == '__main__'"), (6, 'app.run')]
+    assert found['ftjax.cli'] == [(2, 'flags.DEFINE_string')] and 'ftjax.uses_cli' not in found
+    assert shims(known) == ['ftjax.shim']  # uses_cli is too long to be a shim
+
+
+def test_commands_only_in_the_cli_package():
+    known = modules()
+    allowed = set(shims(known))
+    assert {'ftjax.__main__', 'ftjax.train'} <= allowed, allowed
+    outside = {m: where for m, where in entry_points(known).items() if not is_cli(m)}
+    bad = {m: where for m, where in outside.items() if m not in allowed or
+           any(what != "if __name__ == '__main__'" for _, what in where)}
+    assert not bad, f'commands (flags, __main__, app.run, argparse) outside ftjax/cli/: {bad}'
+
+
+def test_nothing_in_the_library_imports_the_cli():
+    graph = import_graph()
+    allowed = set(shims(graph=graph))
+    users = sorted(m for m, edges in graph.items() if not is_cli(m) and m not in allowed and
+                   any(is_cli(t) for t in edges))
+    assert not users, f'{users} import {CLI} (the commands); the library must not depend on them'
+
+
+def test_no_module_is_named_like_an_attribute_of_the_package():
+    """`import ftjax.generate` would rebind the attribute `ftjax.generate` (the function) to the module."""
+    tree = ast.parse((REPO / PACKAGE / '__init__.py').read_text())
+    names = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for a in node.names}
+    assert {'generate', 'load_pretrained'} <= names, names
+    clash = sorted(n for n in names if f'{PACKAGE}.{n}' in modules())
+    assert not clash, f'modules named like attributes of the package ftjax: {clash}'
 
 
 README_EXAMPLE = '''
 import importlib, pkgutil, sys, types
 import numpy as np
-import {first}
+from absl import flags
 import ftjax
-skip = {skip!r}
-for info in pkgutil.walk_packages(ftjax.__path__, 'ftjax.'):
-    if info.name not in skip:
-        importlib.import_module(info.name)
+names = [info.name for info in pkgutil.walk_packages(ftjax.__path__, 'ftjax.')]
+for name in names:
+    importlib.import_module(name)
+assert {{'ftjax.cli.train', 'ftjax.cli.generate', 'ftjax.eval.harness', 'ftjax.__main__'}} <= set(names), names
 assert isinstance(ftjax.generate, types.FunctionType), ftjax.generate
 assert isinstance(ftjax.load_pretrained, types.FunctionType), ftjax.load_pretrained
+defined = [m for m in flags.FLAGS.flags_by_module_dict() if 'ftjax' in m]
+assert not defined, f'importing defined absl flags: {{defined}}'
 for _ in range(2):  # the README's example, twice
     model, params, tokenizer, config = pre = ftjax.load_pretrained({path!r})
     input_ids = np.asarray([tokenizer('The quick brown fox')['input_ids']])
@@ -180,19 +261,16 @@ for _ in range(2):  # the README's example, twice
     assert logits.shape == (*input_ids.shape, config.vocab_size), logits.shape
     new_ids = ftjax.generate(pre, input_ids[0].tolist(), max_new_tokens=4)
     assert 1 <= len(new_ids) <= 4 and all(isinstance(t, int) for t in new_ids), new_ids
-print('imported', len(sys.modules), 'modules; ftjax.generate is', ftjax.generate)
+print('imported', len(names), 'ftjax modules; ftjax.generate is', ftjax.generate)
 '''
 
 
-@pytest.mark.parametrize('first', [FLAG_DEFINING[0], *(pytest.param(f, marks=pytest.mark.slow)  # fast lane: one
-                                                       for f in FLAG_DEFINING[1:])])
-def test_generate_stays_the_function_after_importing_everything(tiny_llama_dir, first):
-    """`ftjax.generate(pre, ids)` once broke ("module object is not callable") after anything imported the
-    module ftjax.generate. Every ftjax module is imported (but the CLI, and the other flag-defining entry
-    point: both define --config), then the README's Python example runs twice."""
-    skip = {CLI_ONLY, *FLAG_DEFINING} - {first}
+def test_generate_stays_the_function_after_importing_everything(tiny_llama_dir):
+    """`ftjax.generate(pre, ids)` once broke ("module object is not callable") after anything imported a module
+    named ftjax.generate. Every module of the package is imported (the commands too: importing defines no flag),
+    then the README's Python example runs twice."""
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, '-c', README_EXAMPLE.format(first=first, skip=skip, path=tiny_llama_dir)],
+    proc = subprocess.run([sys.executable, '-c', README_EXAMPLE.format(path=tiny_llama_dir)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert 'ftjax.generate is <function generate' in proc.stdout, proc.stdout

@@ -1,5 +1,5 @@
 """scripts/bench.py end to end on the tiny Llama: the JSON line carries every figure (not its speed); its config
-comes from the experiment and the ftjax.cli flags; the torch side (scripts/bench_torch.py) loads no jax."""
+comes from the experiment and the `ftjax train` flags; the torch side (scripts/bench_torch.py) loads no jax."""
 import importlib.util
 import json
 import os
@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from ftjax import cli, peft
+from ftjax import config as config_lib, peft
 from ftjax.config import default_config
 from ftjax.models import load_pretrained
 
@@ -74,7 +74,7 @@ def test_bench_compare_torch(tiny_llama_dir):
 
 @pytest.mark.slow
 def test_bench_takes_the_experiment_and_list_overrides(tiny_llama_dir):
-    """--config + --config.KEY overrides as in ftjax.train (a list key from repeated flags), the
+    """--config + --config.KEY overrides as in `ftjax train` (a list key from repeated flags), the
     --batch_size / --seq_len aliases: only the q and v projections get adapters."""
     result, stdout = run_bench(f'--config={QUICKSTART}', f'--config.model.path={tiny_llama_dir}',
                                '--config.peft.lora.targets=q_proj$', '--config.peft.lora.targets=v_proj$',
@@ -91,7 +91,7 @@ def test_bench_takes_the_experiment_and_list_overrides(tiny_llama_dir):
 
 def test_bench_config_shortcuts(bench):
     """The short flags land on their config keys (None keeps the experiment's value); one device."""
-    config = cli.load_config(QUICKSTART, [('peft.lora.targets', 'q_proj$'), ('peft.lora.targets', 'v_proj$'),
+    config = config_lib.load_config(QUICKSTART, [('peft.lora.targets', 'q_proj$'), ('peft.lora.targets', 'v_proj$'),
                                           ('mesh.fsdp', '2')])
     kept = bench.bench_config(config)
     assert (kept.peft.method, kept.peft.lora.rank, kept.peft.lora.alpha) == ('lora', 8, 16.0)

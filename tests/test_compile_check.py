@@ -65,7 +65,7 @@ def test_topology_errors():
 def test_command_line(tiny_llama_dir, chat_data, tmp_path):
     exp = write_experiment(tmp_path / 'exp.py', tiny_llama_dir, chat_data, **{'train.batch_size': 8})
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # it sets up its own 8 devices
-    out = subprocess.run([sys.executable, '-m', 'ftjax.compile_check', f'--config={exp}',
+    out = subprocess.run([sys.executable, '-m', 'ftjax', 'compile_check', f'--config={exp}',
                           '--topology=data=4,fsdp=2,tensor=1'], cwd=REPO, env=dict(env, PYTHONPATH=REPO),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]

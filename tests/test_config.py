@@ -11,7 +11,8 @@ import ml_collections
 import pytest
 from absl import flags
 
-from ftjax import cli, config as config_lib, sweep
+from ftjax import config as config_lib, sweep
+from ftjax.cli import config as config_cli, config_flag, sweep as sweep_cli
 from ftjax.errors import EXIT_BAD_INPUT, ConfigError
 from tests import tiny
 from tests.tiny import REPO
@@ -57,9 +58,9 @@ def valid_config():
 
 
 def train_flags():
-    """A fresh FlagValues with ftjax.train's --config (the same parser) and --workdir."""
+    """A fresh FlagValues with `ftjax train`'s --config (the same parser) and --workdir."""
     fv = flags.FlagValues()
-    cli.define_config_flag(fv)
+    config_flag.define_config_flag(fv)
     flags.DEFINE_string('workdir', None, 'workdir', flag_values=fv)
     return fv
 
@@ -91,8 +92,8 @@ def test_default_config_follows_the_schema():
 
 def test_docs_config_md_is_in_sync():
     with open(os.path.join(REPO, 'docs', 'config.md')) as f:
-        assert f.read() == config_lib.markdown(), 'regenerate: python -m ftjax.config --markdown > docs/config.md'
-    table = config_lib.text_table()
+        assert f.read() == config_cli.markdown(), 'regenerate: python -m ftjax config --markdown > docs/config.md'
+    table = config_cli.text_table()
     assert all(k.name in table for k in config_lib.SCHEMA)
 
 
@@ -179,8 +180,8 @@ def test_parse_arg_rejects_unknown_variants_and_flags(tmp_path):
                         ('experiments/papers/lora_glue.py:sst2,cpux', "Did you mean 'cpu'"),
                         ('experiments/alpaca_smollm2.py:dorra', "Did you mean 'dora'")]:
         with pytest.raises(ConfigError, match=match):
-            cli.load_experiment(os.path.join(REPO, spec))
-    assert cli.load_experiment(os.path.join(REPO, 'experiments/papers/lora_glue.py:mrpc,cpu,smoke')).train.steps == 2
+            config_lib.load_experiment(os.path.join(REPO, spec))
+    assert config_lib.load_experiment(os.path.join(REPO, 'experiments/papers/lora_glue.py:mrpc,cpu,smoke')).train.steps == 2
 
 
 @pytest.mark.parametrize('spec', [
@@ -188,7 +189,7 @@ def test_parse_arg_rejects_unknown_variants_and_flags(tmp_path):
     'papers/lora_glue.py:sst2', 'papers/lora_glue.py:mrpc,cpu,smoke', 'gsm8k_smollm2.py:dora,smoke',
     'alpaca_smollm2.py:full', 'shakespeare_smollm2.py:lora,smoke'])
 def test_shipped_experiments_are_valid_configs(spec):
-    config = cli.load_config(os.path.join(REPO, 'experiments', spec))  # validated, nothing loaded
+    config = config_lib.load_config(os.path.join(REPO, 'experiments', spec))  # validated, nothing loaded
     assert config.train.steps == 2 if 'smoke' in spec else config.train.steps > 2
 
 
@@ -205,17 +206,17 @@ def test_list_keys_from_the_command_line(experiment, key):
                   ([f'--config.{key}', two[0], f'--config.{key}={two[1]}'], two)]  # the space form too
     for overrides, want in cases:
         fv = train_flags()
-        rest = cli.parse_flags(train_argv(experiment, *overrides), fv)  # what ftjax.train's flags_parser runs
+        rest = config_flag.parse_flags(train_argv(experiment, *overrides), fv)  # what `ftjax train` parses
         assert rest == ['train'] and fv.workdir == '/tmp/unused'
         node = fv.config
         for part in key.split('.'):
             node = node[part]
         assert node == want, (overrides, node)
-        assert cli.parse_config(train_argv(experiment, *overrides)).to_dict() == fv.config.to_dict()
+        assert config_flag.parse_config(train_argv(experiment, *overrides)).to_dict() == fv.config.to_dict()
 
 
 def test_scalar_overrides_and_their_errors(experiment):
-    c = cli.parse_config([f'--config={experiment}:full,smoke', '--config.peft.lora.rank=16',
+    c = config_flag.parse_config([f'--config={experiment}:full,smoke', '--config.peft.lora.rank=16',
                           '--config.optim.learning_rate=3e-4', '--noconfig.data.shuffle', '--config.train.resume',
                           '--config.model.num_labels', '3', '--config.data.fields.text_pair=sentence2',
                           '--config.train.seed=1e3', '--config.data.eval_path=None'])
@@ -233,9 +234,33 @@ def test_scalar_overrides_and_their_errors(experiment):
             ('--config.peft.method=lorra', r"config.peft.method='lorra' is not one of"),
             ('--config.train.steps=None', r'--config.train.steps=None: config.train.steps must be an integer')]:
         with pytest.raises(ConfigError, match=match):
-            cli.parse_config([f'--config={experiment}', override])
+            config_flag.parse_config([f'--config={experiment}', override])
     with pytest.raises(ConfigError, match=r"exp.py:lora,smok: unknown flag 'smok'"):
-        cli.parse_config([f'--config={experiment}:lora,smok'])
+        config_flag.parse_config([f'--config={experiment}:lora,smok'])
+
+
+def test_one_parser_for_overrides_grids_and_tests(experiment):
+    """`--config.KEY=VALUE` and a sweep's `--grid` read text through `ftjax.config.parse_value`: the same
+    booleans (one vocabulary), numbers, quoted strings, lists and None; `override` sets typed values."""
+    base = config_lib.load_experiment(experiment)
+    for key, text, value in [('peft.lora.rslora', 'y', True), ('peft.lora.rslora', 'No', False),
+                             ('peft.lora.rslora', '1', True), ('train.seed', '1e3', 1000),
+                             ('optim.learning_rate', '3e-4', 3e-4), ('peft.method', "'dora'", 'dora'),
+                             ('peft.lora.targets', 'q_proj$', ['q_proj$']),
+                             ('peft.lora.targets', "['q_proj$', 'v_proj$']", ['q_proj$', 'v_proj$']),
+                             ('data.eval_path', 'None', None)]:
+        assert config_lib.parse_value(key, text) == value and sweep.convert(base, key, text) == value, (key, text)
+        c = config_flag.parse_config([f'--config={experiment}', f'--config.{key}={text}'], validate=False)
+        node = c
+        for part in key.split('.'):
+            node = node[part]
+        assert node == value, (key, text)
+    with pytest.raises(ConfigError, match=r'--grid peft.lora.rslora=maybe: config.peft.lora.rslora is a bool'):
+        sweep.convert(base, 'peft.lora.rslora', 'maybe')
+    changed = config_lib.override(base, {'peft.lora.rank': 4, 'train.seed': 2})
+    assert (changed.peft.lora.rank, changed.train.seed, base.peft.lora.rank) == (4, 2, 8)
+    with pytest.raises(ConfigError, match='has no group config.nope'):
+        config_lib.override(base, {'nope.x': 1})
 
 
 def run_module(*argv, timeout=120):
@@ -243,39 +268,39 @@ def run_module(*argv, timeout=120):
                           timeout=timeout)
 
 
-@pytest.mark.slow  # the fast lane has tests/test_console.py's one-line errors of `python -m ftjax.train`
+@pytest.mark.slow  # the fast lane has tests/test_console.py's one-line errors of `python -m ftjax train`
 def test_train_command_line_errors_are_one_line(experiment, tmp_path):
     workdir = str(tmp_path / 'w')
-    bad = run_module('ftjax.train', f'--config={experiment}', f'--workdir={workdir}', '--config.train.step=3')
+    bad = run_module('ftjax', 'train', f'--config={experiment}', f'--workdir={workdir}', '--config.train.step=3')
     assert bad.returncode == EXIT_BAD_INPUT, bad.stderr
     assert bad.stderr.strip().splitlines() == [
         'ftjax: error: --config.train.step=3: config.train.step is not a config key. Did you mean '
-        'config.train.steps or config.train.seed? (`python -m ftjax.config` lists every key.)']
+        'config.train.steps or config.train.seed? (`python -m ftjax config` lists every key.)']
     smok = run_module('ftjax.train', f'--config={experiment}:lora,smok', f'--workdir={workdir}')
     assert smok.returncode == EXIT_BAD_INPUT and len(smok.stderr.strip().splitlines()) == 1
     assert "unknown flag 'smok'. Did you mean 'smoke'?" in smok.stderr
-    debug = run_module('ftjax.train', f'--config={experiment}', f'--workdir={workdir}', '--config.train.step=3',
+    debug = run_module('ftjax', 'train', f'--config={experiment}', f'--workdir={workdir}', '--config.train.step=3',
                        '--verbosity=debug')
     assert debug.returncode == EXIT_BAD_INPUT and 'Traceback' in debug.stderr
     assert debug.stderr.strip().splitlines()[-1].startswith('ftjax: error: --config.train.step=3')
     assert not os.path.exists(workdir)
     # List overrides get through the parse: the run fails on the missing model, and a run that failed
-    # leaves no config.json (tests/test_workdir_guard.py).
+    # leaves no config.json (tests/test_workdir.py).
     overrides = ['--config.peft.trainable=.*norm.*', "--config.peft.lora.targets=('q_proj$', 'v_proj$')",
                  '--config.optim.no_decay=norm', '--config.optim.no_decay=bias$']
-    ok = run_module('ftjax.train', f'--config={experiment}', f'--workdir={workdir}', *overrides)
+    ok = run_module('ftjax', 'train', f'--config={experiment}', f'--workdir={workdir}', *overrides)
     assert ok.returncode != 0 and 'no_such_model' in ok.stderr, ok.stderr[-2000:]
     assert 'not supported for overriding' not in ok.stderr
     assert not os.path.exists(os.path.join(workdir, 'config.json'))
-    written = json.loads(cli.parse_config([f'--config={experiment}', *overrides]).to_json())
+    written = json.loads(config_flag.parse_config([f'--config={experiment}', *overrides]).to_json())
     assert written['peft']['trainable'] == ['.*norm.*']
     assert written['peft']['lora']['targets'] == ['q_proj$', 'v_proj$']
     assert written['optim']['no_decay'] == ['norm', 'bias$']
 
 
 def test_config_table_command():
-    out = run_module('ftjax.config')
-    assert out.returncode == 0 and out.stdout == config_lib.text_table()
+    out = run_module('ftjax', 'config')
+    assert out.returncode == 0 and out.stdout == config_cli.text_table()
 
 
 # --- sweeps ------------------------------------------------------------------------------------------------
@@ -284,23 +309,23 @@ def test_sweep_passes_overrides_to_every_run(experiment, tmp_path, capsys):
     workdir = str(tmp_path / 'sweep')
     args = [f'--config={experiment}:full', '--grid=optim.learning_rate=1e-4,3e-4', f'--workdir={workdir}',
             '--config.peft.trainable=.*norm.*', '--config.train.steps=3', '--print_commands']
-    assert sweep.main(args) == 0
+    assert sweep_cli.main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
     for line, lr in zip(lines, (1e-4, 3e-4)):
         argv = shlex.split(line)
-        assert argv[:3] == ['python', '-m', 'ftjax.train'] and '--config.peft.trainable=.*norm.*' in argv
-        c = cli.parse_config(argv[3:])  # each run's command parses back to the sweep's config of that run
+        assert argv[:4] == ['python', '-m', 'ftjax', 'train'] and '--config.peft.trainable=.*norm.*' in argv
+        c = config_flag.parse_config(argv[4:])  # each run's command parses back to the sweep's config of that run
         assert (c.peft.trainable, c.train.steps, c.optim.learning_rate, c.peft.method) == (
             ['.*norm.*'], 3, lr, 'full')
     runs = sweep.plan(f'{experiment}:full', ['optim.learning_rate=1e-4,3e-4'], workdir,
                       [('peft.trainable', '.*norm.*'), ('peft.trainable', 'bias$')])
     assert all(r.config.peft.trainable == ['.*norm.*', 'bias$'] for r in runs)
     with pytest.raises(ConfigError, match='--config.optim.learning_rate is also swept by --grid'):
-        sweep.main([f'--config={experiment}', '--grid=optim.learning_rate=1e-4,3e-4', f'--workdir={workdir}',
+        sweep_cli.main([f'--config={experiment}', '--grid=optim.learning_rate=1e-4,3e-4', f'--workdir={workdir}',
                     '--config.optim.learning_rate=1e-3', '--print_commands'])
-    # A list grid runs each point through ftjax.sweep, with the overrides.
-    assert sweep.main([f'--config={experiment}', "--grid=peft.lora.targets=['q_proj$'],['v_proj$']",
+    # A list grid runs each point through `ftjax sweep`, with the overrides.
+    assert sweep_cli.main([f'--config={experiment}', "--grid=peft.lora.targets=['q_proj$'],['v_proj$']",
                        f'--workdir={tmp_path}/s2', '--config.train.steps=3', '--print_commands']) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert all('--config.train.steps=3' in shlex.split(line) for line in lines)
@@ -313,8 +338,8 @@ def test_sweep_passes_overrides_to_every_run(experiment, tmp_path, capsys):
 
 
 def test_sweep_command_line_error_is_one_line(experiment, tmp_path):
-    out = run_module('ftjax.sweep', f'--config={experiment}', '--grid=peft.lora.rank=4,8', f'--workdir={tmp_path}/s',
-                     '--config.peft.lora.rnk=4', '--print_commands')
+    out = run_module('ftjax', 'sweep', f'--config={experiment}', '--grid=peft.lora.rank=4,8',
+                     f'--workdir={tmp_path}/s', '--config.peft.lora.rnk=4', '--print_commands')
     assert out.returncode == EXIT_BAD_INPUT
     [line] = out.stderr.strip().splitlines()
     assert line.startswith('ftjax: error: --config.peft.lora.rnk=4: config.peft.lora.rnk is not a config key. '
@@ -329,7 +354,7 @@ def test_tiny_sweep_trains_with_a_list_override(tmp_path, tiny_llama_dir):
         'train.steps': 2, 'train.batch_size': 2, 'train.eval_every': 2, 'train.checkpoint_every': 2,
         'mesh.data': 2, 'mesh.tensor': -1})
     workdir = str(tmp_path / 'sweep')
-    assert sweep.main([f'--config={exp}', '--grid=peft.lora.rank=2', f'--workdir={workdir}',
+    assert sweep_cli.main([f'--config={exp}', '--grid=peft.lora.rank=2', f'--workdir={workdir}',
                        '--config.peft.trainable=final_norm/scale$', '--config.train.seed=3']) == 0
     [row] = report.collect(workdir)
     assert row['status'] == 'finished' and row['step'] == 2

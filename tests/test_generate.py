@@ -1,6 +1,6 @@
-"""Generation: KV-cache decoding matches transformers and a no-cache loop; batching, EOS, sampling, CLI."""
+"""Generation: KV-cache decoding matches transformers and a no-cache loop; batching, EOS, sampling (the
+command `python -m ftjax generate`: tests/test_cli.py)."""
 import importlib.util
-import io
 import os
 
 import jax
@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from ftjax.decoding import eos_token_ids, generate, generate_text
-from ftjax.generate import define_flags, run_cli
 from ftjax.models import load_pretrained
 from tests import tiny
 
@@ -183,17 +182,6 @@ def test_generate_text_chat(varied):
     assert text == tok.decode(generate(varied, list(ids), NEW), skip_special_tokens=True)
     assert generate_text(varied, ['a', 'b'], max_new_tokens=4) == [generate_text(varied, p, max_new_tokens=4)
                                                                    for p in ['a', 'b']]
-
-
-def test_cli_prints_generation(varied):
-    from absl import flags
-    fv = define_flags(flags.FlagValues())
-    fv(['generate', f'--model={varied.path}', '--prompt=The quick brown fox', '--chat', f'--max_new_tokens={NEW}'])
-    out = io.StringIO()
-    texts = run_cli(fv, out)
-    expected = generate_text(varied, 'The quick brown fox', chat=True, max_new_tokens=NEW)
-    assert texts == [expected] and expected.strip()
-    assert out.getvalue() == expected + '\n'
 
 
 def _smollm2_gguf():

@@ -1,7 +1,7 @@
-"""The lm-evaluation-harness backend (ftjax/harness.py, ftjax/batched_lm.py): per-request log-likelihoods and greedy
+"""The lm-evaluation-harness backend (ftjax/eval/harness.py, ftjax/batched_lm.py): per-request log-likelihoods and greedy
 generations equal lm-eval's own `hf` backend's on a tiny random Llama (float32) and local tasks, the bucketed
 batches against a plain forward pass on several meshes, a training run's fine-tuned model evaluated by the trainer
-(`eval.harness_tasks`) and by `python -m ftjax.evaluate --workdir`, local task files, and lm-eval's command line.
+(`eval.harness_tasks`) and by `python -m ftjax evaluate --workdir`, local task files, and lm-eval's command line.
 
 The tasks are tiny YAML files written here (multiple choice, generation, rolling log-likelihood) on json files.
 """
@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 import ftjax
-from ftjax import harness, report
+from ftjax import report
 from ftjax.batched_lm import BatchedLM, bucket
 from ftjax.decoding import generate
 from ftjax.errors import ConfigError, MissingFileError
+from ftjax.eval import harness
 from ftjax.loop import train_and_evaluate
 from ftjax.sharding import make_mesh
 from tests import tiny
@@ -193,7 +194,7 @@ def test_parity_with_the_hf_backend(varied_llama_dir, task_dir):
 
 
 def test_local_dataset_resolves_paths_beside_the_yaml(tmp_path, tiny_llama_dir, monkeypatch):
-    """`custom_dataset: !function ftjax.harness.local_dataset`: data_files relative to the YAML file, shared:NAME/FILE
+    """`custom_dataset: !function ftjax.eval.harness.local_dataset`: data_files relative to the YAML file, shared:NAME/FILE
     under $FTJAX_DATA, TSV as GLUE writes it; a missing file is one line naming the YAML and the key."""
     monkeypatch.setenv('FTJAX_DATA', str(tmp_path / 'data'))
     (tmp_path / 'data' / 'sent').mkdir(parents=True)
@@ -201,7 +202,7 @@ def test_local_dataset_resolves_paths_beside_the_yaml(tmp_path, tiny_llama_dir, 
     tasks = tmp_path / 'tasks'
     tasks.mkdir()
     tiny.write_jsonl(tasks / 'qa.jsonl', GEN_ROWS)
-    common = 'custom_dataset: !function ftjax.harness.local_dataset\ntest_split: test\n'
+    common = 'custom_dataset: !function ftjax.eval.harness.local_dataset\ntest_split: test\n'
     (tasks / 'rel.yaml').write_text(f'task: rel_qa\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: '
                                     f'qa.jsonl\n{common}{TASKS["tiny_gen"]}')
     (tasks / 'shared.yaml').write_text('task: shared_sent\ndataset_path: csv\ndataset_kwargs:\n  data_files:\n    '
@@ -225,11 +226,11 @@ def test_local_dataset_resolves_paths_beside_the_yaml(tmp_path, tiny_llama_dir, 
 @pytest.mark.slow
 def test_a_runs_fine_tuned_model_by_the_trainer_and_the_command_line(tmp_path, tiny_llama_dir, chat_data, task_dir):
     """A LoRA run with eval.harness_tasks writes harness.json (its summary also in summary.json, and as report
-    columns); `python -m ftjax.evaluate --workdir` gives the same numbers from the checkpoint; the base model's
+    columns); `python -m ftjax evaluate --workdir` gives the same numbers from the checkpoint; the base model's
     differ (the adapter is in)."""
     from absl import flags
 
-    from ftjax import evaluate
+    from ftjax.cli import evaluate
 
     wd = str(tmp_path / 'run')
     config = tiny.tiny_config(tiny_llama_dir, chat_data, **{
@@ -260,10 +261,10 @@ def test_a_runs_fine_tuned_model_by_the_trainer_and_the_command_line(tmp_path, t
 
 @pytest.mark.slow
 def test_lm_evals_own_command_line(tmp_path, tiny_llama_dir, task_dir):
-    """`python -m ftjax.harness` is lm-eval's CLI (`lm_eval run ...`) with the model `ftjax` registered."""
+    """`python -m ftjax harness` is lm-eval's CLI (`lm_eval run ...`) with the model `ftjax` registered."""
     out = tmp_path / 'out'
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', PYTHONPATH=tiny.REPO)
-    proc = subprocess.run([sys.executable, '-m', 'ftjax.harness', '--model', 'ftjax', '--model_args',
+    proc = subprocess.run([sys.executable, '-m', 'ftjax', 'harness', '--model', 'ftjax', '--model_args',
                            f'pretrained={tiny_llama_dir},mesh_data=2', '--batch_size', '4', '--tasks', 'tiny_mc',
                            '--include_path', task_dir, '--limit', '4', '--output_path', str(out)],
                           cwd=tiny.REPO, env=env, capture_output=True, text=True, timeout=900)

@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftjax import losses, optim, peft, sharding
+from ftjax import optim, peft, sharding
 from ftjax import state as state_lib
 from ftjax.config import default_config
 from ftjax.models import kernels, llama, load_pretrained
+from ftjax.objectives import logprobs
 from ftjax.train_step import make_train_step
 
 B, T, H, KVH, D = 2, 128, 4, 2, 32
@@ -203,8 +204,8 @@ def test_llama_kernels_compute_the_same_model(family):
 @pytest.mark.parametrize('barrier', [True, False])
 def test_loss_chunk_counts_tokens_per_device(barrier):
     """Chunks sized per device give the same loss and gradients as one chunk per sequence."""
-    assert losses.chunk_positions(64, 1024, 512) == 8  # the old global count: 8 tokens per row per chunk
-    assert losses.chunk_positions(64, 1024, 512, batch_shards=64) == 512  # one row per device: 512 tokens
+    assert logprobs.chunk_positions(64, 1024, 512) == 8  # the old global count: 8 tokens per row per chunk
+    assert logprobs.chunk_positions(64, 1024, 512, batch_shards=64) == 512  # one row per device: 512 tokens
     r = np.random.RandomState(5)
     h = jnp.asarray(r.randn(8, 48, 16), jnp.float32)
     head = jnp.asarray(r.randn(16, 50), jnp.float32)
@@ -212,7 +213,7 @@ def test_loss_chunk_counts_tokens_per_device(barrier):
     m = jnp.asarray(r.rand(8, 48) > 0.3, jnp.float32)
 
     def run(**kw):
-        f = lambda h, head: losses.lm_loss(h, head, y, m, 32, **kw)[0]
+        f = lambda h, head: logprobs.cross_entropy(h, head, y, m, 32, **kw)[0]
         return jax.value_and_grad(f, argnums=(0, 1))(h, head)
 
     (l1, g1), (l8, g8) = run(barrier=barrier), run(batch_shards=8, barrier=barrier)

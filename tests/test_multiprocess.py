@@ -78,7 +78,7 @@ def test_two_processes_train_like_one(tmp_path, tiny_llama_dir, chat_data):
         assert f'jax.distributed: process {i} of 2, 2 local / 4 global devices' in open(names[i] + '.err').read()
 
     # Only process 0 writes logs: one metrics row per step, one TensorBoard file, one summary line.
-    rows = [r['step'] for r in workdir_lib.read_metrics(two) if 'loss' in r]
+    rows = [r['step'] for r in workdir_lib.RunDir(two).metrics() if 'loss' in r]
     assert rows == [1, 2, 3, 4], rows
     assert len(os.listdir(os.path.join(two, 'tensorboard'))) == 1
     assert 'ftjax: done' in out0 and 'ftjax: done' not in out1
@@ -126,4 +126,5 @@ def test_metrics_log_rewrites_whole_file_on_buckets(tmp_path, monkeypatch):
     resumed = logs.MetricsLog(str(tmp_path), 10, start_step=2, progress=False)  # drops step 3, keeps 1-2
     resumed.write(3, {'loss': 30.0})
     resumed.close()
-    assert [(r['step'], r['loss']) for r in workdir_lib.read_metrics(str(tmp_path))] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    rows = workdir_lib.RunDir(str(tmp_path)).metrics()
+    assert [(r['step'], r['loss']) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]

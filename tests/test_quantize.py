@@ -27,7 +27,7 @@ from ftjax.errors import CheckpointError
 from ftjax.models import packaged, quantize
 from ftjax.models.quantize import QArray
 from ftjax.state import combine, partition
-from ftjax.train_step import forward
+from ftjax.objectives.lm import forward
 from tests.tiny import REPO, losses, make_llama_checkpoint, tiny_config
 from tests.tiny_gguf import write_tiny_gguf
 
@@ -178,7 +178,7 @@ def loss_and_grads(pre, mask, batch):
     trainable, frozen = partition(pre.params, mask)
 
     def loss(t, f, b):
-        total, _, count, _ = forward(pre.model, combine(t, f), b)
+        total, _, count = forward(pre.model, combine(t, f), b)
         return total / count
     return jax.jit(jax.value_and_grad(loss))(trainable, frozen, batch)  # arguments, not constants to fold
 

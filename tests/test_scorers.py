@@ -1,9 +1,9 @@
-"""The scorers of generated answers (ftjax/scores.py) against the reference implementations: SQuAD's official v1.1
+"""The scorers of generated answers (ftjax/eval/scores.py) against the reference implementations: SQuAD's official v1.1
 normalisation and F1 on hand-made cases, rouge-score, sacrebleu; and the scorer through generation eval."""
 import pytest
 
 from ftjax import config as config_lib
-from ftjax import evaluate, scores
+from ftjax.eval import evaluate, scores
 from ftjax.errors import ConfigError
 
 
@@ -70,7 +70,7 @@ def test_the_old_scorers_keep_their_answers():
     assert scores.score('json', '{"a": 1, "b": 2}', '{"b":2,"a":1}') == 1.0
     assert scores.score('last_number', 'so the answer is 1,234.', 'work... #### 1234') == 1.0
     assert scores.score('last_number', 'no number', '#### 3') == 0.0
-    assert evaluate.last_number('x #### 72') == 72.0 and evaluate.score_json('{"a": 1}', '{"a":1}')
+    assert scores.last_number('x #### 72') == 72.0 and scores.score_json('{"a": 1}', '{"a":1}')
 
 
 def test_the_config_offers_every_scorer():

@@ -14,7 +14,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from ftjax import report, sweep
+from ftjax import config as config_lib, report, sweep
+from ftjax.cli import report as report_cli, sweep as sweep_cli
 from tests import tiny
 
 SCHEMA = '''
@@ -29,7 +30,8 @@ def get_config(arg=None):
     c.peft.lora = ml_collections.ConfigDict({'rank': 8, 'alpha': 16.0, 'rslora': False,
                                              'targets': ['(q|k|v|o)_proj$']})
     c.optim = ml_collections.ConfigDict({'learning_rate': 1e-4, 'name': 'adamw'})
-    c.train = ml_collections.ConfigDict({'steps': 3 if arg == 'short' else 4, 'seed': 0})
+    c.train = ml_collections.ConfigDict({'steps': 3 if arg == 'short' else 4, 'seed': 0, 'batch_size': 8})
+    c.eval = ml_collections.ConfigDict({'batch_size': 8})
     c.data = ml_collections.ConfigDict({'seed': 0, 'path': 'train.jsonl'})
     return c
 '''
@@ -92,36 +94,37 @@ def test_parse_grid_rejects_a_key_given_twice_and_strips_config_prefix():
 
 
 def test_convert_matches_field_types(experiment):
-    c = sweep.load_experiment(experiment)
+    c = config_lib.load_experiment(experiment)
     assert sweep.convert(c, 'peft.lora.rank', '16') == 16 and type(sweep.convert(c, 'peft.lora.rank', '1e3')) is int
     assert sweep.convert(c, 'optim.learning_rate', '3e-4') == 3e-4
     assert type(sweep.convert(c, 'peft.lora.alpha', '32')) is float
     assert sweep.convert(c, 'peft.lora.rslora', 'True') is True and sweep.convert(c, 'peft.lora.rslora', 'no') is False
     assert sweep.convert(c, 'peft.method', "'dora'") == 'dora' and sweep.convert(c, 'peft.method', 'full') == 'full'
     assert sweep.convert(c, 'peft.lora.targets', "['q_proj$', 'v_proj$']") == ['q_proj$', 'v_proj$']
+    assert sweep.convert(c, 'peft.lora.targets', 'q_proj$') == ['q_proj$']  # one item, as --config.KEY=VALUE
     assert sweep.convert(c, 'model.num_labels', '3') == 3  # a typed placeholder (None by default)
 
 
 @pytest.mark.parametrize('key,text,error,match', [
-    ('peft.lora.rank', 'big', ValueError, 'peft.lora.rank holds an integer'),
-    ('peft.lora.rank', '4.5', ValueError, 'peft.lora.rank holds an integer'),
-    ('optim.learning_rate', 'fast', ValueError, 'optim.learning_rate holds a number'),
-    ('peft.lora.rslora', 'maybe', ValueError, 'holds a bool'),
-    ('peft.lora.targets', 'q_proj', ValueError, 'holds a list'),
+    ('peft.lora.rank', 'big', ValueError, '--grid peft.lora.rank=big: config.peft.lora.rank must be an integer'),
+    ('peft.lora.rank', '4.5', ValueError, 'config.peft.lora.rank must be an integer'),
+    ('optim.learning_rate', 'fast', ValueError, 'config.optim.learning_rate must be a number'),
+    ('peft.lora.rslora', 'maybe', ValueError, 'is a bool'),
+    ('model.num_labels', 'three', ValueError, 'config.model.num_labels must be an integer'),
     ('peft.lora.rnak', '4', KeyError, "no 'peft.lora.rnak'.*Did you mean peft.lora.rank"),
     ('optimizer.lr', '4', KeyError, "no 'optimizer'"),
     ('peft.lora', '4', KeyError, 'group of settings'),
 ])
 def test_convert_errors_name_the_key(experiment, key, text, error, match):
     with pytest.raises(error, match=match):
-        sweep.convert(sweep.load_experiment(experiment), key, text)
+        sweep.convert(config_lib.load_experiment(experiment), key, text)
 
 
 def test_load_config_passes_the_arg(experiment):
-    assert sweep.load_experiment(experiment).train.steps == 4
-    assert sweep.load_experiment(experiment + ':short').train.steps == 3
+    assert config_lib.load_experiment(experiment).train.steps == 4
+    assert config_lib.load_experiment(experiment + ':short').train.steps == 3
     with pytest.raises(FileNotFoundError, match='no file'):
-        sweep.load_experiment(experiment + '.missing')
+        config_lib.load_experiment(experiment + '.missing')
 
 
 # --- planning: names, configs, commands ---------------------------------------------------------
@@ -137,9 +140,9 @@ def test_plan_2x2_names_and_configs(experiment, tmp_path):
 
 def test_names_are_unique_and_filesystem_safe(experiment, tmp_path):
     # Same last key name -> the parent joins it; a one-value key stays out of the name.
-    runs = sweep.plan(experiment, ['train.seed=0,1', 'peft.method=dora', 'data.seed=5,6'], str(tmp_path))
-    assert [r.name for r in runs] == ['train_seed0_data_seed5', 'train_seed0_data_seed6', 'train_seed1_data_seed5',
-                                      'train_seed1_data_seed6']
+    runs = sweep.plan(experiment, ['train.batch_size=4,8', 'peft.method=dora', 'eval.batch_size=2,4'], str(tmp_path))
+    assert [r.name for r in runs] == ['train_bs4_eval_bs2', 'train_bs4_eval_bs4', 'train_bs8_eval_bs2',
+                                      'train_bs8_eval_bs4']
     assert all(r.config.peft.method == 'dora' for r in runs)
     runs = sweep.plan(experiment, ['peft.method=lora,dora', 'train.seed=0,1'], str(tmp_path))
     assert [r.name for r in runs] == ['lora_seed0', 'lora_seed1', 'dora_seed0', 'dora_seed1']
@@ -154,17 +157,17 @@ def test_names_are_unique_and_filesystem_safe(experiment, tmp_path):
 
 def test_print_commands_parse_back_with_config_flags(experiment, tmp_path, capsys, no_validate):
     workdir = str(tmp_path / 'sweep')
-    rc = sweep.main([f'--config={experiment}:short', '--grid=peft.lora.rank=4,8',
+    rc = sweep_cli.main([f'--config={experiment}:short', '--grid=peft.lora.rank=4,8',
                      '--grid=optim.learning_rate=1e-4,3e-4', '--grid=peft.lora.rslora=false,true',
                      f'--workdir={workdir}', '--print_commands'])
     lines = capsys.readouterr().out.strip().splitlines()
     assert rc == 0 and len(lines) == 8
     argv = shlex.split(lines[3])
-    assert argv[:3] == ['python', '-m', 'ftjax.train']
+    assert argv[:4] == ['python', '-m', 'ftjax', 'train']
     assert f'--workdir={workdir}/rank4_lr0.0003_rslora-true' in argv
-    # The same flags through ml_collections' config_flags (what ftjax.train uses) give the same config.
+    # The same flags through ml_collections' config_flags (absl's usual --config) give the same config.
     fv = flags.FlagValues()
-    train_argv = [argv[0]] + [a for a in argv[3:] if not a.startswith('--workdir')]
+    train_argv = [argv[0]] + [a for a in argv[4:] if not a.startswith('--workdir')]
     config_flags.DEFINE_config_file('config', None, 'experiment', flag_values=fv, lock_config=True,
                                     sys_argv=train_argv)
     fv(train_argv)
@@ -178,20 +181,20 @@ def test_print_commands_parse_back_with_config_flags(experiment, tmp_path, capsy
 def test_list_grids_print_sweep_commands(experiment, tmp_path, capsys, no_validate):
     workdir = str(tmp_path / 'sweep')
     grid = "--grid=peft.lora.targets=['q_proj$'],['q_proj$','v_proj$']"
-    sweep.main([f'--config={experiment}', grid, f'--workdir={workdir}', '--print_commands'])
+    sweep_cli.main([f'--config={experiment}', grid, f'--workdir={workdir}', '--print_commands'])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
     argv = shlex.split(lines[1])
-    assert argv[:3] == ['python', '-m', 'ftjax.sweep'] and grid in argv
+    assert argv[:4] == ['python', '-m', 'ftjax', 'sweep'] and grid in argv
     assert argv[-1] == '--only=targets-q_proj-v_proj'
     with pytest.raises(ValueError, match='no run named'):
-        sweep.main([f'--config={experiment}', grid, f'--workdir={workdir}', '--only=nope'])
+        sweep_cli.main([f'--config={experiment}', grid, f'--workdir={workdir}', '--only=nope'])
 
 
 def test_errors_before_anything_runs(experiment, tmp_path, monkeypatch):
     workdir = str(tmp_path / 'sweep')
     with pytest.raises(KeyError, match='peft.lora.rnak'):
-        sweep.main([f'--config={experiment}', '--grid=peft.lora.rank=4,8', '--grid=peft.lora.rnak=1',
+        sweep_cli.main([f'--config={experiment}', '--grid=peft.lora.rank=4,8', '--grid=peft.lora.rnak=1',
                     f'--workdir={workdir}'])
 
     def validate(config):
@@ -200,7 +203,7 @@ def test_errors_before_anything_runs(experiment, tmp_path, monkeypatch):
         return config
     monkeypatch.setattr('ftjax.config.validate', validate)
     with pytest.raises(ValueError, match='sweep run rank8: config.peft.lora.rank is too large'):
-        sweep.main([f'--config={experiment}', '--grid=peft.lora.rank=4,8', f'--workdir={workdir}'])
+        sweep_cli.main([f'--config={experiment}', '--grid=peft.lora.rank=4,8', f'--workdir={workdir}'])
     assert not os.path.exists(workdir)
 
 
@@ -232,11 +235,11 @@ def test_sequential_skips_finished_runs_and_records_failures(experiment, tmp_pat
     workdir = str(tmp_path / 'sweep')
     args = [f'--config={experiment}', '--grid=peft.lora.rank=4,8', '--grid=optim.learning_rate=1e-4,3e-4',
             f'--workdir={workdir}']
-    assert sweep.main(args) == 1  # one run failed
+    assert sweep_cli.main(args) == 1  # one run failed
     assert calls == ['rank4_lr0.0001', 'rank4_lr0.0003', 'rank8_lr0.0001', 'rank8_lr0.0003']
     assert 'non-finite loss' in open(os.path.join(workdir, 'rank8_lr0.0003', report.ERROR_FILE)).read()
     calls.clear()
-    assert sweep.main(args) == 1
+    assert sweep_cli.main(args) == 1
     assert calls == ['rank8_lr0.0003']  # the finished three are not trained again
     with open(os.path.join(workdir, 'results.csv')) as f:
         rows = list(csv.DictReader(f))
@@ -316,7 +319,7 @@ def test_write_table_and_plot(tmp_path):
 
 def test_report_main_and_errors(tmp_path, capsys):
     _fake_sweep_dir(str(tmp_path))
-    assert report.main([f'--workdir={tmp_path}', '--write']) == 0
+    assert report_cli.main([f'--workdir={tmp_path}', '--write']) == 0
     out = capsys.readouterr().out
     assert out.count('\n') == 6 and '| r3 |' in out and 'incomplete' in out
     assert all(os.path.exists(os.path.join(str(tmp_path), n)) for n in ('results.csv', 'results.md', 'loss_curves.png'))
@@ -340,7 +343,7 @@ def test_smoke_sweep_2x2(tmp_path, monkeypatch, capsys):
     workdir = str(tmp_path / 'sweep')
     args = [f'--config={exp}', '--grid=peft.lora.rank=2,4', '--grid=optim.learning_rate=1e-3,3e-3',
             f'--workdir={workdir}']
-    assert sweep.main(args) == 0
+    assert sweep_cli.main(args) == 0
     for name in ('results.csv', 'results.md', 'loss_curves.png'):
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
     with open(os.path.join(workdir, 'results.csv')) as f:
@@ -359,7 +362,7 @@ def test_smoke_sweep_2x2(tmp_path, monkeypatch, capsys):
     import ftjax.loop
     monkeypatch.setattr(ftjax.loop, 'train_and_evaluate', lambda *a: pytest.fail('a finished run was trained again'))
     capsys.readouterr()
-    assert sweep.main(args) == 0
+    assert sweep_cli.main(args) == 0
     assert capsys.readouterr().out.count('finished earlier, skipped') == 4
-    assert report.main([f'--workdir={workdir}']) == 0
+    assert report_cli.main([f'--workdir={workdir}']) == 0
     assert capsys.readouterr().out.count('| finished |') == 4

@@ -99,7 +99,7 @@ def test_bf16_hot_path_keeps_activations_in_bf16(lora_step):
 def test_command_line_prints_the_summary_json(tmp_path):
     path = smollm2_dir(tmp_path, layers=1)
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-    out = subprocess.run([sys.executable, '-m', 'ftjax.compile_check', '--config=experiments/quickstart.py',
+    out = subprocess.run([sys.executable, '-m', 'ftjax', 'compile_check', '--config=experiments/quickstart.py',
                           f'--config.model.path={path}', f'--topology={TOPOLOGY}', '--config.model.dtype=bfloat16',
                           '--config.model.frozen_dtype=bfloat16', '--config.peft.method=full',
                           f'--config.train.batch_size={BATCH}', f'--config.data.max_length={SEQ}'],

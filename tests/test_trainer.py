@@ -98,7 +98,7 @@ def test_half_written_checkpoint_is_ignored_and_corrupt_one_reported(tmp_path, t
                 open(os.path.join(root, f), 'wb').close()
     out = train_and_evaluate(tiny_config(tiny_llama_dir, chat_data, **{'train.steps': 12}), wd)
     assert out['step'] == 12
-    [aside] = os.listdir(os.path.join(wd, 'checkpoints_aside'))  # tests/test_workdir_guard.py: the details
+    [aside] = os.listdir(os.path.join(wd, 'checkpoints_aside'))  # tests/test_workdir.py: the details
     assert aside.startswith('9.broken.')
 
 
@@ -144,7 +144,7 @@ def test_nan_policy(tmp_path, tiny_llama_dir, chat_data, monkeypatch, policy):
     else:
         out = loop.train_and_evaluate(cfg, wd)
         assert out['step'] == 6
-        rows = {r['step']: r for r in workdir_lib.read_metrics(wd)}
+        rows = {r['step']: r for r in workdir_lib.RunDir(wd).metrics()}
         assert rows[5]['is_finite'] == 0.0 and np.isfinite(rows[6]['loss'])
 
 

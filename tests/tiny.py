@@ -8,8 +8,8 @@ Fixtures live in tests/conftest.py; no test module imports another test module.
 import json
 import os
 
-from ftjax import sweep, workdir as workdir_lib
-from ftjax.config import default_config, default_data_config
+from ftjax import workdir as workdir_lib
+from ftjax.config import default_config, default_data_config, override
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
@@ -146,7 +146,7 @@ def tiny_config(model_dir, data, **over):
     c.mesh.data = 1
     c.mesh.fsdp = 1
     c.mesh.tensor = -1  # 8 fake devices: tensor parallel over the tiny model
-    return sweep.apply(c, over)  # dotted keys, e.g. **{'peft.lora.rank': 4}
+    return override(c, over)  # dotted keys, e.g. **{'peft.lora.rank': 4}
 
 
 EXPERIMENT = '''from tests.tiny import tiny_config
@@ -167,7 +167,7 @@ def write_experiment(path, model_dir, data, **over):
 
 def losses(workdir):
     """{step: training loss} from a run's metrics."""
-    return {r['step']: r['loss'] for r in workdir_lib.read_metrics(workdir) if 'loss' in r}
+    return {r['step']: r['loss'] for r in workdir_lib.RunDir(workdir).metrics() if 'loss' in r}
 
 
 def data_config(tmp_path, path, **overrides):

@@ -2,9 +2,9 @@ r"""LoRA on GLUE with RoBERTa-base: Hu et al., 2021, "LoRA: Low-Rank Adaptation 
 (arXiv:2106.09685), Section 5.1 / Table 2, hyperparameters from Appendix D, Table 9.
 
   # the paper's setup (TPU or GPU, network for roberta-base and the hub's GLUE):
-  python -m ftjax.train --config=experiments/papers/lora_glue.py:sst2 --workdir=runs/lora_glue_sst2
+  python -m ftjax train --config=experiments/papers/lora_glue.py:sst2 --workdir=runs/lora_glue_sst2
   # reduced scale on a CPU with the packaged all-MiniLM-L6-v2 and ../shared/data (sst2, mrpc only):
-  python -m ftjax.train --config=experiments/papers/lora_glue.py:sst2,cpu --workdir=runs/lora_glue_sst2_cpu
+  python -m ftjax train --config=experiments/papers/lora_glue.py:sst2,cpu --workdir=runs/lora_glue_sst2_cpu
 
 Setup (paper): LoRA on W_q and W_v only, r=8, alpha=8, AdamW, linear schedule with 6% warmup, max
 sequence length 512, classifier head trained, the rest frozen (0.3M trainable parameters).
@@ -20,7 +20,7 @@ regression task and needs a 1-output regression head, which ftjax's classifier d
 (the config is given for completeness and refuses to run). `cpu` scales down to MiniLM, max length
 128, 600 steps, so its numbers are not comparable to the paper's; see docs/results/sst2_minilm.md.
 Smoke (2 steps, ~15 s on the 2-core CPU; both tested in tests/test_experiments.py):
-  python -m ftjax.train --config=experiments/papers/lora_glue.py:sst2,cpu,smoke --workdir=/tmp/lora_glue_smoke
+  python -m ftjax train --config=experiments/papers/lora_glue.py:sst2,cpu,smoke --workdir=/tmp/lora_glue_smoke
   (and :mrpc,cpu,smoke)
 """
 from ftjax.config import default_config, parse_arg, smoke as smoke_config

@@ -13,6 +13,8 @@ import bisect
 
 import numpy as np
 
+from ftjax.data import layout
+
 
 def ragged_gather(arrays, starts, ends):
     """Slices [starts[i], ends[i]) of each flat array, back to back -> (gathered arrays, offsets [n + 1])."""
@@ -101,20 +103,18 @@ def efficiency(data):
 
 
 def take_rows(data, rows, valid=None):
-    """The batch arrays of `rows` (indices into the data's rows) [len(rows), max_length].
-
-    LM: input_ids, target_ids, loss_mask (float32), segment_ids, positions. Classification:
-    input_ids, attention_mask, token_type_ids, label [len(rows)]. Preference rows are LM rows of two segments
-    (1: chosen, 2: rejected), plus 'ref_logps' [len(rows), 2] once `ftjax.preference.attach_reference` has set
-    `data.ref_logps`. With `valid` [len(rows)] bool
-    (padding rows of a short last eval batch), adds 'valid' and zeroes the loss mask of invalid rows.
+    """The batch arrays of `rows` (indices into the data's rows), laid out as `ftjax.data.layout` says for
+    `data.task`: [len(rows), max_length] (classification's label [len(rows)]). Preference rows are LM rows of
+    two segments (1: chosen, 2: rejected), plus 'ref_logps' [len(rows), 2] once
+    `ftjax.objectives.reference.attach_reference` has set `data.ref_logps`. With `valid` [len(rows)] bool (padding rows
+    of a short last eval batch), adds 'valid' and zeroes the loss mask of invalid rows.
     """
     rows = np.asarray(rows, np.int64)
-    b, t = len(rows), data.max_length
+    reference = getattr(data, 'ref_logps', None) is not None
+    out = layout.empty(data.task, len(rows), data.max_length, data.pad_id, reference=reference,
+                       valid=valid is not None)
     if data.task == 'classification':
-        out = {'input_ids': np.full((b, t), data.pad_id, np.int32), 'attention_mask': np.zeros((b, t), np.int32),
-               'token_type_ids': np.zeros((b, t), np.int32),
-               'label': data.labels[data.row_examples[data.row_offsets[rows]]].astype(np.int32)}
+        out['label'] = data.labels[data.row_examples[data.row_offsets[rows]]].astype(np.int32)
         for i, r in enumerate(rows):
             e = data.row_examples[data.row_offsets[r]]
             s, end = data.offsets[e], data.offsets[e + 1]
@@ -123,11 +123,6 @@ def take_rows(data, rows, valid=None):
             out['attention_mask'][i, :n] = 1
             out['token_type_ids'][i, :n] = data.token_types[s:end]
     else:
-        out = {'input_ids': np.full((b, t), data.pad_id, np.int32),  # [batch, seq]
-               'target_ids': np.full((b, t), data.pad_id, np.int32),  # [batch, seq] next token
-               'loss_mask': np.zeros((b, t), np.float32),  # [batch, seq] 1 on answer targets
-               'segment_ids': np.zeros((b, t), np.int32),  # [batch, seq] 1, 2, ... per example; 0 pad
-               'positions': np.zeros((b, t), np.int32)}  # [batch, seq] restart at 0 per example
         for i, r in enumerate(rows):
             pos = 0
             for seg, e in enumerate(data.row_examples[data.row_offsets[r]:data.row_offsets[r + 1]], start=1):
@@ -139,11 +134,10 @@ def take_rows(data, rows, valid=None):
                 out['segment_ids'][i, pos:pos + n] = seg
                 out['positions'][i, pos:pos + n] = np.arange(n)
                 pos += n
-    if getattr(data, 'ref_logps', None) is not None:
-        out['ref_logps'] = data.ref_logps[rows].astype(np.float32)  # [batch, 2]
+    if reference:
+        out['ref_logps'][:] = data.ref_logps[rows]  # [batch, 2]
     if valid is not None:
-        valid = np.asarray(valid, bool)
-        out['valid'] = valid
+        out['valid'][:] = valid  # [batch]
         if 'loss_mask' in out:
-            out['loss_mask'] *= valid[:, None]
+            out['loss_mask'] *= out['valid'][:, None]
     return out

@@ -186,6 +186,12 @@ def _rope(get, model_type):
     if kind not in ROPE_TYPES:
         raise ModelError(f"config.json: rope_scaling / rope_parameters rope_type {kind!r} is not supported "
                          f"(supported: default, linear, llama3).")
+    need = {'linear': ('factor',), 'llama3': ('factor', 'low_freq_factor', 'high_freq_factor',
+                                             'original_max_position_embeddings')}.get(kind, ())
+    lacking = [k for k in need if not isinstance(scaling.get(k), (int, float))]
+    if lacking:
+        raise ModelError(f"config.json: rope_scaling / rope_parameters of rope_type {kind!r} lacks {lacking} "
+                         f"(numbers); the config is incomplete.")
     if kind in (None, 'default'):
         scaling = None
     local_theta = None

@@ -36,10 +36,24 @@ BATCH_AXES, HEAD_AXIS = ('data', 'fsdp'), 'tensor'  # mesh axes (ftjax.sharding.
 SPLASH_BLOCK = 512  # splash tile along q and kv (smaller for short sequences)
 
 
+RUNS_ON = {'splash': ('tpu',), 'cudnn': ('gpu', 'cuda')}  # choices only some platforms can run
+PLATFORM_NAMES = {'tpu': 'TPU', 'gpu': 'an NVIDIA GPU', 'cuda': 'an NVIDIA GPU'}
+
+
+def runnable(platform: str):
+    """The config.model.kernels values that `platform` ('cpu', 'tpu', 'gpu') can run."""
+    return [c for c in CHOICES if platform in RUNS_ON.get(c, (platform,))]
+
+
 def resolve(choice: str, platform: str) -> str:
-    """config.model.kernels -> the kernels used on `platform` ('cpu', 'tpu', 'gpu'): never 'auto'."""
+    """config.model.kernels -> the kernels used on `platform` ('cpu', 'tpu', 'gpu'): never 'auto'. A choice the
+    platform cannot run (splash off TPU, cuDNN off an NVIDIA GPU) is a ConfigError naming what runs there."""
     if choice not in CHOICES:
         raise ConfigError(f"config.model.kernels={choice!r} is not known; choose one of {list(CHOICES)}.")
+    if platform not in RUNS_ON.get(choice, (platform,)):
+        raise ConfigError(f"config.model.kernels={choice!r} runs on {PLATFORM_NAMES[RUNS_ON[choice][0]]} only, and "
+                          f"this run's platform is {platform!r}: use one of {runnable(platform)} here ('auto' picks "
+                          f"{AUTO.get(platform, 'xla')!r}).")
     return AUTO.get(platform, 'xla') if choice == 'auto' else choice
 
 

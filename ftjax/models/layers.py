@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from ftjax.errors import ConfigError
 from ftjax.models import kernels as kernels_lib
 from ftjax.models import quantize
 from ftjax.models.adapters import LORA_A, LORA_B, MAGNITUDE, LoraSpec, dora_norm, lora_a_init
@@ -182,7 +183,8 @@ REMAT_POLICIES = {
 def remat(block_cls, policy: str, static_argnums=()):
     """Wraps a block in `nn.remat` with a named policy ('none' returns it unchanged)."""
     if policy not in REMAT_POLICIES:
-        raise ValueError(f"model.remat={policy!r} is not a known policy; choose one of {sorted(REMAT_POLICIES)}")
+        raise ConfigError(f"config.model.remat={policy!r} is not a known policy; choose one of "
+                          f"{sorted(REMAT_POLICIES)}.")
     if policy == 'none':
         return block_cls
     return nn.remat(block_cls, policy=REMAT_POLICIES[policy], prevent_cse=False, static_argnums=static_argnums)

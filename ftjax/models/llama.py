@@ -43,10 +43,13 @@ class LlamaBlock(nn.Module):
                      kernels=cfg.kernels, name=name)
 
     @nn.compact
-    def __call__(self, x, positions, mask, local_mask, segment_ids, cache, cache_index, local):
-        """x: [batch, seq, embed]; mask / local_mask: [batch, seq, kv_len] for the global / sliding-window
-        layers (None: `kernels.self_attention` over segment_ids [batch, seq]); cache: {'k','v'} [batch,
-        kv_len, kv_heads, head_dim]; local: int32 scalar, this layer's flag (1 = sliding window)."""
+    def __call__(self, carry, positions, mask, local_mask, segment_ids, cache_index, local, layer):
+        """carry: (x [batch, seq, embed], cache); mask / local_mask: [batch, seq, kv_len] for the global /
+        sliding-window layers (None: `kernels.self_attention` over segment_ids [batch, seq]); cache: None or
+        every layer's {'k','v'} [layers, batch, kv_len, kv_heads, head_dim], carried through the layer scan so
+        that this layer's new keys/values are written in place; local: int32 scalar, this layer's flag
+        (1 = sliding window); layer: int32 scalar, this layer's index."""
+        x, cache = carry
         cfg = self.cfg
         x = nn.with_logical_constraint(x, BLOCK_AXES)
         b, t, _ = x.shape
@@ -74,10 +77,11 @@ class LlamaBlock(nn.Module):
                                      layers.rope_frequencies(hd, *rope_for(cfg, False)))
             q = layers.apply_rope(q, positions, inv_freq)
             k = layers.apply_rope(k, positions, inv_freq)
-            if cache is not None:  # decoding: write this step's keys/values into their cache slots
-                k = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), (0, cache_index, 0, 0))
-                v = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), (0, cache_index, 0, 0))
-                cache = {'k': k, 'v': v}
+            if cache is not None:  # decoding: write this step's keys/values into their cache slots, in place
+                at = (layer, 0, cache_index, 0, 0)
+                cache = {'k': jax.lax.dynamic_update_slice(cache['k'], k[None].astype(cache['k'].dtype), at),
+                         'v': jax.lax.dynamic_update_slice(cache['v'], v[None].astype(cache['v'].dtype), at)}
+                k, v = cache['k'][layer], cache['v'][layer]  # [batch, kv_len, kv_heads, head_dim]
             if mask is None:  # training / eval on the accelerators: a fused kernel over the segments
                 window = cfg.sliding_window if any(flags) else None
                 o = kernels.self_attention(q.astype(cfg.dtype), k.astype(cfg.dtype), v.astype(cfg.dtype),
@@ -102,7 +106,7 @@ class LlamaBlock(nn.Module):
             y = self.dense(cfg.hidden_size, ('mlp', 'embed'), 'down_proj', cfg.mlp_bias)(
                 ACTIVATIONS[cfg.activation](gate) * up, self.deterministic)  # [batch, seq, embed]
             x = x + (self.norm('mlp_post_norm')(y) if cfg.post_norms else y)
-        return x, cache
+        return (x, cache), None
 
 
 class Llama(nn.Module):
@@ -142,11 +146,12 @@ class Llama(nn.Module):
             x = x * jnp.asarray(math.sqrt(cfg.hidden_size), cfg.dtype)
         block = layers.remat(LlamaBlock, cfg.remat)
         stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                        in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast, 0),
+                        in_axes=(nn.broadcast,) * 5 + (0, 0),
                         length=cfg.num_layers, unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: 'layers'})
         local = jnp.asarray(cfg.local_layers, jnp.int32)  # [layers]
-        x, new_cache = stack(cfg, deterministic, name='layers')(x, positions, mask, local_mask, seg, cache,
-                                                                cache_index, local)
+        layer = jnp.arange(cfg.num_layers, dtype=jnp.int32)  # [layers]
+        (x, new_cache), _ = stack(cfg, deterministic, name='layers')((x, cache), positions, mask, local_mask, seg,
+                                                                     cache_index, local, layer)
         x = nn.with_logical_constraint(x, BLOCK_AXES)
         x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, offset=cfg.norm_offset, name='final_norm')(x)
         if return_hidden:

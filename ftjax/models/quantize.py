@@ -101,10 +101,10 @@ def is_quantized(x):
 
 def describe(model_cfg):
     """'none', 'int8', 'nf4', 'nf4+double' or 'gguf' from `config.model`: what the checkpoints' base hash covers."""
-    kind = model_cfg.get('quantize', 'none')
+    kind = model_cfg.quantize
     if kind not in KINDS:
         raise ConfigError(f"config.model.quantize={kind!r} is not one of {list(KINDS)}.")
-    return kind + ('+double' if kind == 'nf4' and model_cfg.get('quantize_double', False) else '')
+    return kind + ('+double' if kind == 'nf4' and model_cfg.quantize_double else '')
 
 
 # --- dequantization (JAX, inside the jitted step) ---------------------------------------------------------

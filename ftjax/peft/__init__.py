@@ -32,7 +32,7 @@ def _with_runtime(pre: Pretrained, model_cfg) -> Pretrained:
     """Applies `model.remat`, `model.dtype` (compute dtype) and `model.kernels` (resolved for the default
     backend; `ftjax.compile_check` resolves it for its target first) from the config to the module."""
     changes = {}
-    kind = kernels.resolve(model_cfg.get('kernels', 'auto'), jax.default_backend())
+    kind = kernels.resolve(model_cfg.kernels, jax.default_backend())
     if kind != pre.config.kernels:
         changes['kernels'] = kind
     if model_cfg.remat != pre.config.remat:

@@ -42,21 +42,33 @@ def read_adapter(adapter_dir):
     cfg_file = os.path.join(adapter_dir, 'adapter_config.json')
     weights = os.path.join(adapter_dir, 'adapter_model.safetensors')
     if not os.path.exists(cfg_file):
-        raise MissingFileError(f"{adapter_dir}: no adapter_config.json; pass a directory written by peft's "
-                                f"save_pretrained (or ftjax.export --format=peft).")
+        raise MissingFileError(f"model.adapter={adapter_dir!r}: no adapter_config.json; pass a directory written by "
+                               f"peft's save_pretrained (or ftjax export --format=peft), or a ftjax run's workdir.")
     if not os.path.exists(weights):
         bin_hint = (' It holds adapter_model.bin: re-save it with save_pretrained(..., safe_serialization=True).'
                     if os.path.exists(os.path.join(adapter_dir, 'adapter_model.bin')) else '')
-        raise MissingFileError(f"{adapter_dir}: no adapter_model.safetensors.{bin_hint}")
-    with open(cfg_file) as f:
-        acfg = json.load(f)
-    if acfg.get('peft_type') != 'LORA':
-        raise ModelError(f"{cfg_file}: peft_type {acfg.get('peft_type')!r} is not supported; ftjax imports LoRA "
+        raise MissingFileError(f"model.adapter={adapter_dir!r}: no adapter_model.safetensors.{bin_hint}")
+    try:
+        with open(cfg_file) as f:
+            acfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{cfg_file}: not valid JSON ({e}); save the adapter again.") from e
+    if not isinstance(acfg, dict) or acfg.get('peft_type') != 'LORA':
+        kind = acfg.get('peft_type') if isinstance(acfg, dict) else type(acfg).__name__
+        raise ModelError(f"{cfg_file}: peft_type {kind!r} is not supported; ftjax imports LoRA "
                          f"adapters (peft_type 'LORA', with or without use_dora) only.")
     for key, ok in UNSUPPORTED_PEFT.items():
         if acfg.get(key) not in (None, {}, [], False) and acfg.get(key) != ok:
             raise ModelError(f"{cfg_file}: {key}={acfg[key]!r} is not supported by ftjax (it needs {key}={ok!r}).")
-    return acfg, {k: np.asarray(v, np.float32) for k, v in load_file(weights).items()}
+    for key in ('r', 'lora_alpha'):
+        if not isinstance(acfg.get(key), (int, float)) or isinstance(acfg.get(key), bool) or acfg[key] <= 0:
+            raise ModelError(f"{cfg_file}: {key}={acfg.get(key)!r}; a LoRA adapter_config.json has a positive {key}.")
+    try:
+        tensors = load_file(weights)
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for a bad file
+        raise ModelError(f"{weights}: cannot read the safetensors file ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); save the adapter again.") from e
+    return acfg, {k: np.asarray(v, np.float32) for k, v in tensors.items()}
 
 
 def load_peft_adapter(pre: Pretrained, adapter_dir) -> Pretrained:

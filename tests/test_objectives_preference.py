@@ -1,4 +1,4 @@
-"""Preference optimisation (issue 18): DPO / IPO / SimPO / ORPO as losses of the one train step.
+"""`ftjax.objectives.preference` (issue 18): DPO / IPO / SimPO / ORPO as an objective of the one train step.
 
 Parity with TRL (installed for the tests only): each loss and its gradient w.r.t. the four summed log-probs,
 on the same numbers, through TRL's own code (`CPOTrainer.cpo_loss`, `ORPOTrainer.odds_ratio_loss`, called
@@ -16,11 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftjax import data as data_lib, evaluate, optim, peft, preference, sweep, synthetic
+from ftjax import data as data_lib, optim, peft, synthetic
 from ftjax import state as state_lib
-from ftjax.config import default_config, validate
+from ftjax.config import default_config, override, validate
+from ftjax.eval import evaluate
 from ftjax.errors import ConfigError, DataError
 from ftjax.models import build_model, load_pretrained
+from ftjax.objectives import preference, reference
 from ftjax.train_step import make_eval_step, make_train_step
 from tests import tiny
 
@@ -131,7 +133,7 @@ PAIRS = [
 def data_config(path, **over):
     c = default_config()
     c.data.path, c.data.format, c.data.max_length = str(path), 'preference', 160
-    return sweep.apply(c, over).data
+    return override(c, over).data
 
 
 def test_pairs_stay_together_with_answer_masks(tmp_path):
@@ -223,7 +225,7 @@ def make_config(method='lora', loss='dpo', lr=1e-2, **over):
     c.optim.learning_rate = lr
     c.optim.schedule = 'constant'
     c.train.loss_chunk = 128
-    c = sweep.apply(c, over)
+    c = override(c, over)
     validate(c)
     return c
 
@@ -304,7 +306,7 @@ def test_dpo_in_every_mode(llama, pref_data, mode):
     pre, state, step = build(llama, c)
     train, _ = pref_data
     if preference.settings(c).reference == 'precomputed':
-        preference.attach_reference(pre.model, pre.params, train, batch_size=4, chunk_tokens=128)
+        reference.attach_reference(pre.model, pre.params, train, batch_size=4, chunk_tokens=128)
     try:
         batch = data_lib.take_rows(train, np.arange(4))
         curve = []

@@ -1,16 +1,16 @@
 """lm-evaluation-harness backend: the lm-eval model `ftjax` (loglikelihood, loglikelihood_rolling, generate_until).
 
-  python -m ftjax.evaluate --workdir=RUN --tasks=gsm8k_local --include_path=experiments/eval_tasks  # RUN/harness.json
-  python -m ftjax.evaluate --model=packaged:smollm2 --tasks=sst2_local --include_path=experiments/eval_tasks
-  python -m ftjax.harness --model ftjax --model_args pretrained=PATH_OR_GGUF[,workdir=RUN] --tasks T --include_path DIR
+  python -m ftjax evaluate --workdir=RUN --tasks=gsm8k_local --include_path=experiments/eval_tasks  # RUN/harness.json
+  python -m ftjax evaluate --model=packaged:smollm2 --tasks=sst2_local --include_path=experiments/eval_tasks
+  python -m ftjax harness --model ftjax --model_args pretrained=PATH_OR_GGUF[,workdir=RUN] --tasks T --include_path DIR
 
 The last line is lm-eval's own command line (all its flags) with `ftjax` registered first. A plain `lm_eval
 --model ftjax` cannot find it: lm-eval 0.4.13 looks models up in a fixed table (lm_eval/models/__init__.py) and
-reads no entry points, and `--include_path` adds tasks only. In Python, `ftjax.harness.register()` (or importing
-`ftjax.harness.FtjaxLM`) registers it for `lm_eval.simple_evaluate(model='ftjax', ...)`.
+reads no entry points, and `--include_path` adds tasks only. In Python, `ftjax.eval.harness.register()` (or
+importing `ftjax.eval.harness.FtjaxLM`) registers it for `lm_eval.simple_evaluate(model='ftjax', ...)`.
 
 model_args (model `ftjax`):
-  pretrained=PATH       a HF directory (an `ftjax.export` one too), .gguf file, hub name or packaged:NAME
+  pretrained=PATH       a HF directory (a `python -m ftjax export` one too), .gguf file, hub name or packaged:NAME
   adapter=DIR           a PEFT LoRA adapter on top of `pretrained`;  dtype=float32|bfloat16|float16 (float32)
   workdir=RUN[,step=N]  a training run's fine-tuned model (base + adapter, or full weights) from its latest
                         complete checkpoint (or step N), in the run's dtypes; `pretrained` may be left out
@@ -23,13 +23,12 @@ The compute is `ftjax.batched_lm.BatchedLM` (bucketed shapes, KV cache, the mesh
 (`pip install 'ftjax[eval]'`), is imported when first used, so ftjax runs without it.
 
 Local task files: `dataset_path: json` + `dataset_kwargs: {data_files: ...}` is plain lm-eval (paths absolute or
-relative to the working directory); `custom_dataset: !function ftjax.harness.local_dataset` also reads
+relative to the working directory); `custom_dataset: !function ftjax.eval.harness.local_dataset` also reads
 `shared:NAME/FILE` and paths relative to the YAML file (experiments/eval_tasks/).
 """
 import json
 import logging
 import os
-import sys
 import time
 
 import jax
@@ -45,7 +44,7 @@ from ftjax.logs import Progress
 from ftjax.models import packaged
 from ftjax.models.loading import Pretrained
 from ftjax.pretrained import load_pretrained
-from ftjax.workdir import HARNESS_FILE, load_workdir_config
+from ftjax.workdir import RunDir
 
 NAME = 'ftjax'  # the lm-eval model name
 _CLASS = []  # the lm-eval model class, made once by `register`
@@ -68,7 +67,7 @@ def load_model(pretrained=None, workdir=None, step=None, adapter=None, dtype=Non
         if adapter or dtype:
             raise ConfigError(f"adapter= and dtype= go with pretrained=; with workdir={workdir} the run's config "
                               f"decides them (model.adapter, model.param_dtype).")
-        base = load_workdir_config(workdir).model.path
+        base = RunDir(workdir).config().model.path
         if pretrained and os.path.abspath(packaged.resolve(pretrained)) != os.path.abspath(packaged.resolve(base)):
             raise ConfigError(f"pretrained={pretrained} is not the base model of workdir={workdir} ({base}, in its "
                               f"config.json); leave pretrained= out, the run names its base.")
@@ -252,7 +251,7 @@ def register():
         from lm_eval.api.model import TemplateLM
         from lm_eval.api.registry import model_registry, register_model
 
-        if NAME in model_registry:  # registered by this file run as __main__ (python -m ftjax.harness)
+        if NAME in model_registry:  # registered before (by another copy of this module)
             _CLASS.append(model_registry.get(NAME))
         else:
             cls = type('FtjaxLM', (HarnessModel, TemplateLM), {'__module__': __name__, '__doc__': HarnessModel.__doc__})
@@ -260,7 +259,7 @@ def register():
     return _CLASS[0]
 
 
-def __getattr__(name):  # `from ftjax.harness import FtjaxLM`: made (and registered) on first use
+def __getattr__(name):  # `from ftjax.eval.harness import FtjaxLM`: made (and registered) on first use
     if name == 'FtjaxLM':
         return register()
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
@@ -379,18 +378,14 @@ def evaluate_model(pretrained, tasks, out=None, include_path=None, limit=None, n
 
 def workdir_results(workdir):
     """The summary in `workdir/harness.json`, or {} when there is none."""
-    path = os.path.join(workdir, HARNESS_FILE)
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f).get('summary', {})
+    return RunDir(workdir).harness_summary()
 
 
 # --- local task data -----------------------------------------------------------------------------------------
 
 
 def local_dataset(data_files=None, config_source=None, **_metadata):
-    """lm-eval `custom_dataset` for task YAMLs on local files: `custom_dataset: !function ftjax.harness.local_dataset`
+    """lm-eval `custom_dataset` for task YAMLs on local files: `custom_dataset: !function ftjax.eval.harness.local_dataset`
     with `dataset_kwargs: {data_files: {test: shared:gsm8k/test.jsonl, train: ...}}`. A path is `shared:NAME/FILE`
     (ftjax.data.locations: $FTJAX_DATA or ../shared/data), absolute, or relative to the YAML file (lm-eval passes
     its path as metadata `config_source`). .json/.jsonl, .csv and .tsv (GLUE's: no quoting) are read."""
@@ -398,7 +393,7 @@ def local_dataset(data_files=None, config_source=None, **_metadata):
 
     where = config_source or 'the task YAML'
     if not data_files:
-        raise ConfigError(f'{where}: custom_dataset ftjax.harness.local_dataset needs dataset_kwargs.data_files '
+        raise ConfigError(f'{where}: custom_dataset ftjax.eval.harness.local_dataset needs dataset_kwargs.data_files '
                           f'({{split: file}}).')
     base = os.path.dirname(os.path.abspath(config_source)) if config_source and os.path.isfile(config_source) \
         else os.getcwd()
@@ -423,16 +418,3 @@ def local_dataset(data_files=None, config_source=None, **_metadata):
     delimiter, quoting = files_lib.csv_dialect(kind)
     return datasets.load_dataset('csv', data_files=resolved, delimiter=delimiter, quoting=quoting,
                                  encoding='utf-8-sig', na_filter=False)
-
-
-def main(argv=None):
-    """`python -m ftjax.harness ...`: lm-eval's command line with the model `ftjax` registered."""
-    register()
-    from lm_eval.__main__ import cli_evaluate
-
-    sys.argv = [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv)
-    cli_evaluate()
-
-
-if __name__ == '__main__':
-    main()

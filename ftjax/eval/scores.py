@@ -1,4 +1,4 @@
-"""Scorers of generated answers against references (`config.eval.scorer`, `ftjax.evaluate.generate_and_score`).
+"""Scorers of generated answers against references (`config.eval.scorer`, `evaluate.generate_and_score`).
 
   exact        stripped string equality
   json         equal JSON objects (key order and spacing aside)

@@ -1,29 +1,20 @@
-"""Evaluation, all of it: held-out loss and accuracy (LM) or accuracy and macro-F1 (classification) with the
-compiled eval step, generation-based eval (greedy answers to held-out prompts, scored against references by
-`config.eval.scorer`: `ftjax.scores`), and lm-evaluation-harness tasks (`ftjax.harness`) from the command line:
-
-  python -m ftjax.evaluate --workdir=RUN --tasks=gsm8k_local --include_path=experiments/eval_tasks [--limit=50]
-  python -m ftjax.evaluate --model=PATH_OR_GGUF --tasks=sst2_local,gsm8k_local --include_path=experiments/eval_tasks
-
-With --workdir the run's fine-tuned model (latest complete checkpoint, or --step) is evaluated and the results
-are written to RUN/harness.json (shown by `python -m ftjax.report`); --out=FILE writes them elsewhere.
+"""Evaluation during and after training: held-out loss and accuracy (LM) or accuracy and macro-F1
+(classification) with the compiled eval step, and generation-based eval (greedy answers to held-out prompts,
+scored against references by `config.eval.scorer`: `ftjax.eval.scores`). lm-evaluation-harness tasks:
+`ftjax.eval.harness` (and `python -m ftjax evaluate`, ftjax/cli/evaluate.py).
 """
 import dataclasses
 import json
 import math
-import os
 
 import jax
 import numpy as np
-from absl import app, flags
 
-from ftjax import cli, harness, scores
 from ftjax import data as data_lib
 from ftjax.decoding import generate_text
 from ftjax.errors import ConfigError
+from ftjax.eval import scores
 from ftjax.logs import Progress
-from ftjax.scores import last_number, score_json  # noqa: F401  (the scorers' old home)
-from ftjax.workdir import HARNESS_FILE
 
 
 # --- loss / accuracy / F1 over the eval split ---------------------------------------------------------------
@@ -105,7 +96,7 @@ def generation_eval(pre, state, config, desc='generation eval'):
 
 
 def generate_and_score(pre, pairs, scorer='exact', max_new_tokens=64, batch_size=8, desc=None):
-    """Greedy answers for each (prompt, reference), scored by `scorer` (`ftjax.scores`). Returns 'score' (the
+    """Greedy answers for each (prompt, reference), scored by `scorer` (`ftjax.eval.scores`). Returns 'score' (the
     scorer's value over all answers), 'exact_match' (the share of answers scored 1; for 'exact', 'json',
     'last_number' and 'squad_em' that is 'score'), 'scorer', 'n' and the samples (each sample's 'prompt' is the
     prompt's last user message, or the whole prompt text). `desc`: show progress, per batch."""
@@ -167,77 +158,3 @@ def read_rows(path):
             return [json.loads(line) for line in f if line.strip()]
         data = json.load(f)
     return data if isinstance(data, list) else data.get('data', data)
-
-
-# --- the command line: lm-evaluation-harness tasks ------------------------------------------------------------
-
-
-def define_flags(flag_values=None):
-    """The CLI's absl flags (defined on demand, so importing this module defines none)."""
-    fv = flag_values if flag_values is not None else flags.FLAGS
-    define = [('string', 'model', None, 'HF directory (an export too), .gguf file, hub name or packaged:NAME.'),
-              ('string', 'adapter', None, 'A PEFT LoRA adapter directory on top of --model.'),
-              ('enum', 'dtype', 'float32', 'Parameter/compute dtype (with --model).',
-               ['float32', 'bfloat16', 'float16']),
-              ('string', 'workdir', None, "A training run: its fine-tuned model; results go to WORKDIR/harness.json."),
-              ('integer', 'step', None, 'With --workdir: the checkpoint step (default: the latest complete one).'),
-              ('list', 'tasks', None, 'lm-eval task names or task YAML files, comma-separated.'),
-              ('multi_string', 'include_path', None, 'A directory of task YAMLs (e.g. experiments/eval_tasks).'),
-              ('integer', 'limit', None, 'Evaluate only the first N examples of each task.'),
-              ('integer', 'num_fewshot', None, "Few-shot examples per prompt (default: each task's own)."),
-              ('integer', 'batch_size', 8, 'Rows per batch (rounded up to the mesh\'s batch shards).'),
-              ('integer', 'max_length', None, "Context length (default: the model's max_position_embeddings)."),
-              ('bool', 'apply_chat_template', False, "Wrap each prompt in the tokenizer's chat template."),
-              ('bool', 'log_samples', False, 'Also write every prompt and answer (<out>_samples.jsonl).'),
-              ('integer', 'bootstrap_iters', 100000, 'lm-eval bootstrap iterations for stderrs (0: none).'),
-              ('string', 'out', None, 'Results JSON file (default: WORKDIR/harness.json; none with --model).'),
-              ('string', 'mesh', 'data=-1,fsdp=1,tensor=1', 'Device mesh sizes (as config.mesh.*).')]
-    for kind, name, default, help_text, *choices in define:
-        if name not in fv:  # --workdir / --step are shared with other entry points imported first
-            getattr(flags, f'DEFINE_{kind}')(name, default, *choices, help_text, flag_values=fv)
-    flags.mark_flags_as_required(['tasks'], flag_values=fv)
-    return fv
-
-
-def parse_mesh(text):
-    """'data=-1,fsdp=1,tensor=1' -> {'data': -1, 'fsdp': 1, 'tensor': 1} (axes left out: 1, data: -1)."""
-    sizes = {'data': -1, 'fsdp': 1, 'tensor': 1}
-    for part in filter(None, (p.strip() for p in str(text).split(','))):
-        axis, _, value = part.partition('=')
-        if axis not in sizes or not value.lstrip('-').isdigit():
-            raise ConfigError(f"--mesh={text}: {part!r} should be AXIS=SIZE with AXIS one of {sorted(sizes)}, e.g. "
-                              f"--mesh=data=2,tensor=4.")
-        sizes[axis] = int(value)
-    return sizes
-
-
-def run_cli(fv):
-    """Evaluates `fv.model` or the run `fv.workdir` on `fv.tasks`; returns (lm-eval results, summary)."""
-    if bool(fv.model) == bool(fv.workdir):
-        raise ConfigError('pass one of --model=PATH (a HF directory, .gguf file, hub name or packaged:NAME) and '
-                          '--workdir=RUN (a training run\'s fine-tuned model).')
-    if fv.workdir and (fv.adapter or fv['dtype'].present):
-        raise ConfigError(f"--adapter / --dtype go with --model; with --workdir={fv.workdir} the run's config "
-                          f"decides them (model.adapter, model.param_dtype).")
-    if fv.model and fv.step is not None:
-        raise ConfigError(f'--step={fv.step} picks a checkpoint of a --workdir; --model={fv.model} has none.')
-    out = fv.out or (os.path.join(fv.workdir, HARNESS_FILE) if fv.workdir else None)
-    model_args = dict(workdir=fv.workdir, step=fv.step) if fv.workdir else dict(adapter=fv.adapter, dtype=fv.dtype)
-    mesh = parse_mesh(fv.mesh)
-    return harness.evaluate_model(
-        fv.model, fv.tasks, out=out, include_path=fv.include_path, limit=fv.limit, num_fewshot=fv.num_fewshot,
-        batch_size=fv.batch_size, log_samples=fv.log_samples, max_length=fv.max_length,
-        mesh_data=mesh['data'], mesh_fsdp=mesh['fsdp'], mesh_tensor=mesh['tensor'],
-        evaluate_kwargs={'apply_chat_template': fv.apply_chat_template, 'bootstrap_iters': fv.bootstrap_iters},
-        **model_args)
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f'unexpected arguments {argv[1:]}; flags are written --name=value.')
-    run_cli(flags.FLAGS)
-
-
-if __name__ == '__main__':
-    define_flags()
-    cli.run(main)

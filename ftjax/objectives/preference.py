@@ -1,12 +1,13 @@
-"""Preference optimisation (DPO, IPO, SimPO, ORPO): per-answer log-probs, the four losses, the reference.
+"""Preference optimisation (DPO, IPO, SimPO, ORPO) as an objective of the one train step: per-answer log-probs,
+the four losses, their metrics, the reference.
 
 A preference batch row holds one pair as two segments (`ftjax.data`, format `preference`): segment 1 the
 prompt + chosen answer, segment 2 the prompt + rejected answer; `loss_mask` is 1 on the answer targets,
 the segment mask keeps attention within each sequence. From one forward pass:
 
   answer_logps(...)    sums of the answer tokens' log-probs [batch, 2] (chosen, rejected) and their
-                       token counts [batch, 2]; the log-softmax runs over the vocabulary in chunks of
-                       the sequence (rematerialised, so no [batch, seq, vocab] logits are kept)
+                       token counts [batch, 2] (`ftjax.objectives.logprobs.token_logps`: chunked over the
+                       vocabulary, rematerialised, so no [batch, seq, vocab] logits are kept)
   pair_losses(...)     the per-pair loss and rewards of `align.loss` from those sums (TRL's formulas,
                        tests/test_preference.py checks loss and gradient against TRL's code):
     dpo    -(1 - e) log s(b d) - e log s(-b d),  d = (c - c_ref) - (r - r_ref)   (e: label smoothing)
@@ -15,14 +16,16 @@ the segment mask keeps attention within each sequence. From one forward pass:
     orpo   NLL(chosen tokens) - lambda log s(log odds(c / n_c) - log odds(r / n_r))   reference-free
   rewards: b (x - x_ref) for dpo / ipo, b x / n_x for simpo, lambda x / n_x for orpo (as TRL logs them).
 
+Each micro-batch's loss is already divided by the whole batch's pair (and chosen-token) count (`normalisers`,
+taken before the split), so accumulation stays exact and `finalize`'s denominator is 1.
+
 The reference of dpo / ipo (`align.reference`):
   adapters_off  LoRA / DoRA: the same step runs the model once more without its adapters (the model
                 rebuilt with `cfg.lora = None`) on the frozen base params: no second copy, and exactly the
                 untouched base. Refused when a non-adapter leaf trains (that base is no longer untouched).
   precomputed   full / partial: the starting model's answer log-probs of every row, computed once before
-                training (`attach_reference`) and carried by each batch as 'ref_logps' [batch, 2]; kept in a
-                cache beside the data's (`cache_dir`), keyed by the starting model's identity (base weights'
-                hash, adapter files, model keys) and the tokenised rows, so a restart (or a sweep) reads them.
+                training (`ftjax.objectives.reference.attach_reference`) and carried by each batch as
+                'ref_logps' [batch, 2]; cached, keyed by the starting model and the tokenised rows.
   auto          adapters_off for lora / dora, precomputed for full / partial and for training on a loaded
                 adapter (`model.adapter`, e.g. an SFT adapter: the reference is then that starting model).
 
@@ -33,22 +36,23 @@ loaded adapter trains on and auto precomputes the SFT model's log-probs (an expl
 with the bare base, as TRL's `disable_adapter` does).
 """
 import dataclasses
-import hashlib
 import logging
 import math
-import os
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
 
-from ftjax.data.locations import cache_root
-from ftjax.data.packing import take_rows
+from ftjax import sharding
+from ftjax.data import layout
 from ftjax.errors import ConfigError
 from ftjax.models.adapters import is_adapter
 from ftjax.models.heads import lm_head_kernel
+from ftjax.objectives import logprobs
+from ftjax.objectives.objective import Objective
+from ftjax.state import combine
+
+KEYS = layout.REQUIRED['preference']  # the batch keys it reads
 
 LOSSES = ('dpo', 'ipo', 'simpo', 'orpo')
 NEEDS_REFERENCE = ('dpo', 'ipo')
@@ -74,11 +78,11 @@ def settings(config):
         reference = 'none'
     elif a.reference == 'auto':  # a loaded (SFT) adapter is part of the starting policy: merged, or precomputed
         m = config.model
-        adapters = config.peft.method in ('lora', 'dora') and (not m.get('adapter') or m.get('adapter_merge'))
+        adapters = config.peft.method in ('lora', 'dora') and (not m.adapter or m.adapter_merge)
         reference = 'adapters_off' if adapters else 'precomputed'
     else:
         reference = a.reference
-    if reference == 'adapters_off' and config.model.get('adapter') and not config.model.get('adapter_merge') and \
+    if reference == 'adapters_off' and config.model.adapter and not config.model.adapter_merge and \
             config.model.adapter not in _WARNED:
         _WARNED.add(config.model.adapter)
         logging.warning("align.reference='adapters_off' with model.adapter=%s: the reference is the base without "
@@ -93,33 +97,6 @@ def settings(config):
 
 # --- log-probs of the answers ---------------------------------------------------------------------------------
 
-def token_logps(hidden, head, targets, chunk_tokens=512, softcap=None):
-    """log p(target) per position [batch, seq] float32 from hidden [batch, seq, embed] and head [embed, vocab].
-
-    The sequence is cut into chunks of about `chunk_tokens` tokens of the batch; each chunk's logits are
-    rematerialised in the backward pass instead of being kept."""
-    b, t, e = hidden.shape
-    head = head.astype(hidden.dtype)
-    c = max(1, min(t, int(chunk_tokens) // max(b, 1)))  # positions per chunk
-    pad = (-t) % c
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets.astype(jnp.int32), ((0, 0), (0, pad)))
-    n = (t + pad) // c
-    hs = hidden.reshape(b, n, c, e).swapaxes(0, 1)  # [chunks, batch, chunk, embed]
-    ys = targets.reshape(b, n, c).swapaxes(0, 1)  # [chunks, batch, chunk]
-
-    @jax.checkpoint
-    def one(h, y):
-        logits = jnp.einsum('bce,ev->bcv', h, head, preferred_element_type=jnp.float32)  # [batch, chunk, vocab]
-        if softcap is not None:  # the model's final-logit soft-cap (Gemma 2)
-            logits = jnp.tanh(logits / softcap) * softcap
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        return jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0] - lse  # [batch, chunk]
-
-    out = jax.lax.map(lambda xs: one(*xs), (hs, ys))  # [chunks, batch, chunk]
-    return out.swapaxes(0, 1).reshape(b, n * c)[:, :t]
-
-
 def segment_sums(values, loss_mask, segment_ids):
     """Sums of `values` [batch, seq] over the answer tokens of segment 1 (chosen) and 2 (rejected) -> [batch, 2]."""
     w = loss_mask.astype(jnp.float32)
@@ -127,12 +104,13 @@ def segment_sums(values, loss_mask, segment_ids):
 
 
 def answer_logps(model, params, batch, rng=None, chunk_tokens=512):
-    """(summed answer log-probs [batch, 2], answer token counts [batch, 2]) of a preference batch."""
+    """(summed answer log-probs [batch, 2], answer token counts [batch, 2]) of a preference batch; `chunk_tokens`
+    counts tokens per device."""
     kw = dict(deterministic=rng is None, rngs=None if rng is None else {'dropout': rng})
     hidden = model.apply({'params': params}, batch['input_ids'], batch.get('positions'), batch['segment_ids'],
                          return_hidden=True, **kw)  # [batch, seq, embed]
-    lp = token_logps(hidden, lm_head_kernel(params, model.cfg), batch['target_ids'], chunk_tokens,
-                     getattr(model.cfg, 'final_softcap', None))
+    lp = logprobs.token_logps(hidden, lm_head_kernel(params, model.cfg), batch['target_ids'], chunk_tokens,
+                              sharding.batch_shards(), getattr(model.cfg, 'final_softcap', None))  # [batch, seq]
     seg = batch['segment_ids']
     return segment_sums(lp, batch['loss_mask'], seg), segment_sums(jnp.ones_like(lp), batch['loss_mask'], seg)
 
@@ -233,76 +211,16 @@ def reference_logps(model, s: Settings, frozen, batch, chunk_tokens=512):
         return None
     if s.reference == 'precomputed':
         if 'ref_logps' not in batch:
-            raise ValueError("config.align.reference='precomputed' but the batch has no 'ref_logps': compute them "
-                             'once with ftjax.preference.attach_reference(model, base_params, data) before training.')
+            raise ValueError("config.align.reference='precomputed' but the batch has no 'ref_logps': compute them once "
+                             'with ftjax.objectives.reference.attach_reference(model, base_params, data) before '
+                             'training.')
         return batch['ref_logps'].astype(jnp.float32)
     logps, _ = answer_logps(base_model(model), strip_adapters(frozen), batch, None, chunk_tokens)
     return jax.lax.stop_gradient(logps)
 
 
-# --- the precomputed reference (full / partial fine-tuning) ------------------------------------------------------
-
-def cache_dir(config):
-    """Where precomputed reference log-probs are kept: beside the data cache (`data.cache_dir`), else under
-    $FTJAX_CACHE (~/.cache/ftjax)."""
-    return os.path.join(config.data.cache_dir or cache_root(), 'reference_logps')
-
-
-def data_digest(data):
-    """A hash of a TokenizedData's rows: tokens, answer masks and how they are cut into sequences and rows."""
-    h = hashlib.sha256(f'{data.task}:{data.max_length}'.encode())
-    for name in ('tokens', 'offsets', 'row_offsets', 'row_examples', 'answer'):
-        h.update(np.ascontiguousarray(getattr(data, name)).tobytes())
-    return h.hexdigest()
-
-
-def attach_reference(model, params, data, batch_size=8, chunk_tokens=512, cache=None, identity=None):
-    """Computes the model's summed answer log-probs of every row of `data` (a preference TokenizedData) once
-    and stores them as `data.ref_logps` [rows, 2] (float32), which batches then carry as 'ref_logps'.
-
-    With `cache` (a directory) and `identity` (a hash of the model, `ftjax.build.start_identity`), they are
-    read from `cache/<identity + data_digest>.npy` when there, and written there once computed.
-    `data.stats['reference_batches']` counts the forward batches run (0: read from the cache). Returns `data`."""
-    data.ref_logps = None
-    n = len(data)
-    path = None
-    if cache and identity:
-        key = hashlib.sha256(f'{identity}:{data_digest(data)}'.encode()).hexdigest()[:32]
-        path = os.path.join(cache, f'{key}.npy')
-        if os.path.exists(path):
-            try:
-                got = np.load(path)
-            except (ValueError, OSError) as e:  # a damaged file: computed again and replaced
-                got = np.zeros((0,), np.float32)
-                logging.warning('%s: %s', path, e)
-            if got.shape == (n, 2) and got.dtype == np.float32 and np.all(np.isfinite(got)):
-                data.ref_logps, data.stats['reference_batches'] = got, 0
-                logging.info('reference log-probs of %d pairs: read from %s', n, path)
-                return data
-            logging.warning('reference log-probs in %s do not fit the data; computing them again', path)
-    t0 = time.perf_counter()
-    fn = jax.jit(lambda p, b: answer_logps(model, p, b, None, chunk_tokens)[0])
-    out = np.zeros((n, 2), np.float32)
-    batches = 0
-    for start in range(0, n, batch_size):
-        rows = np.minimum(np.arange(start, start + batch_size), n - 1)  # a full last batch: one compiled shape
-        got = np.asarray(jax.device_get(fn(params, take_rows(data, rows))))
-        keep = min(batch_size, n - start)
-        out[start:start + keep] = got[:keep]
-        batches += 1
-    data.ref_logps, data.stats['reference_batches'] = out, batches
-    if path:  # written whole, then renamed: a reader never sees half a file (every process writes the same)
-        os.makedirs(cache, exist_ok=True)
-        tmp = f'{path}.tmp{os.getpid()}.npy'
-        np.save(tmp, out)
-        os.replace(tmp, path)
-    logging.info('reference log-probs of %d pairs: computed in %.0f s (%d batches)%s', n, time.perf_counter() - t0,
-                 batches, f', saved to {path}' if path else '')
-    return data
-
-
 def before_after(before, after):
-    """A markdown table of the held-out pair metrics (`eval/...` of `ftjax.evaluate.eval_split`) before and after."""
+    """A markdown table of the held-out pair metrics (`eval/...` of `ftjax.eval.evaluate.eval_split`) before and after."""
     names = [('eval/logps/accuracy', 'policy prefers chosen'), ('eval/rewards/accuracy', 'reward accuracy'),
              ('eval/rewards/margin', 'reward margin'), ('eval/loss', 'preference loss')]
     lines = ['', '| held-out pairs | before | after |', '|---|---|---|']
@@ -313,3 +231,37 @@ def before_after(before, after):
         lines.append(f"| generation exact match (held-out prompts) | {after['gen/exact_match_base']:.1%} | "
                      f"{after['gen/exact_match']:.1%} |")
     return '\n'.join(lines)
+
+
+def finalize(sums):
+    """The loss is already the batch mean (denominator 1); the per-pair means of METRICS, orpo's NLL per chosen
+    answer token; 'accuracy' is the reward accuracy and 'num_tokens' counts pairs."""
+    pairs = jnp.maximum(sums['pairs'], 1.0)
+    metrics = {name: sums[name] / pairs for name in METRICS}
+    if 'nll_sum' in sums:  # orpo: its SFT part, per chosen answer token
+        metrics['nll'] = sums['nll_sum'] / jnp.maximum(sums['nll_tokens'], 1.0)
+    return jnp.ones((), jnp.float32), {'accuracy': metrics['rewards/accuracy'], 'num_tokens': sums['pairs'], **metrics}
+
+
+def make(config) -> Objective:
+    """The `align.*` objective. Eval sums per pair: loss_sum, correct (reward accuracy), count (pairs) and
+    '<metric>_sum' of METRICS (orpo's loss_sum: the odds-ratio term only, its NLL is a per-token mean); the eval
+    reference with adapters off comes from `params` with the adapter leaves left out."""
+    s = settings(config)
+    chunk = int(config.train.loss_chunk)
+
+    def sums(model, trainable, frozen, batch, rng, norms):
+        if s.reference == 'adapters_off':
+            check_adapters_only(trainable)
+        logps, counts = answer_logps(model, combine(trainable, frozen), batch, rng, chunk)
+        ref = reference_logps(model, s, frozen, batch, chunk)
+        return loss_and_sums(s, logps, counts, ref, *norms)
+
+    def eval_sums(model, params, batch):
+        logps, counts = answer_logps(model, params, batch, None, chunk)
+        ref = reference_logps(model, s, params, batch, chunk)
+        _, got = loss_and_sums(s, logps, counts, ref, 1.0, 1.0)
+        return {'loss_sum': got['loss_sum'], 'correct': got['rewards/accuracy'], 'count': got['pairs'],
+                **{f'{name}_sum': got[name] for name in METRICS}}
+
+    return Objective('preference', KEYS, sums, normalisers, finalize, eval_sums, s.reference, before_after)

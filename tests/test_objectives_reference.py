@@ -1,4 +1,5 @@
-"""Preference optimisation from an SFT model (issue 18), and the precomputed reference's cache.
+"""`ftjax.objectives.reference`: preference optimisation from an SFT model (issue 18), and the precomputed
+reference's cache.
 
 `model.adapter` (a PEFT adapter directory or a ftjax run's workdir) with `model.adapter_merge`: the SFT adapter is
 folded into the frozen base and a fresh LoRA trains on top, so the adapters-off reference is the SFT model (base +
@@ -14,13 +15,14 @@ import numpy as np
 import pytest
 
 import ftjax
-from ftjax import build as build_lib, data as data_lib, export, optim, peft, preference, sweep
+from ftjax import build as build_lib, data as data_lib, export, optim, peft
 from ftjax import state as state_lib
-from ftjax.config import default_config, validate
+from ftjax.config import default_config, override, validate
 from ftjax.errors import ConfigError
 from ftjax.loop import train_and_evaluate
 from ftjax.models import load_pretrained
 from ftjax.models.adapters import LORA_B, LoraSpec, map_adapted
+from ftjax.objectives import preference, reference
 from ftjax.train_step import make_train_step
 from tests import tiny
 
@@ -58,7 +60,7 @@ def make_config(model_dir, data_path, tmp_path, method='lora', **over):
     c.data.cache_dir = str(tmp_path / 'cache')
     c.optim.learning_rate, c.optim.schedule = 1e-2, 'constant'
     c.train.batch_size, c.train.loss_chunk = 4, 128
-    c = sweep.apply(c, over)
+    c = override(c, over)
     validate(c)
     return c
 
@@ -107,7 +109,7 @@ def test_adapter_options_are_checked(tiny_llama_dir, pairs_file, tmp_path):
     c = make_config(tiny_llama_dir, pairs_file, tmp_path,
                     **{'model.adapter': str(tmp_path), 'model.adapter_merge': True})
     with pytest.raises(ConfigError, match="quantize='gguf'"):  # the file's blocks cannot hold a merged adapter
-        build_lib.load_start(sweep.apply(c, {'model.quantize': 'gguf'}))
+        build_lib.load_start(override(c, {'model.quantize': 'gguf'}))
     run = types.SimpleNamespace(config=types.SimpleNamespace(lora=LoraSpec()), method='lora')
     with pytest.raises(ConfigError, match='adapter_merge.*--format=hf'):  # its adapter sits on base + SFT adapter
         export.check_peft_run(run, 'runs/dpo_sft', c)
@@ -145,9 +147,9 @@ def test_precomputed_reference_is_read_back_on_a_second_start(llama, tiny_llama_
     again, _ = build_lib.build_data(c, pre)  # a restart: the same model and data
     assert again.stats['reference_batches'] == 0
     np.testing.assert_array_equal(again.ref_logps, first.ref_logps)
-    cached = sorted(os.listdir(preference.cache_dir(c)))
+    cached = sorted(os.listdir(reference.cache_dir(c)))
     assert len(cached) == 1 and cached[0].endswith('.npy')
-    with open(os.path.join(preference.cache_dir(c), cached[0]), 'wb') as f:
+    with open(os.path.join(reference.cache_dir(c), cached[0]), 'wb') as f:
         f.write(b'\x93NUMPY damaged')  # a damaged cache file is computed again and replaced
     assert build_lib.build_data(c, pre)[0].stats['reference_batches'] == 2
     np.testing.assert_array_equal(build_lib.build_data(c, pre)[0].ref_logps, first.ref_logps)
@@ -157,4 +159,4 @@ def test_precomputed_reference_is_read_back_on_a_second_start(llama, tiny_llama_
     assert other.stats['reference_batches'] == 2 and not np.allclose(other.ref_logps, first.ref_logps)
     fewer = make_config(tiny_llama_dir, tiny.write_jsonl(tmp_path / 'fewer.jsonl', PAIRS[:5]), tmp_path, 'full')
     assert build_lib.build_data(fewer, pre)[0].stats['reference_batches'] == 2  # other rows
-    assert len(os.listdir(preference.cache_dir(c))) == 3
+    assert len(os.listdir(reference.cache_dir(c))) == 3

