@@ -7,7 +7,7 @@ Both are plain functions, whatever modules a program imports: no module is named
 (`python -m ftjax <verb>`, or the `ftjax` console script) live in ftjax/cli/. The module graph:
 docs/architecture.md.
 """
-from ftjax.decoding import generate
+from ftjax.infer import generate
 from ftjax.pretrained import load_pretrained
 
 __version__ = '0.1.0'

@@ -24,7 +24,7 @@ from ftjax.data import templates
 from ftjax import state as state_lib
 from ftjax.errors import ConfigError, MissingFileError
 from ftjax.models import abstract_variables, adapters, build_model, convert, gguf_io, packaged, quantize
-from ftjax.models.loading import Pretrained
+from ftjax.models.loading import Pretrained, require_tokenizer
 from ftjax.models.heads import task_of
 from ftjax.pretrained import load_pretrained
 from ftjax.objectives import objective_for, reference
@@ -85,6 +85,7 @@ def load_start(config):
         pre = load_pretrained(m.path, dtype=m.param_dtype, compute_dtype=m.dtype, num_labels=m.num_labels,
                               pooling=m.pooling, remat=m.remat, scan_unroll=m.scan_unroll, seed=config.train.seed,
                               adapter=m.adapter)
+    require_tokenizer(pre, f'config.model.path={m.path!r}')
     templates.apply(pre.tokenizer, getattr(pre.config, 'model_type', None), config.data.chat_template,
                     source=m.path)  # data.chat_template, else the model's own, else its family's
     return merge_adapter(pre) if m.adapter_merge else pre
@@ -94,6 +95,9 @@ def _from_run(config):
     """The fine-tuned model of the run in `model.adapter`, which must have trained on this run's base weights."""
     m = config.model
     run = RunDir(m.adapter).config()
+    if not isinstance(run.model.path, str) or not run.model.path:
+        raise ConfigError(f"config.model.adapter={m.adapter!r}: its config.json names no model.path, so it is no "
+                          f"complete ftjax run's workdir; pass a PEFT adapter directory or another run.")
     if run.model.path != m.path and (checkpoint.base_reference(run.model.path)['sha256'] !=
                                      checkpoint.base_reference(m.path)['sha256']):
         raise ConfigError(f"config.model.adapter={m.adapter!r} is a run on the base {run.model.path!r}, not on "

@@ -114,7 +114,8 @@ def hf_config_of(path):
             return json.load(f)
     except Exception as e:
         raise MissingFileError(f"config.model.path={path!r}: no local directory or .gguf file, and its config.json "
-                                f"could not be fetched from the hub ({type(e).__name__}: {e}).") from e
+                                f"could not be fetched from the hub ({type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}).") from e
 
 
 def abstract_model(config):

@@ -32,6 +32,7 @@ import ml_collections
 
 from ftjax import config as config_lib, loop, report
 from ftjax.errors import EXIT_PREEMPTED, ConfigError
+from ftjax.workdir import RunDir, config_dict, flatten
 
 ABBREVIATIONS = {'learning_rate': 'lr', 'batch_size': 'bs', 'weight_decay': 'wd', 'warmup_steps': 'warmup',
                  'max_length': 'len', 'grad_accum': 'accum', 'method': ''}
@@ -203,10 +204,9 @@ def check_existing(runs, overrides=()):
     """Refuses a sub-workdir whose earlier run used other values (a different grid, or other --config.KEY
     overrides, in the same --workdir)."""
     for run in runs:
-        stored = report._read_json(os.path.join(run.workdir, 'config.json'))
-        if stored is None:
+        if not RunDir(run.workdir).config_file.exists():
             continue
-        flat = report.flatten(stored)
+        flat = flatten(config_dict(RunDir(run.workdir).config()))  # laid over today's defaults: every key
         for key, value in {**_fixed(run, overrides), **run.values}.items():
             if json.dumps(flat.get(key)) != json.dumps(value if not isinstance(value, tuple) else list(value)):
                 raise ConfigError(f'{run.workdir} holds a run with {key}={flat.get(key)!r}, but this sweep would '

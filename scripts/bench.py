@@ -54,6 +54,7 @@ import bench_torch  # noqa: E402  (scripts/bench_torch.py: torch side, peak-RSS 
 import cpu_probe  # noqa: E402  (scripts/cpu_probe.py: the CPU's model, family and vector ISA)
 from ftjax import build, data as data_lib, optim, sharding  # noqa: E402
 from ftjax import config as config_lib  # noqa: E402
+from ftjax.data import layout  # noqa: E402
 from ftjax import state as state_lib  # noqa: E402
 from ftjax.cli import config_flag, console  # noqa: E402
 from ftjax.errors import ConfigError, EnvironmentSetupError  # noqa: E402
@@ -222,11 +223,12 @@ def cpu_model():
 
 
 def random_batch(batch, seq, vocab_size):
-    """Random tokens as the trainer's LM batches: {name: np.ndarray [batch, seq]}."""
+    """Random tokens as the trainer's LM batches (`ftjax.data.layout`): {name: np.ndarray [batch, seq]}."""
     ids = np.random.default_rng(0).integers(0, vocab_size, (batch, seq + 1)).astype(np.int32)
-    return {'input_ids': ids[:, :-1], 'target_ids': ids[:, 1:], 'loss_mask': np.ones((batch, seq), np.float32),
-            'segment_ids': np.ones((batch, seq), np.int32),
-            'positions': np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
+    out = layout.empty('lm', batch, seq, pad_id=0)
+    out['input_ids'][:], out['target_ids'][:] = ids[:, :-1], ids[:, 1:]
+    out['loss_mask'][:], out['segment_ids'][:], out['positions'][:] = 1, 1, np.arange(seq)  # one example a row
+    return out
 
 
 # --- the two runs ----------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from absl import flags
 
 from ftjax import cli
 from ftjax.cli import evaluate as evaluate_cli, export as export_cli, generate as generate_cli, which_model
-from ftjax.decoding import generate_text
 from ftjax.errors import EXIT_BAD_INPUT, ConfigError
+from ftjax.infer import generate_text
 from ftjax.models import load_pretrained
 from tests import tiny
 
@@ -52,6 +52,10 @@ def test_python_dash_m_ftjax_and_the_console_script():
     proc = subprocess.run([sys.executable, '-m', 'ftjax'], cwd=tiny.REPO, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == EXIT_BAD_INPUT and 'verbs:' in proc.stderr, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, '-m', 'ftjax', 'generate', '--help'], cwd=tiny.REPO, env=env,
+                          capture_output=True, text=True, timeout=120)  # the verb's own flags, not __main__'s
+    assert proc.returncode == 0 and '`python -m ftjax generate`' in proc.stdout, proc.stderr[-2000:]
+    assert all(f'--{name}' in proc.stdout for name in ('prompt', 'max_new_tokens', 'model', 'workdir')), proc.stdout
     setup = configparser.ConfigParser()
     setup.read(os.path.join(tiny.REPO, 'setup.cfg'))
     script = setup['options.entry_points']['console_scripts'].strip()

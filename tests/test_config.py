@@ -181,7 +181,8 @@ def test_parse_arg_rejects_unknown_variants_and_flags(tmp_path):
                         ('experiments/alpaca_smollm2.py:dorra', "Did you mean 'dora'")]:
         with pytest.raises(ConfigError, match=match):
             config_lib.load_experiment(os.path.join(REPO, spec))
-    assert config_lib.load_experiment(os.path.join(REPO, 'experiments/papers/lora_glue.py:mrpc,cpu,smoke')).train.steps == 2
+    glue = config_lib.load_experiment(os.path.join(REPO, 'experiments/papers/lora_glue.py:mrpc,cpu,smoke'))
+    assert glue.train.steps == 2
 
 
 @pytest.mark.parametrize('spec', [

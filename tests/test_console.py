@@ -182,7 +182,7 @@ def test_train_console(gguf_run, chat_data):
 @pytest.mark.slow
 def test_generate_from_a_workdir_equals_its_restored_model(gguf_run):
     from ftjax.build import restore_for_export
-    from ftjax.decoding import generate_text
+    from ftjax.infer import generate_text
     workdir = gguf_run[0]
     prompt = 'Extract the name and age: Alice is 31 years old.'
     rc, out, err = command('ftjax', 'generate', f'--workdir={workdir}', '--step=4', f'--prompt={prompt}', '--chat',

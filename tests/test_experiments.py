@@ -59,8 +59,8 @@ SMOKES = [
     ('experiments/dpo_smollm2.py:dpo,from_sft,smoke', SMOLLM2, []),  # its SFT stage: the quickstart smoke's run
 ]
 # The other variants: the same files with other settings of method keys that the unit tests cover on tiny
-# models (tests/test_peft.py, test_preference.py, ...). `pytest -m variants` runs them (13 more smokes, ~12 min
-# on the 2-core CPU); CI's command leaves them out to stay within its time.
+# models (tests/test_peft.py, test_objectives_preference.py, ...). `pytest -m variants` runs them (13 more smokes,
+# ~12 min on the 2-core CPU); CI's command leaves them out to stay within its time.
 VARIANT_SMOKES = [
     # Gemma 3 chat LoRA on the Alpaca file: quickstart:gemma3 (Gemma 3 chat LoRA) + alpaca_smollm2:lora (the file)
     ('experiments/gemma3_instruct.py:lora,smoke', GEMMA3, [('alpaca_en_demo', 'alpaca_en_demo.json')]),

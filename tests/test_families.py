@@ -22,9 +22,7 @@ import pytest
 from flax import traverse_util
 
 import ftjax
-# decoding.generate, not ftjax.generate: another test file in the same process (tests/test_generate.py, under
-# pytest-xdist) may have imported the CLI module ftjax/generate.py, which rebinds the package attribute.
-from ftjax import decoding, export, optim, peft, sharding, train_step
+from ftjax import export, infer, optim, peft, sharding, train_step
 from ftjax import state as state_lib
 from ftjax.config import DEFAULT_RULES, default_config
 from ftjax.errors import ModelError
@@ -121,7 +119,7 @@ def test_greedy_generation_matches_transformers(family_dir, family):
     pre = load_pretrained(path)
     r = np.random.RandomState(1)
     prompts = [r.randint(0, pre.config.vocab_size, n).tolist() for n in (6, 3)]
-    ours = decoding.generate(pre, prompts, max_new_tokens=10, eos_ids=[])
+    ours = infer.generate(pre, prompts, max_new_tokens=10, eos_ids=[])
     ref = hf_model(path)
     with torch.no_grad():
         theirs = [ref.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False)[0, len(p):].tolist()
@@ -129,7 +127,7 @@ def test_greedy_generation_matches_transformers(family_dir, family):
     print(f'{family}: ftjax {ours}\n{" " * len(family)}  transformers {theirs}')
     assert ours == theirs
     cfg = dataclasses.replace(pre.config, sliding_window=None)
-    unwindowed = decoding.generate(dataclasses.replace(pre, model=build_model(cfg), config=cfg), prompts,
+    unwindowed = infer.generate(dataclasses.replace(pre, model=build_model(cfg), config=cfg), prompts,
                                 max_new_tokens=10, eos_ids=[])
     assert unwindowed != theirs
 

@@ -22,7 +22,7 @@ from safetensors.numpy import load_file
 from ftjax import data as data_lib
 from ftjax.config import validate
 from ftjax.data import templates
-from ftjax.decoding import encode_prompt, generate
+from ftjax.infer import encode_prompt, generate
 from ftjax.errors import ConfigError, MissingFileError
 from ftjax.models import convert, packaged
 from ftjax.models.gguf_io import read_gguf

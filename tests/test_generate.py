@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from ftjax.decoding import eos_token_ids, generate, generate_text
+from ftjax.infer import eos_token_ids, generate, generate_text
 from ftjax.models import load_pretrained
 from tests import tiny
 

@@ -1,5 +1,5 @@
-"""The lm-evaluation-harness backend (ftjax/eval/harness.py, ftjax/batched_lm.py): per-request log-likelihoods and greedy
-generations equal lm-eval's own `hf` backend's on a tiny random Llama (float32) and local tasks, the bucketed
+"""The lm-evaluation-harness backend (ftjax/eval/harness.py, ftjax/infer/): per-request log-likelihoods and
+greedy generations equal lm-eval's own `hf` backend's on a tiny random Llama (float32) and local tasks, the bucketed
 batches against a plain forward pass on several meshes, a training run's fine-tuned model evaluated by the trainer
 (`eval.harness_tasks`) and by `python -m ftjax evaluate --workdir`, local task files, and lm-eval's command line.
 
@@ -16,8 +16,8 @@ import pytest
 
 import ftjax
 from ftjax import report
-from ftjax.batched_lm import BatchedLM, bucket
-from ftjax.decoding import generate
+from ftjax.infer import Sampler, generate, scoring
+from ftjax.infer.prompts import bucket
 from ftjax.errors import ConfigError, MissingFileError
 from ftjax.eval import harness
 from ftjax.loop import train_and_evaluate
@@ -121,27 +121,29 @@ def test_bucketed_scores_equal_a_plain_forward_on_any_mesh(tiny_llama_dir):
         expected.append((sum(float(logp[i, p, t]) for p, t in zip(pos, cont)),
                          all(int(np.argmax(logits[i, p])) == t for p, t in zip(pos, cont))))
     for mesh in ({'data': 8, 'fsdp': 1, 'tensor': 1}, {'data': 2, 'fsdp': 1, 'tensor': 4}):
-        lm = BatchedLM(pre, batch_size=3, mesh=make_mesh(mesh))
+        lm = Sampler(pre, batch_size=3, mesh=make_mesh(mesh))
         assert lm.rows == (8 if mesh['data'] == 8 else 4)
+        before = scoring.score_rows._cache_size()
         got = lm.loglikelihoods(reqs, max_length)
         diff = max(abs(g[0] - e[0]) for g, e in zip(got, expected))
         print(f'mesh {mesh}: max |log-likelihood difference| {diff:.2e}')
         assert diff < 1e-4 and [g[1] for g in got] == [e[1] for e in expected]
-        programs = lm._score._cache_size()  # one per (length bucket, candidate count, full or short batch)
+        programs = scoring.score_rows._cache_size()  # one per (length bucket, candidate count, full or short batch)
         lengths = {bucket(min(len(c) + len(t), max_length + 1) - 1) for c, t in reqs}
-        assert programs <= len(lengths) * 2 * 2
+        assert programs - before <= len(lengths) * 2 * 2
         again = lm.loglikelihoods(reqs[::-1], max_length)[::-1]  # other batches, the same programs
-        assert again == [(pytest.approx(g[0], abs=1e-5), g[1]) for g in got] and lm._score._cache_size() == programs
+        assert again == [(pytest.approx(g[0], abs=1e-5), g[1]) for g in got]
+        assert scoring.score_rows._cache_size() == programs
 
 
 def test_batched_generation_equals_decoding_and_stops(tiny_llama_dir):
     pre = ftjax.load_pretrained(tiny_llama_dir)
     rng = np.random.default_rng(1)
     prompts = [list(rng.integers(5, 300, n)) for n in (3, 17, 40, 5, 9)]
-    lm = BatchedLM(pre, batch_size=2, mesh=make_mesh({'data': 2, 'fsdp': 1, 'tensor': 4}), chunk=4)
-    got = lm.generate(prompts, max_new_tokens=10)
+    lm = Sampler(pre, batch_size=2, mesh=make_mesh({'data': 2, 'fsdp': 1, 'tensor': 4}), chunk=4)
+    got = lm.sample(prompts, max_new_tokens=10).tokens
     assert got == generate(pre, prompts, max_new_tokens=10)
-    stopped = lm.generate(prompts, max_new_tokens=10, stop=lambda i, ids: i % 2 == 0 and len(ids) >= 2)
+    stopped = lm.sample(prompts, max_new_tokens=10, stop=lambda i, ids: i % 2 == 0 and len(ids) >= 2).tokens
     assert [len(s) for s in stopped] == [5, 10, 5, 10, 5]  # asked after the first token, then every 4
     assert all(s == g[:len(s)] for s, g in zip(stopped, got))
 
@@ -194,8 +196,8 @@ def test_parity_with_the_hf_backend(varied_llama_dir, task_dir):
 
 
 def test_local_dataset_resolves_paths_beside_the_yaml(tmp_path, tiny_llama_dir, monkeypatch):
-    """`custom_dataset: !function ftjax.eval.harness.local_dataset`: data_files relative to the YAML file, shared:NAME/FILE
-    under $FTJAX_DATA, TSV as GLUE writes it; a missing file is one line naming the YAML and the key."""
+    """`custom_dataset: !function ftjax.eval.harness.local_dataset`: data_files relative to the YAML file,
+    shared:NAME/FILE under $FTJAX_DATA, TSV as GLUE writes it; a missing file is one line naming the YAML and the key."""
     monkeypatch.setenv('FTJAX_DATA', str(tmp_path / 'data'))
     (tmp_path / 'data' / 'sent').mkdir(parents=True)
     (tmp_path / 'data' / 'sent' / 'dev.tsv').write_text('label\tcontent\n1\tloved it "a lot\n0\thated it\n')

@@ -15,6 +15,7 @@ import pytest
 from ftjax import optim, peft, sharding
 from ftjax import state as state_lib
 from ftjax.config import default_config
+from ftjax.errors import ConfigError
 from ftjax.models import kernels, llama, load_pretrained
 from ftjax.objectives import logprobs
 from ftjax.train_step import make_train_step
@@ -163,8 +164,22 @@ def test_resolve():
     assert kernels.resolve('auto', 'tpu') == 'splash'
     assert kernels.resolve('auto', 'gpu') == 'cudnn'
     assert kernels.resolve('xla', 'tpu') == 'xla'
-    with pytest.raises(ValueError, match='model.kernels'):
+    assert kernels.resolve('cudnn', 'gpu') == 'cudnn' and kernels.resolve('splash', 'tpu') == 'splash'
+    with pytest.raises(ConfigError, match='model.kernels'):
         kernels.resolve('flash', 'cpu')
+
+
+@pytest.mark.parametrize('choice, platform, runs_on', [('splash', 'cpu', 'TPU'), ('splash', 'gpu', 'TPU'),
+                                                       ('cudnn', 'cpu', 'GPU'), ('cudnn', 'tpu', 'GPU')])
+def test_a_kernel_the_platform_cannot_run_is_one_line_naming_what_runs(choice, platform, runs_on):
+    """Splash is a TPU kernel and cuDNN an NVIDIA one: asked for elsewhere, the key, the platform and the choices
+    that run there (never a lowering traceback from inside the step)."""
+    with pytest.raises(ConfigError) as e:
+        kernels.resolve(choice, platform)
+    msg = str(e.value)
+    assert '\n' not in msg and f'config.model.kernels={choice!r}' in msg and runs_on in msg, msg
+    assert f"platform is {platform!r}" in msg and str(kernels.runnable(platform)) in msg, msg
+    assert choice not in kernels.runnable(platform) and 'auto' in kernels.runnable(platform)
 
 
 FAMILY_FIELDS = {  # Gemma 2- / Gemma 3-like (mixed local / global layers in one scan) and Phi-3-like decoders

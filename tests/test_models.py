@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from ftjax.errors import MissingFileError, ModelError
 from ftjax.models import abstract_variables, load_pretrained
 from tests import tiny
 
@@ -118,14 +119,14 @@ def test_full_size_shapes_without_allocation():
 # ---- bad input -------------------------------------------------------------------------------
 
 def test_missing_directory_is_clear():
-    with pytest.raises(FileNotFoundError, match='does not exist'):
+    with pytest.raises(MissingFileError, match='does not exist'):
         load_pretrained('/nonexistent/model-dir')
 
 
 def test_missing_weights_file(tmp_path, tiny_llama_dir):
     d = shutil.copytree(tiny_llama_dir, tmp_path / 'm')
     os.remove(d / 'model.safetensors')
-    with pytest.raises(FileNotFoundError, match='no \\*.safetensors'):
+    with pytest.raises(MissingFileError, match='no \\*.safetensors'):
         load_pretrained(str(d))
 
 
@@ -134,7 +135,7 @@ def test_truncated_safetensors(tmp_path, tiny_llama_dir):
     f = d / 'model.safetensors'
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match='truncated or corrupt'):
+    with pytest.raises(ModelError, match='truncated or corrupt'):
         load_pretrained(str(d))
 
 
@@ -143,7 +144,7 @@ def test_unknown_architecture(tmp_path, tiny_llama_dir):
     cfg = json.loads((d / 'config.json').read_text())
     cfg['model_type'] = 'mamba'
     (d / 'config.json').write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="'mamba' is not supported. Supported architectures: .*llama"):
+    with pytest.raises(ModelError, match="'mamba' is not supported. Supported architectures: .*llama"):
         load_pretrained(str(d))
 
 

@@ -31,8 +31,8 @@ def full_log_softmax(h, head, y, softcap=None):
 
 @pytest.mark.parametrize('softcap', [None, 3.0])
 def test_token_logps_and_cross_entropy_equal_the_full_log_softmax(softcap):
-    """Chunks of 1, 3 (padded) and all positions, per device on 1 or 4 batch shards: the same log-probs; the
-    fast path's summed loss, token accuracy and gradients equal those of the plain log-probs."""
+    """Chunks of 1 and 3 (padded) positions, and of all 11 (12 tokens per device on 4 batch shards): the same
+    log-probs; the fast path's summed loss, token accuracy and gradients equal those of the plain log-probs."""
     r = np.random.RandomState(1)
     h = jnp.asarray(r.randn(4, 11, 8), jnp.float32)  # [batch, seq, embed]
     head = jnp.asarray(r.randn(8, 37), jnp.float32)  # [embed, vocab]
@@ -43,19 +43,22 @@ def test_token_logps_and_cross_entropy_equal_the_full_log_softmax(softcap):
     logits = logits if softcap is None else jnp.tanh(logits / softcap) * softcap
     top = jnp.take_along_axis(logits, y[..., None], -1)[..., 0] >= logits.max(-1)  # a correct token (ties count)
     want_grad = jax.grad(lambda h, head: -jnp.sum(w * full_log_softmax(h, head, y, softcap)), (0, 1))(h, head)
-    for chunk, shards in ((4, 1), (12, 1), (12, 4), (512, 1)):
-        assert logprobs.chunk_positions(4, 11, chunk, shards) == min(11, chunk // (4 // shards))
-        got = logprobs.token_logps(h, head, y, chunk, shards, softcap)
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+    @functools.partial(jax.jit, static_argnums=(2, 3))
+    def computed(h, head, chunk, shards):
         plain = lambda h, head: -jnp.sum(w * logprobs.token_logps(h, head, y, chunk, shards, softcap))  # noqa: E731
         fast = lambda h, head: logprobs.cross_entropy(h, head, y, w, chunk, batch_shards=shards,  # noqa: E731
                                                       softcap=softcap)
-        loss, correct, count = fast(h, head)
-        fast_grad = jax.grad(lambda *a: fast(*a)[0], (0, 1))(h, head)
-        assert float(loss) == pytest.approx(float(plain(h, head)), rel=1e-6)
-        assert float(count) == float(w.sum())
-        assert float(correct) == float(jnp.sum(w * top))
-        for a, b, c in zip(fast_grad, jax.grad(plain, (0, 1))(h, head), want_grad):
+        return (logprobs.token_logps(h, head, y, chunk, shards, softcap), fast(h, head), plain(h, head),
+                jax.grad(lambda *a: fast(*a)[0], (0, 1))(h, head), jax.grad(plain, (0, 1))(h, head))
+
+    for chunk, shards, positions in ((4, 1, 1), (12, 1, 3), (12, 4, 11)):
+        assert logprobs.chunk_positions(4, 11, chunk, shards) == positions
+        got, (loss, correct, count), plain_loss, fast_grad, plain_grad = computed(h, head, chunk, shards)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        assert float(loss) == pytest.approx(float(plain_loss), rel=1e-6)
+        assert float(count) == float(w.sum()) and float(correct) == float(jnp.sum(w * top))
+        for a, b, c in zip(fast_grad, plain_grad, want_grad):
             np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(b, c, rtol=1e-5, atol=1e-6)
 

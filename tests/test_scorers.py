@@ -84,7 +84,7 @@ def test_generation_eval_with_a_graded_scorer(tiny_llama_dir):
     """generate_and_score: each sample's score is the scorer's, the total its aggregate, exact_match the share of
     answers scored 1; a reference equal to the model's own answer scores 1."""
     import ftjax
-    from ftjax.decoding import generate_text
+    from ftjax.infer import generate_text
 
     pre = ftjax.load_pretrained(tiny_llama_dir)
     prompts = ['The quick brown fox', 'What is the capital of France?', 'a positive review.']

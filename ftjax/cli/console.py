@@ -116,10 +116,23 @@ def fail(error, level):
     sys.exit(EXIT_BAD_INPUT)
 
 
+def command_help(main, flag_values=flags.FLAGS):
+    """`--help` of a command: its module's docstring and the flags ftjax's modules defined (absl's own --help
+    would list the flags of `__main__`, which defines none)."""
+    text = [(sys.modules[main.__module__].__doc__ or '').strip(), '', 'flags:']
+    for module in sorted(flag_values.flags_by_module_dict()):
+        if module.startswith('ftjax'):
+            text.append(flag_values.module_help(module))
+    return '\n'.join(text) + '\n'
+
+
 def run(main, argv=None, use_absl=True):
     """Runs `main(argv)` as the program: absl flags (or, use_absl=False, `main` parses argv[1:] itself),
     a quiet console, and one-line errors for the user's mistakes; exits with main's return value."""
     argv, level = verbosity(list(sys.argv if argv is None else argv))
+    if use_absl and any(a in ('-h', '-help', '--help', '--helpshort', '-?') for a in argv[1:]):
+        sys.stdout.write(command_help(main))
+        sys.exit(0)
     quiet_environment(level)
     quiet_loggers(level)  # again once absl has parsed --verbosity (it sets its own logger's level)
 

@@ -7,15 +7,13 @@ With --workdir the run's fine-tuned model (latest complete checkpoint, or --step
 are written to RUN/harness.json (shown by `python -m ftjax report`); --out=FILE writes them elsewhere. The
 library: `ftjax.eval.harness`.
 """
-import os
-
 from absl import app, flags
 
 from ftjax import sharding
 from ftjax.cli import console, which_model
 from ftjax.errors import ConfigError
 from ftjax.eval import harness
-from ftjax.workdir import HARNESS_FILE
+from ftjax.workdir import RunDir
 
 
 def define_flags(flag_values=None):
@@ -58,7 +56,7 @@ def run_cli(fv):
     mesh = sharding.make_mesh(parse_mesh(fv.mesh))
     harness.find_tasks(fv.tasks, fv.include_path)  # a wrong task name fails before the model loads
     pre, step = which_model.load(fv)
-    out = fv.out or (os.path.join(fv.workdir, HARNESS_FILE) if fv.workdir else None)
+    out = fv.out or (str(RunDir(fv.workdir).harness_file) if fv.workdir else None)
     return harness.evaluate_model(
         pre, fv.tasks, out=out, include_path=fv.include_path, limit=fv.limit, num_fewshot=fv.num_fewshot,
         batch_size=fv.batch_size, log_samples=fv.log_samples, max_length=fv.max_length, mesh=mesh,

@@ -15,8 +15,8 @@ import time
 from absl import app, flags
 
 from ftjax.cli import console, which_model
-from ftjax.decoding import generate_text
 from ftjax.errors import ConfigError
+from ftjax.infer import generate_text
 
 
 def define_flags(flag_values=None):

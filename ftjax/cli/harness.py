@@ -6,6 +6,8 @@ The model_args: ftjax/eval/harness.py. `python -m ftjax evaluate` is the same wi
 """
 import sys
 
+from ftjax.cli import console
+from ftjax.errors import UserError
 from ftjax.eval import harness
 
 
@@ -19,4 +21,8 @@ def main(argv=None):
 
 
 def run(argv=None):
-    main(None if argv is None else argv[1:])
+    """lm-eval parses its own flags (its --verbosity too), so only ftjax's errors are made one line here."""
+    try:
+        main(None if argv is None else argv[1:])
+    except UserError as e:  # e.g. lm-eval not installed, a bad model_arg
+        console.fail(e, 0)

@@ -8,6 +8,7 @@ from ftjax import checkpoint
 from ftjax.build import restore_for_export
 from ftjax.data import templates
 from ftjax.errors import ConfigError
+from ftjax.models.loading import require_tokenizer
 from ftjax.pretrained import load_pretrained
 
 MODEL_ONLY = ('adapter', 'dtype')  # the run's config decides these for --workdir
@@ -51,7 +52,8 @@ def load(fv, chat_template=None):
     if fv.workdir:
         step = checkpoint.pick_complete_step(fv.workdir, fv.step)[0]
         return restore_for_export(fv.workdir, step), step
-    pre = load_pretrained(fv.model, dtype=jnp.dtype(fv.dtype), adapter=fv.adapter)
+    pre = require_tokenizer(load_pretrained(fv.model, dtype=jnp.dtype(fv.dtype), adapter=fv.adapter),
+                            f'--model={fv.model}')
     templates.apply(pre.tokenizer, getattr(pre.config, 'model_type', None), chat_template, source=fv.model)
     return pre, None
 

@@ -1,5 +1,6 @@
 """The batch layout, defined once: the keys, shapes and dtypes of the batches the data pipeline builds
-(`packing.take_rows`), the train step checks (`check_batch`) and `compile_check` lowers with (`abstract_batch`).
+(`packing.take_rows`), the keys each objective reads and the train step checks (`REQUIRED`,
+`ftjax.objectives`), and the shape structs `compile_check` lowers the step with (`abstract_batch`).
 
   lm              input_ids, target_ids (already shifted), loss_mask (float32), segment_ids (0 = pad),
                   positions: all [batch, seq]
@@ -59,11 +60,3 @@ def abstract_batch(task, batch_size, max_length, sharding=None, **kw):
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
             for k, (shape, dtype) in shapes(task, batch_size, max_length, **kw).items()}
 
-
-def check_batch(batch, task):
-    """Raises ValueError naming the missing keys when `batch` lacks what a `task` step needs."""
-    need = REQUIRED[task]
-    missing = [k for k in need if k not in batch]
-    if missing:
-        raise ValueError(f"The {task} batch lacks {missing} (has {sorted(batch)}); the data pipeline's {task} "
-                         f"batches carry {list(layout(task))} (ftjax/data/layout.py).")

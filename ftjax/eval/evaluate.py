@@ -11,9 +11,9 @@ import jax
 import numpy as np
 
 from ftjax import data as data_lib
-from ftjax.decoding import generate_text
 from ftjax.errors import ConfigError
 from ftjax.eval import scores
+from ftjax.infer import generate_text
 from ftjax.logs import Progress
 
 

@@ -19,7 +19,7 @@ model_args (model `ftjax`):
   prefix_token_id       as lm-eval's `hf` backend, whose tokenisation, truncation and stop handling are mirrored
   mesh_data=-1, mesh_fsdp=1, mesh_tensor=1   the device mesh (config.mesh.* of training); gen_chunk=16
 
-The compute is `ftjax.batched_lm.BatchedLM` (bucketed shapes, KV cache, the mesh). lm-eval, an optional extra
+The compute is `ftjax.infer.Sampler` (bucketed shapes, KV cache, the mesh). lm-eval, an optional extra
 (`pip install 'ftjax[eval]'`), is imported when first used, so ftjax runs without it.
 
 Local task files: `dataset_path: json` + `dataset_kwargs: {data_files: ...}` is plain lm-eval (paths absolute or
@@ -35,11 +35,11 @@ import jax
 import jax.numpy as jnp
 
 from ftjax import checkpoint, sharding
-from ftjax.batched_lm import BatchedLM
 from ftjax.build import restore_for_export
 from ftjax.data import locations
 from ftjax.data import files as files_lib
 from ftjax.errors import ConfigError, EnvironmentSetupError, MissingFileError
+from ftjax.infer import Sampler
 from ftjax.logs import Progress
 from ftjax.models import packaged
 from ftjax.models.loading import Pretrained
@@ -103,8 +103,8 @@ class HarnessModel:
         self.pre, self.tokenizer = pre, pre.tokenizer
         self.add_bos_token, self.custom_prefix_token_id = add_bos_token, prefix_token_id
         self._max_length, self._max_gen_toks = max_length, int(max_gen_toks)
-        self.engine = BatchedLM(pre, batch_size=int(batch_size), chunk=int(gen_chunk),
-                                mesh=mesh if mesh is not None else _mesh(mesh_data, mesh_fsdp, mesh_tensor))
+        self.engine = Sampler(pre, batch_size=int(batch_size), chunk=int(gen_chunk),
+                              mesh=mesh if mesh is not None else _mesh(mesh_data, mesh_fsdp, mesh_tensor))
         self.source = str(workdir or pre.path or pretrained)
 
     # --- what lm-eval's TemplateLM asks -------------------------------------------------------------------
@@ -219,12 +219,12 @@ class HarnessModel:
                 text = self.tok_decode(ids)
                 return any(s and s in text for s in until)
 
-            new = self.engine.generate(
+            new = self.engine.sample(
                 [prompts[i] for i in order], max_gen, stop=stop,
                 temperature=float(kwargs.get('temperature', 0.0)) if sample else 0.0,
                 top_k=int(kwargs.get('top_k') or 0), top_p=float(kwargs.get('top_p') or 1.0),
                 seed=int(kwargs.get('seed') or 0),
-                on_batch=(lambda n, base=done: progress.update(base + n)) if progress else None)
+                on_batch=(lambda n, base=done: progress.update(base + n)) if progress else None).tokens
             for i, ids in zip(order, new):
                 out[i] = postprocess_generated_text(self.tok_decode(ids), until, None)
                 self.cache_hook.add_partial('generate_until', args[i], out[i])
@@ -385,7 +385,8 @@ def workdir_results(workdir):
 
 
 def local_dataset(data_files=None, config_source=None, **_metadata):
-    """lm-eval `custom_dataset` for task YAMLs on local files: `custom_dataset: !function ftjax.eval.harness.local_dataset`
+    """lm-eval `custom_dataset` for task YAMLs on local files:
+    `custom_dataset: !function ftjax.eval.harness.local_dataset`
     with `dataset_kwargs: {data_files: {test: shared:gsm8k/test.jsonl, train: ...}}`. A path is `shared:NAME/FILE`
     (ftjax.data.locations: $FTJAX_DATA or ../shared/data), absolute, or relative to the YAML file (lm-eval passes
     its path as metadata `config_source`). .json/.jsonl, .csv and .tsv (GLUE's: no quoting) are read."""

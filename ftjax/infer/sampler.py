@@ -8,7 +8,8 @@
 A batch of `rows` prompts (`batch_size` rounded up to the mesh's batch shards; a short last batch the shards
 times a power of two, padded with one-token dummy rows) is left-padded to a bucketed width (`prompts.bucket`)
 and prefilled in one call, which computes the logits of the last position only. Then `chunk` tokens per call
-are decoded inside a jitted `lax.while_loop` with the KV cache donated, so it is updated in place; the cache
+are decoded inside a jitted `lax.while_loop` over the layers unrolled on per-layer buffers (`unrolled`: no
+per-step copy of any weight), with the per-layer KV caches donated, so they are updated in place; a cache
 holds only the slots filled so far rounded up to a bucket (at most the final length), and grows between
 chunks, so attention reads the filled part. Between chunks the host checks the stop strings / `stop`
 callable of each running row; a row also ends at a stop id (kept in its output). Rows are split over the
@@ -32,9 +33,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ftjax import sharding
 from ftjax.config import DEFAULT_RULES
 from ftjax.errors import ConfigError
-from ftjax.infer import prompts as prompts_lib, sampling, scoring
+from ftjax.infer import prompts as prompts_lib, sampling, scoring, unrolled
 from ftjax.infer.scoring import fetch
-from ftjax.models import abstract_variables, heads, llama
+from ftjax.models import abstract_variables, llama
 from ftjax.objectives import logprobs as logprobs_lib
 
 NO_TOKEN = -1  # an output slot after a row's end
@@ -47,61 +48,66 @@ class Samples(NamedTuple):
     logprobs: Optional[list]
 
 
-def head_logits(model, params, hidden):
-    """Logits [batch, vocab] float32 of hidden [batch, embed], computed as the train step's loss does."""
-    head = heads.lm_head_kernel(params, model.cfg).astype(hidden.dtype)  # [embed, vocab]
-    return logprobs_lib.project(hidden[:, None], head, model.cfg.final_softcap)[:, 0]
+def head_logits(head, hidden, softcap):
+    """Logits [batch, vocab] float32 of hidden [batch, embed] and the LM head [embed, vocab], computed as the
+    train step's loss does (`ftjax.objectives.logprobs.project`)."""
+    return logprobs_lib.project(hidden[:, None], head.astype(hidden.dtype), softcap)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=('model',))
+def _split(model, params):
+    return unrolled.split(params, model.cfg)
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'length', 'mode'))
-def _prefill(model, params, tokens, pad, key, temperature, top_p, *, length, mode):
-    """tokens: [rows, width] left-padded (pad: [rows]) -> (first new ids [rows], their log p [rows], KV cache
-    of `length` slots)."""
+def _prefill(model, params, head, tokens, pad, key, temperature, top_p, *, length, mode):
+    """tokens: [rows, width] left-padded (pad: [rows]) -> (first new ids [rows], their log p [rows], per-layer
+    KV caches of `length` slots)."""
     b, p = tokens.shape
-    cache = llama.init_cache(model.cfg, b, length)  # {'k','v'}: [layers, rows, length, kv_heads, head_dim]
+    cache = llama.init_cache(model.cfg, b, length)  # {'k','v'}: [layers, rows, kv_heads, length, head_dim]
     kv_valid = jnp.arange(length)[None, :] >= pad[:, None]  # [rows, length]
     positions = jnp.maximum(jnp.arange(p)[None, :] - pad[:, None], 0)  # [rows, width]
     hidden, cache = model.apply({'params': params}, tokens, positions, cache=cache, cache_index=0,
                                 kv_valid=kv_valid, return_hidden=True)  # [rows, width, embed]
-    logits = head_logits(model, params, hidden[:, -1])  # [rows, vocab]: the last position only
+    logits = head_logits(head, hidden[:, -1], model.cfg.final_softcap)  # [rows, vocab]: the last position only
     tok = sampling.sample_logits(logits, jax.random.fold_in(key, p - 1), temperature, top_p, mode)
-    return tok, sampling.token_logp(logits, tok), cache
+    return tok, sampling.token_logp(logits, tok), unrolled.split_cache(cache, model.cfg.num_layers)
 
 
 @functools.partial(jax.jit, static_argnames=('length',))
-def _grow(cache, *, length):
-    """The cache with empty slots appended up to `length`."""
-    return jax.tree.map(lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, length - c.shape[2]), (0, 0), (0, 0))), cache)
+def _grow(caches, *, length):
+    """The caches with empty slots appended up to `length`."""
+    return jax.tree.map(lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, length - c.shape[2]), (0, 0))), caches)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'steps', 'mode'), donate_argnums=(2,))
-def _decode_chunk(model, params, cache, tok, done, pad, start, limit, eos, key, temperature, top_p, *, steps,
-                  mode):
+@functools.partial(jax.jit, static_argnames=('model', 'steps', 'mode'), donate_argnums=(4,))
+def _decode_chunk(model, rest, per_layer, head, caches, tok, done, pad, start, limit, eos, key, temperature, top_p,
+                  *, steps, mode):
     """Up to min(steps, limit) new tokens per row. tok: [rows] the last new ids (not in the cache yet; they go
     to slot `start`); done: [rows] rows that emit nothing more. -> (new ids [rows, steps] (NO_TOKEN after a
-    row's end), their log p [rows, steps], last ids, done, cache, steps run)."""
+    row's end), their log p [rows, steps], last ids, done, caches, steps run)."""
     b = tok.shape[0]
-    kv_valid = jnp.arange(cache['k'].shape[2])[None, :] >= pad[:, None]  # [rows, cache length]
+    kv_valid = jnp.arange(caches[0]['k'].shape[2])[None, :] >= pad[:, None]  # [rows, cache length]
 
     def running(state):
         i, _, done, *_ = state
         return (i < limit) & ~jnp.all(done)
 
     def step(state):
-        i, tok, done, cache, out, logp = state
+        i, tok, done, caches, out, logp = state
         slot = start + i
-        hidden, cache = model.apply({'params': params}, tok[:, None], (slot - pad)[:, None], cache=cache,
-                                    cache_index=slot, kv_valid=kv_valid, return_hidden=True)  # [rows, 1, embed]
-        logits = head_logits(model, params, hidden[:, 0])  # [rows, vocab]
+        hidden, caches = unrolled.hidden_states(model, rest, per_layer, tok[:, None], (slot - pad)[:, None], caches,
+                                                slot, kv_valid)  # [rows, 1, embed]
+        logits = head_logits(head, hidden[:, 0], model.cfg.final_softcap)  # [rows, vocab]
         nxt = sampling.sample_logits(logits, jax.random.fold_in(key, slot), temperature, top_p, mode)
         out = jax.lax.dynamic_update_slice(out, jnp.where(done, NO_TOKEN, nxt)[:, None], (0, i))
         logp = jax.lax.dynamic_update_slice(logp, sampling.token_logp(logits, nxt)[:, None], (0, i))
-        return i + 1, nxt, done | jnp.isin(nxt, eos), cache, out, logp
+        return i + 1, nxt, done | jnp.isin(nxt, eos), caches, out, logp
 
     out = jnp.full((b, steps), NO_TOKEN, jnp.int32)
     logp = jnp.zeros((b, steps), jnp.float32)
-    i, tok, done, cache, out, logp = jax.lax.while_loop(running, step, (jnp.int32(0), tok, done, cache, out, logp))
-    return out, logp, tok, done, cache, i
+    i, tok, done, caches, out, logp = jax.lax.while_loop(running, step, (jnp.int32(0), tok, done, caches, out, logp))
+    return out, logp, tok, done, caches, i
 
 
 def cache_length(needed: int, final: int) -> int:
@@ -226,8 +232,10 @@ class Sampler:
         logps = [[] for _ in batch]
         done = np.arange(len(tokens)) >= len(batch)  # dummy rows are done from the start
         tokens_d, pad_d = self.put_rows(tokens, pad)
+        rest, per_layer, head = _split(self.model, params)  # the decode loop's own buffers (`unrolled`)
         length = cache_length(width + min(self.chunk, max_new_tokens - 1), final) if max_new_tokens > 1 else width
-        tok, logp, cache = _prefill(self.model, params, tokens_d, pad_d, key, temp, top_p, length=length, mode=mode)
+        tok, logp, caches = _prefill(self.model, params, head, tokens_d, pad_d, key, temp, top_p, length=length,
+                                     mode=mode)
         first, first_lp = fetch(tok), fetch(logp)
         for r in range(len(batch)):
             new[r].append(int(first[r]))
@@ -237,12 +245,11 @@ class Sampler:
         while count < max_new_tokens and not done.all():
             start, steps = width + count - 1, min(self.chunk, max_new_tokens - count)
             wanted = cache_length(start + steps, final)
-            if wanted > cache['k'].shape[2]:
-                cache = _grow(cache, length=wanted)
-            out, lp, tok, done_d, cache, ran = _decode_chunk(
-                self.model, params, cache, tok, *self.put_rows(done), pad_d, *self.put(np.int32(start),
-                                                                                       np.int32(steps)),
-                eos_dev, key, temp, top_p, steps=self.chunk, mode=mode)
+            if wanted > caches[0]['k'].shape[2]:
+                caches = _grow(caches, length=wanted)
+            out, lp, tok, done_d, caches, ran = _decode_chunk(
+                self.model, rest, per_layer, head, caches, tok, *self.put_rows(done), pad_d,
+                *self.put(np.int32(start), np.int32(steps)), eos_dev, key, temp, top_p, steps=self.chunk, mode=mode)
             out, lp, ended = fetch(out), fetch(lp), fetch(done_d)
             for r in range(len(batch)):
                 if done[r]:

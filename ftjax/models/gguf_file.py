@@ -44,7 +44,8 @@ class Header(NamedTuple):
 def read(path) -> Header:
     """The metadata and tensor table of the GGUF file at `path` (tensor data mapped, not read)."""
     if not os.path.isfile(path):
-        raise MissingFileError(f"GGUF file {path!r} does not exist.")
+        raise MissingFileError(f"GGUF file {path!r} " + ('is a directory, not a file.' if os.path.isdir(path) else
+                                                         'does not exist.'))
     if os.path.getsize(path) < 24:
         raise ModelError(f"{path}: not a valid GGUF file (only {os.path.getsize(path)} bytes).")
     blob = np.memmap(path, mode='r', dtype=np.uint8)

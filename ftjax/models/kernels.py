@@ -140,12 +140,17 @@ def attend(q, k, v, mask, dtype, scale=None, softcap=None):
     The query heads of one KV head are folded into the query axis, so each KV head is one batched
     matmul: [batch, kv_heads, groups * q_len, head_dim] against [batch, kv_heads, kv_len, head_dim].
     """
-    b, t, h, d = q.shape
-    s, kvh = k.shape[1], k.shape[2]
-    g = h // kvh
-    qg = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)  # [b, kvh, g*t, d]
     kt = k.transpose(0, 2, 1, 3)  # [batch, kv_heads, kv_len, head_dim]
     vt = v.transpose(0, 2, 1, 3)
+    return attend_heads_major(q, kt, vt, mask, dtype, scale, softcap)
+
+
+def attend_heads_major(q, kt, vt, mask, dtype, scale=None, softcap=None):
+    """`attend` with k, v laid out [batch, kv_heads, kv_len, head_dim] (the KV cache's layout: no transpose)."""
+    b, t, h, d = q.shape
+    kvh, s = kt.shape[1], kt.shape[2]
+    g = h // kvh
+    qg = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)  # [b, kvh, g*t, d]
     m = jnp.broadcast_to(mask[:, None, None], (b, 1, g, t, s)).reshape(b, 1, g * t, s)  # [b, 1, g*t, kv_len]
     o = _attention(qg.astype(dtype), kt.astype(dtype), vt.astype(dtype), m, scale, softcap)  # [b, kvh, g*t, d]
     return o.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)

@@ -46,9 +46,10 @@ class LlamaBlock(nn.Module):
     def __call__(self, carry, positions, mask, local_mask, segment_ids, cache_index, local, layer):
         """carry: (x [batch, seq, embed], cache); mask / local_mask: [batch, seq, kv_len] for the global /
         sliding-window layers (None: `kernels.self_attention` over segment_ids [batch, seq]); cache: None or
-        every layer's {'k','v'} [layers, batch, kv_len, kv_heads, head_dim], carried through the layer scan so
-        that this layer's new keys/values are written in place; local: int32 scalar, this layer's flag
-        (1 = sliding window); layer: int32 scalar, this layer's index."""
+        every layer's {'k','v'} [layers, batch, kv_heads, kv_len, head_dim], carried through the layer scan so
+        that this layer's new keys/values are written in place, or (layer None) this layer's own {'k','v'}
+        [batch, kv_heads, kv_len, head_dim]; local: int32 scalar, this layer's flag (1 = sliding window);
+        layer: int32 scalar, this layer's index, or None."""
         x, cache = carry
         cfg = self.cfg
         x = nn.with_logical_constraint(x, BLOCK_AXES)
@@ -78,10 +79,17 @@ class LlamaBlock(nn.Module):
             q = layers.apply_rope(q, positions, inv_freq)
             k = layers.apply_rope(k, positions, inv_freq)
             if cache is not None:  # decoding: write this step's keys/values into their cache slots, in place
-                at = (layer, 0, cache_index, 0, 0)
-                cache = {'k': jax.lax.dynamic_update_slice(cache['k'], k[None].astype(cache['k'].dtype), at),
-                         'v': jax.lax.dynamic_update_slice(cache['v'], v[None].astype(cache['v'].dtype), at)}
-                k, v = cache['k'][layer], cache['v'][layer]  # [batch, kv_len, kv_heads, head_dim]
+                kt = k.transpose(0, 2, 1, 3).astype(cache['k'].dtype)  # [batch, kv_heads, seq, head_dim]
+                vt = v.transpose(0, 2, 1, 3).astype(cache['v'].dtype)
+                if layer is None:  # this layer's own cache: [batch, kv_heads, kv_len, head_dim]
+                    cache = {'k': jax.lax.dynamic_update_slice(cache['k'], kt, (0, 0, cache_index, 0)),
+                             'v': jax.lax.dynamic_update_slice(cache['v'], vt, (0, 0, cache_index, 0))}
+                    kt, vt = cache['k'], cache['v']
+                else:  # every layer's: [layers, batch, kv_heads, kv_len, head_dim]
+                    at = (layer, 0, 0, cache_index, 0)
+                    cache = {'k': jax.lax.dynamic_update_slice(cache['k'], kt[None], at),
+                             'v': jax.lax.dynamic_update_slice(cache['v'], vt[None], at)}
+                    kt, vt = cache['k'][layer], cache['v'][layer]
             if mask is None:  # training / eval on the accelerators: a fused kernel over the segments
                 window = cfg.sliding_window if any(flags) else None
                 o = kernels.self_attention(q.astype(cfg.dtype), k.astype(cfg.dtype), v.astype(cfg.dtype),
@@ -89,8 +97,12 @@ class LlamaBlock(nn.Module):
                                            scale=cfg.query_scale, softcap=cfg.attn_softcap)
             else:
                 m = jnp.where(is_local, local_mask, mask) if mixed else (local_mask if flags[0] else mask)
-                o = kernels.attend(q, k.astype(cfg.dtype), v.astype(cfg.dtype), m, cfg.dtype, cfg.query_scale,
-                                   cfg.attn_softcap)
+                if cache is None:
+                    o = kernels.attend(q, k.astype(cfg.dtype), v.astype(cfg.dtype), m, cfg.dtype, cfg.query_scale,
+                                       cfg.attn_softcap)
+                else:
+                    o = kernels.attend_heads_major(q, kt.astype(cfg.dtype), vt.astype(cfg.dtype), m, cfg.dtype,
+                                                   cfg.query_scale, cfg.attn_softcap)
             o = o.reshape(b, t, nh * hd)
             o = self.dense(cfg.hidden_size, ('heads', 'embed'), 'o_proj', cfg.o_bias)(o, self.deterministic)
             x = x + (self.norm('attn_post_norm')(o) if cfg.post_norms else o)
@@ -134,7 +146,7 @@ class Llama(nn.Module):
             local_mask = kernels.causal_mask(seg, window=window) if cpu and window else None
         else:
             slots = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
-            kv_len = cache['k'].shape[2]
+            kv_len = cache['k'].shape[3]
             mask = kernels.causal_mask(None, slots, kv_len, kv_valid)  # [batch, seq, kv_len]
             local_mask = kernels.causal_mask(None, slots, kv_len, kv_valid, window) if window else None
         if mask is None and local_mask is not None:
@@ -165,9 +177,9 @@ class Llama(nn.Module):
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None):
-    """Empty KV cache: {'k', 'v'} each [layers, batch, max_len, kv_heads, head_dim] (full length on every
-    layer; a sliding-window layer masks what lies outside its window)."""
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    """Empty KV cache: {'k', 'v'} each [layers, batch, kv_heads, max_len, head_dim] (the layout attention reads
+    without a transpose; full length on every layer: a sliding-window layer masks what lies outside its window)."""
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     dtype = dtype or cfg.dtype
     return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
 

@@ -86,13 +86,16 @@ def family_of(hf_config, source):
 
 def config_from_hf(hf_config, source, *, num_labels=None, pooling='cls', **runtime):
     """ftjax's LlamaConfig / BertConfig from a config.json dict; `runtime`: dtype, param_dtype, remat, scan_unroll."""
-    if family_of(hf_config, source) == 'llama':
-        if num_labels:
-            raise ConfigError(f"config.model.num_labels={num_labels} is for encoders (BERT/RoBERTa); {source} is a "
-                              f"decoder ({hf_config['model_type']}), tuned as a language model: leave num_labels "
-                              f"unset.")
-        return llama.LlamaConfig.from_hf(hf_config, **runtime)
-    return bert.BertConfig.from_hf(hf_config, num_labels=num_labels, pooling=pooling, **runtime)
+    family = family_of(hf_config, source)
+    if family == 'llama' and num_labels:
+        raise ConfigError(f"config.model.num_labels={num_labels} is for encoders (BERT/RoBERTa); {source} is a "
+                          f"decoder ({hf_config['model_type']}), tuned as a language model: leave num_labels unset.")
+    try:
+        if family == 'llama':
+            return llama.LlamaConfig.from_hf(hf_config, **runtime)
+        return bert.BertConfig.from_hf(hf_config, num_labels=num_labels, pooling=pooling, **runtime)
+    except ModelError as e:  # a field of config.json this family cannot build: name the model too
+        raise ModelError(f'{source}: {e}') from None
 
 
 def load_pretrained(path: str, dtype=jnp.float32, *, compute_dtype=None, num_labels: Optional[int] = None,
@@ -112,20 +115,20 @@ def load_pretrained(path: str, dtype=jnp.float32, *, compute_dtype=None, num_lab
     path = packaged.resolve(str(path))  # 'packaged:smollm2' -> the installed file
     if str(path).endswith('.gguf'):
         if not os.path.exists(path):
-            raise MissingFileError(f"model.path: the GGUF file {path!r} does not exist; pass "
-                                   f"an existing .gguf file, a Hugging Face directory or a hub name (--config.model.path for "
+            raise MissingFileError(f"model.path={path!r}: the GGUF file does not exist; pass an existing .gguf "
+                                   f"file, a Hugging Face directory or a hub name (--config.model.path for "
                                    f"`ftjax train`, --model for `ftjax generate`).")
         hf_config, state_dict, tokenizer = gguf_io.read_gguf(path)
         hf_config = hf_config.to_dict() if hasattr(hf_config, 'to_dict') else dict(hf_config)
-        source = path
+        cfg = config_from_hf(hf_config, path, num_labels=num_labels, pooling=pooling, **runtime)
     else:
         path = resolve(path, revision)
         hf_config = read_config(path)
-        family_of(hf_config, path)  # an unsupported or incomplete config.json: said before any weights are read
+        # an unsupported or incomplete config.json (or num_labels on a decoder): said before any weights are read
+        cfg = config_from_hf(hf_config, path, num_labels=num_labels, pooling=pooling, **runtime)
         state_dict = read_safetensors(path)
         tokenizer = read_tokenizer(path)
-        source = path
-    cfg = config_from_hf(hf_config, source, num_labels=num_labels, pooling=pooling, **runtime)
+    source = path
     family = cfg.family
     model = build_model(cfg)
     expected = nn.unbox(abstract_variables(model))['params']
@@ -233,6 +236,16 @@ def read_safetensors(path):
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); it is truncated or "
                              f"corrupt. Download or save it again.") from e
     return state
+
+
+def require_tokenizer(pre, where):
+    """`pre` when it has a tokenizer; else a ModelError naming `where` (e.g. "config.model.path='dir'"): training,
+    generation and evaluation all tokenize text."""
+    if pre.tokenizer is None:
+        raise ModelError(f"{where}: no usable tokenizer (tokenizer.json / tokenizer_config.json, or the GGUF's "
+                         f"tokenizer.ggml.* metadata); ftjax tokenizes its data and prompts with the model's own: copy "
+                         f"the tokenizer files of the model's source into {pre.path}.")
+    return pre
 
 
 def read_tokenizer(path):

@@ -9,7 +9,7 @@ the segment mask keeps attention within each sequence. From one forward pass:
                        token counts [batch, 2] (`ftjax.objectives.logprobs.token_logps`: chunked over the
                        vocabulary, rematerialised, so no [batch, seq, vocab] logits are kept)
   pair_losses(...)     the per-pair loss and rewards of `align.loss` from those sums (TRL's formulas,
-                       tests/test_preference.py checks loss and gradient against TRL's code):
+                       tests/test_objectives_preference.py checks loss and gradient against TRL's code):
     dpo    -(1 - e) log s(b d) - e log s(-b d),  d = (c - c_ref) - (r - r_ref)   (e: label smoothing)
     ipo    (d' - 1 / 2b)^2,  d' = (c - c_ref) / n_c - (r - r_ref) / n_r        (TRL: per-token normalised)
     simpo  -(1 - e) log s(b (c / n_c - r / n_r) - gamma) - e log s(...)        reference-free

@@ -1,0 +1,52 @@
+"""The decoder's forward pass for decoding, with its layers unrolled over separate buffers.
+
+Inside the model's layer scan (`llama.Llama`) every layer's weights are a dynamic slice of the stacked
+[layers, ...] parameters, which XLA's CPU backend copies out before each matmul: at one token per row that
+copy costs as much as the matmuls themselves. Decoding therefore runs on `split` parameters: one tree per
+layer (each its own buffer, made once per `Sampler.sample` call), the LM head materialised as [embed, vocab]
+once, and one KV cache per layer ({'k','v'} [batch, kv_heads, kv_len, head_dim]) that the donated decode
+loop updates in place. Each layer is the model's own `llama.LlamaBlock`, so the math is the model's.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+
+from ftjax.models import heads, kernels, layers, llama
+
+
+def split(params, cfg):
+    """(params without 'layers', a tuple of per-layer parameter trees, the LM head [embed, vocab])."""
+    rest = {k: v for k, v in params.items() if k != 'layers'}
+    per_layer = tuple(jax.tree.map(lambda x, i=i: x[i], params['layers']) for i in range(cfg.num_layers))
+    return rest, per_layer, heads.lm_head_kernel(params, cfg)
+
+
+def split_cache(cache, num_layers):
+    """A stacked cache ({'k','v'} [layers, batch, kv_heads, kv_len, head_dim]) -> a tuple of per-layer ones."""
+    return tuple({'k': cache['k'][i], 'v': cache['v'][i]} for i in range(num_layers))
+
+
+def hidden_states(model, rest, per_layer, tokens, positions, caches, cache_index, kv_valid):
+    """tokens, positions: [batch, seq] written at cache slots cache_index.. -> (final hidden states [batch, seq,
+    embed], the updated per-layer caches). kv_valid: [batch, kv_len] the filled, non-padding slots."""
+    cfg = model.cfg
+    b, t = tokens.shape
+    slots = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
+    kv_len = caches[0]['k'].shape[2]
+    window = cfg.sliding_window if any(cfg.local_layers) else None
+    mask = kernels.causal_mask(None, slots, kv_len, kv_valid)  # [batch, seq, kv_len]
+    local_mask = kernels.causal_mask(None, slots, kv_len, kv_valid, window) if window else None
+    embed = layers.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    x = embed.apply({'params': rest['embed']}, tokens)  # [batch, seq, embed]
+    if cfg.embed_scale:
+        x = x * jnp.asarray(math.sqrt(cfg.hidden_size), cfg.dtype)
+    seg = jnp.ones((b, t), jnp.int32)
+    block = llama.LlamaBlock(cfg)
+    new = []
+    for i, (p, cache) in enumerate(zip(per_layer, caches)):
+        (x, cache), _ = block.apply({'params': p}, (x, cache), positions, mask, local_mask, seg, cache_index,
+                                    jnp.int32(cfg.local_layers[i]), None)
+        new.append(cache)
+    norm = layers.RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, offset=cfg.norm_offset)
+    return norm.apply({'params': rest['final_norm']}, x), tuple(new)
