@@ -118,8 +118,9 @@ def hf_config_of(path):
                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}).") from e
 
 
-def abstract_model(config):
-    """(Pretrained whose params are shape structs, trainable mask): `build.build_model_and_mask` without weights."""
+def abstract_model(config, platform: str | None = None):
+    """(Pretrained whose params are shape structs, trainable mask): `build.build_model_and_mask` without weights,
+    for a step that runs on `platform` (this process's backend by default)."""
     m = config.model
     hf = hf_config_of(m.path)
     cfg = loading.config_from_hf(hf, m.path, num_labels=m.num_labels, pooling=m.pooling, dtype=m.dtype,
@@ -133,7 +134,8 @@ def abstract_model(config):
     out = {}
 
     def prepared(params):  # the real `peft.prepare`, traced: adapters are added as shapes only
-        out['pre'], out['mask'] = peft.prepare(dataclasses.replace(pre, params=params), config, jax.random.key(0))
+        out['pre'], out['mask'] = peft.prepare(dataclasses.replace(pre, params=params), config, jax.random.key(0),
+                                                  platform)
         return out['pre'].params
     params = jax.eval_shape(prepared, params)
     if m.quantize == 'gguf':
@@ -177,7 +179,7 @@ def check(config, topology, devices=None, topology_name=None, keep_compiled=Fals
                          f"{batch_ways}; pass --config.train.batch_size=<a multiple of {batch_ways}>.")
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.rules_from_config(config.mesh.rules)
-    pre, mask = abstract_model(config)
+    pre, mask = abstract_model(config, platform)
     trainable, frozen = partition(pre.params, mask)
     tx, schedule = optim.make_optimizer(config, trainable, config.train.steps)
     abstract_state, state_sh, _ = build.state_shardings(pre.model, pre.params, mask, tx, config, mesh, rules)

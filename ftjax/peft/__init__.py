@@ -28,11 +28,11 @@ def lora_spec(lora_cfg, dora: bool = False) -> LoraSpec:
                     dropout=float(lora_cfg.dropout), rslora=lora_cfg.rslora, dora=dora)
 
 
-def _with_runtime(pre: Pretrained, model_cfg) -> Pretrained:
-    """Applies `model.remat`, `model.dtype` (compute dtype) and `model.kernels` (resolved for the default
-    backend; `ftjax.compile_check` resolves it for its target first) from the config to the module."""
+def _with_runtime(pre: Pretrained, model_cfg, platform: str) -> Pretrained:
+    """Applies `model.remat`, `model.dtype` (compute dtype) and `model.kernels` (resolved for `platform`) from
+    the config to the module."""
     changes = {}
-    kind = kernels.resolve(model_cfg.kernels, jax.default_backend())
+    kind = kernels.resolve(model_cfg.kernels, platform)
     if kind != pre.config.kernels:
         changes['kernels'] = kind
     if model_cfg.remat != pre.config.remat:
@@ -46,13 +46,16 @@ def _with_runtime(pre: Pretrained, model_cfg) -> Pretrained:
     return dataclasses.replace(pre, model=build_model(cfg), config=cfg)
 
 
-def prepare(pre: Pretrained, config, rng):
+def prepare(pre: Pretrained, config, rng, platform: str | None = None):
     """Applies `config.peft` to `pre`: (Pretrained with adapters if any, trainable mask like its params).
+
+    `platform` is where the step will run ('cpu', 'tpu', 'gpu'; this process's backend by default):
+    `ftjax.compile_check` passes its target topology's, so a TPU-only kernel setting compiles from a CPU.
 
     A model loaded with an adapter (`model.adapter`) keeps that adapter and trains it on.
     """
     method = validate(config.peft, 'peft').method
-    pre = _with_runtime(pre, config.model)
+    pre = _with_runtime(pre, config.model, platform or jax.default_backend())
     if method in ('lora', 'dora'):
         spec = lora_spec(config.peft.lora, dora=method == 'dora')
         loaded = pre.config.lora
