@@ -116,6 +116,7 @@ def test_bench_argv_defaults_to_the_quickstart(bench):
     assert bench.experiment_of([f'--config={QUICKSTART}']) == 'experiments/quickstart.py'
 
 
+@pytest.mark.slow  # subprocesses
 def test_bench_user_errors_are_one_line():
     for args, words in ((['--config.model.remt=none'], 'config.model.remat'),
                         (['--compare=torch', '--mode=partial'], 'config.peft.method=partial')):

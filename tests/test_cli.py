@@ -47,6 +47,7 @@ def test_no_verb_or_an_unknown_one_lists_the_verbs(capsys):
     assert cli.main(['ftjax', '--help']) == 0 and 'verbs:' in capsys.readouterr().out
 
 
+@pytest.mark.slow  # subprocesses; the fast lane calls `ftjax.cli.main` in-process (the tests above and below)
 def test_python_dash_m_ftjax_and_the_console_script():
     env = dict(os.environ, PYTHONPATH=tiny.REPO)
     proc = subprocess.run([sys.executable, '-m', 'ftjax'], cwd=tiny.REPO, env=env, capture_output=True, text=True,

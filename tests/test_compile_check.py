@@ -62,6 +62,7 @@ def test_topology_errors():
             compile_check.parse_topology(bad)
 
 
+@pytest.mark.slow  # a subprocess; the same check in-process stays in the fast lane
 def test_command_line(tiny_llama_dir, chat_data, tmp_path):
     exp = write_experiment(tmp_path / 'exp.py', tiny_llama_dir, chat_data, **{'train.batch_size': 8})
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # it sets up its own 8 devices

@@ -111,6 +111,7 @@ def test_missing_model_file_is_one_line_and_writes_nothing(tmp_path):
     assert not workdir.exists(), sorted(str(p.relative_to(workdir)) for p in workdir.rglob('*'))
 
 
+@pytest.mark.slow  # subprocesses; tests/test_cli.py::test_which_model_errors in-process
 def test_generate_takes_model_or_workdir_not_both(tmp_path):
     rc, out, err = command('ftjax', 'generate', '--model=packaged:smollm2', f'--workdir={tmp_path}', '--prompt=hi')
     assert 'exclusive' in one_line_error(rc, err)

@@ -195,6 +195,7 @@ def test_parity_with_the_hf_backend(varied_llama_dir, task_dir):
                                                                                                       rel=1e-5))
 
 
+@pytest.mark.slow
 def test_local_dataset_resolves_paths_beside_the_yaml(tmp_path, tiny_llama_dir, monkeypatch):
     """`custom_dataset: !function ftjax.eval.harness.local_dataset`: data_files relative to the YAML file,
     shared:NAME/FILE under $FTJAX_DATA, TSV as GLUE writes it; a missing file is one line naming the YAML and the key."""

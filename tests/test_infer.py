@@ -122,7 +122,9 @@ def test_stop_strings_ids_and_callables(varied):
     assert len(asked[0]) == NEW and len(asked[1]) == 5 and (1, 1) in calls and (0, 5) in calls
 
 
-@pytest.mark.parametrize('mesh', [{'data': 2, 'fsdp': 1, 'tensor': 4}, {'data': 2, 'fsdp': 4, 'tensor': 1}])
+@pytest.mark.slow  # the fast lane: the engine on a mesh in tests/test_harness.py (bucketed scores on any mesh)
+@pytest.mark.parametrize('mesh', [{'data': 2, 'fsdp': 1, 'tensor': 4},
+                                  {'data': 2, 'fsdp': 4, 'tensor': 1}])
 def test_sharded_mesh_equals_one_device(lora, mesh):
     prompts = _prompts(lora.config.vocab_size, [3, 17, 40, 5, 9], seed=4)
     ids, logps = generate(lora, prompts, NEW, eos_ids=[], logprobs=True)

@@ -193,7 +193,7 @@ FAMILY_FIELDS = {  # Gemma 2- / Gemma 3-like (mixed local / global layers in one
 }
 
 
-@pytest.mark.parametrize('family', ['llama', 'gemma2', pytest.param('gemma3', marks=pytest.mark.slow),
+@pytest.mark.parametrize('family', ['llama', pytest.param('gemma2', marks=pytest.mark.slow), pytest.param('gemma3', marks=pytest.mark.slow),
                                     pytest.param('phi3', marks=pytest.mark.slow)])
 def test_llama_kernels_compute_the_same_model(family):
     """The whole decoder (packed rows, GQA) with each kernel choice: same logits, same gradients."""
@@ -250,6 +250,7 @@ def test_batch_shards_reads_the_mesh():
 BF16_STEPS, BF16_TOL = 8, 0.02  # relative loss difference bfloat16 vs float32, each step
 
 
+@pytest.mark.slow  # the fast lane: test_bf16_* siblings on one step
 def test_bf16_steps_track_float32(tiny_llama_dir):
     """model.dtype=bfloat16 with float32 master weights for the trainable (LoRA) leaves and bfloat16 frozen
     storage: every one of 8 steps' loss is within 2% of float32's, and the loss falls as much."""

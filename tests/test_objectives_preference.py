@@ -261,7 +261,7 @@ def test_answer_logps_equal_transformers(llama, pref_data, tiny_llama_dir):
     assert diff < 1e-6 * np.abs(want).max() + 1e-5  # float32 rounding of sums of ~300 log-probs
 
 
-@pytest.mark.parametrize('method', ['lora', 'dora'])
+@pytest.mark.parametrize('method', ['lora', pytest.param('dora', marks=pytest.mark.slow)])
 def test_adapters_off_reference_is_the_untouched_base(llama, pref_data, method):
     train, _ = pref_data
     batch = data_lib.take_rows(train, np.arange(4))
@@ -297,7 +297,7 @@ MODES = {'full': ('full', {}, 1e-3), 'partial': ('partial', {'peft.last_n_blocks
          'lora': ('lora', {}, 1e-2), 'dora': ('dora', {}, 1e-2)}
 
 
-@pytest.mark.parametrize('mode', list(MODES))
+@pytest.mark.parametrize('mode', [m if m == 'lora' else pytest.param(m, marks=pytest.mark.slow) for m in MODES])
 def test_dpo_in_every_mode(llama, pref_data, mode):
     """DPO through the one step in each fine-tuning mode: full / partial with the precomputed reference (step 0:
     log 2), LoRA / DoRA with adapters off; the loss falls and the reward accuracy rises on a repeated batch."""

@@ -78,6 +78,7 @@ def sums(pre, batch):
     return np.asarray(jax.jit(lambda p, b: preference.answer_logps(pre.model, p, b, None, 128)[0])(pre.params, batch))
 
 
+@pytest.mark.slow
 def test_dpo_from_a_merged_sft_adapter(llama, tiny_llama_dir, sft_adapter, pairs_file, tmp_path):
     """The adapters-off reference is the SFT model as peft runs it (x W + s (x A) B); step 0: log 2, rewards 0."""
     c = make_config(tiny_llama_dir, pairs_file, tmp_path, **{'model.adapter': sft_adapter, 'model.adapter_merge': True})

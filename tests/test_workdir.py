@@ -340,6 +340,7 @@ def test_build_data_checks_labels_against_the_loaded_classifier(tmp_path):
 
 # --- the command line: the exact cases, exit codes, one line ---------------------------------------------
 
+@pytest.mark.slow  # subprocesses
 def test_command_line_bad_label_and_file_workdir(tmp_path, tiny_bert_dir):
     """The hostile cases through `python -m ftjax.train`: exit 2 and one line, before the model loads."""
     path = classification_data(tmp_path, bad=(13, 5))
