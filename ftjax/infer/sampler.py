@@ -248,7 +248,7 @@ class Sampler:
         tokens_d, pad_d = self.put_rows(tokens, pad)
         # the decode loop's own buffers (`unrolled`)
         rest, per_layer, head = _split(self.model, params, vocab_major(len(tokens)))
-        length = cache_length(width + min(self.chunk, max_new_tokens - 1), final) if max_new_tokens > 1 else width
+        length = width  # prefill attends over the prompt's slots only; the first chunk grows the cache
         tok, logp, caches = _prefill(self.model, params, head, tokens_d, pad_d, key, temp, top_p, length=length,
                                      mode=mode)
         first, first_lp = fetch(tok), fetch(logp)

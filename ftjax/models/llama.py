@@ -102,7 +102,7 @@ class LlamaBlock(nn.Module):
                                        cfg.attn_softcap)
                 else:
                     o = kernels.attend_heads_major(q, kt.astype(cfg.dtype), vt.astype(cfg.dtype), m, cfg.dtype,
-                                                   cfg.query_scale, cfg.attn_softcap)
+                                                   cfg.query_scale, cfg.attn_softcap, cfg.kernels)
             o = o.reshape(b, t, nh * hd)
             o = self.dense(cfg.hidden_size, ('heads', 'embed'), 'o_proj', cfg.o_bias)(o, self.deterministic)
             x = x + (self.norm('attn_post_norm')(o) if cfg.post_norms else o)
