@@ -30,6 +30,7 @@ from ftjax.eval import evaluate, harness
 from ftjax.models import kernels, quantize
 from ftjax.models.heads import task_of
 from ftjax.objectives import objective_for
+from ftjax.rl import Rollouts
 from ftjax.train_step import make_eval_step
 from ftjax.workdir import RunDir
 
@@ -50,7 +51,7 @@ class Run:
     objective: Any = None  # `ftjax.objectives.Objective`
     train_data: Any = None
     eval_data: Any = None
-    it: Any = None  # the resumable batch iterator
+    it: Any = None  # the resumable batch iterator (RL: `ftjax.rl.Rollouts`, which samples its batches)
     state: Any = None  # the sharded TrainState
     batch_sh: Any = None
     mngr: Any = None  # the orbax CheckpointManager of run.workdir
@@ -73,9 +74,14 @@ class Run:
     bad_in_a_row: int = 0
 
     @property
+    def rl(self):
+        """Batches are rollouts of the current policy (`align.loss` an RL loss)."""
+        return isinstance(self.it, Rollouts)
+
+    @property
     def evaluates_generation(self):
         c = self.config
-        return c.eval.generate > 0 and self.task == 'lm' and jax.process_count() == 1
+        return c.eval.generate > 0 and self.task == 'lm' and jax.process_count() == 1 and not self.rl
 
 
 def train_and_evaluate(config, workdir, stop_at=None):
@@ -109,10 +115,15 @@ def setup(config, workdir):
     logging.info('Mesh %s over %d devices (%d processes)', dict(mesh.shape), mesh.size, jax.process_count())
 
     pre, mask = build_model_and_mask(config)  # the one model of the run
-    train_data, eval_data = build_data(config, pre)
-    it = data_lib.make_iterator(train_data, config.train.batch_size, config.train.seed,
-                                shuffle=config.data.shuffle, process_index=jax.process_index(),
-                                process_count=jax.process_count())
+    objective = objective_for(config, pre.model)
+    if objective.name == 'grpo':  # RL: batches sampled from the current policy, prompts from data.path
+        train_data, eval_data = None, None
+        it = Rollouts(config, pre, mesh, rundir.path)
+    else:
+        train_data, eval_data = build_data(config, pre)
+        it = data_lib.make_iterator(train_data, config.train.batch_size, config.train.seed,
+                                    shuffle=config.data.shuffle, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
     trainable, _ = state_lib.partition(pre.params, mask)
     tx, schedule = optim.make_optimizer(config, trainable, config.train.steps)
     state, state_sh = sharded_state(pre, mask, tx, config, mesh, rules)
@@ -135,10 +146,11 @@ def setup(config, workdir):
     eval_fn = make_eval_step(pre.model, config)
     if primary:
         print(f'ftjax: {config.peft.method} fine-tuning of {config.model.path}: {n_trainable:,} of {n_total:,} '
-              f'params train ({100 * n_trainable / max(n_total, 1):.2f}%); {len(train_data)} train rows, '
-              f'steps {start}->{config.train.steps}', flush=True)
-    return Run(config, rundir, primary, t_start, mesh=mesh, rules=rules, pre=pre, mask=mask, task=task_of(pre.config),
-               objective=objective_for(config, pre.model), train_data=train_data, eval_data=eval_data, it=it,
+              f'params train ({100 * n_trainable / max(n_total, 1):.2f}%); '
+              f'{len(it.train) if objective.name == "grpo" else len(train_data)} train '
+              f'{"prompts" if objective.name == "grpo" else "rows"}, steps {start}->{config.train.steps}', flush=True)
+    run = Run(config, rundir, primary, t_start, mesh=mesh, rules=rules, pre=pre, mask=mask, task=task_of(pre.config),
+               objective=objective, train_data=train_data, eval_data=eval_data, it=it,
                state=state, batch_sh=batch_sh, mngr=mngr, base_ref=base_ref, trainable_sig=trainable_sig,
                p_step=jit_train_step(pre.model, config, tx, schedule, state_sh, batch_sh),
                p_eval=jax.jit(lambda s, b: eval_fn(s.params(), b), in_shardings=(state_sh, batch_sh)),
@@ -146,6 +158,9 @@ def setup(config, workdir):
                log=logs.MetricsLog(rundir.path, config.train.steps, start, log_every=config.train.log_every),
                preempt=checkpoint.Preemption(mngr),
                result={'exit_code': 0, 'trainable_params': n_trainable, 'total_params': n_total})
+    if run.rl:
+        it.bind(lambda: run.state.params())  # rollouts sample with the parameters as they train
+    return run
 
 
 def train(run, stop_at=None):
@@ -167,10 +182,15 @@ def train(run, stop_at=None):
             if run.preempt.should_stop(step) or step == stop_at:
                 _stop(run, step, preempted=step != stop_at)
                 break
-            batch = data_lib.to_global(next(run.it), run.batch_sh)
+            host = next(run.it)  # RL: sampled here, with the current params
+            batch = data_lib.to_global(host, run.batch_sh)
             t0 = time.perf_counter()
             run.state, metrics = run.p_step(run.state, batch, jax.random.fold_in(run.key, step))
             metrics = jax.device_get(metrics)  # one sync per step: the NaN policy must see every step
+            if run.rl:  # the rollout's metrics and times beside the update's
+                took = time.perf_counter() - t0
+                metrics = dict(metrics, **run.it.metrics, **{
+                    'time/update_s': took, 'update/tokens_per_s': float(np.sum(host['segment_ids'] > 0)) / took})
             if run.compile_s is None:
                 run.compile_s = time.perf_counter() - t0
                 meter = logs.Throughput()
@@ -182,13 +202,15 @@ def train(run, stop_at=None):
             _check_finite(run, metrics, done)
             run.last = {k: float(np.asarray(v)) for k, v in metrics.items()}
             evals = {}
-            if run.eval_data is not None and (done % c.train.eval_every == 0 or done == c.train.steps):
+            if _evaluates(run) and (done % c.train.eval_every == 0 or done == c.train.steps):
                 with meter.paused():  # tokens/s is the training's
-                    evals = evaluate.eval_split(run.p_eval, run.state, run.eval_data, c, run.batch_sh, run.task)
+                    evals = _held_out(run)
             if done % c.train.log_every == 0 or done == c.train.steps or evals:
                 row = dict(run.last, tokens_per_s=meter.rate() if done > start + 1 else 0.0, **evals)
                 run.log.write(done, row)
                 run.log.progress(done, run.last.get('loss'), row['tokens_per_s'])
+            if run.rl and (done % c.train.log_every == 0 or done == c.train.steps):
+                run.log.note(f'ftjax: step {done}: {rl_line(run.last)}')
             if evals:
                 run.log.note(f'ftjax: step {done}: {format_metrics(evals)}')
             if done % c.train.checkpoint_every == 0 or done == c.train.steps:
@@ -248,11 +270,23 @@ def _evaluate_base(run):
         run.log.write(0, evaluate.gen_metrics(run.before))
         print(f"ftjax: base model {' '.join(evaluate.headline(run.before))} on {run.before['n']} held-out prompts",
               flush=True)
-    if run.objective.before_after is not None and run.eval_data is not None:
+    if run.objective.before_after is not None and _evaluates(run):
         with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
-            run.pref_before = evaluate.eval_split(run.p_eval, run.state, run.eval_data, c, run.batch_sh, run.task)
+            run.pref_before = _held_out(run)
         run.log.write(0, run.pref_before)
         run.result.update({f'base/{k}': v for k, v in run.pref_before.items()})  # summary.json: before training
+
+
+def _evaluates(run):
+    """Whether the run has held-out data to evaluate on (RL: held-out prompts, `eval.generate` of them)."""
+    return bool(run.it.eval) if run.rl else run.eval_data is not None
+
+
+def _held_out(run):
+    """The held-out metrics: the eval split's (loss, accuracy, the objective's own), or RL's greedy reward."""
+    if run.rl:
+        return run.it.evaluate()
+    return evaluate.eval_split(run.p_eval, run.state, run.eval_data, run.config, run.batch_sh, run.task)
 
 
 def _meta(run, step):
@@ -319,6 +353,15 @@ def print_before_after(before, after, result, samples=3):
 
 def _indented(text):
     return str(text).replace('\n', '\n  ')  # continuation lines indented under the label
+
+
+def rl_line(m):
+    """One console line of an RL step: reward, KL, clipping, lengths, and the time of rollout, scoring and update."""
+    return (f"reward {m['reward']:.3f} (std {m['reward_std']:.3f}, zero-std groups {m['frac_reward_zero_std']:.0%}), "
+            f"kl {logs.significant(m['kl'])}, clipped {m['clip_ratio/region_mean']:.1%}, length "
+            f"{m['completions/mean_length']:.0f}/{m['completions/max_length']:.0f} | rollout {m['time/rollout_s']:.1f} s "
+            f"({m['rollout/tokens_per_s']:.0f} tok/s), score {m['time/score_s']:.2f} s, update "
+            f"{m['time/update_s']:.1f} s ({m['update/tokens_per_s']:.0f} tok/s)")
 
 
 def format_metrics(metrics):

@@ -29,6 +29,8 @@ ARGS = {
     'experiments/papers/lora_glue.py': ['sst2', 'mrpc', 'sst2,cpu,smoke', 'mrpc,cpu,smoke'],
     'experiments/dpo_smollm2.py': [f'{v}{s}' for v in ('dpo', 'ipo', 'simpo', 'orpo', 'dpo,from_sft')
                                    for s in ('', ',smoke')],
+    'experiments/grpo_smollm2.py': [f'{v}{s}' for v in ('grpo', 'dr_grpo', 'dapo', 'gspo', 'gemma3')
+                                    for s in ('', ',smoke')],
 }
 
 # Parses every argument of every experiment in a fresh interpreter where importlib cannot find the

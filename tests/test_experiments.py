@@ -57,6 +57,7 @@ SMOKES = [
     ('experiments/shakespeare_smollm2.py:full,smoke', SMOLLM2, [('tinyshakespeare', 'input.txt')]),
     ('experiments/dpo_smollm2.py:dpo,smoke', SMOLLM2, []),
     ('experiments/dpo_smollm2.py:dpo,from_sft,smoke', SMOLLM2, []),  # its SFT stage: the quickstart smoke's run
+    ('experiments/grpo_smollm2.py:smoke', SMOLLM2, []),
 ]
 # The other variants: the same files with other settings of method keys that the unit tests cover on tiny
 # models (tests/test_peft.py, test_objectives_preference.py, ...). `pytest -m variants` runs them (13 more smokes,
@@ -71,6 +72,8 @@ VARIANT_SMOKES = [
       for v in ('dora', 'full')],
     ('experiments/shakespeare_smollm2.py:lora,smoke', SMOLLM2, [('tinyshakespeare', 'input.txt')]),
     *[(f'experiments/dpo_smollm2.py:{v},smoke', SMOLLM2, []) for v in ('ipo', 'simpo', 'orpo')],
+    *[(f'experiments/grpo_smollm2.py:{v},smoke', SMOLLM2, []) for v in ('dr_grpo', 'dapo', 'gspo')],
+    ('experiments/grpo_smollm2.py:gemma3,smoke', GEMMA3, []),
 ]
 
 
@@ -139,6 +142,12 @@ def check_smoke(arg, model, data, tmp_path):
     rows = workdir_lib.RunDir(workdir).metrics()
     train_rows = {r['step']: r['loss'] for r in rows if 'loss' in r}
     assert sorted(train_rows) == list(range(1, steps + 1)) and all(map(finite, train_rows.values())), rows
+    if config['align']['loss'] in ('grpo', 'dr_grpo', 'dapo', 'bnpo'):  # RL: rollout metrics, held-out greedy reward
+        assert all('reward' in r and 'time/rollout_s' in r and 'kl' in r for r in rows if 'loss' in r), rows
+        assert 0.0 <= summary['eval/reward'] <= 1.0 and 0.0 <= summary['base/eval/reward'] <= 1.0, summary
+        assert '| held-out greedy reward |' in proc.stdout, tail
+        assert os.path.getsize(os.path.join(workdir, 'completions.jsonl')) > 0
+        return
     evals = [r['eval/loss'] for r in rows if 'eval/loss' in r]
     assert evals and all(map(finite, evals)), rows
     if config['data']['format'] == 'preference':  # DPO & co.: reward metrics per step, held-out pairs before/after

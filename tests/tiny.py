@@ -184,3 +184,20 @@ def data_config(tmp_path, path, **overrides):
         else:
             c[k] = v
     return c
+
+
+# --- RL on the tiny model -------------------------------------------------------------------------
+
+def reward_by_letters(prompts, completions, **columns):
+    """A reward that varies between random completions (for RL tests): the share of 'a'-'m' letters."""
+    assert 'reference' in columns and len(columns['reference']) == len(completions)
+    return [sum('a' <= ch <= 'm' for ch in c) / max(len(c), 1) for c in completions]
+
+
+def tiny_rl_config(model_dir, data, **over):
+    """GRPO on the tiny model: 2 prompts x 4 completions of 16 tokens per step, `reward_by_letters`."""
+    rl = {'align.loss': 'grpo', 'align.beta': 0.0, 'align.num_generations': 4, 'rollout.prompts': 2,
+          'rollout.max_new_tokens': 16, 'align.rewards': ['tests.tiny:reward_by_letters'], 'train.batch_size': 8,
+          'data.max_length': 224, 'train.steps': 4, 'train.eval_every': 2, 'train.checkpoint_every': 2,
+          'eval.generate': 2, 'optim.learning_rate': 5e-3, 'mesh.tensor': 1, 'mesh.data': -1}
+    return tiny_config(model_dir, data, **dict(rl, **over))

@@ -2,7 +2,7 @@
 docs/config.md (tests/test_config.py keeps that file in sync)."""
 import sys
 
-from ftjax.config import SCHEMA, SECTIONS
+from ftjax.config_schema import SCHEMA, SECTIONS
 
 
 def _shown(value, width=44):

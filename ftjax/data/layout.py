@@ -7,6 +7,8 @@
   classification  input_ids, attention_mask, token_type_ids [batch, seq], label [batch]
   preference      an lm batch of one pair per row (segment 1 chosen, 2 rejected), plus ref_logps [batch, 2]
                   (float32) when the reference's log-probs were computed before training
+  grpo            an lm batch of one prompt + sampled completion per row (loss_mask on the completion), plus
+                  old_logps [batch, seq] (the sampler's log p of each completion token) and advantages [batch]
 
 Any batch may add 'valid' [batch] (bool): the padding rows of a short last eval batch are False.
 """
@@ -28,11 +30,13 @@ CLASSIFICATION = {
     'label': ((), np.int32),  # [batch] class id
 }
 REFERENCE = {'ref_logps': ((2,), np.float32)}  # [batch, 2] the reference's chosen / rejected answer log-probs
+RL = {'old_logps': ((SEQ,), np.float32), 'advantages': ((), np.float32)}  # [batch, seq], [batch]
 VALID = {'valid': ((), np.bool_)}  # [batch] False on the padding rows of a short last eval batch
-LAYOUTS = {'lm': LM, 'classification': CLASSIFICATION, 'preference': LM}
+LAYOUTS = {'lm': LM, 'classification': CLASSIFICATION, 'preference': LM, 'grpo': {**LM, **RL}}
 # What a step cannot run without (the rest has defaults: no packing, no padding, one segment type).
 REQUIRED = {'lm': ('input_ids', 'target_ids', 'loss_mask'), 'classification': ('input_ids', 'label'),
-            'preference': ('input_ids', 'target_ids', 'loss_mask', 'segment_ids')}
+            'preference': ('input_ids', 'target_ids', 'loss_mask', 'segment_ids'),
+            'grpo': ('input_ids', 'target_ids', 'loss_mask', 'segment_ids', 'positions', 'old_logps', 'advantages')}
 
 
 def layout(task, reference=False, valid=False):

@@ -169,7 +169,16 @@ class Sampler:
         if mesh is not None:
             self.batch_sh = sharding.batch_sharding(mesh)
             self.replicated = NamedSharding(mesh, P())
-        self.params = self.place(pretrained.params if params is None else params)
+        self._given = pretrained.params if params is None else params  # placed on first use (`params`)
+        self._placed = None
+
+    @property
+    def params(self):
+        """The default parameters, placed on the mesh when first used: a caller that always passes its own (the
+        RL rollouts pass the trainer's) never makes a second copy of the weights."""
+        if self._placed is None:
+            self._placed = self.place(self._given)
+        return self._placed
 
     def place(self, params):
         """Parameters sharded by the model's logical axes on the mesh (unchanged without a mesh)."""

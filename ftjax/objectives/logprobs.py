@@ -57,8 +57,10 @@ def _chunks(x, c):
     return x.reshape(b, (t + pad) // c, c, *x.shape[2:]).swapaxes(0, 1)
 
 
-def token_logps(hidden, head, targets, chunk_tokens: int = 512, batch_shards: int = 1, softcap=None):
-    """log p(target) per position [batch, seq] float32.
+def token_logps(hidden, head, targets, chunk_tokens: int = 512, batch_shards: int = 1, softcap=None,
+                entropy: bool = False):
+    """log p(target) per position [batch, seq] float32; with `entropy`, (that, the entropy of each position's
+    distribution [batch, seq] float32, without gradient).
 
     hidden: [batch, seq, embed] (`model.apply(..., return_hidden=True)`); head: [embed, vocab]
     (`ftjax.models.heads.lm_head_kernel`); targets: [batch, seq] int; chunk_tokens: about this many tokens per
@@ -73,10 +75,16 @@ def token_logps(hidden, head, targets, chunk_tokens: int = 512, batch_shards: in
     def one(h, y):
         logits = project(h, head, softcap)  # [batch, chunk, vocab] float32
         lse = jax.nn.logsumexp(logits, axis=-1)
-        return jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0] - lse  # [batch, chunk]
+        logp = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0] - lse  # [batch, chunk]
+        if not entropy:
+            return logp
+        sg = jax.lax.stop_gradient(logits)
+        ent = lse - jnp.sum(jax.nn.softmax(sg, axis=-1) * sg, axis=-1)  # H = lse - E_p[logit]
+        return logp, jax.lax.stop_gradient(ent)
 
-    out = jax.lax.map(lambda xs: one(*xs), (hs, ys))  # [chunks, batch, chunk]
-    return out.swapaxes(0, 1).reshape(b, -1)[:, :t]
+    out = jax.lax.map(lambda xs: one(*xs), (hs, ys))  # [chunks, batch, chunk] (each)
+    whole = lambda x: x.swapaxes(0, 1).reshape(b, -1)[:, :t]  # noqa: E731
+    return jax.tree.map(whole, out)
 
 
 def cross_entropy(hidden, head, targets, weights, chunk_tokens: int = 512, *, batch_shards: int = 1,
