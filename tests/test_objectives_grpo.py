@@ -75,8 +75,12 @@ def ftjax_loss_and_grad(loss_type, level, batch):
     return float(loss), np.asarray(grad), metrics
 
 
-@pytest.mark.parametrize('level', grpo.LEVELS)
-@pytest.mark.parametrize('loss_type', grpo.LOSSES)
+FAST = {('grpo', 'token'), ('dapo', 'sequence')}  # the fast lane's two; every pair runs in CI (slow)
+
+
+@pytest.mark.parametrize('loss_type,level', [
+    case if case in FAST else pytest.param(*case, marks=pytest.mark.slow)
+    for case in [(loss, level) for loss in grpo.LOSSES for level in grpo.LEVELS]])
 def test_loss_and_gradient_equal_trl(loss_type, level):
     batch = fixed_batch()
     ratio = np.exp(batch[0] - batch[1])[batch[4] > 0]
