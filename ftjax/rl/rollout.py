@@ -16,6 +16,7 @@ With num_iterations > 1 the rollout batch is kept in `<workdir>/rollout.npz` so 
 iterations trains on the same batch. Every completion, its prompt and rewards are appended to
 `<workdir>/completions.jsonl` (a resumed run first drops the lines of the steps after its checkpoint).
 """
+import functools
 import json
 import logging
 import os
@@ -92,7 +93,7 @@ class Rollouts:
         self.names = [rewards_lib.name_of(f) for f in self.fns]
         self.stops = [s for s in c.rollout.stop if s]
         self.train = self._prompts(c.data.path, 'data.path')
-        self.eval = self._prompts(c.data.eval_path, 'data.eval_path')[:c.eval.generate] if c.data.eval_path and \
+        self.eval = self._prompts(c.data.eval_path, 'data.eval_path', c.eval.generate) if c.data.eval_path and \
             c.eval.generate else []
         if len(self.train) < self.prompts_per_step:
             raise ConfigError(f'config.data.path={c.data.path!r} has {len(self.train)} prompts, fewer than '
@@ -112,16 +113,16 @@ class Rollouts:
 
     # --- prompts --------------------------------------------------------------------------------------------
 
-    def _prompts(self, path, key):
-        """[(prompt ids, prompt text for rewards, {column: value} with 'reference')] of a json / jsonl file."""
+    def _prompts(self, path, key, limit=None):
+        """[(prompt ids, prompt text for rewards, {column: value} with 'reference')] of the first `limit` rows (None:
+        all) of a json / jsonl file."""
         where = locations.resolve(path, key)
         if not isinstance(where, str) or not where.endswith(('.json', '.jsonl')) or not os.path.isfile(where):
             raise ConfigError(f'config.{key}={path!r}: RL prompts are read from a local .json / .jsonl file '
                               f'(rows with a prompt and a reference answer, as data.format {self.config.data.format!r} '
                               f'reads them); hub data sets are not supported for RL yet.')
         out = []
-        chat = None
-        for i, row in enumerate(read_rows(where)):
+        for i, row in enumerate(read_rows(where)[:limit]):
             try:
                 prompt, reference = prompt_and_answer(row, self.config.data)
             except Exception as e:  # noqa: BLE001 - a bad row: named, in one line
@@ -138,11 +139,12 @@ class Rollouts:
     def _indices(self, rollout):
         """The prompt indices of rollout number `rollout`: a seeded permutation per epoch."""
         n, per = len(self.train), self.prompts_per_step
-        out = []
-        for k in range(rollout * per, (rollout + 1) * per):
-            epoch, at = divmod(k, n)
-            out.append(int(np.random.default_rng([int(self.config.train.seed), epoch]).permutation(n)[at]))
-        return out
+        return [int(self._order(k // n)[k % n]) for k in range(rollout * per, (rollout + 1) * per)]
+
+    @functools.lru_cache(maxsize=2)
+    def _order(self, epoch):
+        """The permutation of the training prompts in `epoch` (computed once per epoch, not per prompt)."""
+        return np.random.default_rng([int(self.config.train.seed), epoch]).permutation(len(self.train))
 
     # --- the iterator ---------------------------------------------------------------------------------------
 
@@ -226,11 +228,8 @@ class Rollouts:
         return cut(text, self.stops) if self.stops else text
 
     def _score(self, items, texts):
-        columns = {}
-        for _, _, row in items:
-            for k in row:
-                columns.setdefault(k, None)
-        cols = {k: [row.get(k) for _, _, row in items] for k in columns}
+        names = dict.fromkeys(k for _, _, row in items for k in row)  # every column, in first-seen order
+        cols = {k: [row.get(k) for _, _, row in items] for k in names}
         return rewards_lib.score(self.fns, [p for _, p, _ in items], texts, cols)
 
     # --- held-out evaluation --------------------------------------------------------------------------------
