@@ -210,7 +210,7 @@ def check(config, topology, devices=None, topology_name=None, keep_compiled=Fals
         'frozen_bytes': _device_bytes(abstract_state.frozen, state_sh.frozen),
         'optimizer_bytes': _device_bytes(abstract_state.opt_state, state_sh.opt_state),
     }
-    for key in ('argument', 'output', 'alias', 'temp', 'generated_code'):
+    for key in ('argument', 'output', 'alias', 'temp', 'generated_code', 'host_temp'):
         out[f'{key}_bytes'] = getattr(mem, f'{key}_size_in_bytes', None) if mem is not None else None
     found = kernels.kernel_names_in(compiled.as_text())
     out['attention'] = found[0] if found else ('cpu custom VJP' if config.model.kernels == 'cpu' else 'xla')
@@ -283,6 +283,8 @@ def format_report(r):
     total = r['per_device_bytes']['total']
     if total is not None:
         lines.append(f"  total (args + outputs - aliased + temporaries)  {_size(total)}")
+    if r.get('host_temp_bytes'):
+        lines.append(f"  host memory (offloaded activations)  {_size(r['host_temp_bytes'])}")
     if 'hbm_bytes' in r:
         e = r['estimate']
         lines.append(f"  HBM per chip          {_size(r['hbm_bytes'])}: fits: {str(r['fits']).lower()}")
@@ -299,3 +301,61 @@ def summary_json(r):
             'quantize', 'frozen_bytes', 'per_device_bytes', 'hbm_bytes', 'fits', 'flops_per_step', 'estimate',
             'compile_s')
     return json.dumps({k: r[k] for k in keys if k in r})
+
+
+ESTIMATE_POLICIES = ('full', 'save_qkv', 'offload_layer_inputs', 'offload_layer_inputs_and_projections')
+
+
+def estimate(config, topology, devices=None, topology_name=None, policies=ESTIMATE_POLICIES, budget_bytes=None,
+             max_rows=64, log=print):
+    """For each remat policy, the largest per-device batch (rows of data.max_length tokens per data x fsdp
+    shard) whose train step compiles and fits: the chip's HBM for a TPU topology, else `budget_bytes`. Doubles
+    the rows from 1 until a step does not fit, then bisects; returns [{'policy', 'rows', 'report' (the largest
+    fitting step's `check`), 'compiles'}] (rows 0: not even one row fits)."""
+    ways = topology['data'] * topology['fsdp']
+    chip = TPU_CHIPS.get(str(topology_name).split(':')[0].lower()) if topology_name else None
+    budget = chip[0] if chip else budget_bytes
+    if budget is None:
+        raise ConfigError('compile_check --estimate on fake CPU devices needs a memory budget per device: pass '
+                          '--hbm_gib=16 (or a TPU topology, whose HBM is known).')
+    rows_out = []
+    for policy in policies:
+        tried = {}
+
+        def fits(rows):
+            c = config.copy_and_resolve_references()
+            c.model.remat, c.train.batch_size = policy, rows * ways
+            try:
+                r = check(c, topology, devices, topology_name)
+            except ConfigError as e:
+                if 'does not fit' not in str(e):
+                    raise
+                r = None
+            total = None if r is None else r['per_device_bytes']['total']
+            tried[rows] = r if total is not None and total <= budget else None
+            log(f"  {policy}: {rows} rows/device -> " + ('refused by the compiler' if r is None else
+                f"{_size(total)}{' (fits)' if tried[rows] else ' (over)'}"), flush=True)
+            return tried[rows] is not None
+        lo, hi = 0, None  # largest fitting, smallest not fitting
+        rows = 1
+        while rows <= max_rows and fits(rows):
+            lo, rows = rows, rows * 2
+        hi = rows if rows <= max_rows else None
+        while hi is not None and hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        rows_out.append({'policy': policy, 'rows': lo, 'report': tried.get(lo), 'compiles': len(tried),
+                         'capped': hi is None})
+    return rows_out
+
+
+def format_estimate(results, budget_bytes):
+    lines = [f'| remat policy | largest rows per device | per device (HBM {_size(budget_bytes)}) | host memory | '
+             f'compiles |', '|---|---|---|---|---|']
+    for e in results:
+        r = e['report'] or {}
+        total = (r.get('per_device_bytes') or {}).get('total')
+        rows = f"{e['rows']}{'+' if e['capped'] else ''}"
+        lines.append(f"| {e['policy']} | {rows} | {_size(total)} | {_size(r.get('host_temp_bytes') or 0)} | "
+                     f"{e['compiles']} |")
+    return '\n'.join(lines)

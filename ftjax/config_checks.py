@@ -75,6 +75,52 @@ TARGETS = _each('non-empty regexes', _regex_problem,
 MULTIPLIERS = _each("'regex=multiplier' items", _multiplier_problem)
 RULES = _each('[logical_axis, mesh_axes] pairs', _rule_problem)
 DTYPES = one_of('float32', 'bfloat16', 'float16')
+# model.remat: XLA's named policies, presets of placed tensors, or 'custom:TENSOR=PLACE,...' (MaxText's `custom`).
+# TENSOR: a block's input or a projection's output (after its adapter), as `checkpoint_name` tags them in the
+# blocks; groups 'qkv' and 'mlp'. PLACE: device (saved), offload (saved to host memory, 'pinned_host'),
+# remat (recomputed in the backward pass: anything not named is).
+REMAT_NAMED = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable', 'everything_saveable')
+REMAT_TENSORS = ('layer_input', 'q_proj', 'k_proj', 'v_proj', 'qkv_proj', 'o_proj', 'gate_proj', 'up_proj',
+                 'down_proj')
+REMAT_GROUPS = {'qkv': ('q_proj', 'k_proj', 'v_proj', 'qkv_proj'), 'mlp': ('gate_proj', 'up_proj', 'down_proj')}
+REMAT_PLACES = ('device', 'offload', 'remat')
+REMAT_PRESETS = {
+    'save_qkv': 'custom:qkv=device',
+    'offload_layer_inputs': 'custom:layer_input=offload',
+    'offload_layer_inputs_and_projections': 'custom:layer_input=offload,qkv=offload,o_proj=offload',  # MaxText's
+}
+
+
+def remat_places(value: str):
+    """model.remat -> {tensor: place} for a preset or 'custom:...' value, None for one of REMAT_NAMED; raises
+    ValueError naming the key and the fix."""
+    if value in REMAT_NAMED:
+        return None
+    spec = REMAT_PRESETS.get(value, value)
+    choices = f"one of {list(REMAT_NAMED + tuple(REMAT_PRESETS))} or 'custom:TENSOR=PLACE,...'"
+    if not isinstance(spec, str) or not spec.startswith('custom:'):
+        raise ValueError(f"config.model.remat={value!r} is not {choices}.")
+    places = {}
+    for item in filter(None, spec[len('custom:'):].split(',')):
+        name, _, place = (part.strip() for part in item.partition('='))
+        if name not in REMAT_TENSORS + tuple(REMAT_GROUPS) or place not in REMAT_PLACES:
+            raise ValueError(f"config.model.remat={value!r}: {item!r} should be TENSOR=PLACE with TENSOR one of "
+                             f"{list(REMAT_TENSORS + tuple(REMAT_GROUPS))} and PLACE one of {list(REMAT_PLACES)}, "
+                             f"e.g. custom:layer_input=offload,qkv=device.")
+        for t in REMAT_GROUPS.get(name, (name,)):
+            places[t] = place
+    return places
+
+
+def _remat_problem(key, value):
+    try:
+        remat_places(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+REMAT = Check(' | '.join(REMAT_NAMED + tuple(REMAT_PRESETS)) + " | 'custom:TENSOR=PLACE,...'", _remat_problem)
 CHAT_FORMATS = ('gemma', 'chatml', 'llama3')  # the named formats of ftjax.data.templates
 CHAT_TEMPLATE = Check(' | '.join(CHAT_FORMATS) + ' | a Jinja template', lambda k, v: None if (
     v in CHAT_FORMATS or '{{' in v or '{%' in v) else f"config.{k}={v!r} is neither a named chat format "

@@ -7,7 +7,7 @@ depend on these names, so rename nothing; add keys instead.
 """
 from ftjax.config_checks import (AT_LEAST_2, AXIS_SIZE, BELOW_HALF, CHAT_TEMPLATE, DTYPES, FRACTION,
                                   FRACTION_BELOW_1, MULTIPLIERS, NON_NEGATIVE, POSITIVE, POSITIVE_INT, REGEXES,
-                                  RULES, TARGETS, K, one_of)
+                                  REMAT, RULES, TARGETS, K, one_of)
 
 RL_LOSSES = ('grpo', 'dr_grpo', 'dapo', 'bnpo')  # align.loss values trained on rollouts (ftjax/rl/)
 LORA_TARGETS_ATTN_MLP = ['(q|k|v|o)_proj$', '(gate|up|down)_proj$']
@@ -42,8 +42,8 @@ SCHEMA = [
     K('model.quantize_double', False, 'nf4: quantize the block scales too (double quantization, 4.5 -> ~4.13 '
       'bits per weight)'),
     K('model.remat', 'full', "rematerialisation of each block ('full' was faster and smaller on CPU, "
-      "docs/performance.md)", one_of('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
-                                     'everything_saveable')),
+      "docs/performance.md); presets and 'custom:layer_input=offload,qkv=device,...' save named tensors on the device "
+      "or offload them to host memory (ftjax/config_checks.py REMAT_*)", REMAT),
     K('model.scan_unroll', 1, 'blocks unrolled per step of the layer scan', POSITIVE_INT),
     K('model.kernels', 'auto', "matmul/attention/loss kernels (ftjax/models/kernels.py): 'auto' = 'cpu' on the "
       "CPU (custom VJPs), 'splash' on TPU, 'cudnn' on GPU; 'xla' = plain XLA everywhere",

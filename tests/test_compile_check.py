@@ -74,3 +74,26 @@ def test_command_line(tiny_llama_dir, chat_data, tmp_path):
     for line in ('trainable params', 'frozen params', 'optimizer state', 'arguments', 'temporaries',
                  'generated code'):
         assert line in out.stdout
+
+
+@pytest.mark.slow  # six compiles
+def test_estimate_finds_the_largest_batch_that_fits(tiny_llama_dir, chat_data):
+    """With a budget between the totals of 2 and 3 rows per device, the search answers 2 (and per policy)."""
+    config = tiny_config(tiny_llama_dir, chat_data, **{'peft.method': 'full', 'data.max_length': 64})
+    topo = compile_check.parse_topology('data=2')
+    total = {}
+    for rows in (2, 3):
+        c = config.copy_and_resolve_references()
+        c.train.batch_size, c.model.remat = 2 * rows, 'offload_layer_inputs'
+        total[rows] = compile_check.check(c, topo)['per_device_bytes']['total']
+    assert total[2] < total[3]
+    budget = (total[2] + total[3]) // 2
+    found = compile_check.estimate(config, topo, policies=['offload_layer_inputs'], budget_bytes=budget, max_rows=8)
+    (only,) = found
+    assert only['rows'] == 2 and only['report']['per_device_bytes']['total'] == total[2] and not only['capped']
+    assert only['compiles'] == 4  # 1, 2, 4 (over), then 3 (over)
+    table = compile_check.format_estimate(found, budget)
+    print('\n' + table)
+    assert '| offload_layer_inputs | 2 |' in table
+    with pytest.raises(ValueError, match='--hbm_gib'):
+        compile_check.estimate(config, topo, policies=['full'])

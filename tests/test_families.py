@@ -249,8 +249,9 @@ def test_sharded_forward_and_gradients_equal_one_device(family_dir):
         got_l, got_g = loss(params, jax.device_put(ids, sharding.batch_sharding(mesh)))
     assert not params['layers']['q_proj']['kernel'].sharding.is_fully_replicated
     np.testing.assert_allclose(got_l, want_l, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):  # the tied embedding's reach 7.6e3: float32
+        # sums in another order move its elements by up to 7e-7 of that (5e-3), 1.2e-4 of a small element
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(b).max())))
 
 
 # --- the config fields transformers publishes, and what is refused ------------------------------------------

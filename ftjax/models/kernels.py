@@ -191,8 +191,12 @@ def _scores(q, k, scale, softcap):
 def _probs(q, k, mask, scale=None, softcap=None):
     """Softmax probabilities [b, kvh, q, kv] (float32) and their log-normaliser [b, kvh, q]."""
     scores = jnp.where(mask, _scores(q, k, scale, softcap), jnp.finfo(jnp.float32).min)
-    lse = jax.nn.logsumexp(scores, axis=-1)
-    return jnp.exp(scores - lse[..., None]), lse
+    top = jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True))
+    e = jnp.exp(scores - top)
+    total = e.sum(axis=-1, keepdims=True)
+    # e / total, not exp(scores - lse): lse rounds at the scale of the scores (an ulp of ~30 is 2e-6), which
+    # moved every probability by that much; Gemma 3's float32 logits were 2x further from float64 for it
+    return e * (1.0 / total), (top + jnp.log(total))[..., 0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))

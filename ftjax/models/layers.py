@@ -15,8 +15,10 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from ftjax.config_checks import remat_places
 from ftjax.errors import ConfigError
 from ftjax.models import kernels as kernels_lib
 from ftjax.models import quantize
@@ -72,7 +74,7 @@ class Dense(nn.Module):
             bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, (out_axis,)),
                               (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
-        return y
+        return checkpoint_name(y, self.name) if self.name else y  # 'q_proj', ...: for `remat_policy`
 
 
 class RMSNorm(nn.Module):
@@ -134,9 +136,10 @@ class Embed(nn.Module):
         return x @ quantize.dequantize(self.embedding, self.dtype).T
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict] = None):
-    """Inverse frequencies [head_dim // 2], with Llama-3 style scaling when the config has it."""
-    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict] = None) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] in float64 (constants of the program, computed once by numpy), with
+    linear or Llama-3 style scaling when the config has it."""
+    inv = 1.0 / (float(theta) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     if not scaling:
         return inv
     kind = scaling.get('rope_type', scaling.get('type'))
@@ -150,15 +153,38 @@ def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict] = None
     old = scaling['original_max_position_embeddings']
     wavelen = 2 * math.pi / inv
     smooth = (old / wavelen - lo) / (hi - lo)
-    scaled = jnp.where(wavelen > old / lo, inv / factor, inv)
+    scaled = np.where(wavelen > old / lo, inv / factor, inv)
     mid = (1 - smooth) * inv / factor + smooth * inv
     is_mid = (wavelen <= old / lo) & (wavelen >= old / hi)
-    return jnp.where(is_mid, mid, scaled)
+    return np.where(is_mid, mid, scaled)
 
 
-def apply_rope(x, positions, inv_freq):
-    """Rotary embedding in Hugging Face's rotate-half layout. x: [batch, seq, heads, head_dim]."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, seq, head_dim // 2]
+def rope_turns(inv_freq):
+    """Frequencies [head_dim // 2] as turns per position in 64-bit fixed point: (the first 32 fractional bits as
+    uint32, the rest as float32 turns). `rope_angles` multiplies them by a position modulo one turn."""
+    scaled = np.asarray(inv_freq, np.float64) / (2 * math.pi) * 2.0 ** 32  # < 2^32: a frequency is < 1 turn
+    hi = np.floor(scaled)
+    return hi.astype(np.uint32), ((scaled - hi) * 2.0 ** -32).astype(np.float32)
+
+
+def rope_angles(positions, turns):
+    """positions [...] int x frequencies -> angles [..., head_dim // 2] in [-pi, pi], float32.
+
+    The product is formed modulo one turn before anything is rounded: the uint32 product of a position and the
+    high fixed-point bits wraps exactly at one turn, the low bits add at most 2^-32 turns per position. The angle
+    is then within ~3e-7 rad at any position, where `positions * inv_freq` in float32 (transformers', ftjax's
+    before) is off by up to half an ulp of the unreduced angle: 6e-5 rad at position 1400, 5e-4 at 8k, 4e-3 at
+    64k, enough to move float32 logits by 1e-3 at 1.4k tokens (docs/results/long_context_numerics.md)."""
+    hi, lo = turns
+    p = positions[..., None]
+    frac = p.astype(jnp.uint32) * hi  # wraps modulo 2^32 = one turn; negative positions wrap alike
+    t = frac.astype(jnp.float32) * 2.0 ** -32 + p.astype(jnp.float32) * lo  # turns, in [0, 1 + tiny)
+    return (t - jnp.round(t)) * (2 * math.pi)
+
+
+def apply_rope(x, angles):
+    """Rotary embedding in Hugging Face's rotate-half layout. x: [batch, seq, heads, head_dim]; angles:
+    [batch, seq, head_dim // 2] from `rope_angles`."""
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
     x32 = x.astype(jnp.float32)
@@ -180,11 +206,23 @@ REMAT_POLICIES = {
 }
 
 
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy of config.model.remat (`ftjax.config_checks.remat_places`): XLA's named ones,
+    or the block input / projection outputs each saved on the device, offloaded to host memory or recomputed."""
+    try:
+        places = remat_places(name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if places is None:
+        return REMAT_POLICIES[name]
+    return _cp.save_and_offload_only_these_names(
+        names_which_can_be_saved=[t for t, p in places.items() if p == 'device'],
+        names_which_can_be_offloaded=[t for t, p in places.items() if p == 'offload'],
+        offload_src='device', offload_dst='pinned_host')
+
+
 def remat(block_cls, policy: str, static_argnums=()):
-    """Wraps a block in `nn.remat` with a named policy ('none' returns it unchanged)."""
-    if policy not in REMAT_POLICIES:
-        raise ConfigError(f"config.model.remat={policy!r} is not a known policy; choose one of "
-                          f"{sorted(REMAT_POLICIES)}.")
+    """Wraps a block in `nn.remat` with the policy config.model.remat names ('none' returns it unchanged)."""
     if policy == 'none':
         return block_cls
-    return nn.remat(block_cls, policy=REMAT_POLICIES[policy], prevent_cse=False, static_argnums=static_argnums)
+    return nn.remat(block_cls, policy=remat_policy(policy), prevent_cse=False, static_argnums=static_argnums)

@@ -15,6 +15,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from ftjax.models import kernels, layers
 from ftjax.models.decoder_config import LlamaConfig, rope_for
@@ -52,7 +53,7 @@ class LlamaBlock(nn.Module):
         layer: int32 scalar, this layer's index, or None."""
         x, cache = carry
         cfg = self.cfg
-        x = nn.with_logical_constraint(x, BLOCK_AXES)
+        x = checkpoint_name(nn.with_logical_constraint(x, BLOCK_AXES), 'layer_input')  # for `layers.remat_policy`
         b, t, _ = x.shape
         hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
         flags = cfg.local_layers
@@ -72,12 +73,14 @@ class LlamaBlock(nn.Module):
             v = v.reshape(b, t, nkv, hd)
             if cfg.qk_norm:  # over head_dim, before RoPE
                 q, k = self.norm('q_norm')(q), self.norm('k_norm')(k)
-            inv_freq = layers.rope_frequencies(hd, *rope_for(cfg, flags[0]))  # [head_dim // 2]
+            turns = layers.rope_turns(layers.rope_frequencies(hd, *rope_for(cfg, flags[0])))
             if mixed and cfg.rope_local_theta is not None:  # Gemma 3: the local layers' own base
-                inv_freq = jnp.where(is_local, layers.rope_frequencies(hd, *rope_for(cfg, True)),
-                                     layers.rope_frequencies(hd, *rope_for(cfg, False)))
-            q = layers.apply_rope(q, positions, inv_freq)
-            k = layers.apply_rope(k, positions, inv_freq)
+                local_turns = layers.rope_turns(layers.rope_frequencies(hd, *rope_for(cfg, True)))
+                global_turns = layers.rope_turns(layers.rope_frequencies(hd, *rope_for(cfg, False)))
+                turns = tuple(jnp.where(is_local, a, b) for a, b in zip(local_turns, global_turns))
+            angles = layers.rope_angles(positions, turns)  # [batch, seq, head_dim // 2]
+            q = layers.apply_rope(q, angles)
+            k = layers.apply_rope(k, angles)
             if cache is not None:  # decoding: write this step's keys/values into their cache slots, in place
                 kt = k.transpose(0, 2, 1, 3).astype(cache['k'].dtype)  # [batch, kv_heads, seq, head_dim]
                 vt = v.transpose(0, 2, 1, 3).astype(cache['v'].dtype)
