@@ -15,7 +15,7 @@ from ftjax.config_checks import REMAT_PRESETS, remat_places
 from ftjax.errors import ConfigError
 from ftjax.models import layers, load_pretrained
 from tests import tiny
-from tests.test_train_step import build, lm_batch, make_config
+from tests.tiny import build, lm_batch, make_config
 
 LLAMA31 = {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
            'original_max_position_embeddings': 8192}

@@ -9,14 +9,14 @@ import optax
 import pytest
 from flax import traverse_util
 
-from ftjax import optim, peft, tree
+from ftjax import optim, tree
 from ftjax import state as state_lib
-from ftjax.config import default_config, override
 from ftjax.models import build_model, load_pretrained
 from ftjax.models import adapters
 from ftjax.peft import LastLayers
-from ftjax.train_step import make_eval_step, make_train_step
+from ftjax.train_step import make_eval_step
 from tests import tiny
+from tests.tiny import build, lm_batch, make_config
 
 MODES = {  # method, peft overrides, learning rate
     'full': ('full', {}, 3e-3),
@@ -27,32 +27,6 @@ MODES = {  # method, peft overrides, learning rate
 OVERFIT_STEPS = 25
 # the fast lane trains LoRA only
 FAST_LORA_MODES = [mode if mode == 'lora' else pytest.param(mode, marks=pytest.mark.slow) for mode in MODES]
-
-
-def make_config(method='lora', lr=1e-2, **over):
-    c = default_config()
-    c.peft.method = method
-    c.optim.learning_rate = lr
-    c.optim.schedule = 'constant'
-    c.train.loss_chunk = 16  # several chunks even for the tiny batches
-    return override(c, over)  # dotted keys, e.g. **{'peft.lora.rank': 4}
-
-
-def lm_batch(vocab, b=2, t=16, seed=0):
-    ids = np.random.RandomState(seed).randint(4, vocab, (b, t + 1)).astype(np.int32)
-    return {'input_ids': ids[:, :-1], 'target_ids': ids[:, 1:], 'loss_mask': np.ones((b, t), np.float32),
-            'segment_ids': np.ones((b, t), np.int32),
-            'positions': np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
-
-
-def build(pre, c, rng=0):
-    """(prepared model, mask, tx, schedule, state, jitted step) for config `c`."""
-    pre, mask = peft.prepare(pre, c, jax.random.key(rng))
-    trainable, _ = state_lib.partition(pre.params, mask)
-    tx, schedule = optim.make_optimizer(c, trainable, c.train.steps)
-    state = jax.jit(lambda p: state_lib.create_state(p, mask, tx, c.model.frozen_dtype))(pre.params)
-    step = jax.jit(make_train_step(pre.model, c, tx, schedule), donate_argnums=0)
-    return pre, mask, tx, schedule, state, step
 
 
 @pytest.fixture(scope='module')

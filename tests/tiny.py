@@ -8,7 +8,13 @@ Fixtures live in tests/conftest.py; no test module imports another test module.
 import json
 import os
 
+import jax
+import numpy as np
+
+from ftjax import optim, peft
+from ftjax import state as state_lib
 from ftjax import workdir as workdir_lib
+from ftjax.train_step import make_train_step
 from ftjax.config import default_config, default_data_config, override
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
@@ -201,3 +207,33 @@ def tiny_rl_config(model_dir, data, **over):
           'data.max_length': 224, 'train.steps': 4, 'train.eval_every': 2, 'train.checkpoint_every': 2,
           'eval.generate': 2, 'optim.learning_rate': 5e-3, 'mesh.tensor': 1, 'mesh.data': -1}
     return tiny_config(model_dir, data, **dict(rl, **over))
+
+
+# --- one train step of a tiny model (tests/test_train_step.py, tests/test_long_context.py) ---
+
+def make_config(method='lora', lr=1e-2, **over):
+    """The default config for `method` at a constant `lr`, several loss chunks, dotted overrides."""
+    c = default_config()
+    c.peft.method = method
+    c.optim.learning_rate = lr
+    c.optim.schedule = 'constant'
+    c.train.loss_chunk = 16  # several chunks even for the tiny batches
+    return override(c, over)  # dotted keys, e.g. **{'peft.lora.rank': 4}
+
+
+def lm_batch(vocab, b=2, t=16, seed=0):
+    """A random language-modelling batch of b rows of t tokens, one segment each."""
+    ids = np.random.RandomState(seed).randint(4, vocab, (b, t + 1)).astype(np.int32)
+    return {'input_ids': ids[:, :-1], 'target_ids': ids[:, 1:], 'loss_mask': np.ones((b, t), np.float32),
+            'segment_ids': np.ones((b, t), np.int32),
+            'positions': np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
+
+
+def build(pre, c, rng=0):
+    """(prepared model, mask, tx, schedule, state, jitted step) for config `c`."""
+    pre, mask = peft.prepare(pre, c, jax.random.key(rng))
+    trainable, _ = state_lib.partition(pre.params, mask)
+    tx, schedule = optim.make_optimizer(c, trainable, c.train.steps)
+    state = jax.jit(lambda p: state_lib.create_state(p, mask, tx, c.model.frozen_dtype))(pre.params)
+    step = jax.jit(make_train_step(pre.model, c, tx, schedule), donate_argnums=0)
+    return pre, mask, tx, schedule, state, step
