@@ -22,6 +22,7 @@ Result and machine: docs/results/long_context_numerics.md.
 import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -100,8 +101,12 @@ def model_dir(torch, transformers):
     src = packaged.resolve('packaged:smollm2')
     d, name = os.path.split(src)
     out = tempfile.mkdtemp(prefix='ftjax-llama3-rope-')
-    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
-    model.config.rope_parameters = {'rope_theta': model.config.rope_parameters['rope_theta'], **LLAMA31_SCALING}
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
+    cfg = loaded.config
+    cfg.rope_parameters = {'rope_theta': cfg.rope_parameters['rope_theta'], **LLAMA31_SCALING}
+    cfg.max_position_embeddings = max(cfg.max_position_embeddings, 131072)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)  # a plain, savable model
+    model.load_state_dict(loaded.state_dict())
     model.save_pretrained(out)
     tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=name)
     tok.save_pretrained(out)
@@ -149,6 +154,8 @@ def main(argv):
         m, t = worst['mine'], worst['theirs']
         print(f"| {n} | {m:.2e} | {t:.2e} | {m / t:.2f} | {worst['mine_shipped']:.2e} | "
               f"{worst['theirs_shipped']:.2e} | {time.time() - t0:.0f} |", flush=True)
+    if FLAGS.model == 'llama3':
+        shutil.rmtree(path)  # the temporary copy model_dir wrote
 
 
 def logits_of(model, h):

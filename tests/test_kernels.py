@@ -20,6 +20,8 @@ from ftjax.models import kernels, llama, load_pretrained
 from ftjax.objectives import logprobs
 from ftjax.train_step import make_train_step
 
+chunked = kernels.chunked_attention  # the function itself (a test wraps the module's name)
+
 B, T, H, KVH, D = 2, 128, 4, 2, 32
 
 
@@ -94,6 +96,19 @@ def test_xla_kernels_soft_cap_with_the_einsum_attention(caplog):
         kernels.self_attention(q, k, v, seg, 'xla', softcap=3.0)
     np.testing.assert_array_equal(got, kernels.attend(q, k, v, kernels.causal_mask(seg), q.dtype, None, 3.0))
     assert sum('cannot soft-cap' in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize('window,scale,softcap', [(None, None, None), (16, 0.3, 2.0)], ids=['causal', 'gemma'])
+def test_chunked_attention_matches_the_reference(window, scale, softcap):
+    """Query chunks (48 rows: not a divisor of the sequence, the last chunk padded) with packed segments, a
+    window, the score scale and soft-capping: the values and gradients of the whole-sequence reference."""
+    q, k, v, seg = _qkv(8)
+    mask = kernels.causal_mask(seg, window=window)
+    want = _loss_and_grads(lambda q, k, v: reference_attention(q, k, v, mask, scale, softcap), q, k, v)
+    assert T % 48
+    attn = jax.jit(lambda q, k, v: kernels.chunked_attention(q, k, v, seg, window, scale=scale, softcap=softcap,
+                                                             chunk=48))
+    _assert_close(_loss_and_grads(attn, q, k, v), want, 2e-4)
 
 
 @pytest.mark.parametrize('kind', ['cpu', 'xla', 'splash'])
@@ -214,6 +229,28 @@ def test_llama_kernels_compute_the_same_model(family):
         np.testing.assert_allclose(l, want_l, rtol=1e-5)
         for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(want_g)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('family', ['llama', 'gemma3'])
+def test_long_rows_take_the_chunked_attention(family, monkeypatch):
+    """Past `kernels.Q_CHUNK` tokens the CPU decoder builds no [seq, seq] mask and attends in query chunks
+    (Gemma 3: global and sliding-window layers): the logits and gradients of the whole-sequence path."""
+    cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                            num_kv_heads=2, head_dim=8, **FAMILY_FIELDS.get(family, {}))
+    ids = jnp.asarray(np.random.RandomState(5).randint(0, 64, (2, 40)), jnp.int32)
+    seg = jnp.asarray([[1] * 15 + [2] * 21 + [0] * 4, [1] * 40], jnp.int32)
+    model = llama.Llama(cfg)
+    params = model.init(jax.random.key(0), ids)['params']
+    loss = lambda p: jnp.sum(model.apply({'params': p}, ids, None, seg) ** 2) / ids.size
+    want_l, want_g = jax.jit(jax.value_and_grad(loss))(params)
+    calls = []
+    monkeypatch.setattr(kernels, 'Q_CHUNK', 16)  # 40 tokens: chunks of 16, 16 and 8 (+ 8 padded rows)
+    monkeypatch.setattr(kernels, 'chunked_attention', lambda *a, **kw: calls.append(1) or chunked(*a, **kw))
+    got_l, got_g = jax.jit(jax.value_and_grad(loss))(params)
+    assert calls
+    np.testing.assert_allclose(got_l, want_l, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize('barrier', [True, False])

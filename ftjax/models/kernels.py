@@ -34,6 +34,7 @@ CHOICES = ('auto', 'cpu', 'xla', 'splash', 'cudnn')  # config.model.kernels
 AUTO = {'cpu': 'cpu', 'tpu': 'splash', 'gpu': 'cudnn', 'cuda': 'cudnn', 'rocm': 'xla'}
 BATCH_AXES, HEAD_AXIS = ('data', 'fsdp'), 'tensor'  # mesh axes (ftjax.sharding.MESH_AXES)
 NARROW_Q = 16  # query rows per KV head up to which the CPU decodes with `_narrow_attention`
+Q_CHUNK = 1024  # longer sequences: the einsum attention runs over query chunks of this many tokens (`chunked_attention`)
 SPLASH_BLOCK = 512  # splash tile along q and kv (smaller for short sequences)
 
 
@@ -261,6 +262,8 @@ def self_attention(q, k, v, segment_ids, kernels: str, window=None, *, local=Non
         if kernels != 'cpu':
             _log_once(f'kernels: {kernels} attention cannot soft-cap attention logits (model attn_softcap); '
                       f'using the einsum attention of kernels=cpu.')
+        if q.shape[1] > Q_CHUNK:
+            return chunked_attention(q, k, v, segment_ids, window, scale=scale, softcap=softcap)
         return attend(q, k, v, causal_mask(segment_ids, window=window), q.dtype, scale, softcap)
     if kernels == 'splash':
         if q.shape[1] % 128 == 0:  # the kernel tiles q and kv in multiples of 128 lanes
@@ -279,6 +282,34 @@ def self_attention(q, k, v, segment_ids, kernels: str, window=None, *, local=Non
         except (ValueError, NotImplementedError, RuntimeError) as e:  # cuDNN refuses this shape / dtype / GPU
             logging.warning('kernels: cuDNN attention unavailable (%s); using the XLA attention.', e)
     return dot_product_attention(q, k, v, segment_ids, 'xla', window, scale)
+
+
+def chunked_attention(q, k, v, segment_ids, window=None, *, scale=None, softcap=None, chunk=None):
+    """`attend` under the causal, same-segment (and window) mask, one chunk of `chunk` queries (default `Q_CHUNK`)
+    at a time: memory linear in the sequence (a [chunk, seq] block of scores and mask per step, each chunk
+    recomputed in the backward pass instead of stacking its probabilities), the same values as `attend`.
+    q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; segment_ids: [batch, seq]."""
+    b, t, h, d = q.shape
+    chunk = min(chunk or Q_CHUNK, t)
+    n = -(-t // chunk)
+    pad = n * chunk - t  # padded query rows (segment -1: they attend nowhere) are dropped at the end
+    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))  # [b, n * chunk, h, d]
+    seg_q = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, seq, d]
+    keys = jnp.arange(t)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def one(i):
+        start = i * chunk
+        qi = jax.lax.dynamic_slice_in_dim(qp, start, chunk, axis=1)  # [b, chunk, h, d]
+        si = jax.lax.dynamic_slice_in_dim(seg_q, start, chunk, axis=1)  # [b, chunk]
+        rows = start + jnp.arange(chunk)
+        mask = (rows[:, None] >= keys[None, :])[None] & (si[:, :, None] == segment_ids[:, None, :])  # [b, chunk, t]
+        if window is not None:
+            mask = mask & (rows[:, None] - keys[None, :] < window)[None]
+        return attend_heads_major(qi, kt, vt, mask, q.dtype, scale, softcap)  # [b, chunk, h, d]
+    out = jax.lax.map(one, jnp.arange(n))  # [n, b, chunk, h, d]
+    return out.transpose(1, 0, 2, 3, 4).reshape(b, n * chunk, h, d)[:, :t]
 
 
 _LOGGED = set()

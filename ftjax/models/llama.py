@@ -93,7 +93,7 @@ class LlamaBlock(nn.Module):
                     cache = {'k': jax.lax.dynamic_update_slice(cache['k'], kt[None], at),
                              'v': jax.lax.dynamic_update_slice(cache['v'], vt[None], at)}
                     kt, vt = cache['k'][layer], cache['v'][layer]
-            if mask is None:  # training / eval on the accelerators: a fused kernel over the segments
+            if mask is None:  # training / eval: a fused kernel over the segments (CPU: query chunks past Q_CHUNK)
                 window = cfg.sliding_window if any(flags) else None
                 o = kernels.self_attention(q.astype(cfg.dtype), k.astype(cfg.dtype), v.astype(cfg.dtype),
                                            segment_ids, cfg.kernels, window, local=is_local,
@@ -144,7 +144,7 @@ class Llama(nn.Module):
         window = cfg.sliding_window if any(cfg.local_layers) else None
         if cache is None:
             full = all(cfg.local_layers) and window is not None  # (no global layer needs the causal mask)
-            cpu = cfg.kernels == 'cpu'
+            cpu = cfg.kernels == 'cpu' and t <= kernels.Q_CHUNK  # longer: `kernels.chunked_attention`, no [t, t] mask
             mask = kernels.causal_mask(seg) if cpu and not full else None  # [batch, seq, seq]
             local_mask = kernels.causal_mask(seg, window=window) if cpu and window else None
         else:
