@@ -223,8 +223,9 @@ def test_gemma3_logits_equal_transformers(ours, theirs, which):
     agree = float((mine.argmax(-1) == ref.argmax(-1)).mean())
     print(f'\nGemma 3 270M {which} prompt ({len(ids)} tokens): max |dlogits| = {delta:.3g} (median over positions '
           f'{typical:.2g}; logits up to {np.abs(ref).max():.1f}), argmax agreement {agree:.4f}')
-    # float32 rounding, amplified at a few positions past ~650 (transformers' own float32 logits are 10x closer to
-    # its float64 ones there); a sliding window off by one key moves the median past position 512 to ~0.03
+    # transformers' float32 RoPE angles (position * inv_freq rounded: 6e-5 rad at 630) against ftjax's exact ones
+    # (docs/results/long_context_numerics.md: ftjax is the closer to float64); a sliding window off by one key
+    # moves the median past position 512 to ~0.03
     assert delta < (1e-3 if which == 'short' else 1e-2) and typical < 2e-4 and agree == 1.0
 
 
