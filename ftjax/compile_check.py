@@ -22,6 +22,7 @@ an estimate); for a TPU topology they are the TPU compiler's own; the param and 
 ftjax/cli/compile_check.py.
 """
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -307,11 +308,12 @@ ESTIMATE_POLICIES = ('full', 'save_qkv', 'offload_layer_inputs', 'offload_layer_
 
 
 def estimate(config, topology, devices=None, topology_name=None, policies=ESTIMATE_POLICIES, budget_bytes=None,
-             max_rows=64, log=print):
+             max_rows=64, log=functools.partial(print, flush=True)):
     """For each remat policy, the largest per-device batch (rows of data.max_length tokens per data x fsdp
     shard) whose train step compiles and fits: the chip's HBM for a TPU topology, else `budget_bytes`. Doubles
-    the rows from 1 until a step does not fit, then bisects; returns [{'policy', 'rows', 'report' (the largest
-    fitting step's `check`), 'compiles'}] (rows 0: not even one row fits)."""
+    the rows from 1 until a step does not fit (or past `max_rows`), then bisects; returns [{'policy', 'rows',
+    'report' (the largest fitting step's `check`), 'compiles', 'capped' (rows == max_rows: more may fit)}]
+    (rows 0: not even one row fits)."""
     ways = topology['data'] * topology['fsdp']
     chip = TPU_CHIPS.get(str(topology_name).split(':')[0].lower()) if topology_name else None
     budget = chip[0] if chip else budget_bytes
@@ -334,18 +336,17 @@ def estimate(config, topology, devices=None, topology_name=None, policies=ESTIMA
             total = None if r is None else r['per_device_bytes']['total']
             tried[rows] = r if total is not None and total <= budget else None
             log(f"  {policy}: {rows} rows/device -> " + ('refused by the compiler' if r is None else
-                f"{_size(total)}{' (fits)' if tried[rows] else ' (over)'}"), flush=True)
+                f"{_size(total)}{' (fits)' if tried[rows] else ' (over)'}"))
             return tried[rows] is not None
-        lo, hi = 0, None  # largest fitting, smallest not fitting
-        rows = 1
+        lo, rows = 0, 1  # lo: the largest that fits so far
         while rows <= max_rows and fits(rows):
             lo, rows = rows, rows * 2
-        hi = rows if rows <= max_rows else None
-        while hi is not None and hi - lo > 1:
+        hi = min(rows, max_rows + 1)  # the smallest that does not fit (or one past the cap)
+        while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         rows_out.append({'policy': policy, 'rows': lo, 'report': tried.get(lo), 'compiles': len(tried),
-                         'capped': hi is None})
+                         'capped': lo == max_rows})
     return rows_out
 
 

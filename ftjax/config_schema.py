@@ -13,11 +13,11 @@ RL_LOSSES = ('grpo', 'dr_grpo', 'dapo', 'bnpo')  # align.loss values trained on 
 LORA_TARGETS_ATTN_MLP = ['(q|k|v|o)_proj$', '(gate|up|down)_proj$']
 DEFAULT_RULES = [  # logical axis -> mesh axes; first matching, unused mesh axis wins (flax semantics)
     ('activation_batch', ('data', 'fsdp')),
-    ('activation_length', None),
+    ('activation_length', 'context'),  # context parallelism: each row's sequence split (ftjax/models/context.py)
     # Block-boundary activations keep the embedding dim whole (Megatron style). Sharding it over
     # 'tensor' as well hits an XLA CPU SPMD miscompile on a data=2,fsdp=2,tensor=2 mesh (jax 0.10.2):
     # x[('data','fsdp'), None, 'tensor'] @ w['tensor', 'fsdp'] returns wrong rows.
-    ('activation_embed', None), ('layers', None), ('vocab', 'tensor'), ('embed', 'fsdp'), ('embed_out', None),
+    ('activation_embed', None), ('layers', None), ('vocab', 'tensor'), ('embed', ('fsdp', 'context')), ('embed_out', None),
     ('heads', 'tensor'), ('kv_heads', 'tensor'), ('mlp', 'tensor'), ('norm', None),
 ]
 ALPACA_TEMPLATE = (
@@ -44,6 +44,10 @@ SCHEMA = [
     K('model.remat', 'full', "rematerialisation of each block ('full' was faster and smaller on CPU, "
       "docs/performance.md); presets and 'custom:layer_input=offload,qkv=device,...' save named tensors on the device "
       "or offload them to host memory (ftjax/config_checks.py REMAT_*)", REMAT),
+    K('model.context_parallel', 'all_gather', 'attention across mesh.context: all_gather (every key/value gathered '
+      'first) or ring (key/value blocks passed around with ppermute while computing)', one_of('all_gather', 'ring')),
+    K('model.context_load_balance', True, 'with mesh.context > 1: zig-zag order of the sequence over the context '
+      'shards, so that causal attention costs each shard the same (data.max_length: a multiple of 2 x mesh.context)'),
     K('model.scan_unroll', 1, 'blocks unrolled per step of the layer scan', POSITIVE_INT),
     K('model.kernels', 'auto', "matmul/attention/loss kernels (ftjax/models/kernels.py): 'auto' = 'cpu' on the "
       "CPU (custom VJPs), 'splash' on TPU, 'cudnn' on GPU; 'xla' = plain XLA everywhere",
@@ -123,6 +127,8 @@ SCHEMA = [
     K('mesh.data', -1, 'data-parallel axis size; -1: all devices not used by the other axes', AXIS_SIZE),
     K('mesh.fsdp', 1, 'fully-sharded data-parallel axis size (params sharded, batch split)', AXIS_SIZE),
     K('mesh.tensor', 1, 'tensor-parallel axis size', AXIS_SIZE),
+    K('mesh.context', 1, 'context-parallel axis size: the sequence of every row split over it (attention across it: '
+      'model.context_parallel); parameters are sharded over it too', AXIS_SIZE),
     K('mesh.rules', [list(r) for r in DEFAULT_RULES], 'logical axis -> mesh axes; the first matching, '
       'unused mesh axis wins', RULES),
     # --- align: preference optimisation (data.format='preference'; ftjax/objectives/preference.py) ---
@@ -227,7 +233,7 @@ GROUPS = sorted({k.name.rsplit('.', i)[0] for k in SCHEMA for i in range(1, k.na
 SECTIONS = {'model': 'The base model and its numerics.', 'peft': 'Which parameters train.',
             'optim': 'Optimizer and learning-rate schedule.', 'train': 'The training loop.',
             'eval': 'Generation-based evaluation on held-out prompts (decoders).',
-            'mesh': 'Device mesh (data, fsdp, tensor) and sharding rules.',
+            'mesh': 'Device mesh (data, fsdp, tensor, context) and sharding rules.',
             'align': 'Preference optimisation (DPO, IPO, SimPO, ORPO) on `data.format=preference` pairs, and RL '
                      'with verifiable rewards (GRPO, Dr. GRPO, DAPO, BNPO, GSPO) on prompts.',
             'rollout': 'Sampling the completions of RL (`align.loss` grpo, dr_grpo, dapo, bnpo).',

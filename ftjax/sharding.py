@@ -1,4 +1,4 @@
-"""The (data, fsdp, tensor) mesh, logical-to-mesh rules, and shardings for params, state and batches.
+"""The (data, fsdp, tensor, context) mesh, logical-to-mesh rules, and shardings for params, state and batches.
 
 One code path from one CPU to a TPU pod: the mesh shape comes from `config.mesh`, the rules map the
 models' logical axis names ('embed', 'mlp', 'heads', ...) to mesh axes, and every array of the
@@ -20,10 +20,10 @@ BATCH_AXES = ('data', 'fsdp')
 
 
 def mesh_shape(mesh_cfg, num_devices: int):
-    """(data, fsdp, tensor) sizes; one of them may be -1 for 'all remaining devices'."""
-    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    """(data, fsdp, tensor, context) sizes; one of them may be -1 for 'all remaining devices' (a missing axis: 1)."""
+    sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ConfigError(f"mesh: only one of mesh.data/mesh.fsdp/mesh.tensor may be -1, got {sizes}.")
+        raise ConfigError(f"mesh: only one of mesh.data/mesh.fsdp/mesh.tensor/mesh.context may be -1, got {sizes}.")
     if any(s == 0 or s < -1 for s in sizes):
         raise ConfigError(f"mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}.")
     known = math.prod(s for s in sizes if s != -1)
@@ -32,7 +32,7 @@ def mesh_shape(mesh_cfg, num_devices: int):
             raise ConfigError(f"mesh: {num_devices} devices are not divisible by the fixed axes ({known}).")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ConfigError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {num_devices} devices; "
+        raise ConfigError(f"mesh: data*fsdp*tensor*context = {math.prod(sizes)} but there are {num_devices} devices; "
                          f"set one axis to -1 or make the product match.")
     return tuple(sizes)
 
@@ -40,7 +40,8 @@ def mesh_shape(mesh_cfg, num_devices: int):
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(mesh_cfg, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
 
 
 def rules_from_config(rules_cfg):

@@ -56,7 +56,7 @@ def test_gguf_metadata_gives_the_same_architecture(tiny_llama_dir, tmp_path):
 
 
 def test_topology_errors():
-    assert compile_check.parse_topology('data=4,tensor=2') == {'data': 4, 'fsdp': 1, 'tensor': 2}
+    assert compile_check.parse_topology('data=4,tensor=2') == {'data': 4, 'fsdp': 1, 'tensor': 2, 'context': 1}
     for bad in ('data=0', 'model=2', 'data=two', 'data'):
         with pytest.raises(ValueError, match='--topology'):
             compile_check.parse_topology(bad)

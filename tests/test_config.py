@@ -153,8 +153,15 @@ def test_unknown_missing_and_cross_key_errors():
         config_lib.validate(c)
     c.data.text_stride = 128
     c.mesh.data = c.mesh.tensor = -1
-    with pytest.raises(ConfigError, match='only one of mesh.data/mesh.fsdp/mesh.tensor may be -1'):
+    with pytest.raises(ConfigError, match='only one of mesh.data/mesh.fsdp/mesh.tensor/mesh.context may be -1'):
         config_lib.validate(c)
+    c = valid_config()
+    c.mesh.context, c.data.max_length = 4, 100
+    with pytest.raises(ConfigError, match=r'config.data.max_length=100 must be a multiple of 8 with mesh.context=4 '
+                                          r'and model.context_load_balance .* --config.data.max_length=104'):
+        config_lib.validate(c)
+    c.model.context_load_balance = False
+    config_lib.validate(c)  # 100 = 25 tokens per shard
     # A group alone: the data pipeline checks its own part (data.path is required there too).
     d = config_lib.default_data_config()
     with pytest.raises(ConfigError, match='config.data.path is not set'):

@@ -272,7 +272,8 @@ def test_blocks_stay_whole_on_8_devices(wide_llama_dir, chat_data):
     block; each device decodes its shard alone into its slice of the kernel."""
     config = qconfig(wide_llama_dir, chat_data, 'nf4', **{'train.batch_size': 8})
     state, *_ = _placed(config, (2, 2, 2))
-    for name, want in (('down_proj', (None, 'tensor', None, 'fsdp')), ('up_proj', (None, 'fsdp', None, 'tensor'))):
+    f = ('fsdp', 'context')  # the 'embed' rule
+    for name, want in (('down_proj', (None, 'tensor', None, f)), ('up_proj', (None, f, None, 'tensor'))):
         kernel = state.frozen['layers'][name]['kernel']  # [layers, K, N] as [layers, K / 64, 32, N]
         assert tuple(kernel.parts['q'].sharding.spec) == want, (name, kernel.parts['q'].sharding.spec)
         full = np.asarray(quantize.dequantize(jax.device_get(kernel)))

@@ -18,7 +18,8 @@ from ftjax.models import abstract_variables
 from ftjax.state import partition
 from tests.tiny import losses, tiny_config
 
-MESHES = {'data8': (8, 1, 1), 'fsdp8': (1, 8, 1), 'data2_fsdp2_tensor2': (2, 2, 2)}
+MESHES = {'data8': (8, 1, 1), 'fsdp8': (1, 8, 1), 'data2_fsdp2_tensor2': (2, 2, 2),
+          'fsdp2_context4': (1, 2, 1, 4)}  # (data, fsdp, tensor[, context])
 RTOL = 1e-5
 STEPS = 3
 
@@ -84,7 +85,7 @@ def test_sharded_steps_equal_one_device(tiny_llama_dir, chat_data, one_device, m
     loss, gnorm, init, params, state = train_steps(equivalence_config(tiny_llama_dir, chat_data, method),
                                                    MESHES[mesh_name])
     sharded = any(not x.sharding.is_fully_replicated for x in jax.tree.leaves((state.trainable, state.frozen)))
-    assert sharded == (MESHES[mesh_name][0] < 8)  # data=8 replicates the params, fsdp / tensor split them
+    assert sharded == (MESHES[mesh_name][0] < 8)  # data=8 replicates the params, fsdp / tensor / context split them
     assert ref_loss[-1] < ref_loss[0]  # it trains
     worst = {'loss': float(np.max(np.abs(loss - ref_loss) / np.abs(ref_loss))),
              'grad_norm': float(np.max(np.abs(gnorm - ref_gnorm) / np.abs(ref_gnorm)))}
@@ -162,20 +163,21 @@ def test_params_placed_as_the_rules_say(tiny_llama_dir, chat_data, method, mesh_
     assert moments == 2 * len(jax.tree.leaves(state.trainable))
     if mesh_name != 'data2_fsdp2_tensor2':
         return
-    written_out = {  # a few, explicitly: (vocab, embed) -> (tensor, fsdp); 'layers' and norms unsharded
-        'embed/embedding': ('tensor', 'fsdp'),
-        'layers/q_proj/kernel': (None, 'fsdp', 'tensor'),
-        'layers/k_proj/kernel': (None, 'fsdp', 'tensor'),
-        'layers/o_proj/kernel': (None, 'tensor', 'fsdp'),
-        'layers/gate_proj/kernel': (None, 'fsdp', 'tensor'),
-        'layers/down_proj/kernel': (None, 'tensor', 'fsdp'),
+    F = ('fsdp', 'context')  # 'embed' -> fsdp, then context (a context axis shards the weights too)
+    written_out = {  # a few, explicitly: (vocab, embed) -> (tensor, F); 'layers' and norms unsharded
+        'embed/embedding': ('tensor', F),
+        'layers/q_proj/kernel': (None, F, 'tensor'),
+        'layers/k_proj/kernel': (None, F, 'tensor'),
+        'layers/o_proj/kernel': (None, 'tensor', F),
+        'layers/gate_proj/kernel': (None, F, 'tensor'),
+        'layers/down_proj/kernel': (None, 'tensor', F),
         'layers/attn_norm/scale': (),
         'final_norm/scale': (),
     }
     if method == 'lora':  # adapters follow their kernel: lora_a [in, r] the input axis, lora_b [r, out] the output
         written_out.update({
-            'layers/q_proj/lora_a': (None, 'fsdp'), 'layers/q_proj/lora_b': (None, None, 'tensor'),
-            'layers/down_proj/lora_a': (None, 'tensor'), 'layers/down_proj/lora_b': (None, None, 'fsdp'),
+            'layers/q_proj/lora_a': (None, F), 'layers/q_proj/lora_b': (None, None, 'tensor'),
+            'layers/down_proj/lora_a': (None, 'tensor'), 'layers/down_proj/lora_b': (None, None, F),
         })
     for key, spec in written_out.items():
         assert strip(placed[key].sharding.spec) == spec, (key, placed[key].sharding.spec)

@@ -45,8 +45,8 @@ def hidden_states(model, rest, per_layer, tokens, positions, caches, cache_index
     block = llama.LlamaBlock(cfg)
     new = []
     for i, (p, cache) in enumerate(zip(per_layer, caches)):
-        (x, cache), _ = block.apply({'params': p}, (x, cache), positions, mask, local_mask, seg, cache_index,
-                                    jnp.int32(cfg.local_layers[i]), None)
+        (x, cache), _ = block.apply({'params': p}, (x, cache), positions, mask, local_mask, seg, None,
+                                    cache_index, jnp.int32(cfg.local_layers[i]), None)
         new.append(cache)
     norm = layers.RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, offset=cfg.norm_offset)
     return norm.apply({'params': rest['final_norm']}, x), tuple(new)

@@ -69,6 +69,8 @@ class LlamaConfig:
     remat: str = 'none'
     scan_unroll: int = 1
     kernels: str = 'cpu'  # resolved config.model.kernels: 'cpu', 'xla', 'splash', 'cudnn' (`ftjax.models.kernels`)
+    context_parallel: str = 'all_gather'  # with a 'context' mesh axis > 1 (`ftjax.models.context`): or 'ring'
+    context_load_balance: bool = True  # zig-zag order of the sequence over the context shards
     lora: Optional[LoraSpec] = None
 
     @property

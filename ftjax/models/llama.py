@@ -15,9 +15,10 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from ftjax.models import kernels, layers
+from ftjax.models import context, kernels, layers
 from ftjax.models.decoder_config import LlamaConfig, rope_for
 from ftjax.models.layers import BLOCK_AXES, Dense, RMSNorm
 
@@ -44,13 +45,14 @@ class LlamaBlock(nn.Module):
                      kernels=cfg.kernels, name=name)
 
     @nn.compact
-    def __call__(self, carry, positions, mask, local_mask, segment_ids, cache_index, local, layer):
+    def __call__(self, carry, positions, mask, local_mask, segment_ids, order, cache_index, local, layer):
         """carry: (x [batch, seq, embed], cache); mask / local_mask: [batch, seq, kv_len] for the global /
         sliding-window layers (None: `kernels.self_attention` over segment_ids [batch, seq]); cache: None or
         every layer's {'k','v'} [layers, batch, kv_heads, kv_len, head_dim], carried through the layer scan so
         that this layer's new keys/values are written in place, or (layer None) this layer's own {'k','v'}
         [batch, kv_heads, kv_len, head_dim]; local: int32 scalar, this layer's flag (1 = sliding window);
-        layer: int32 scalar, this layer's index, or None."""
+        layer: int32 scalar, this layer's index, or None; order: None, or (context parallelism) each token's index
+        in its row [batch, seq] (`ftjax.models.context`)."""
         x, cache = carry
         cfg = self.cfg
         x = checkpoint_name(nn.with_logical_constraint(x, BLOCK_AXES), 'layer_input')  # for `layers.remat_policy`
@@ -93,7 +95,12 @@ class LlamaBlock(nn.Module):
                     cache = {'k': jax.lax.dynamic_update_slice(cache['k'], kt[None], at),
                              'v': jax.lax.dynamic_update_slice(cache['v'], vt[None], at)}
                     kt, vt = cache['k'][layer], cache['v'][layer]
-            if mask is None:  # training / eval: a fused kernel over the segments (CPU: query chunks past Q_CHUNK)
+            if order is not None:  # the sequence split over the 'context' mesh axis
+                o = context.attention(q.astype(cfg.dtype), k.astype(cfg.dtype), v.astype(cfg.dtype), segment_ids,
+                                      order, cfg.context_parallel, cfg.sliding_window if any(flags) else None,
+                                      local=is_local if mixed else None, scale=cfg.query_scale,
+                                      softcap=cfg.attn_softcap)
+            elif mask is None:  # training / eval: a fused kernel over the segments (CPU: query chunks past Q_CHUNK)
                 window = cfg.sliding_window if any(flags) else None
                 o = kernels.self_attention(q.astype(cfg.dtype), k.astype(cfg.dtype), v.astype(cfg.dtype),
                                            segment_ids, cfg.kernels, window, local=is_local,
@@ -142,9 +149,15 @@ class Llama(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
         window = cfg.sliding_window if any(cfg.local_layers) else None
+        c = context.size() if cache is None else 1
+        order = None
+        if c > 1:  # context parallelism: zig-zag order of the tokens over the shards (put back before the head)
+            order = jnp.asarray(context.zigzag_order(t, c) if cfg.context_load_balance else np.arange(t))  # [t]
+            input_ids, positions, seg = (a[:, order] for a in (input_ids, positions, seg))
+            order = jnp.broadcast_to(order, (b, t))
         if cache is None:
             full = all(cfg.local_layers) and window is not None  # (no global layer needs the causal mask)
-            cpu = cfg.kernels == 'cpu' and t <= kernels.Q_CHUNK  # longer: `kernels.chunked_attention`, no [t, t] mask
+            cpu = cfg.kernels == 'cpu' and t <= kernels.Q_CHUNK and c == 1  # else no [t, t] mask: chunks, context
             mask = kernels.causal_mask(seg) if cpu and not full else None  # [batch, seq, seq]
             local_mask = kernels.causal_mask(seg, window=window) if cpu and window else None
         else:
@@ -161,13 +174,15 @@ class Llama(nn.Module):
             x = x * jnp.asarray(math.sqrt(cfg.hidden_size), cfg.dtype)
         block = layers.remat(LlamaBlock, cfg.remat)
         stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                        in_axes=(nn.broadcast,) * 5 + (0, 0),
+                        in_axes=(nn.broadcast,) * 6 + (0, 0),
                         length=cfg.num_layers, unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: 'layers'})
         local = jnp.asarray(cfg.local_layers, jnp.int32)  # [layers]
         layer = jnp.arange(cfg.num_layers, dtype=jnp.int32)  # [layers]
         (x, new_cache), _ = stack(cfg, deterministic, name='layers')((x, cache), positions, mask, local_mask, seg,
-                                                                     cache_index, local, layer)
+                                                                     order, cache_index, local, layer)
         x = nn.with_logical_constraint(x, BLOCK_AXES)
+        if order is not None and cfg.context_load_balance:  # the tokens back in their order
+            x = jnp.take(x, jnp.argsort(order[0]), axis=1)
         x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, offset=cfg.norm_offset, name='final_norm')(x)
         if return_hidden:
             out = x

@@ -37,6 +37,9 @@ def _with_runtime(pre: Pretrained, model_cfg, platform: str) -> Pretrained:
         changes['kernels'] = kind
     if model_cfg.remat != pre.config.remat:
         changes['remat'] = model_cfg.remat
+    for key in ('context_parallel', 'context_load_balance'):  # decoders only
+        if hasattr(pre.config, key) and model_cfg[key] != getattr(pre.config, key):
+            changes[key] = model_cfg[key]
     if jnp.dtype(model_cfg.dtype) != jnp.dtype(pre.config.dtype):
         changes['dtype'] = jnp.dtype(model_cfg.dtype)
     if not changes:

@@ -1,0 +1,131 @@
+"""Context parallelism: the sequence of every row split over the 'context' mesh axis (`mesh.context`).
+
+Between the blocks, activations are [batch, seq, embed] with seq sharded over 'context' (the logical axis
+'activation_length', `ftjax.config_schema.DEFAULT_RULES`); everything but attention is per token, so only
+attention talks across the axis, in one of two ways (`model.context_parallel`):
+
+  all_gather  each shard gathers every key, value, segment id and token index of its rows first, then attends
+              its own queries to all of them (one all-gather of K and V per layer; the backward pass
+              reduce-scatters their gradients).
+  ring        each shard attends its queries to the key/value block it holds, passes the block to the next
+              shard with `ppermute` and takes the previous one's, `context` times, merging the partial results
+              with an online softmax (no shard ever holds more than its own block and one in flight).
+
+Causal attention would leave the first shard idle half the time (its queries see few keys); with
+`model.context_load_balance` the tokens are dealt out in zig-zag order first (the sequence cut into
+2 x context pieces, shard i holding pieces i and 2 x context - 1 - i: `zigzag_order`), every shard doing the same
+work, and put back in order after the last block (`Llama.__call__`): the loss is computed on the tokens in their
+order, its chunking unchanged. Masks are built from each token's index in its row (`order`), so packed rows
+(segment ids) and sliding windows hold in any order.
+"""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from ftjax.errors import ConfigError
+from ftjax.models import kernels
+
+AXIS = 'context'  # the mesh axis (ftjax.sharding.MESH_AXES)
+
+
+def size() -> int:
+    """The size of the 'context' axis of the mesh set with `jax.set_mesh` (1 without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    return dict(zip(mesh.axis_names, mesh.axis_sizes)).get(AXIS, 1)
+
+
+def zigzag_order(t: int, c: int) -> np.ndarray:
+    """[t] token indices in the order the context shards hold them: piece i and piece 2c - 1 - i on shard i."""
+    if t % (2 * c):
+        raise ConfigError(f"context parallelism with load balancing needs a sequence length that is a multiple of "
+                          f"2 x mesh.context = {2 * c}, got {t}: set data.max_length to a multiple of {2 * c} (or "
+                          f"model.context_load_balance=False, which needs a multiple of {c}).")
+    pieces = np.arange(t).reshape(2 * c, t // (2 * c))
+    return np.concatenate([np.concatenate([pieces[i], pieces[2 * c - 1 - i]]) for i in range(c)])
+
+
+def _mask(order_q, seg_q, order_k, seg_k, window, local):
+    """[b, tq, tk] bool from token indices and segment ids: causal, same segment, within the window (when the
+    layer is local: `local` None = always, else a traced flag)."""
+    dq, dk = order_q[:, :, None], order_k[:, None, :]
+    mask = (dq >= dk) & (seg_q[:, :, None] == seg_k[:, None, :])
+    if window is not None:
+        near = dq - dk < window
+        mask = mask & (near if local is None else (near | ~local))
+    return mask
+
+
+def _all_gather(q, k, v, seg, order, local, *, window, scale, softcap, c):
+    del c
+    gather = functools.partial(jax.lax.all_gather, axis_name=AXIS, axis=1, tiled=True)
+    k_all, v_all, seg_all, order_all = gather(k), gather(v), gather(seg), gather(order)
+    mask = _mask(order, seg, order_all, seg_all, window, local)  # [b, tq, t]
+    return kernels.attend(q, k_all, v_all, mask, q.dtype, scale, softcap)
+
+
+def _ring(q, k, v, seg, order, local, *, window, scale, softcap, c):
+    """Online-softmax attention over the key/value blocks as they come round the ring of `c` shards."""
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    qg = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)  # [b, kvh, g*t, d]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    low = jnp.finfo(jnp.float32).min
+    top = jnp.full((b, kvh, g * t), low, jnp.float32)  # running max, sum and weighted values
+    total = jnp.zeros((b, kvh, g * t), jnp.float32)
+    acc = jnp.zeros((b, kvh, g * t, d), jnp.float32)
+    block = (k, v, seg, order)
+    for step in range(c):
+        kb, vb, sb, ob = block
+        mask = _mask(order, seg, ob, sb, window, local)  # [b, t, tk]
+        m = jnp.broadcast_to(mask[:, None, None], (b, 1, g) + mask.shape[1:]).reshape(b, 1, g * t, -1)
+        s = jnp.einsum('bkqd,bskd->bkqs', qg, kb, preferred_element_type=jnp.float32) * scale
+        if softcap is not None:
+            s = jnp.tanh(s / softcap) * softcap
+        s = jnp.where(m, s, low)
+        new_top = jnp.maximum(top, s.max(-1))
+        p = jnp.exp(s - new_top[..., None]) * m  # masked keys add nothing, even in a fully masked block
+        fix = jnp.exp(top - new_top)
+        total = total * fix + p.sum(-1)
+        acc = acc * fix[..., None] + jnp.einsum('bkqs,bskd->bkqd', p.astype(vb.dtype), vb,
+                                                preferred_element_type=jnp.float32)
+        top = new_top
+        if step + 1 < c:  # shard i passes its block to i + 1
+            block = jax.lax.ppermute(block, AXIS, [(i, (i + 1) % c) for i in range(c)])
+    o = acc / jnp.where(total > 0, total, 1.0)[..., None]  # [b, kvh, g*t, d]
+    return o.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
+
+
+STRATEGIES = {'all_gather': _all_gather, 'ring': _ring}
+
+
+def attention(q, k, v, segment_ids, order, strategy: str, window=None, *, local=None, scale=None, softcap=None):
+    """Causal attention of rows whose sequence is split over the 'context' axis of the current mesh.
+
+    q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; segment_ids, order: [batch, seq]
+    (order: each token's index in its row, the zig-zag order's or arange); `local`: the layer's traced window
+    flag (None: `window` applies as given). Rows over the batch axes and heads over 'tensor' where they divide
+    evenly, as `kernels._sharded` does for the fused kernels."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"config.model.context_parallel={strategy!r} is not one of {sorted(STRATEGIES)}.")
+    mesh = jax.sharding.get_abstract_mesh()
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    if q.shape[1] % sizes[AXIS]:
+        raise ConfigError(f"context parallelism: the sequence ({q.shape[1]} tokens) is not divisible by "
+                          f"mesh.context={sizes[AXIS]}; set data.max_length to a multiple of it.")
+    rows = tuple(a for a in kernels.BATCH_AXES if a in sizes)
+    rows = rows if rows and q.shape[0] % math.prod(sizes[a] for a in rows) == 0 else None
+    ta = kernels.HEAD_AXIS
+    heads = ta if sizes.get(ta, 1) > 1 and q.shape[2] % sizes[ta] == 0 and k.shape[2] % sizes[ta] == 0 else None
+    qkv, tok = P(rows, AXIS, heads, None), P(rows, AXIS)
+    flag = jnp.asarray(True) if local is None else local
+    fn = functools.partial(STRATEGIES[strategy], window=window, scale=scale, softcap=softcap, c=sizes[AXIS])
+    run = jax.shard_map(lambda q, k, v, s, o, f: fn(q, k, v, s, o, None if local is None else f),
+                        in_specs=(qkv, qkv, qkv, tok, tok, P()), out_specs=qkv, check_vma=False)
+    return run(q, k, v, segment_ids.astype(jnp.int32), order.astype(jnp.int32), flag)

@@ -1,0 +1,108 @@
+"""Context parallelism (`mesh.context`, ftjax/models/context.py) on the 8 fake CPU devices: a tiny Llama and a tiny
+Gemma 3 (sliding-window and global layers, q/k norms) over packed rows of 2k tokens, split over 2 or 4 context
+shards (with fsdp and tensor too), give the loss and the gradients of one device, for both strategies
+(all_gather, ring), with and without the zig-zag load balancing."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftjax import sharding
+from ftjax.config_schema import DEFAULT_RULES
+from ftjax.errors import ConfigError
+from ftjax.models import context, llama
+from ftjax.models.loading import abstract_variables
+
+SEQ = 2048
+FAMILIES = {
+    'llama': dict(),
+    'gemma3': dict(norm_offset=1.0, post_norms=True, embed_scale=True, activation='gelu_tanh', qk_norm=True,
+                   sliding_window=300, layer_types=('sliding_attention', 'full_attention'), rope_local_theta=1e4,
+                   rope_theta=1e6, query_scale=0.25, model_type='gemma3_text'),
+}
+
+
+def _model(family, **runtime):
+    cfg = llama.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                            num_kv_heads=2, head_dim=8, **FAMILIES[family], **runtime)
+    return llama.Llama(cfg)
+
+
+def _batch(seed=0):
+    """Two packed rows: segments of 700, 900 and 400 tokens then 48 of padding; one whole row. Positions restart
+    at every segment."""
+    r = np.random.RandomState(seed)
+    ids = r.randint(0, 96, (2, SEQ)).astype(np.int32)
+    lengths = [700, 900, 400]
+    seg0 = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(SEQ - sum(lengths))])
+    pos0 = np.concatenate([np.arange(n) for n in lengths] + [np.arange(SEQ - sum(lengths))])
+    seg = np.stack([seg0, np.ones(SEQ)]).astype(np.int32)
+    pos = np.stack([pos0, np.arange(SEQ)]).astype(np.int32)
+    return ids, pos, seg
+
+
+def _loss_fn(model, batch):
+    ids, pos, seg = batch
+    w = jnp.asarray(np.random.RandomState(3).randn(2, SEQ, 96), jnp.float32) / 96
+
+    def loss(p):
+        logits = model.apply({'params': p}, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg))
+        return jnp.sum(logits * w)  # a fixed cotangent on every logit
+    return jax.jit(jax.value_and_grad(loss))
+
+
+@pytest.fixture(scope='module')
+def reference():
+    out = {}
+    for family in FAMILIES:
+        model = _model(family)
+        params = nn.unbox(model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))['params'])
+        out[family] = params, _loss_fn(model, _batch())(params)
+    return out
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+CASES = [  # (family, strategy, load balance, mesh sizes)
+    ('llama', 'all_gather', True, dict(data=1, fsdp=1, tensor=1, context=2)),
+    ('gemma3', 'ring', True, dict(data=1, fsdp=2, tensor=1, context=4)),
+    pytest.param('llama', 'ring', True, dict(data=2, fsdp=1, tensor=1, context=4), marks=pytest.mark.slow),
+    pytest.param('llama', 'all_gather', False, dict(data=1, fsdp=2, tensor=2, context=2), marks=pytest.mark.slow),
+    pytest.param('gemma3', 'all_gather', True, dict(data=2, fsdp=1, tensor=1, context=4), marks=pytest.mark.slow),
+    pytest.param('gemma3', 'ring', False, dict(data=1, fsdp=2, tensor=1, context=2), marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize('family,strategy,balance,sizes', CASES)
+def test_context_parallel_equals_one_device(reference, family, strategy, balance, sizes):
+    params, (want_l, want_g) = reference[family]
+    model = _model(family, context_parallel=strategy, context_load_balance=balance)
+    n = int(np.prod(list(sizes.values())))
+    mesh = sharding.make_mesh(sizes, jax.devices()[:n])
+    rules = sharding.rules_from_config([list(r) for r in DEFAULT_RULES])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        assert context.size() == sizes['context']
+        shards = sharding.param_shardings(sharding.logical_specs(abstract_variables(model)), mesh, rules)
+        placed = sharding.place(params, shards)
+        got_l, got_g = _loss_fn(model, _batch())(placed)
+        text = _loss_fn(model, _batch()).lower(placed).as_text()
+    kind = 'collective_permute' if strategy == 'ring' else 'all_gather'
+    assert kind in text.replace('-', '_'), f'no {kind} in the lowered step'
+    emb = placed['embed']['embedding'].sharding.spec
+    assert 'context' in str(emb), emb  # the weights are sharded over the context axis too
+    assert _rel(got_l, want_l) < 1e-5, (float(got_l), float(want_l))
+    worst = max(_rel(a, b) for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)))
+    assert worst < 1e-5, worst
+
+
+def test_zigzag_order_balances_the_causal_work():
+    order = context.zigzag_order(16, 2)
+    assert order.tolist() == [0, 1, 2, 3, 12, 13, 14, 15, 4, 5, 6, 7, 8, 9, 10, 11]
+    work = [sum(int(i) + 1 for i in half) for half in np.split(context.zigzag_order(4096, 4), 4)]  # keys seen
+    assert max(work) == min(work)
+    with pytest.raises(ConfigError, match=r'multiple of 2 x mesh.context = 8, got 100'):
+        context.zigzag_order(100, 4)
