@@ -106,8 +106,9 @@ def test_chunked_attention_matches_the_reference(window, scale, softcap):
     mask = kernels.causal_mask(seg, window=window)
     want = _loss_and_grads(lambda q, k, v: reference_attention(q, k, v, mask, scale, softcap), q, k, v)
     assert T % 48
-    attn = jax.jit(lambda q, k, v: kernels.chunked_attention(q, k, v, seg, window, scale=scale, softcap=softcap,
-                                                             chunk=48))
+    index = jnp.broadcast_to(jnp.arange(T), seg.shape)
+    attn = jax.jit(lambda q, k, v: kernels.chunked_attention(q, k, v, index, seg, index, seg, window, scale=scale,
+                                                             softcap=softcap, chunk=48))
     _assert_close(_loss_and_grads(attn, q, k, v), want, 2e-4)
 
 

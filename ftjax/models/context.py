@@ -50,23 +50,12 @@ def zigzag_order(t: int, c: int) -> np.ndarray:
     return np.concatenate([np.concatenate([pieces[i], pieces[2 * c - 1 - i]]) for i in range(c)])
 
 
-def _mask(order_q, seg_q, order_k, seg_k, window, local):
-    """[b, tq, tk] bool from token indices and segment ids: causal, same segment, within the window (when the
-    layer is local: `local` None = always, else a traced flag)."""
-    dq, dk = order_q[:, :, None], order_k[:, None, :]
-    mask = (dq >= dk) & (seg_q[:, :, None] == seg_k[:, None, :])
-    if window is not None:
-        near = dq - dk < window
-        mask = mask & (near if local is None else (near | ~local))
-    return mask
-
-
 def _all_gather(q, k, v, seg, order, local, *, window, scale, softcap, c):
     del c
     gather = functools.partial(jax.lax.all_gather, axis_name=AXIS, axis=1, tiled=True)
     k_all, v_all, seg_all, order_all = gather(k), gather(v), gather(seg), gather(order)
-    mask = _mask(order, seg, order_all, seg_all, window, local)  # [b, tq, t]
-    return kernels.attend(q, k_all, v_all, mask, q.dtype, scale, softcap)
+    return kernels.chunked_attention(q, k_all, v_all, order, seg, order_all, seg_all, window, local, scale=scale,
+                                     softcap=softcap)  # [chunk, seq] scores at a time
 
 
 def _ring(q, k, v, seg, order, local, *, window, scale, softcap, c):
@@ -83,7 +72,7 @@ def _ring(q, k, v, seg, order, local, *, window, scale, softcap, c):
     block = (k, v, seg, order)
     for step in range(c):
         kb, vb, sb, ob = block
-        mask = _mask(order, seg, ob, sb, window, local)  # [b, t, tk]
+        mask = kernels.token_mask(order, seg, ob, sb, window, local)  # [b, t, tk]
         m = jnp.broadcast_to(mask[:, None, None], (b, 1, g) + mask.shape[1:]).reshape(b, 1, g * t, -1)
         s = jnp.einsum('bkqd,bskd->bkqs', qg, kb, preferred_element_type=jnp.float32) * scale
         if softcap is not None:

@@ -263,7 +263,9 @@ def self_attention(q, k, v, segment_ids, kernels: str, window=None, *, local=Non
             _log_once(f'kernels: {kernels} attention cannot soft-cap attention logits (model attn_softcap); '
                       f'using the einsum attention of kernels=cpu.')
         if q.shape[1] > Q_CHUNK:
-            return chunked_attention(q, k, v, segment_ids, window, scale=scale, softcap=softcap)
+            index = jnp.broadcast_to(jnp.arange(q.shape[1]), segment_ids.shape)
+            return chunked_attention(q, k, v, index, segment_ids, index, segment_ids, window, scale=scale,
+                                     softcap=softcap)
         return attend(q, k, v, causal_mask(segment_ids, window=window), q.dtype, scale, softcap)
     if kernels == 'splash':
         if q.shape[1] % 128 == 0:  # the kernel tiles q and kv in multiples of 128 lanes
@@ -284,30 +286,37 @@ def self_attention(q, k, v, segment_ids, kernels: str, window=None, *, local=Non
     return dot_product_attention(q, k, v, segment_ids, 'xla', window, scale)
 
 
-def chunked_attention(q, k, v, segment_ids, window=None, *, scale=None, softcap=None, chunk=None):
-    """`attend` under the causal, same-segment (and window) mask, one chunk of `chunk` queries (default `Q_CHUNK`)
-    at a time: memory linear in the sequence (a [chunk, seq] block of scores and mask per step, each chunk
-    recomputed in the backward pass instead of stacking its probabilities), the same values as `attend`.
-    q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; segment_ids: [batch, seq]."""
+def token_mask(q_index, q_seg, k_index, k_seg, window=None, local=None):
+    """[b, tq, tk] bool from each token's index in its row and segment id: causal, within one segment, and within
+    the last `window` keys (when the layer is local: `local` None = always, else a traced flag)."""
+    dq, dk = q_index[:, :, None], k_index[:, None, :]
+    mask = (dq >= dk) & (q_seg[:, :, None] == k_seg[:, None, :])
+    if window is not None:
+        near = dq - dk < window
+        mask = mask & (near if local is None else (near | ~local))
+    return mask
+
+
+def chunked_attention(q, k, v, q_index, q_seg, k_index, k_seg, window=None, local=None, *, scale=None,
+                      softcap=None, chunk=None):
+    """`attend` under `token_mask`, one chunk of `chunk` queries (default `Q_CHUNK`) at a time: memory linear in
+    the keys (a [chunk, keys] block of scores and mask per step, each chunk recomputed in the backward pass
+    instead of stacking its probabilities), the same values as `attend` with the whole mask.
+    q: [batch, tq, heads, head_dim]; k, v: [batch, tk, kv_heads, head_dim]; q_index, q_seg: [batch, tq];
+    k_index, k_seg: [batch, tk] (token indices in the row and segment ids; `context.attention` passes its shard's)."""
     b, t, h, d = q.shape
     chunk = min(chunk or Q_CHUNK, t)
     n = -(-t // chunk)
-    pad = n * chunk - t  # padded query rows (segment -1: they attend nowhere) are dropped at the end
+    pad = n * chunk - t  # padded query rows (index -1: they attend nowhere) are dropped at the end
     qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))  # [b, n * chunk, h, d]
-    seg_q = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, seq, d]
-    keys = jnp.arange(t)
+    qi_p, qs_p = (jnp.pad(x, ((0, 0), (0, pad)), constant_values=-1) for x in (q_index, q_seg))
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, tk, d]
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def one(i):
-        start = i * chunk
-        qi = jax.lax.dynamic_slice_in_dim(qp, start, chunk, axis=1)  # [b, chunk, h, d]
-        si = jax.lax.dynamic_slice_in_dim(seg_q, start, chunk, axis=1)  # [b, chunk]
-        rows = start + jnp.arange(chunk)
-        mask = (rows[:, None] >= keys[None, :])[None] & (si[:, :, None] == segment_ids[:, None, :])  # [b, chunk, t]
-        if window is not None:
-            mask = mask & (rows[:, None] - keys[None, :] < window)[None]
-        return attend_heads_major(qi, kt, vt, mask, q.dtype, scale, softcap)  # [b, chunk, h, d]
+        part = lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1)  # noqa: E731
+        mask = token_mask(part(qi_p), part(qs_p), k_index, k_seg, window, local)  # [b, chunk, tk]
+        return attend_heads_major(part(qp), kt, vt, mask, q.dtype, scale, softcap)  # [b, chunk, h, d]
     out = jax.lax.map(one, jnp.arange(n))  # [n, b, chunk, h, d]
     return out.transpose(1, 0, 2, 3, 4).reshape(b, n * chunk, h, d)[:, :t]
 
