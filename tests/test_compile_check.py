@@ -70,7 +70,7 @@ def test_command_line(tiny_llama_dir, chat_data, tmp_path):
                           '--topology=data=4,fsdp=2,tensor=1'], cwd=REPO, env=dict(env, PYTHONPATH=REPO),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
-    assert 'mesh data=4, fsdp=2, tensor=1 = 8 devices' in out.stdout, out.stdout
+    assert 'mesh data=4, fsdp=2, tensor=1, context=1 = 8 devices' in out.stdout, out.stdout
     for line in ('trainable params', 'frozen params', 'optimizer state', 'arguments', 'temporaries',
                  'generated code'):
         assert line in out.stdout
