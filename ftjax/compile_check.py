@@ -230,7 +230,7 @@ def _estimates(r, cost, cfg, topology_name):
     out = {'per_device_bytes': {'arguments': a, 'output': o, 'temp': t, 'total': total},
            'flops_per_step': None if flops_dev is None else flops_dev * r['devices'],
            'bytes_accessed_per_device': bytes_dev}
-    chip = TPU_CHIPS.get(str(topology_name).split(':')[0].lower()) if topology_name else None
+    chip = chip_of(topology_name)
     if chip is None:
         return out
     hbm, peak, bandwidth = chip
@@ -304,6 +304,20 @@ def summary_json(r):
     return json.dumps({k: r[k] for k in keys if k in r})
 
 
+def chip_of(topology_name):
+    """(HBM bytes, peak FLOP/s, HBM bytes/s) of a TPU topology's chip ('v5e:2x2' -> v5e), None for no topology."""
+    return TPU_CHIPS.get(str(topology_name).split(':')[0].lower()) if topology_name else None
+
+
+def memory_budget(topology_name, budget_bytes=None):
+    """Bytes a device may hold: the chip's HBM for a TPU topology, else `budget_bytes` (--hbm_gib)."""
+    chip = chip_of(topology_name)
+    if chip is None and budget_bytes is None:
+        raise ConfigError('compile_check --estimate on fake CPU devices needs a memory budget per device: pass '
+                          '--hbm_gib=16 (or a TPU topology, whose HBM is known).')
+    return chip[0] if chip else budget_bytes
+
+
 ESTIMATE_POLICIES = ('full', 'save_qkv', 'offload_layer_inputs', 'offload_layer_inputs_and_projections')
 
 
@@ -315,11 +329,7 @@ def estimate(config, topology, devices=None, topology_name=None, policies=ESTIMA
     'report' (the largest fitting step's `check`), 'compiles', 'capped' (rows == max_rows: more may fit)}]
     (rows 0: not even one row fits)."""
     ways = topology['data'] * topology['fsdp']
-    chip = TPU_CHIPS.get(str(topology_name).split(':')[0].lower()) if topology_name else None
-    budget = chip[0] if chip else budget_bytes
-    if budget is None:
-        raise ConfigError('compile_check --estimate on fake CPU devices needs a memory budget per device: pass '
-                          '--hbm_gib=16 (or a TPU topology, whose HBM is known).')
+    budget = memory_budget(topology_name, budget_bytes)
     rows_out = []
     for policy in policies:
         tried = {}

@@ -52,9 +52,8 @@ def main(argv):
         sizes, devices, name = compile_check.parse_topology(fv.topology), None, None
         compile_check.use_fake_cpu_devices(math.prod(sizes.values()))
     if fv.estimate:
-        budget = None if fv.hbm_gib is None else int(fv.hbm_gib * (1 << 30))
+        budget = compile_check.memory_budget(name, None if fv.hbm_gib is None else int(fv.hbm_gib * (1 << 30)))
         found = compile_check.estimate(config, sizes, devices, name, fv.policies, budget, fv.max_rows)
-        budget = compile_check.TPU_CHIPS[name.split(':')[0].lower()][0] if name else budget
         print(f"estimate: {config.model.path} ({config.peft.method}), {name or 'fake CPU devices'}, mesh {sizes}, "
               f"{config.data.max_length} tokens per row", flush=True)
         print(compile_check.format_estimate(found, budget), flush=True)

@@ -100,7 +100,7 @@ def attention(q, k, v, segment_ids, order, strategy: str, window=None, *, local=
     q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; segment_ids, order: [batch, seq]
     (order: each token's index in its row, the zig-zag order's or arange); `local`: the layer's traced window
     flag (None: `window` applies as given). Rows over the batch axes and heads over 'tensor' where they divide
-    evenly, as `kernels._sharded` does for the fused kernels."""
+    evenly (`kernels.split_axes`, as for the fused kernels)."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"config.model.context_parallel={strategy!r} is not one of {sorted(STRATEGIES)}.")
     mesh = jax.sharding.get_abstract_mesh()
@@ -108,10 +108,7 @@ def attention(q, k, v, segment_ids, order, strategy: str, window=None, *, local=
     if q.shape[1] % sizes[AXIS]:
         raise ConfigError(f"context parallelism: the sequence ({q.shape[1]} tokens) is not divisible by "
                           f"mesh.context={sizes[AXIS]}; set data.max_length to a multiple of it.")
-    rows = tuple(a for a in kernels.BATCH_AXES if a in sizes)
-    rows = rows if rows and q.shape[0] % math.prod(sizes[a] for a in rows) == 0 else None
-    ta = kernels.HEAD_AXIS
-    heads = ta if sizes.get(ta, 1) > 1 and q.shape[2] % sizes[ta] == 0 and k.shape[2] % sizes[ta] == 0 else None
+    rows, heads = kernels.split_axes(mesh, q, k)
     qkv, tok = P(rows, AXIS, heads, None), P(rows, AXIS)
     flag = jnp.asarray(True) if local is None else local
     fn = functools.partial(STRATEGIES[strategy], window=window, scale=scale, softcap=softcap, c=sizes[AXIS])

@@ -119,13 +119,8 @@ def causal_mask(segment_ids, q_positions=None, kv_len=None, kv_valid=None, windo
     distance is a position distance and `window` applies to slots alike).
     """
     if q_positions is None:
-        b, t = segment_ids.shape
-        idx = jnp.arange(t)
-        mask = (idx[None, :, None] >= idx[None, None, :])  # [1, q, kv]
-        if window is not None:
-            mask = mask & (idx[None, :, None] - idx[None, None, :] < window)
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]
-        return mask & same
+        idx = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)  # [batch, seq]
+        return token_mask(idx, segment_ids, idx, segment_ids, window)
     slots = jnp.arange(kv_len)
     mask = slots[None, None, :] <= q_positions[:, :, None]  # [batch, q, kv]
     if window is not None:
@@ -263,7 +258,7 @@ def self_attention(q, k, v, segment_ids, kernels: str, window=None, *, local=Non
             _log_once(f'kernels: {kernels} attention cannot soft-cap attention logits (model attn_softcap); '
                       f'using the einsum attention of kernels=cpu.')
         if q.shape[1] > Q_CHUNK:
-            index = jnp.broadcast_to(jnp.arange(q.shape[1]), segment_ids.shape)
+            index = jnp.broadcast_to(jnp.arange(q.shape[1]), segment_ids.shape)  # [batch, seq]
             return chunked_attention(q, k, v, index, segment_ids, index, segment_ids, window, scale=scale,
                                      softcap=softcap)
         return attend(q, k, v, causal_mask(segment_ids, window=window), q.dtype, scale, softcap)
@@ -363,17 +358,24 @@ def _splash_rows(q, k, v, segment_ids, window=None, scale=None, softcap=None, in
     return o.transpose(0, 2, 1, 3).astype(q.dtype)  # [b, t, h, d]
 
 
+def split_axes(mesh, q, k):
+    """(rows, heads): the mesh axes that split q [batch, seq, heads, d] / k [batch, seq, kv_heads, d] under a
+    `shard_map`: the batch axes over rows, 'tensor' over heads, each only where it divides evenly (else None)."""
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    rows = tuple(a for a in BATCH_AXES if a in sizes)
+    rows = rows if rows and q.shape[0] % math.prod(sizes[a] for a in rows) == 0 else None
+    heads = HEAD_AXIS if sizes.get(HEAD_AXIS, 1) > 1 and q.shape[2] % sizes[HEAD_AXIS] == 0 \
+        and k.shape[2] % sizes[HEAD_AXIS] == 0 else None
+    return rows, heads
+
+
 def _sharded(fn, q, k, v, segment_ids, **kw):
     """Runs `fn` per device under `shard_map` when a mesh is set (a custom kernel cannot be split by the
     compiler): rows over the batch axes, heads over 'tensor', each only when it divides evenly."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return fn(q, k, v, segment_ids, **kw)
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    rows = tuple(a for a in BATCH_AXES if a in sizes)
-    rows = rows if rows and q.shape[0] % math.prod(sizes[a] for a in rows) == 0 else None
-    heads = HEAD_AXIS if sizes.get(HEAD_AXIS, 1) > 1 and q.shape[2] % sizes[HEAD_AXIS] == 0 \
-        and k.shape[2] % sizes[HEAD_AXIS] == 0 else None
+    rows, heads = split_axes(mesh, q, k)
     qkv, seg = P(rows, None, heads, None), P(rows, None)
     run = jax.shard_map(functools.partial(fn, **kw), in_specs=(qkv, qkv, qkv, seg), out_specs=qkv,
                         check_vma=False)

@@ -75,11 +75,11 @@ class LlamaBlock(nn.Module):
             v = v.reshape(b, t, nkv, hd)
             if cfg.qk_norm:  # over head_dim, before RoPE
                 q, k = self.norm('q_norm')(q), self.norm('k_norm')(k)
-            turns = layers.rope_turns(layers.rope_frequencies(hd, *rope_for(cfg, flags[0])))
+            turns_of = lambda is_local_layer: layers.rope_turns(  # noqa: E731
+                layers.rope_frequencies(hd, *rope_for(cfg, is_local_layer)))
+            turns = turns_of(flags[0])
             if mixed and cfg.rope_local_theta is not None:  # Gemma 3: the local layers' own base
-                local_turns = layers.rope_turns(layers.rope_frequencies(hd, *rope_for(cfg, True)))
-                global_turns = layers.rope_turns(layers.rope_frequencies(hd, *rope_for(cfg, False)))
-                turns = tuple(jnp.where(is_local, a, b) for a, b in zip(local_turns, global_turns))
+                turns = tuple(jnp.where(is_local, a, b) for a, b in zip(turns_of(True), turns_of(False)))
             angles = layers.rope_angles(positions, turns)  # [batch, seq, head_dim // 2]
             q = layers.apply_rope(q, angles)
             k = layers.apply_rope(k, angles)
