@@ -19,6 +19,7 @@ DEFAULT_RULES = [  # logical axis -> mesh axes; first matching, unused mesh axis
     # x[('data','fsdp'), None, 'tensor'] @ w['tensor', 'fsdp'] returns wrong rows.
     ('activation_embed', None), ('layers', None), ('vocab', 'tensor'), ('embed', ('fsdp', 'context')), ('embed_out', None),
     ('heads', 'tensor'), ('kv_heads', 'tensor'), ('mlp', 'tensor'), ('norm', None),
+    ('expert', None),  # MoE: the stacked experts
 ]
 ALPACA_TEMPLATE = (
     'Below is an instruction that describes a task, paired with an input that provides further context. '
@@ -48,6 +49,13 @@ SCHEMA = [
       'first) or ring (key/value blocks passed around with ppermute while computing)', one_of('all_gather', 'ring')),
     K('model.context_load_balance', True, 'with mesh.context > 1: zig-zag order of the sequence over the context '
       'shards, so that causal attention costs each shard the same (data.max_length: a multiple of 2 x mesh.context)'),
+    K('model.moe_impl', 'ragged', 'mixture-of-experts MLPs (ftjax/models/moe.py): ragged (tokens sorted by expert, '
+      'jax.lax.ragged_dot) or dense (every expert on every token: the reference, for few experts)',
+      one_of('ragged', 'dense')),
+    K('model.router_aux_loss_coef', None, "MoE: weight of the load-balancing loss added to the training loss "
+      "(None: the checkpoint's router_aux_loss_coef)", NON_NEGATIVE, kind=float),
+    K('model.router_z_loss_coef', 0.0, 'MoE: weight of the router z-loss (ST-MoE: mean logsumexp(router logits)^2)',
+      NON_NEGATIVE),
     K('model.scan_unroll', 1, 'blocks unrolled per step of the layer scan', POSITIVE_INT),
     K('model.kernels', 'auto', "matmul/attention/loss kernels (ftjax/models/kernels.py): 'auto' = 'cpu' on the "
       "CPU (custom VJPs), 'splash' on TPU, 'cudnn' on GPU; 'xla' = plain XLA everywhere",

@@ -10,9 +10,12 @@ from ftjax.errors import ModelError
 from ftjax.tree import get_path
 
 LINEAR, PLAIN = 'linear', 'plain'
+EXPERTS = 'experts'  # [experts, out, in] per layer (one tensor, or one per expert: '{e}') -> [experts, in, out]
 DECODERS = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
             'qwen3': 'Qwen3ForCausalLM', 'phi3': 'Phi3ForCausalLM', 'gemma2': 'Gemma2ForCausalLM',
-            'gemma3_text': 'Gemma3ForCausalLM'}  # model_type -> the exported transformers class
+            'gemma3_text': 'Gemma3ForCausalLM', 'qwen3_moe': 'Qwen3MoeForCausalLM',
+            'qwen2_moe': 'Qwen2MoeForCausalLM', 'mixtral': 'MixtralForCausalLM', 'olmoe': 'OlmoeForCausalLM',
+            'granitemoe': 'GraniteMoeForCausalLM'}  # model_type -> the exported transformers class
 ENCODERS = {'bert': 'Bert', 'roberta': 'Roberta'}
 
 
@@ -26,7 +29,9 @@ def llama_table(cfg):
         rows.append((('layers', f'{p}_proj', 'kernel'), layer + f'self_attn.{p}_proj.weight', LINEAR))
         if (cfg.qkv_bias and p != 'o') or (cfg.o_bias and p == 'o'):
             rows.append((('layers', f'{p}_proj', 'bias'), layer + f'self_attn.{p}_proj.bias', PLAIN))
-    for p in ('gate_up', 'down') if cfg.fused_gate_up else ('gate', 'up', 'down'):
+    if cfg.num_experts:
+        rows += moe_rows(cfg, layer)
+    for p in () if cfg.num_experts else ('gate_up', 'down') if cfg.fused_gate_up else ('gate', 'up', 'down'):
         rows.append((('layers', f'{p}_proj', 'kernel'), layer + f'mlp.{p}_proj.weight', LINEAR))
         if cfg.mlp_bias:
             rows.append((('layers', f'{p}_proj', 'bias'), layer + f'mlp.{p}_proj.bias', PLAIN))
@@ -41,6 +46,31 @@ def llama_table(cfg):
              (('final_norm', 'scale'), 'model.norm.weight', PLAIN)]
     if not cfg.tie_embeddings:
         rows.append((('lm_head', 'kernel'), 'lm_head.weight', LINEAR))
+    return rows
+
+
+def moe_rows(cfg, layer):
+    """The MoE MLP's rows, in each family's hub layout (what `save_pretrained` writes; transformers 5 fuses the
+    experts only in memory)."""
+    moe = ('layers', 'moe')
+    if cfg.model_type == 'granitemoe':  # stacked tensors: input_linear [experts, 2 mlp, embed] (gate first)
+        pre = layer + 'block_sparse_moe.'
+        return [(moe + ('router', 'kernel'), pre + 'router.layer.weight', LINEAR),
+                (moe + ('gate_up_proj', 'kernel'), pre + 'input_linear.weight', EXPERTS),
+                (moe + ('down_proj', 'kernel'), pre + 'output_linear.weight', EXPERTS)]
+    if cfg.model_type == 'mixtral':
+        pre = layer + 'block_sparse_moe.'
+        names = {'gate_proj': 'w1', 'up_proj': 'w3', 'down_proj': 'w2'}
+    else:
+        pre = layer + 'mlp.'
+        names = {p: p for p in ('gate_proj', 'up_proj', 'down_proj')}
+    rows = [(moe + ('router', 'kernel'), pre + 'gate.weight', LINEAR)]
+    rows += [(moe + (ours, 'kernel'), pre + 'experts.{e}.' + theirs + '.weight', EXPERTS)
+             for ours, theirs in names.items()]
+    if cfg.shared_expert_size:
+        rows += [(moe + (f'shared_{p}', 'kernel'), pre + f'shared_expert.{p}.weight', LINEAR)
+                 for p in ('gate_proj', 'up_proj', 'down_proj')]
+        rows.append((moe + ('shared_expert_gate', 'kernel'), pre + 'shared_expert_gate.weight', LINEAR))
     return rows
 
 
@@ -149,17 +179,25 @@ def hf_to_params(state_dict, rows, expected, num_layers, source='checkpoint'):
     params = {}
     for path, name, kind in rows:
         want = get_path(expected, path).shape
+        experts = want[1] if '{e}' in name else 0  # [layers, experts, in, out]
+
+        def one(i):  # the tensor of layer i (all its experts stacked where they are stored apart)
+            if experts:
+                return np.stack([_orient(_fetch(state_dict, name.format(i=i, e=e), source), kind)
+                                 for e in range(experts)])
+            return _orient(_fetch(state_dict, name.format(i=i), source), kind)
         if '{i}' in name:
-            tensors = [_fetch(state_dict, name.format(i=i), source) for i in range(num_layers)]
-            arr = np.stack([_orient(t, kind) for t in tensors])  # [layers, ...]
-            label = name.format(i='*')
+            arr = np.stack([one(i) for i in range(num_layers)])  # [layers, ...]
+            label = name.format(i='*', e='*')
         else:
             arr = _orient(_fetch(state_dict, name, source), kind)
             label = name
         if tuple(arr.shape) != tuple(want):
-            per_layer = want[1:] if '{i}' in name else want  # what one stored tensor should be
-            stored = tuple(np.shape(state_dict[name.format(i=0)] if '{i}' in name else state_dict[name]))
-            expect = tuple(per_layer[::-1] if kind == LINEAR else per_layer)
+            per_layer = want[1 + bool(experts):] if '{i}' in name else want  # what one stored tensor should be
+            first = name.format(i=0, e=0)
+            stored = tuple(np.shape(state_dict[first] if '{i}' in name else state_dict[name]))
+            expect = tuple(per_layer[::-1] if kind == LINEAR else
+                           (*per_layer[:-2], per_layer[-1], per_layer[-2]) if kind == EXPERTS else per_layer)
             raise ModelError(f"{source}: tensor {label!r} has shape {stored}, but the model config expects "
                              f"{expect} (ftjax parameter {'/'.join(path)}). Is config.json from the same model "
                              f"as the weights?")
@@ -172,7 +210,11 @@ def params_to_hf(params, rows, num_layers):
     out = {}
     for path, name, kind in rows:
         arr = np.asarray(get_path(params, path))
-        if '{i}' in name:
+        if '{e}' in name:
+            for i in range(num_layers):
+                for e in range(arr.shape[1]):
+                    out[name.format(i=i, e=e)] = np.ascontiguousarray(_orient(arr[i, e], kind))
+        elif '{i}' in name:
             for i in range(num_layers):
                 out[name.format(i=i)] = np.ascontiguousarray(_orient(arr[i], kind))
         else:
@@ -191,4 +233,4 @@ def _fetch(state_dict, name, source):
 
 def _orient(t, kind):
     t = np.asarray(t)
-    return t.T if kind == LINEAR else t
+    return np.swapaxes(t, -1, -2) if kind in (LINEAR, EXPERTS) else t  # PyTorch's [.., out, in] <-> [.., in, out]

@@ -10,6 +10,12 @@
                 (alternating local / global), attn_softcap, final_softcap
   gemma3_text   gemma2's without the attention soft-cap, + qk_norm, rope_local_theta (local RoPE base),
                 five of six layers local
+  qwen3_moe     qwen3's + num_experts, experts_per_token, moe_intermediate_size, norm_topk_prob (`moe`)
+  qwen2_moe     qwen2's + the same, shared_expert_size (a sigmoid-gated dense expert)
+  mixtral       mistral's + experts (top-k weights renormalised); intermediate_size is each expert's
+  olmoe         experts, qk_norm_full (q / k RMSNorm over all heads at once), clip_qkv
+  granitemoe    experts (router 'topk_softmax', fused gate_up), embed_multiplier, residual_multiplier,
+                query_scale (attention_multiplier), logits_scaling
 
 `from_hf` reads a transformers config (object or config.json dict), in the layouts of transformers 4
 (`rope_theta`, `rope_scaling`, `rope_local_base_freq`) and 5 (`rope_parameters`, per layer type for Gemma 3).
@@ -29,6 +35,8 @@ LOCAL, GLOBAL = 'sliding_attention', 'full_attention'  # transformers' layer_typ
 ROPE_TYPES = (None, 'default', 'linear', 'llama3')  # what `layers.rope_frequencies` computes
 ACTIVATIONS = {'silu': 'silu', 'swish': 'silu', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_new': 'gelu_tanh'}
 GEMMA = ('gemma2', 'gemma3_text')
+MOE = ('qwen3_moe', 'qwen2_moe', 'mixtral', 'olmoe', 'granitemoe')  # `ftjax.models.moe`
+QWEN = ('qwen2', 'qwen3', 'qwen2_moe', 'qwen3_moe')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +70,20 @@ class LlamaConfig:
     final_softcap: Optional[float] = None  # the same on the logits (Gemma 2)
     query_scale: Optional[float] = None  # attention score scale; None: head_dim ** -0.5
     fused_qkv: bool = False  # Phi-3: one qkv_proj [embed, (heads + 2 kv_heads) * head_dim]
-    fused_gate_up: bool = False  # Phi-3: one gate_up_proj [embed, 2 * mlp] (gate first)
+    fused_gate_up: bool = False  # Phi-3: one gate_up_proj [embed, 2 * mlp] (gate first); Granite-MoE's experts
+    qk_norm_full: bool = False  # OLMoE: the q / k RMSNorm over all heads' features at once (with qk_norm)
+    clip_qkv: Optional[float] = None  # OLMoE: q, k, v clipped to [-c, c]
+    embed_multiplier: Optional[float] = None  # Granite: embeddings * m
+    residual_multiplier: Optional[float] = None  # Granite: each block's attention / MLP output * m before the add
+    logits_scaling: Optional[float] = None  # Granite: logits / s
+    # Mixture of experts (`ftjax.models.moe`); num_experts 0: the dense gated MLP
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0  # each expert's
+    router: str = 'softmax_topk'  # or 'topk_softmax' (Granite-MoE)
+    norm_topk_prob: bool = True  # renormalise the top-k softmax weights to sum to 1
+    shared_expert_size: int = 0  # Qwen2-MoE's shared expert
+    router_aux_loss_coef: float = 0.0  # load-balancing loss weight in the training loss
     # Run-time choices (not part of the checkpoint):
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
@@ -71,6 +92,8 @@ class LlamaConfig:
     kernels: str = 'cpu'  # resolved config.model.kernels: 'cpu', 'xla', 'splash', 'cudnn' (`ftjax.models.kernels`)
     context_parallel: str = 'all_gather'  # with a 'context' mesh axis > 1 (`ftjax.models.context`): or 'ring'
     context_load_balance: bool = True  # zig-zag order of the sequence over the context shards
+    moe_impl: str = 'ragged'  # or 'dense' (every expert on every token)
+    router_z_loss_coef: float = 0.0
     lora: Optional[LoraSpec] = None
 
     @property
@@ -113,6 +136,7 @@ class LlamaConfig:
             raise ModelError("config.json: use_bidirectional_attention=true (an embedding model) is not supported; "
                              "ftjax's decoder is causal.")
         attn_bias = bool(get('attention_bias', False))
+        granite = model_type == 'granitemoe'
         return cls(
             vocab_size=get('vocab_size'), hidden_size=get('hidden_size'),
             intermediate_size=get('intermediate_size'), num_layers=layers,
@@ -121,17 +145,23 @@ class LlamaConfig:
             rms_norm_eps=get('rms_norm_eps', 1e-6), rope_theta=float(theta),
             rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
             tie_embeddings=bool(get('tie_word_embeddings', True)),
-            qkv_bias=attn_bias or model_type == 'qwen2', o_bias=attn_bias,
+            qkv_bias=attn_bias or model_type in ('qwen2', 'qwen2_moe'), o_bias=attn_bias,
             mlp_bias=bool(get('mlp_bias', False)),
             max_position_embeddings=get('max_position_embeddings', 2048),
             model_type=model_type, norm_offset=1.0 if gemma else 0.0, post_norms=gemma, embed_scale=gemma,
-            activation=ACTIVATIONS[act], qk_norm=model_type in ('qwen3', 'gemma3_text'),
+            activation=ACTIVATIONS[act], qk_norm=model_type in ('qwen3', 'qwen3_moe', 'gemma3_text', 'olmoe'),
             sliding_window=window, layer_types=layer_types, rope_local_theta=local_theta,
             # transformers' Gemma 3 attention ignores attn_logit_softcapping; Gemma 2 applies it
             attn_softcap=_float(get('attn_logit_softcapping')) if model_type == 'gemma2' else None,
             final_softcap=_float(get('final_logit_softcapping')) if gemma else None,
-            query_scale=float(get('query_pre_attn_scalar', 256)) ** -0.5 if gemma else None,
-            fused_qkv=model_type == 'phi3', fused_gate_up=model_type == 'phi3', **runtime)
+            query_scale=(float(get('query_pre_attn_scalar', 256)) ** -0.5 if gemma else
+                         float(get('attention_multiplier')) if granite else None),
+            fused_qkv=model_type == 'phi3', fused_gate_up=model_type in ('phi3', 'granitemoe'),
+            qk_norm_full=model_type == 'olmoe', clip_qkv=_float(get('clip_qkv')),
+            embed_multiplier=_float(get('embedding_multiplier')) if granite else None,
+            residual_multiplier=_float(get('residual_multiplier')) if granite else None,
+            logits_scaling=_float(get('logits_scaling')) if granite else None,
+            **_experts(get, model_type, layers), **runtime)
 
     def to_hf(self, source: Optional[dict] = None) -> dict:
         """The published config.json fields of this decoder (transformers 5 layout); with `source`, only those
@@ -144,11 +174,11 @@ class LlamaConfig:
                    max_position_embeddings=self.max_position_embeddings, rope_parameters=rope)
         act = {'silu': 'silu', 'gelu_tanh': 'gelu_pytorch_tanh'}[self.activation]
         out['hidden_activation' if self.model_type in GEMMA else 'hidden_act'] = act
-        if self.model_type in ('llama', 'qwen3') + GEMMA:
+        if self.model_type in ('llama', 'qwen3', 'qwen3_moe', 'olmoe', 'granitemoe') + GEMMA:
             out['attention_bias'] = self.o_bias
         if self.sliding_window is not None:
             out['sliding_window'] = self.sliding_window
-            if self.model_type in ('qwen2', 'qwen3'):
+            if self.model_type in QWEN:
                 out['use_sliding_window'] = True
         if self.layer_types is not None:
             out['layer_types'] = list(self.layer_types)
@@ -160,6 +190,21 @@ class LlamaConfig:
         if self.model_type == 'gemma3_text':
             local = {'rope_type': 'default', 'rope_theta': self.rope_local_theta or self.rope_theta}
             out['rope_parameters'] = {GLOBAL: rope, LOCAL: local}
+        if self.num_experts:
+            out.update(num_experts_per_tok=self.experts_per_token, router_aux_loss_coef=self.router_aux_loss_coef)
+            out['num_local_experts' if self.model_type in ('mixtral', 'granitemoe') else 'num_experts'] = \
+                self.num_experts
+            if self.model_type in ('qwen2_moe', 'qwen3_moe'):
+                out.update(moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob)
+                if self.shared_expert_size:
+                    out['shared_expert_intermediate_size'] = self.shared_expert_size
+            else:
+                out['intermediate_size'] = self.moe_intermediate_size
+            if self.model_type == 'olmoe':
+                out.update(norm_topk_prob=self.norm_topk_prob, clip_qkv=self.clip_qkv)
+        if self.model_type == 'granitemoe':
+            out.update(embedding_multiplier=self.embed_multiplier, residual_multiplier=self.residual_multiplier,
+                       attention_multiplier=self.query_scale, logits_scaling=self.logits_scaling)
         if source is None:
             return out
         has_rope = any(k in source for k in ('rope_parameters', 'rope_theta', 'rope_scaling', 'rope_local_base_freq'))
@@ -168,6 +213,27 @@ class LlamaConfig:
 
 def _float(x):
     return None if x is None else float(x)
+
+
+def _experts(get, model_type, num_layers):
+    """The MoE fields of `LlamaConfig` from a transformers config ({} for a dense family)."""
+    if model_type not in MOE:
+        return {}
+    qwen = model_type in ('qwen2_moe', 'qwen3_moe')
+    step, dense_layers = get('decoder_sparse_step', 1) or 1, list(get('mlp_only_layers') or [])
+    if step != 1 or dense_layers:
+        raise ModelError(f"config.json: decoder_sparse_step={step}, mlp_only_layers={dense_layers}: layers without "
+                         f"experts among MoE layers are not supported; ftjax's layer scan needs every layer alike.")
+    if get('router_jitter_noise'):
+        raise ModelError(f"config.json: router_jitter_noise={get('router_jitter_noise')} (Mixtral's training-time "
+                         f"noise on the router input) is not supported; set it to 0.")
+    experts = get('num_experts') or get('num_local_experts')
+    return dict(num_experts=int(experts), experts_per_token=int(get('num_experts_per_tok')),
+                moe_intermediate_size=int(get('moe_intermediate_size') if qwen else get('intermediate_size')),
+                router='topk_softmax' if model_type == 'granitemoe' else 'softmax_topk',
+                norm_topk_prob=True if model_type in ('mixtral', 'granitemoe') else bool(get('norm_topk_prob', False)),
+                shared_expert_size=int(get('shared_expert_intermediate_size') or 0) if model_type == 'qwen2_moe' else 0,
+                router_aux_loss_coef=float(get('router_aux_loss_coef', 0.001)))
 
 
 def _rope(get, model_type):
@@ -208,14 +274,14 @@ def _rope(get, model_type):
 def _windows(get, model_type, num_layers):
     """(sliding_window or None, layer_types tuple or None) as transformers builds them per family."""
     window = get('sliding_window')
-    if model_type in ('qwen2', 'qwen3') and not get('use_sliding_window', False):
+    if model_type in QWEN and not get('use_sliding_window', False):
         window = None
-    if model_type == 'llama' or window is None:
+    if model_type in ('llama', 'olmoe', 'granitemoe') or not window:
         return None, None
     types = get('layer_types')
-    if model_type in ('mistral', 'phi3'):  # every layer (transformers ignores layer_types here)
+    if model_type in ('mistral', 'phi3', 'mixtral'):  # every layer (transformers ignores layer_types here)
         types = None
-    elif types is None and model_type in ('qwen2', 'qwen3'):
+    elif types is None and model_type in QWEN:
         first = get('max_window_layers', num_layers)
         types = [LOCAL if i >= first else GLOBAL for i in range(num_layers)]
     elif types is None and model_type in GEMMA:

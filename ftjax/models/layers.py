@@ -9,6 +9,7 @@ and adds `lora_a` [in, r] and `lora_b` [r, out] beside it, plus `lora_magnitude`
 for DoRA (the math: `ftjax.models.adapters`). A base checkpoint, a merged export and a LoRA
 run therefore share one tree.
 """
+import functools
 import math
 from typing import Any, Optional
 
@@ -27,6 +28,7 @@ from ftjax.models.adapters import LORA_A, LORA_B, MAGNITUDE, LoraSpec, dora_norm
 Dtype = Any
 DEFAULT_INIT = nn.initializers.normal(stddev=0.02)
 BLOCK_AXES = ('activation_batch', 'activation_length', 'activation_embed')  # logical axes between blocks
+ACTIVATIONS = {'silu': nn.silu, 'gelu_tanh': functools.partial(nn.gelu, approximate=True)}  # of the gated MLPs
 
 
 class Dense(nn.Module):

@@ -9,7 +9,6 @@ The layers are one `nn.scan` over a stacked parameter tree (leading 'layers' axi
 for a loop-free program. Packed rows attend within their segment (`segment_ids`, 0 = padding) and use
 per-example `positions`.
 """
-import functools
 import math
 
 import flax.linen as nn
@@ -18,12 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from ftjax.models import context, kernels, layers
+from ftjax.models import context, kernels, layers, moe
 from ftjax.models.decoder_config import LlamaConfig, rope_for
-from ftjax.models.layers import BLOCK_AXES, Dense, RMSNorm
+from ftjax.models.layers import ACTIVATIONS, BLOCK_AXES, Dense, RMSNorm
 
 __all__ = ['Llama', 'LlamaBlock', 'LlamaConfig', 'init_cache', 'lm_head_kernel']
-ACTIVATIONS = {'silu': nn.silu, 'gelu_tanh': functools.partial(nn.gelu, approximate=True)}
 
 
 def softcap(x, cap):
@@ -70,10 +68,14 @@ class LlamaBlock(nn.Module):
                 q = self.dense(nh * hd, ('embed', 'heads'), 'q_proj', cfg.qkv_bias)(h, self.deterministic)
                 k = self.dense(nkv * hd, ('embed', 'kv_heads'), 'k_proj', cfg.qkv_bias)(h, self.deterministic)
                 v = self.dense(nkv * hd, ('embed', 'kv_heads'), 'v_proj', cfg.qkv_bias)(h, self.deterministic)
+            if cfg.qk_norm and cfg.qk_norm_full:  # OLMoE: over every head's features at once
+                q, k = self.norm('q_norm')(q), self.norm('k_norm')(k)
+            if cfg.clip_qkv is not None:
+                q, k, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
             q = q.reshape(b, t, nh, hd)  # [batch, seq, heads, head_dim]
             k = k.reshape(b, t, nkv, hd)  # [batch, seq, kv_heads, head_dim]
             v = v.reshape(b, t, nkv, hd)
-            if cfg.qk_norm:  # over head_dim, before RoPE
+            if cfg.qk_norm and not cfg.qk_norm_full:  # over head_dim, before RoPE
                 q, k = self.norm('q_norm')(q), self.norm('k_norm')(k)
             turns_of = lambda is_local_layer: layers.rope_turns(  # noqa: E731
                 layers.rope_frequencies(hd, *rope_for(cfg, is_local_layer)))
@@ -115,20 +117,28 @@ class LlamaBlock(nn.Module):
                                                    cfg.query_scale, cfg.attn_softcap, cfg.kernels)
             o = o.reshape(b, t, nh * hd)
             o = self.dense(cfg.hidden_size, ('heads', 'embed'), 'o_proj', cfg.o_bias)(o, self.deterministic)
-            x = x + (self.norm('attn_post_norm')(o) if cfg.post_norms else o)
+            x = x + self.residual(self.norm('attn_post_norm')(o) if cfg.post_norms else o)
         h = self.norm('mlp_norm')(x)
+        stats = None
         with jax.named_scope('mlp'):
             f = cfg.intermediate_size
-            if cfg.fused_gate_up:  # Phi-3: [gate | up] in one projection
+            if cfg.num_experts:  # mixture of experts (`ftjax.models.moe`): routing statistics out of the scan
+                y, stats = moe.Moe(cfg, name='moe')(h, segment_ids > 0, self.deterministic)
+            elif cfg.fused_gate_up:  # Phi-3: [gate | up] in one projection
                 gate, up = jnp.split(self.dense(2 * f, ('embed', 'mlp'), 'gate_up_proj', cfg.mlp_bias)(
                     h, self.deterministic), 2, axis=-1)
             else:
                 gate = self.dense(f, ('embed', 'mlp'), 'gate_proj', cfg.mlp_bias)(h, self.deterministic)
                 up = self.dense(f, ('embed', 'mlp'), 'up_proj', cfg.mlp_bias)(h, self.deterministic)
-            y = self.dense(cfg.hidden_size, ('mlp', 'embed'), 'down_proj', cfg.mlp_bias)(
-                ACTIVATIONS[cfg.activation](gate) * up, self.deterministic)  # [batch, seq, embed]
-            x = x + (self.norm('mlp_post_norm')(y) if cfg.post_norms else y)
-        return (x, cache), None
+            if not cfg.num_experts:
+                y = self.dense(cfg.hidden_size, ('mlp', 'embed'), 'down_proj', cfg.mlp_bias)(
+                    ACTIVATIONS[cfg.activation](gate) * up, self.deterministic)  # [batch, seq, embed]
+            x = x + self.residual(self.norm('mlp_post_norm')(y) if cfg.post_norms else y)
+        return (x, cache), stats
+
+    def residual(self, y):
+        m = self.cfg.residual_multiplier  # Granite
+        return y if m is None else y * jnp.asarray(m, y.dtype)
 
 
 class Llama(nn.Module):
@@ -172,25 +182,33 @@ class Llama(nn.Module):
         x = embed(input_ids)  # [batch, seq, embed]
         if cfg.embed_scale:  # Gemma: sqrt(hidden) rounded to the compute dtype, as transformers does
             x = x * jnp.asarray(math.sqrt(cfg.hidden_size), cfg.dtype)
+        if cfg.embed_multiplier is not None:  # Granite
+            x = x * jnp.asarray(cfg.embed_multiplier, cfg.dtype)
         block = layers.remat(LlamaBlock, cfg.remat)
         stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                         in_axes=(nn.broadcast,) * 6 + (0, 0),
                         length=cfg.num_layers, unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: 'layers'})
         local = jnp.asarray(cfg.local_layers, jnp.int32)  # [layers]
         layer = jnp.arange(cfg.num_layers, dtype=jnp.int32)  # [layers]
-        (x, new_cache), _ = stack(cfg, deterministic, name='layers')((x, cache), positions, mask, local_mask, seg,
-                                                                     order, cache_index, local, layer)
+        (x, new_cache), stats = stack(cfg, deterministic, name='layers')((x, cache), positions, mask, local_mask, seg,
+                                                                         order, cache_index, local, layer)
+        if stats is not None:  # MoE: every layer's routing sums [layers, ...], read by `moe.add_aux_loss`
+            self.sow('intermediates', 'router', stats, reduce_fn=lambda _, new: new)
         x = nn.with_logical_constraint(x, BLOCK_AXES)
         if order is not None and cfg.context_load_balance:  # the tokens back in their order
             x = jnp.take(x, jnp.argsort(order[0]), axis=1)
         x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, offset=cfg.norm_offset, name='final_norm')(x)
         if return_hidden:
             out = x
-        elif cfg.tie_embeddings:
-            out = softcap(embed.attend(x), cfg.final_softcap)  # [batch, seq, vocab]
         else:
-            out = softcap(Dense(cfg.vocab_size, ('embed', 'vocab'), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                                kernels=cfg.kernels, name='lm_head')(x), cfg.final_softcap)
+            if cfg.tie_embeddings:
+                out = embed.attend(x)  # [batch, seq, vocab]
+            else:
+                out = Dense(cfg.vocab_size, ('embed', 'vocab'), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                            kernels=cfg.kernels, name='lm_head')(x)
+            if cfg.logits_scaling is not None:  # Granite
+                out = out / jnp.asarray(cfg.logits_scaling, out.dtype)
+            out = softcap(out, cfg.final_softcap)
         return out if cache is None else (out, new_cache)
 
 
@@ -205,4 +223,5 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None):
 def lm_head_kernel(params, cfg: LlamaConfig):
     """The output projection as [embed, vocab] (the transposed embedding when tied); the loss applies
     `cfg.final_softcap` to the logits (`softcap`)."""
-    return params['embed']['embedding'].T if cfg.tie_embeddings else params['lm_head']['kernel']
+    head = params['embed']['embedding'].T if cfg.tie_embeddings else params['lm_head']['kernel']
+    return head if cfg.logits_scaling is None else head / cfg.logits_scaling  # Granite

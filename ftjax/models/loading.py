@@ -19,6 +19,7 @@ from ftjax.models import bert, convert, gguf_io, llama, packaged
 SUPPORTED = {  # config.json model_type -> family (decoders: docs/models.md)
     'llama': 'llama', 'mistral': 'llama', 'qwen2': 'llama', 'qwen3': 'llama', 'phi3': 'llama',
     'gemma2': 'llama', 'gemma3_text': 'llama',
+    'qwen3_moe': 'llama', 'qwen2_moe': 'llama', 'mixtral': 'llama', 'olmoe': 'llama', 'granitemoe': 'llama',
     'bert': 'bert', 'roberta': 'bert',
 }
 DATA_PREFIXES = ('shared:', 'synthetic:')  # ftjax.data.locations' names: data, never a model

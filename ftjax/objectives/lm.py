@@ -6,6 +6,7 @@ tokens counted over the whole batch (`objective.mean_per_count`). The cross-entr
 """
 from ftjax import sharding
 from ftjax.data import layout
+from ftjax.models import moe
 from ftjax.models.heads import lm_head_kernel
 from ftjax.objectives import logprobs
 from ftjax.objectives.objective import Objective, mean_per_count, no_normalisers
@@ -14,25 +15,34 @@ from ftjax.state import combine
 KEYS = layout.REQUIRED['lm']  # the batch keys it reads
 
 
-def forward(model, params, batch, *, rng=None, loss_chunk=512):
+def forward(model, params, batch, *, rng=None, loss_chunk=512, router=False):
     """(loss_sum, correct, count) of an LM batch; dropout on when `rng` is given. `loss_chunk` counts tokens per
-    device (the batch split over the mesh's data x fsdp axes)."""
+    device (the batch split over the mesh's data x fsdp axes). With `router`, a MoE model's routing statistics
+    (`ftjax.models.moe`) come fourth (None for a dense model)."""
     kw = dict(deterministic=rng is None, rngs=None if rng is None else {'dropout': rng})
-    hidden = model.apply({'params': params}, batch['input_ids'], batch.get('positions'), batch.get('segment_ids'),
-                         return_hidden=True, **kw)  # [batch, seq, embed]
+    moe_model = router and getattr(model.cfg, 'num_experts', 0)
+    out = model.apply({'params': params}, batch['input_ids'], batch.get('positions'), batch.get('segment_ids'),
+                      return_hidden=True, mutable=['intermediates'] if moe_model else False, **kw)
+    hidden, stats = (out[0], out[1]['intermediates']['router']) if moe_model else (out, None)  # [batch, seq, embed]
     head = lm_head_kernel(params, model.cfg)  # [embed, vocab]
     barrier = getattr(model.cfg, 'kernels', 'cpu') == 'cpu'  # the CPU layout of the head gradient
-    return logprobs.cross_entropy(hidden, head, batch['target_ids'], batch['loss_mask'], loss_chunk,
+    sums = logprobs.cross_entropy(hidden, head, batch['target_ids'], batch['loss_mask'], loss_chunk,
                                   batch_shards=sharding.batch_shards(), barrier=barrier,
                                   softcap=getattr(model.cfg, 'final_softcap', None))
+    return (*sums, stats) if router else sums
 
 
 def make(config) -> Objective:
     chunk = int(config.train.loss_chunk)
 
     def sums(model, trainable, frozen, batch, rng, norms):
-        loss, correct, count = forward(model, combine(trainable, frozen), batch, rng=rng, loss_chunk=chunk)
-        return loss, {'correct': correct, 'count': count}
+        loss, correct, count, stats = forward(model, combine(trainable, frozen), batch, rng=rng, loss_chunk=chunk,
+                                              router=True)
+        extra = {}
+        if stats is not None:  # MoE: the load-balancing (and z) losses, in the loss and the metrics
+            aux, extra = moe.aux_loss_sums(stats, model.cfg, count)
+            loss = loss + aux
+        return loss, {'correct': correct, 'count': count, **extra}
 
     def eval_sums(model, params, batch):
         loss, correct, count = forward(model, params, batch, loss_chunk=chunk)

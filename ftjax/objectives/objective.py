@@ -44,9 +44,11 @@ def no_normalisers(batch):
 
 
 def mean_per_count(sums):
-    """finalize of a summed loss: divided by the tokens or examples counted ('count'); 'correct' of them."""
+    """finalize of a summed loss: divided by the tokens or examples counted ('count'); 'correct' of them; every
+    other '<name>_sum' as the metric '<name>'."""
     denom = jnp.maximum(sums['count'], 1.0)
-    return denom, {'accuracy': sums['correct'] / denom, 'num_tokens': sums['count']}
+    means = {k[:-len('_sum')]: v / denom for k, v in sums.items() if k.endswith('_sum')}  # e.g. MoE router losses
+    return denom, {'accuracy': sums['correct'] / denom, 'num_tokens': sums['count'], **means}
 
 
 def check_batch(objective: Objective, batch):

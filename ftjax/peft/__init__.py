@@ -37,9 +37,12 @@ def _with_runtime(pre: Pretrained, model_cfg, platform: str) -> Pretrained:
         changes['kernels'] = kind
     if model_cfg.remat != pre.config.remat:
         changes['remat'] = model_cfg.remat
-    for key in ('context_parallel', 'context_load_balance'):  # decoders only
+    for key in ('context_parallel', 'context_load_balance', 'moe_impl', 'router_z_loss_coef'):  # decoders only
         if hasattr(pre.config, key) and model_cfg[key] != getattr(pre.config, key):
             changes[key] = model_cfg[key]
+    coef = model_cfg.router_aux_loss_coef
+    if coef is not None and getattr(pre.config, 'num_experts', 0) and coef != pre.config.router_aux_loss_coef:
+        changes['router_aux_loss_coef'] = coef
     if jnp.dtype(model_cfg.dtype) != jnp.dtype(pre.config.dtype):
         changes['dtype'] = jnp.dtype(model_cfg.dtype)
     if not changes:

@@ -1,0 +1,247 @@
+"""Mixture-of-experts decoders (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, Granite-MoE) against transformers float32 on
+tiny random checkpoints written by `save_pretrained` (the hub's per-expert layout).
+
+Logits and the load-balancing loss (transformers' `aux_loss` with output_router_logits) to 1e-5, on both expert
+paths (ragged_dot over tokens sorted by expert, and every expert on every token); greedy decoding; the train
+step with LoRA on attention and experts (one adapter per expert), with the router frozen, and full fine-tuning;
+the Hugging Face export of a trained model read back by transformers; refusals of what the decoder lacks.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from ftjax import export, infer, optim, peft, train_step
+from ftjax import state as state_lib
+from ftjax.config import default_config
+from ftjax.errors import ModelError
+from ftjax.models import LlamaConfig, build_model, load_pretrained, moe
+from tests import tiny
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+TOL = 1e-5
+SEQ = 12
+FAMILIES = {  # model_type -> (transformers class, config class, fields)
+    'qwen3_moe': ('Qwen3MoeForCausalLM', 'Qwen3MoeConfig', dict(
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=96, norm_topk_prob=True,
+        head_dim=32)),
+    'qwen2_moe': ('Qwen2MoeForCausalLM', 'Qwen2MoeConfig', dict(
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+        intermediate_size=96)),
+    'mixtral': ('MixtralForCausalLM', 'MixtralConfig', dict(
+        num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=4)),
+    'olmoe': ('OlmoeForCausalLM', 'OlmoeConfig', dict(
+        num_experts=8, num_experts_per_tok=3, intermediate_size=32, clip_qkv=0.5)),
+    'granitemoe': ('GraniteMoeForCausalLM', 'GraniteMoeConfig', dict(
+        num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, embedding_multiplier=2.0,
+        residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=3.0)),
+}
+# Fields that, reverted to the dense Llama's value, must move the logits (each family sets some of them)
+REVERT = dict(norm_topk_prob=False, clip_qkv=None, embed_multiplier=None, residual_multiplier=None,
+              logits_scaling=None, query_scale=None, sliding_window=None)
+
+
+def make_moe_checkpoint(path, family, seed=0):
+    cls, config_cls, extra = FAMILIES[family]
+    tok = tiny.make_tokenizer()
+    cfg = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.1, router_aux_loss_coef=0.02,
+               bos_token_id=tok.bos_token_id, eos_token_id=None, pad_token_id=tok.pad_token_id, **extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls)(getattr(transformers, config_cls)(**cfg))
+    tiny._perturb_norms(model, torch)
+    return tiny._save(model.eval(), tok, path)
+
+
+@pytest.fixture(scope='module')
+def moe_dir(tmp_path_factory):
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = make_moe_checkpoint(str(tmp_path_factory.mktemp(family)), family)
+        return made[family]
+    return get
+
+
+def hf_model(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def ids_of(cfg, shape=(2, SEQ), seed=0):
+    return np.random.RandomState(seed).randint(0, cfg.vocab_size, shape)
+
+
+def forward(cfg, params, ids, **over):
+    """(logits, load-balancing loss) of ftjax's model with `over` replaced in its config."""
+    model = build_model(dataclasses.replace(cfg, **over))
+    logits, state = model.apply({'params': params}, ids, mutable=['intermediates'])
+    return np.asarray(logits), float(moe.aux_losses(state['intermediates']['router'], cfg.num_experts)['load_balance'])
+
+
+@pytest.mark.parametrize('family', [f if f in ('qwen2_moe', 'granitemoe') else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in FAMILIES])
+def test_logits_and_aux_loss_match_transformers(moe_dir, family):
+    path = moe_dir(family)
+    model, params, _, cfg = load_pretrained(path)
+    assert cfg.model_type == family and cfg.num_experts == FAMILIES[family][2].get(
+        'num_experts', FAMILIES[family][2].get('num_local_experts'))
+    ids = ids_of(cfg)
+    with torch.no_grad():
+        out = hf_model(path)(torch.tensor(ids), output_router_logits=True)
+    theirs, their_aux = out.logits.numpy(), float(out.aux_loss)
+    for impl in moe.IMPLS:
+        ours, aux = forward(cfg, params, ids, moe_impl=impl)
+        err = np.abs(ours - theirs).max()
+        print(f'{family} {impl}: max |d logits| {err:.2e} (logits up to {np.abs(theirs).max():.1f}), '
+              f'aux loss {aux:.6f} vs {their_aux:.6f}')
+        assert err < TOL and abs(aux - their_aux) < TOL
+    for field, value in REVERT.items():  # every family field this model sets is exercised
+        if getattr(cfg, field) != value and not (field == 'norm_topk_prob' and cfg.router == 'topk_softmax'):
+            other, _ = forward(cfg, params, ids, **{field: value})
+            assert np.abs(other - theirs).max() > 100 * TOL, field
+
+
+def test_ragged_equals_dense_with_expert_lora(moe_dir):
+    """Loss and gradients of both expert paths, with adapters on every expert (non-zero B) and padding rows."""
+    pre = load_pretrained(moe_dir('qwen2_moe'))
+    c = lora_config()
+    p, _ = peft.prepare(pre, c, jax.random.key(0))
+    params = jax.tree_util.tree_map_with_path(  # B = 0 at init would hide the adapters' path
+        lambda path, x: x + 0.05 * jax.random.normal(jax.random.key(len(path)), x.shape)
+        if path[-1].key == 'lora_b' else x, p.params)
+    ids = ids_of(pre.config, (3, SEQ), seed=5)
+    seg = np.ones_like(ids)
+    seg[2, 7:] = 0  # padding: out of the routing statistics
+
+    def loss(prm, impl):
+        model = build_model(dataclasses.replace(p.config, moe_impl=impl))
+        logits, state = model.apply({'params': prm}, ids, None, seg, mutable=['intermediates'])
+        aux = moe.aux_losses(state['intermediates']['router'], p.config.num_experts)
+        return jnp.mean(jnp.square(logits) * seg[..., None]) + aux['load_balance']
+    (l1, g1), (l2, g2) = [jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, impl) for impl in moe.IMPLS]
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    flat1, flat2 = traverse_util.flatten_dict(g1), traverse_util.flatten_dict(g2)
+    assert ('layers', 'moe', 'gate_proj', 'lora_a') in flat1 and flat1.keys() == flat2.keys()
+    for k in flat1:
+        np.testing.assert_allclose(flat1[k], flat2[k], rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(flat2[k]).max())),
+                                   err_msg='/'.join(k))
+
+
+@pytest.mark.parametrize('family', ['mixtral', pytest.param('olmoe', marks=pytest.mark.slow)])
+def test_greedy_generation_matches_transformers(moe_dir, family):
+    path = moe_dir(family)
+    pre = load_pretrained(path)
+    r = np.random.RandomState(1)
+    prompts = [r.randint(0, pre.config.vocab_size, n).tolist() for n in (6, 3)]
+    ours = infer.generate(pre, prompts, max_new_tokens=10, eos_ids=[])
+    ref = hf_model(path)
+    with torch.no_grad():
+        theirs = [ref.generate(torch.tensor([q]), max_new_tokens=10, do_sample=False)[0, len(q):].tolist()
+                  for q in prompts]
+    assert ours == theirs
+
+
+def lora_config(**over):
+    c = default_config()
+    c.peft.method, c.peft.lora.rank, c.peft.lora.alpha = 'lora', 4, 8.0
+    c.optim.learning_rate, c.optim.schedule, c.optim.warmup_steps = 5e-2, 'constant', 0
+    c.model.kernels, c.train.loss_chunk = 'cpu', 64
+    for k, v in over.items():
+        section, key = k.rsplit('.', 1)
+        node = c
+        for part in section.split('.'):
+            node = node[part]
+        node[key] = v
+    return c
+
+
+def train(pre, c, steps=3):
+    """`pre` after `steps` real train steps of config `c`; (trained Pretrained, per-step metrics)."""
+    p, mask = peft.prepare(pre, c, jax.random.key(0))
+    tx, schedule = optim.make_optimizer(c, state_lib.partition(p.params, mask)[0], c.train.steps)
+    state = state_lib.create_state(p.params, mask, tx)
+    step = jax.jit(train_step.make_train_step(p.model, c, tx, schedule))
+    ids = ids_of(pre.config, (2, SEQ + 1), seed=2).astype(np.int32)
+    batch = {'input_ids': ids[:, :-1], 'target_ids': ids[:, 1:], 'loss_mask': np.ones((2, SEQ), np.float32)}
+    history = []
+    for i in range(steps):
+        state, metrics = step(state, batch, jax.random.key(i))
+        history.append({k: float(v) for k, v in metrics.items()})
+    trained = dataclasses.replace(p, params=jax.device_get(state_lib.combine(state.trainable, state.frozen)))
+    return trained, history, state
+
+
+def test_lora_on_experts_trains_and_exports_merged(moe_dir, tmp_path):
+    """One adapter per expert, stacked on the expert axis; the loss includes the load-balancing term (reported);
+    the merged Hugging Face export reads back in transformers with ftjax's logits."""
+    path = moe_dir('qwen3_moe')
+    pre = load_pretrained(path)
+    trained, history, state = train(pre, lora_config(**{'model.router_aux_loss_coef': 0.5}))
+    flat = traverse_util.flatten_dict(trained.params)
+    e, d = pre.config.num_experts, pre.config.hidden_size
+    assert flat[('layers', 'moe', 'gate_proj', 'lora_a')].shape == (2, e, d, 4)
+    assert flat[('layers', 'moe', 'down_proj', 'lora_b')].shape == (2, e, 4, d)
+    assert ('layers', 'moe', 'router', 'lora_a') not in flat  # the router is not adapted
+    assert not any(k[-1] != 'lora_a' and k[-1] != 'lora_b' for k in traverse_util.flatten_dict(state.trainable))
+    first, last = history[0], history[-1]
+    assert last['loss'] < first['loss'] and first['router_aux_loss'] > 1.0  # k=2 when balanced
+    _, without, _ = train(pre, lora_config(**{'model.router_aux_loss_coef': 0.0}), steps=1)
+    np.testing.assert_allclose(first['loss'] - without[0]['loss'], 0.5 * first['router_aux_loss'], rtol=1e-5)
+    assert first['expert_load_max'] >= 1.0 >= first['expert_load_min']
+    ids = ids_of(pre.config, seed=3)
+    ours = np.asarray(trained.model.apply({'params': trained.params}, ids))
+    with torch.no_grad():
+        base = hf_model(path)(torch.tensor(ids)).logits.numpy()
+        assert np.abs(ours - base).max() > 100 * TOL  # the experts' adapters moved the model
+        out = export.export_hf(trained, str(tmp_path / 'hf'))
+        back = hf_model(out)(torch.tensor(ids)).logits.numpy()
+    print(f'qwen3_moe LoRA export: max |d logits| {np.abs(ours - back).max():.2e}')
+    assert np.abs(ours - back).max() < 1e-4
+    with pytest.raises(ModelError, match="layers/moe/gate_proj.*export the merged weights"):
+        export.export_peft(trained, str(tmp_path / 'peft'))
+
+
+@pytest.mark.slow
+def test_full_and_router_frozen_fine_tuning(moe_dir, tmp_path):
+    """Full fine-tuning exports to transformers exactly; partial with the router frozen trains the rest only."""
+    path = moe_dir('mixtral')
+    pre = load_pretrained(path)
+    c = lora_config(**{'peft.method': 'full', 'optim.learning_rate': 1e-3})
+    trained, history, _ = train(pre, c)
+    assert history[-1]['loss'] < history[0]['loss']
+    ids = ids_of(pre.config, seed=3)
+    ours = np.asarray(trained.model.apply({'params': trained.params}, ids))
+    with torch.no_grad():
+        back = hf_model(export.export_hf(trained, str(tmp_path / 'hf')))(torch.tensor(ids)).logits.numpy()
+    assert np.abs(ours - back).max() < 1e-4
+    for regex, want in (('moe/(gate|up|down)_proj', {f'layers/moe/{m}_proj/kernel' for m in ('gate', 'up', 'down')}),
+                        ('router', {'layers/moe/router/kernel'})):  # the router frozen, or only the router
+        _, _, state = train(pre, lora_config(**{'peft.method': 'partial', 'peft.trainable': [regex]}), steps=1)
+        assert {'/'.join(k) for k in traverse_util.flatten_dict(state.trainable)} == want
+
+
+@pytest.mark.parametrize('fields,message', [
+    ({'decoder_sparse_step': 2}, 'layers without experts among MoE layers'),
+    ({'mlp_only_layers': [0]}, 'mlp_only_layers=\\[0\\]'),
+])
+def test_layers_without_experts_are_refused(fields, message):
+    hf = dict(model_type='qwen3_moe', vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, **fields)
+    with pytest.raises(ModelError, match=message):
+        LlamaConfig.from_hf(hf)
+
+
+def test_config_round_trip():
+    for family, (_, config_cls, extra) in FAMILIES.items():
+        hf = getattr(transformers, config_cls)(vocab_size=300, hidden_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, **extra)
+        cfg = LlamaConfig.from_hf(hf)
+        back = LlamaConfig.from_hf(getattr(transformers, config_cls)(**{k: v for k, v in cfg.to_hf().items()
+                                                                        if k != 'model_type'}))
+        assert back == cfg, family
