@@ -23,7 +23,7 @@ from ftjax import data as data_lib
 from ftjax.data import templates
 from ftjax import state as state_lib
 from ftjax.errors import ConfigError, MissingFileError
-from ftjax.models import abstract_variables, adapters, build_model, convert, gguf_io, packaged, quantize
+from ftjax.models import abstract_variables, adapters, build_model, convert, gguf_io, packaged, quantize, upcycle
 from ftjax.models.loading import Pretrained, require_tokenizer
 from ftjax.models.heads import task_of
 from ftjax.pretrained import load_pretrained
@@ -85,10 +85,16 @@ def load_start(config):
         pre = load_pretrained(m.path, dtype=m.param_dtype, compute_dtype=m.dtype, num_labels=m.num_labels,
                               pooling=m.pooling, remat=m.remat, scan_unroll=m.scan_unroll, seed=config.train.seed,
                               adapter=m.adapter)
+    if m.upcycle_experts:  # a dense decoder made a mixture of experts (after its adapter, if merged)
+        if m.adapter and not m.adapter_merge:
+            raise ConfigError('config.model.upcycle_experts with config.model.adapter: upcycle the merged model '
+                              '(--config.model.adapter_merge=true) or train the adapter on the dense one.')
+        pre = upcycle.upcycle(merge_adapter(pre) if m.adapter_merge else pre, m.upcycle_experts, m.upcycle_top_k,
+                              m.upcycle_noise, seed=config.train.seed)
     require_tokenizer(pre, f'config.model.path={m.path!r}')
     templates.apply(pre.tokenizer, getattr(pre.config, 'model_type', None), config.data.chat_template,
                     source=m.path)  # data.chat_template, else the model's own, else its family's
-    return merge_adapter(pre) if m.adapter_merge else pre
+    return merge_adapter(pre) if m.adapter_merge and not m.upcycle_experts else pre
 
 
 def _from_run(config):
@@ -125,6 +131,8 @@ def start_identity(config):
     m = config.model
     ident = {'base': checkpoint.base_reference(m.path)['sha256'],
              'model': {k: v for k, v in m.to_dict().items() if k not in ('remat', 'scan_unroll')}}
+    if m.upcycle_experts:
+        ident['upcycle_seed'] = config.train.seed  # the router's draw
     if m.adapter:
         where = m.adapter
         if RunDir(where).is_run():

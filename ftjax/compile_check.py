@@ -239,9 +239,14 @@ def _estimates(r, cost, cfg, topology_name):
     # gradients, plus 12 * layers * heads * head_dim * seq for attention (forward and backward). Remat
     # recomputes the forward once more. XLA's cost analysis counts each loop body (the layer scan, the loss
     # chunks) once, so the compiled FLOPs are a lower bound and the estimate takes the larger of the two.
+    # A MoE token meets k of the E experts: N counts the active parameters (the trainable ones in proportion).
     attn = 12 * getattr(cfg, 'num_layers', 0) * getattr(cfg, 'num_heads', 0) * getattr(cfg, 'head_dim', 0) * seq
-    model_flops = tokens * (4 * r['params'] + 2 * r['trainable_params'] + attn)
-    recompute = tokens * (2 * r['params'] + attn / 3) if getattr(cfg, 'remat', 'none') != 'none' else 0
+    e, k = getattr(cfg, 'num_experts', 0), getattr(cfg, 'experts_per_token', 0)
+    idle = cfg.num_layers * (e - k) * 3 * cfg.hidden_size * cfg.moe_intermediate_size if e else 0
+    active = r['params'] - idle
+    active_trainable = r['trainable_params'] * active / max(r['params'], 1)
+    model_flops = tokens * (4 * active + 2 * active_trainable + attn)
+    recompute = tokens * (2 * active + attn / 3) if getattr(cfg, 'remat', 'none') != 'none' else 0
     flops_dev = max(flops_dev or 0, (model_flops + recompute) / r['devices'])
     bytes_dev = max(bytes_dev or 0, a or 0)  # at least the state is read once
     step_s = max(flops_dev / peak, bytes_dev / bandwidth)

@@ -46,7 +46,7 @@ def _cross_checks(get):
                    f"--config.train.batch_size={get('rollout.prompts') * get('align.num_generations')}.")
     yield lambda: _context_problem(get('mesh.context'), get('model.context_load_balance'), get('data.max_length'))
     yield lambda: (sum(get(f'mesh.{a}') == -1 for a in MESH_AXES) > 1 and
-                   f"config.mesh: only one of mesh.data/mesh.fsdp/mesh.tensor/mesh.context may be -1, got "
+                   f"config.mesh: only one of mesh.data/mesh.fsdp/mesh.tensor/mesh.context/mesh.expert may be -1, got "
                    f"{[get(f'mesh.{a}') for a in MESH_AXES]}.")
 
 

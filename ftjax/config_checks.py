@@ -6,7 +6,7 @@ import dataclasses
 import re
 from typing import Callable, Optional
 
-MESH_AXES = ('data', 'fsdp', 'tensor', 'context')  # the mesh.* size keys and axis names; ftjax.sharding builds the mesh
+MESH_AXES = ('data', 'fsdp', 'tensor', 'context', 'expert')  # the mesh.* size keys and axis names; ftjax.sharding builds the mesh
 
 
 # --- what a value may be (the `allowed` column) ------------------------------------------------------

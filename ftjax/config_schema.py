@@ -12,14 +12,14 @@ from ftjax.config_checks import (AT_LEAST_2, AXIS_SIZE, BELOW_HALF, CHAT_TEMPLAT
 RL_LOSSES = ('grpo', 'dr_grpo', 'dapo', 'bnpo')  # align.loss values trained on rollouts (ftjax/rl/)
 LORA_TARGETS_ATTN_MLP = ['(q|k|v|o)_proj$', '(gate|up|down)_proj$']
 DEFAULT_RULES = [  # logical axis -> mesh axes; first matching, unused mesh axis wins (flax semantics)
-    ('activation_batch', ('data', 'fsdp')),
+    ('activation_batch', ('data', 'fsdp', 'expert')),
     ('activation_length', 'context'),  # context parallelism: each row's sequence split (ftjax/models/context.py)
     # Block-boundary activations keep the embedding dim whole (Megatron style). Sharding it over
     # 'tensor' as well hits an XLA CPU SPMD miscompile on a data=2,fsdp=2,tensor=2 mesh (jax 0.10.2):
     # x[('data','fsdp'), None, 'tensor'] @ w['tensor', 'fsdp'] returns wrong rows.
     ('activation_embed', None), ('layers', None), ('vocab', 'tensor'), ('embed', ('fsdp', 'context')), ('embed_out', None),
     ('heads', 'tensor'), ('kv_heads', 'tensor'), ('mlp', 'tensor'), ('norm', None),
-    ('expert', None),  # MoE: the stacked experts
+    ('expert', 'expert'),  # MoE: the stacked experts over mesh.expert (ftjax/models/moe.py)
 ]
 ALPACA_TEMPLATE = (
     'Below is an instruction that describes a task, paired with an input that provides further context. '
@@ -55,6 +55,12 @@ SCHEMA = [
     K('model.router_aux_loss_coef', None, "MoE: weight of the load-balancing loss added to the training loss "
       "(None: the checkpoint's router_aux_loss_coef)", NON_NEGATIVE, kind=float),
     K('model.router_z_loss_coef', 0.0, 'MoE: weight of the router z-loss (ST-MoE: mean logsumexp(router logits)^2)',
+      NON_NEGATIVE),
+    K('model.upcycle_experts', 0, 'sparse upcycling (ftjax/models/upcycle.py): turn the dense decoder into a MoE of '
+      'this many experts, each a copy of its MLP (0: off)', NON_NEGATIVE),
+    K('model.upcycle_top_k', 2, 'upcycling: experts per token (renormalised top-k: the upcycled model starts equal '
+      'to the dense one)', POSITIVE_INT),
+    K('model.upcycle_noise', 0.0, "upcycling: each expert's weights times (1 + noise x N(0, 1)) (0: exact copies)",
       NON_NEGATIVE),
     K('model.scan_unroll', 1, 'blocks unrolled per step of the layer scan', POSITIVE_INT),
     K('model.kernels', 'auto', "matmul/attention/loss kernels (ftjax/models/kernels.py): 'auto' = 'cpu' on the "
@@ -137,6 +143,8 @@ SCHEMA = [
     K('mesh.tensor', 1, 'tensor-parallel axis size', AXIS_SIZE),
     K('mesh.context', 1, 'context-parallel axis size: the sequence of every row split over it (attention across it: '
       'model.context_parallel); parameters are sharded over it too', AXIS_SIZE),
+    K('mesh.expert', 1, 'expert-parallel axis size: MoE experts split over it (tokens gathered within an expert '
+      'group, sums reduce-scattered back: ftjax/models/moe.py); data parallel everywhere else', AXIS_SIZE),
     K('mesh.rules', [list(r) for r in DEFAULT_RULES], 'logical axis -> mesh axes; the first matching, '
       'unused mesh axis wins', RULES),
     # --- align: preference optimisation (data.format='preference'; ftjax/objectives/preference.py) ---

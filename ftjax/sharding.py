@@ -16,14 +16,15 @@ from ftjax.config import MESH_AXES
 from ftjax.errors import ConfigError
 from ftjax.models import quantize
 
-BATCH_AXES = ('data', 'fsdp')
+BATCH_AXES = ('data', 'fsdp', 'expert')  # 'expert': data parallel outside the MoE MLPs
 
 
 def mesh_shape(mesh_cfg, num_devices: int):
-    """(data, fsdp, tensor, context) sizes; one of them may be -1 for 'all remaining devices' (a missing axis: 1)."""
+    """(data, fsdp, tensor, context, expert) sizes; one of them may be -1 for 'all remaining devices' (a missing axis: 1)."""
     sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ConfigError(f"mesh: only one of mesh.data/mesh.fsdp/mesh.tensor/mesh.context may be -1, got {sizes}.")
+        raise ConfigError(f"mesh: only one of mesh.data/mesh.fsdp/mesh.tensor/mesh.context/mesh.expert may be -1, "
+                          f"got {sizes}.")
     if any(s == 0 or s < -1 for s in sizes):
         raise ConfigError(f"mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}.")
     known = math.prod(s for s in sizes if s != -1)
@@ -32,7 +33,7 @@ def mesh_shape(mesh_cfg, num_devices: int):
             raise ConfigError(f"mesh: {num_devices} devices are not divisible by the fixed axes ({known}).")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ConfigError(f"mesh: data*fsdp*tensor*context = {math.prod(sizes)} but there are {num_devices} devices; "
+        raise ConfigError(f"mesh: data*fsdp*tensor*context*expert = {math.prod(sizes)} but there are {num_devices} devices; "
                          f"set one axis to -1 or make the product match.")
     return tuple(sizes)
 

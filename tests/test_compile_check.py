@@ -56,7 +56,8 @@ def test_gguf_metadata_gives_the_same_architecture(tiny_llama_dir, tmp_path):
 
 
 def test_topology_errors():
-    assert compile_check.parse_topology('data=4,tensor=2') == {'data': 4, 'fsdp': 1, 'tensor': 2, 'context': 1}
+    assert compile_check.parse_topology('data=4,tensor=2') == {'data': 4, 'fsdp': 1, 'tensor': 2, 'context': 1,
+                                                                     'expert': 1}
     for bad in ('data=0', 'model=2', 'data=two', 'data'):
         with pytest.raises(ValueError, match='--topology'):
             compile_check.parse_topology(bad)
@@ -70,7 +71,7 @@ def test_command_line(tiny_llama_dir, chat_data, tmp_path):
                           '--topology=data=4,fsdp=2,tensor=1'], cwd=REPO, env=dict(env, PYTHONPATH=REPO),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
-    assert 'mesh data=4, fsdp=2, tensor=1, context=1 = 8 devices' in out.stdout, out.stdout
+    assert 'mesh data=4, fsdp=2, tensor=1, context=1, expert=1 = 8 devices' in out.stdout, out.stdout
     for line in ('trainable params', 'frozen params', 'optimizer state', 'arguments', 'temporaries',
                  'generated code'):
         assert line in out.stdout

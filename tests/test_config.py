@@ -153,7 +153,7 @@ def test_unknown_missing_and_cross_key_errors():
         config_lib.validate(c)
     c.data.text_stride = 128
     c.mesh.data = c.mesh.tensor = -1
-    with pytest.raises(ConfigError, match='only one of mesh.data/mesh.fsdp/mesh.tensor/mesh.context may be -1'):
+    with pytest.raises(ConfigError, match='only one of mesh.data/mesh.fsdp/mesh.tensor/mesh.context/mesh.expert may be -1'):
         config_lib.validate(c)
     c = valid_config()
     c.mesh.context, c.data.max_length = 4, 100

@@ -31,6 +31,7 @@ ARGS = {
                                    for s in ('', ',smoke')],
     'experiments/grpo_smollm2.py': [f'{v}{s}' for v in ('grpo', 'dr_grpo', 'dapo', 'gspo', 'gemma3')
                                     for s in ('', ',smoke')],
+    'experiments/moe_smollm2.py': [f'{v}{s}' for v in ('lora', 'full') for s in ('', ',smoke')],
 }
 
 # Parses every argument of every experiment in a fresh interpreter where importlib cannot find the

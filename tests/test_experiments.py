@@ -58,6 +58,7 @@ SMOKES = [
     ('experiments/dpo_smollm2.py:dpo,smoke', SMOLLM2, []),
     ('experiments/dpo_smollm2.py:dpo,from_sft,smoke', SMOLLM2, []),  # its SFT stage: the quickstart smoke's run
     ('experiments/grpo_smollm2.py:smoke', SMOLLM2, []),
+    ('experiments/moe_smollm2.py:lora,smoke', SMOLLM2, []),  # SmolLM2 upcycled into a mixture of experts
 ]
 # The other variants: the same files with other settings of method keys that the unit tests cover on tiny
 # models (tests/test_peft.py, test_objectives_preference.py, ...). `pytest -m variants` runs them (13 more smokes,
@@ -74,6 +75,7 @@ VARIANT_SMOKES = [
     *[(f'experiments/dpo_smollm2.py:{v},smoke', SMOLLM2, []) for v in ('ipo', 'simpo', 'orpo')],
     *[(f'experiments/grpo_smollm2.py:{v},smoke', SMOLLM2, []) for v in ('dr_grpo', 'dapo', 'gspo')],
     ('experiments/grpo_smollm2.py:gemma3,smoke', GEMMA3, []),
+    ('experiments/moe_smollm2.py:full,smoke', SMOLLM2, []),
 ]
 
 

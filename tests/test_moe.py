@@ -8,17 +8,18 @@ the Hugging Face export of a trained model read back by transformers; refusals o
 """
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
 
-from ftjax import export, infer, optim, peft, train_step
+from ftjax import export, infer, optim, peft, sharding, train_step
 from ftjax import state as state_lib
-from ftjax.config import default_config
-from ftjax.errors import ModelError
-from ftjax.models import LlamaConfig, build_model, load_pretrained, moe
+from ftjax.config import DEFAULT_RULES, default_config
+from ftjax.errors import ConfigError, ModelError
+from ftjax.models import LlamaConfig, abstract_variables, build_model, load_pretrained, moe
 from tests import tiny
 
 torch = pytest.importorskip('torch')
@@ -245,3 +246,68 @@ def test_config_round_trip():
         back = LlamaConfig.from_hf(getattr(transformers, config_cls)(**{k: v for k, v in cfg.to_hf().items()
                                                                         if k != 'model_type'}))
         assert back == cfg, family
+
+
+@pytest.mark.parametrize('mesh_shape,impl', [
+    ({'data': 2, 'fsdp': 2, 'expert': 2}, 'ragged'),
+    pytest.param({'fsdp': 2, 'expert': 4}, 'ragged', marks=pytest.mark.slow),
+    pytest.param({'fsdp': 2, 'expert': 4}, 'dense', marks=pytest.mark.slow),
+    pytest.param({'data': 2, 'tensor': 2, 'expert': 2}, 'ragged', marks=pytest.mark.slow),
+])
+def test_expert_sharded_equals_one_device(moe_dir, mesh_shape, impl):
+    """The experts split over the 'expert' mesh axis of the 8 fake CPU devices (tokens gathered per expert group,
+    sums reduce-scattered), with fsdp / data / tensor: loss (with the load-balancing term) and the gradients of
+    every parameter, LoRA on the experts included, equal the unsharded step's."""
+    pre = load_pretrained(moe_dir('qwen2_moe'))
+    p, _ = peft.prepare(pre, lora_config(), jax.random.key(0))
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.05 * jax.random.normal(jax.random.key(len(path)), x.shape)
+        if path[-1].key == 'lora_b' else x, p.params)
+    model = build_model(dataclasses.replace(p.config, moe_impl=impl))
+    ids = ids_of(pre.config, (8, SEQ), seed=6)
+
+    def loss(prm, x):
+        logits, state = model.apply({'params': prm}, x, mutable=['intermediates'])
+        aux = moe.aux_losses(state['intermediates']['router'], pre.config.num_experts)
+        return jnp.mean(jnp.square(logits)) + aux['load_balance']
+    want_l, want_g = jax.jit(jax.value_and_grad(loss))(params, ids)
+    mesh = sharding.make_mesh(mesh_shape, jax.devices()[:8])
+    rules = sharding.rules_from_config([list(r) for r in DEFAULT_RULES])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        shards = sharding.param_shardings(sharding.logical_specs(abstract_variables(model)), mesh, rules)
+        placed = sharding.place(params, shards)
+        got_l, got_g = jax.jit(jax.value_and_grad(loss))(placed, jax.device_put(ids, sharding.batch_sharding(mesh)))
+    kernel = placed['layers']['moe']['gate_proj']['kernel']
+    assert kernel.sharding.spec[1] == 'expert'  # [layers, experts, embed, mlp]: the experts split
+    np.testing.assert_allclose(got_l, want_l, rtol=1e-5)
+    flat_got, flat_want = traverse_util.flatten_dict(got_g), traverse_util.flatten_dict(want_g)
+    for k in flat_want:
+        b = np.asarray(flat_want[k])
+        np.testing.assert_allclose(flat_got[k], b, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(b).max())),
+                                   err_msg='/'.join(k))
+
+
+def test_upcycled_model_starts_as_the_dense_one_and_exports_as_mixtral(tmp_path):
+    """Sparse upcycling: 4 copies of each MLP, top-2 renormalised, computes what the dense Llama did; after a full
+    fine-tuning step it exports as a Mixtral that transformers reads back with ftjax's logits."""
+    from ftjax.models import upcycle
+    dense = load_pretrained(tiny.make_llama_checkpoint(str(tmp_path / 'llama')))
+    pre = upcycle.upcycle(dense, experts=4, top_k=2, seed=0)
+    assert (pre.config.model_type, pre.config.num_experts, pre.config.experts_per_token) == ('mixtral', 4, 2)
+    ids = ids_of(pre.config, seed=7)
+    want = np.asarray(dense.model.apply({'params': dense.params}, ids))
+    got, _ = forward(pre.config, pre.params, ids)
+    assert np.abs(got - want).max() < TOL
+    noisy = upcycle.upcycle(dense, experts=4, top_k=2, noise=0.1, seed=0)
+    assert np.abs(forward(noisy.config, noisy.params, ids)[0] - want).max() > 100 * TOL
+    trained, _, _ = train(pre, lora_config(**{'peft.method': 'full', 'optim.learning_rate': 1e-3}), steps=1)
+    ours = np.asarray(trained.model.apply({'params': trained.params}, ids))
+    out = export.export_hf(trained, str(tmp_path / 'hf'))
+    with torch.no_grad():
+        back = hf_model(out)
+        assert type(back).__name__ == 'MixtralForCausalLM'
+        assert np.abs(back(torch.tensor(ids)).logits.numpy() - ours).max() < 1e-4
+    with pytest.raises(ConfigError, match='already has 4 experts'):
+        upcycle.upcycle(pre, experts=4, top_k=2)
+    with pytest.raises(ConfigError, match='upcycle_top_k=5 must be in'):
+        upcycle.upcycle(dense, experts=4, top_k=5)

@@ -32,7 +32,7 @@ from ftjax.errors import ConfigError
 
 CHOICES = ('auto', 'cpu', 'xla', 'splash', 'cudnn')  # config.model.kernels
 AUTO = {'cpu': 'cpu', 'tpu': 'splash', 'gpu': 'cudnn', 'cuda': 'cudnn', 'rocm': 'xla'}
-BATCH_AXES, HEAD_AXIS = ('data', 'fsdp'), 'tensor'  # mesh axes (ftjax.sharding.MESH_AXES)
+BATCH_AXES, HEAD_AXIS = ('data', 'fsdp', 'expert'), 'tensor'  # mesh axes (ftjax.sharding.MESH_AXES)
 NARROW_Q = 16  # query rows per KV head up to which the CPU decodes with `_narrow_attention`
 Q_CHUNK = 1024  # longer sequences: the einsum attention runs over query chunks of this many tokens (`chunked_attention`)
 SPLASH_BLOCK = 512  # splash tile along q and kv (smaller for short sequences)

@@ -12,18 +12,30 @@ the load-balancing and z auxiliary losses.
               assignments to e and P_e its mean router probability, both pooled over layers and non-padding tokens;
               z-loss (ST-MoE): mean logsumexp(logits)^2
 
+Expert parallelism (`mesh.expert`): the stacked experts are split over the 'expert' mesh axis, which also splits
+the batch everywhere else (data parallel). In each MoE MLP every 'expert' shard all-gathers the tokens of its
+expert group (the rows the other shards of the axis hold), runs its own experts on the assignments that are
+theirs and reduce-scatters the sums back (`sharded_experts`): dropless, no capacity factor, one all-gather and
+one reduce-scatter of [tokens, embed] per layer. An all-to-all dispatch (sending each assignment only to its
+expert's shard) would move k / experts of that; it is not built.
+
 LoRA on the experts: one adapter per expert, `lora_a` [experts, in, r] and `lora_b` [experts, r, out] beside
 the stacked `kernel` [experts, in, out] (merged by `ftjax.models.adapters.merge` as any other kernel).
 """
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from ftjax.errors import ConfigError
 from ftjax.models import quantize
 from ftjax.models.adapters import LORA_A, LORA_B, LoraSpec, lora_a_init
+from ftjax.models.kernels import BATCH_AXES
 from ftjax.models.layers import ACTIVATIONS, Dense
 
+EXPERT_AXIS = 'expert'  # the mesh axis the experts are split over (ftjax.sharding.MESH_AXES)
 ROUTERS = ('softmax_topk', 'topk_softmax')
 IMPLS = ('ragged', 'dense')
 STATS = ('counts', 'probs', 'z', 'rows')  # per layer, summed over non-padding tokens (`Moe` returns them)
@@ -79,9 +91,8 @@ def aux_loss_sums(stats, cfg, count):
 
 
 class ExpertDense(nn.Module):
-    """Per-expert linear maps, kernel [experts, in, out] (+ LoRA per expert). Called on tokens sorted by
-    expert with `sizes` [experts] (ragged), or with sizes None on x [tokens, in] or [tokens, experts, in]
-    (every expert: [tokens, experts, out])."""
+    """Per-expert linear maps: kernel [experts, in, out] (+ LoRA per expert). Returns its matrices as a list of
+    (w [experts, in, out or r], b None or [experts, r, out] scaled), the input of `apply_experts`."""
     num_experts: int
     features: int
     axes: tuple  # logical names of (expert, in, out)
@@ -90,9 +101,8 @@ class ExpertDense(nn.Module):
     param_dtype: object = jnp.float32
 
     @nn.compact
-    def __call__(self, x, sizes=None):
+    def __call__(self, d):
         e, f = self.num_experts, self.features
-        d = x.shape[-1]
         init = nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), self.axes)
         kernel = quantize.frozen_param(self, 'kernel', init, (e, d, f), self.param_dtype)  # [experts, in, out]
         mats = [(quantize.dequantize(kernel, self.dtype), None)]
@@ -100,24 +110,89 @@ class ExpertDense(nn.Module):
         if spec is not None and spec.matches('/'.join(self.path)):
             if spec.dora:
                 raise ConfigError("peft.dora=true on expert projections is not supported: target the attention "
-                                  "projections only (peft.targets), or use LoRA on the experts.")
+                                  "projections only (peft.lora.targets), or use LoRA on the experts.")
             ex, ein, eout = self.axes
             a = self.param(LORA_A, nn.with_logical_partitioning(lora_a_init, (ex, ein, None)), (e, d, spec.rank),
                            jnp.float32)  # [experts, in, r]
             b = self.param(LORA_B, nn.with_logical_partitioning(nn.initializers.zeros, (ex, None, eout)),
                            (e, spec.rank, f), jnp.float32)  # [experts, r, out]
             mats.append((a.astype(self.dtype), b.astype(self.dtype) * spec.scale))
-        x = x.astype(self.dtype)
-        y = 0.0
-        for w, b in mats:
-            if sizes is not None:  # [sorted tokens, in] -> [sorted tokens, out]
-                h = jax.lax.ragged_dot(x, w, sizes)
-                y = y + (h if b is None else jax.lax.ragged_dot(h, b, sizes))
-            else:
-                eq = 'ni,eio->neo' if x.ndim == 2 else 'nei,eio->neo'
-                h = jnp.einsum(eq, x, w)  # [tokens, experts, out or r]
-                y = y + (h if b is None else jnp.einsum('ner,ero->neo', h, b))
-        return y
+        return mats
+
+
+def project(x, mats, sizes):
+    """x @ each expert's (adapted) matrix: ragged (x [sorted rows, in], `sizes` [experts]) or, sizes None, every
+    expert on every row (x [rows, in] or [rows, experts, in] -> [rows, experts, out])."""
+    y = 0.0
+    for w, b in mats:
+        if sizes is not None:
+            h = jax.lax.ragged_dot(x, w, sizes)  # [sorted rows, out or r]
+            y = y + (h if b is None else jax.lax.ragged_dot(h, b, sizes))
+        else:
+            h = jnp.einsum('ni,eio->neo' if x.ndim == 2 else 'nei,eio->neo', x, w)  # [rows, experts, out or r]
+            y = y + (h if b is None else jnp.einsum('ner,ero->neo', h, b))
+    return y
+
+
+def apply_experts(x, idx, w, projs, impl, act, fused, first=0):
+    """sum_k w_k * expert_{idx_k}(x) of the experts `first` .. `first` + local - 1 (the rest contribute 0).
+
+    x [tokens, embed]; idx, w [tokens, k]; projs: {'gate_up' or 'gate' and 'up', 'down': `ExpertDense` matrices}
+    holding `local` experts; -> [tokens, embed] float32."""
+    n, k = idx.shape
+    local = projs['down'][0][0].shape[0]
+    ids = idx - first  # local expert ids; outside [0, local): another shard's
+    mine = (ids >= 0) & (ids < local)
+    w = jnp.where(mine, w, 0.0)
+    dtype = projs['down'][0][0].dtype
+    x = x.astype(dtype)
+
+    def ffn(v, sizes):
+        if fused:  # Granite-MoE: [gate | up] in one stacked projection
+            g, u = jnp.split(project(v, projs['gate_up'], sizes), 2, axis=-1)
+        else:
+            g, u = project(v, projs['gate'], sizes), project(v, projs['up'], sizes)
+        return project(act(g) * u, projs['down'], sizes)
+    if impl == 'dense':
+        y_all = ffn(x, None)  # [tokens, local, embed]
+        full = jnp.sum(jax.nn.one_hot(ids, local, dtype=jnp.float32) * w[..., None], axis=1)  # [tokens, local]
+        return jnp.einsum('ned,ne->nd', y_all.astype(jnp.float32), full)
+    key = jnp.where(mine, ids, local).reshape(-1)  # [tokens * k]; others' assignments sorted last, in no group
+    order = jnp.argsort(key, stable=True)  # assignments grouped by expert
+    sizes = jnp.bincount(key, length=local + 1)[:local].astype(jnp.int32)  # [local]
+    ys = ffn(jnp.take(x, order // k, axis=0), sizes)  # [tokens * k, embed], sorted
+    ys = jnp.take(ys, jnp.argsort(order), axis=0).reshape(n, k, -1)  # back to token-major
+    return jnp.einsum('nkd,nk->nd', ys.astype(jnp.float32), w)
+
+
+def sharded_experts(x, idx, w, projs, impl, act, fused, batch):
+    """`apply_experts` with the experts split over the 'expert' mesh axis (`shard_map`): each shard gathers the
+    tokens of its expert group (the rows the batch axes gave the other 'expert' shards), computes its own experts
+    on them and reduce-scatters the sums back (one all-gather of the tokens and one reduce-scatter per layer)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    sizes = {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
+    ex = sizes.get(EXPERT_AXIS, 1)
+    if ex == 1:
+        return apply_experts(x, idx, w, projs, impl, act, fused)
+    e = projs['down'][0][0].shape[0]
+    if e % ex:
+        raise ConfigError(f"mesh.expert={ex} must divide the model's {e} experts.")
+    rows = tuple(a for a in BATCH_AXES if a in sizes)  # how the batch rows (and so the tokens) are split
+    rows = rows if rows and batch % math.prod(sizes[a] for a in rows) == 0 else None
+    split = rows is not None and EXPERT_AXIS in rows
+
+    def per_shard(x, idx, w, projs):
+        first = jax.lax.axis_index(EXPERT_AXIS) * (e // ex)
+        if split:  # this expert group's tokens
+            x, idx, w = (jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True) for a in (x, idx, w))
+        y = apply_experts(x, idx, w, projs, impl, act, fused, first)
+        if split:
+            return jax.lax.psum_scatter(y, EXPERT_AXIS, scatter_dimension=0, tiled=True)
+        return jax.lax.psum(y, EXPERT_AXIS)
+    tok = P(rows, None)
+    weights = jax.tree.map(lambda a: P(EXPERT_AXIS, *(None,) * (a.ndim - 1)), projs)
+    return jax.shard_map(per_shard, in_specs=(tok, tok, tok, weights), out_specs=tok, check_vma=False)(
+        x, idx, w, projs)
 
 
 class Moe(nn.Module):
@@ -130,43 +205,28 @@ class Moe(nn.Module):
         b, t, d = h.shape
         e, k, f = cfg.num_experts, cfg.experts_per_token, cfg.moe_intermediate_size
         x = h.reshape(b * t, d)  # [tokens, embed]
-        dense = lambda n, axes, name: Dense(  # noqa: E731
-            n, axes, lora=cfg.lora, dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernels=cfg.kernels, name=name)
         logits = Dense(e, ('embed', None), dtype=jnp.float32, param_dtype=cfg.param_dtype,
-                                name='router')(x).astype(jnp.float32)  # [tokens, experts]; never adapted
+                       name='router')(x).astype(jnp.float32)  # [tokens, experts]; never adapted
         w, idx = route(logits, k, cfg.router, cfg.norm_topk_prob)  # [tokens, k]
         stats = routing_stats(logits, idx, valid.reshape(-1))
-        expert = lambda n, axes, name: ExpertDense(  # noqa: E731
-            e, n, axes, cfg.lora, cfg.dtype, cfg.param_dtype, name=name)
+        expert = lambda n, axes, name, width: ExpertDense(  # noqa: E731
+            e, n, axes, cfg.lora, cfg.dtype, cfg.param_dtype, name=name)(width)
+        up_axes, down_axes = ('expert', 'embed', 'mlp'), ('expert', 'mlp', 'embed')
+        if cfg.fused_gate_up:
+            projs = {'gate_up': expert(2 * f, up_axes, 'gate_up_proj', d)}
+        else:
+            projs = {'gate': expert(f, up_axes, 'gate_proj', d), 'up': expert(f, up_axes, 'up_proj', d)}
+        projs['down'] = expert(d, down_axes, 'down_proj', f)
         act = ACTIVATIONS[cfg.activation]
-        if cfg.fused_gate_up:  # Granite-MoE: [gate | up] in one stacked projection
-            gate_up = expert(2 * f, ('expert', 'embed', 'mlp'), 'gate_up_proj')
-            gate_of = lambda v, s: jnp.split(gate_up(v, s), 2, axis=-1)  # noqa: E731
-        else:
-            gate_p = expert(f, ('expert', 'embed', 'mlp'), 'gate_proj')
-            up_p = expert(f, ('expert', 'embed', 'mlp'), 'up_proj')
-            gate_of = lambda v, s: (gate_p(v, s), up_p(v, s))  # noqa: E731
-        down = expert(d, ('expert', 'mlp', 'embed'), 'down_proj')
-        if cfg.moe_impl == 'dense':
-            g, u = gate_of(x, None)  # [tokens, experts, mlp]
-            y_all = down(act(g) * u, None)  # [tokens, experts, embed]
-            full = jnp.sum(jax.nn.one_hot(idx, e, dtype=jnp.float32) * w[..., None], axis=1)  # [tokens, experts]
-            y = jnp.einsum('ned,ne->nd', y_all.astype(jnp.float32), full)
-        else:
-            flat = idx.reshape(-1)  # [tokens * k]
-            order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
-            sizes = jnp.bincount(flat, length=e).astype(jnp.int32)  # [experts]
-            xs = jnp.take(x, order // k, axis=0)  # [tokens * k, embed]
-            g, u = gate_of(xs, sizes)
-            ys = down(act(g) * u, sizes)  # [tokens * k, embed], sorted
-            ys = jnp.take(ys, jnp.argsort(order), axis=0).reshape(b * t, k, d)  # back to token-major
-            y = jnp.einsum('nkd,nk->nd', ys.astype(jnp.float32), w)
+        y = sharded_experts(x, idx, w, projs, cfg.moe_impl, act, cfg.fused_gate_up, b)  # [tokens, embed] float32
         if cfg.shared_expert_size:  # Qwen2-MoE: a dense MLP on every token, gated by sigmoid(h @ w_g)
+            dense = lambda n, axes, name: Dense(  # noqa: E731
+                n, axes, lora=cfg.lora, dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernels=cfg.kernels, name=name)
             sf = cfg.shared_expert_size
             sg = dense(sf, ('embed', 'mlp'), 'shared_gate_proj')(x, deterministic)
             su = dense(sf, ('embed', 'mlp'), 'shared_up_proj')(x, deterministic)
             sy = dense(d, ('mlp', 'embed'), 'shared_down_proj')(act(sg) * su, deterministic)
             gate = Dense(1, ('embed', None), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                                  name='shared_expert_gate')(x)  # [tokens, 1]
+                         name='shared_expert_gate')(x)  # [tokens, 1]
             y = y + (jax.nn.sigmoid(gate.astype(jnp.float32)) * sy.astype(jnp.float32))
         return y.astype(cfg.dtype).reshape(b, t, d), stats
