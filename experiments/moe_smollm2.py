@@ -15,6 +15,7 @@ which 215M are active per token. Metrics per step: loss (cross-entropy + 0.02 x 
 share of the assignments x 4; 1.0 each when balanced).
 Measured: docs/results/moe_smollm2.md.
 """
+from ftjax import synthetic
 from ftjax.config import default_config, parse_arg, smoke as smoke_config
 
 VARIANTS = ('lora', 'full')
@@ -28,14 +29,12 @@ def get_config(arg='lora'):
     c.model.upcycle_experts = 4
     c.model.upcycle_top_k = 2
     c.model.router_aux_loss_coef = 0.02  # Mixtral's
+    c.model.moe_impl = 'capacity'  # on the CPU the fastest of the three (docs/models.md); dropless: 'ragged'
+    c.model.moe_capacity_factor = 1.25
     c.peft.method = variant
     c.peft.lora.rank = 8
     c.peft.lora.alpha = 16.0
-    c.data.path = 'synthetic:extract_json/train.jsonl'
-    c.data.eval_path = 'synthetic:extract_json/eval.jsonl'
-    c.data.format = 'chat'
-    c.data.max_length = 256
-    c.data.packing = True
+    synthetic.use_task(c)  # the extraction task: data.*, eval.* (ftjax/synthetic.py)
     c.optim.learning_rate = 2e-3 if variant == 'lora' else 2e-5
     c.optim.warmup_steps = 5
     c.train.steps = 40
@@ -44,10 +43,6 @@ def get_config(arg='lora'):
     c.train.eval_every = 20
     c.train.eval_batches = 2
     c.train.checkpoint_every = 20
-    c.eval.generate = 40
-    c.eval.scorer = 'json'
-    c.eval.max_new_tokens = 40
-    c.eval.batch_size = 20
     if smoke:
         smoke_config(c, max_length=160)
     return c

@@ -30,6 +30,7 @@ variant: `--config.train.steps=10 --config.optim.warmup_steps=2 --config.eval.ge
 
 (train loss 0.159 at step 10, eval loss 0.150). The full 40-step default was not run (no CPU time left).
 """
+from ftjax import synthetic
 from ftjax.config import default_config, parse_arg, smoke as smoke_config
 
 
@@ -41,11 +42,7 @@ def get_config(arg=None):
     c.peft.method = 'lora'
     c.peft.lora.rank = 8
     c.peft.lora.alpha = 16.0
-    c.data.path = 'synthetic:extract_json/train.jsonl'  # written under ~/.cache/ftjax when the run starts
-    c.data.eval_path = 'synthetic:extract_json/eval.jsonl'
-    c.data.format = 'chat'
-    c.data.max_length = 256
-    c.data.packing = True
+    synthetic.use_task(c)  # the extraction task: data.*, eval.* (ftjax/synthetic.py)
     c.optim.learning_rate = 2e-3
     c.optim.warmup_steps = 5
     c.train.steps = 40
@@ -54,10 +51,6 @@ def get_config(arg=None):
     c.train.eval_every = 20
     c.train.eval_batches = 2
     c.train.checkpoint_every = 20
-    c.eval.generate = 40
-    c.eval.scorer = 'json'
-    c.eval.max_new_tokens = 40
-    c.eval.batch_size = 20
     if model == 'gemma3':
         c.optim.learning_rate = 1e-3  # a base model with a 262k-token embedding: gentler than SmolLM2's
         c.data.max_length = 192  # a Gemma-format example is ~100 tokens (no system prompt)

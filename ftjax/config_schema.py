@@ -49,9 +49,12 @@ SCHEMA = [
       'first) or ring (key/value blocks passed around with ppermute while computing)', one_of('all_gather', 'ring')),
     K('model.context_load_balance', True, 'with mesh.context > 1: zig-zag order of the sequence over the context '
       'shards, so that causal attention costs each shard the same (data.max_length: a multiple of 2 x mesh.context)'),
-    K('model.moe_impl', 'ragged', 'mixture-of-experts MLPs (ftjax/models/moe.py): ragged (tokens sorted by expert, '
-      'jax.lax.ragged_dot) or dense (every expert on every token: the reference, for few experts)',
-      one_of('ragged', 'dense')),
+    K('model.moe_impl', 'ragged', 'mixture-of-experts MLPs (ftjax/models/moe.py): ragged (dropless: tokens sorted by '
+      'expert, jax.lax.ragged_dot), dense (every expert on every token: the reference, for few experts) or capacity '
+      '(a buffer of model.moe_capacity_factor x tokens x k / experts slots per expert, batched matmuls, the '
+      'assignments past it dropped)', one_of('ragged', 'dense', 'capacity')),
+    K('model.moe_capacity_factor', 1.25, "model.moe_impl='capacity': slots per expert = factor x tokens x k / "
+      "experts (experts / k or more: nothing dropped)", POSITIVE),
     K('model.router_aux_loss_coef', None, "MoE: weight of the load-balancing loss added to the training loss "
       "(None: the checkpoint's router_aux_loss_coef)", NON_NEGATIVE, kind=float),
     K('model.router_z_loss_coef', 0.0, 'MoE: weight of the router z-loss (ST-MoE: mean logsumexp(router logits)^2)',

@@ -103,3 +103,18 @@ def _write_splits(out_dir, rows, n_train):
         os.replace(tmp, paths[split])
     return paths
 
+
+
+def use_task(c, max_length=256):
+    """Points config `c` at this task as the quickstart trains on it: the chat rows packed into `max_length` tokens,
+    and 40 held-out prompts answered greedily and scored as JSON (the experiments that share the task call this)."""
+    c.data.path = 'synthetic:extract_json/train.jsonl'  # written under ~/.cache/ftjax when the run starts
+    c.data.eval_path = 'synthetic:extract_json/eval.jsonl'
+    c.data.format = 'chat'
+    c.data.max_length = max_length
+    c.data.packing = True
+    c.eval.generate = 40
+    c.eval.scorer = 'json'
+    c.eval.max_new_tokens = 40
+    c.eval.batch_size = 20
+    return c

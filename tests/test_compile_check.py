@@ -11,7 +11,7 @@ import pytest
 
 from ftjax import build, compile_check, optim, sharding
 from ftjax.state import partition
-from tests.tiny import REPO, tiny_config, write_experiment
+from tests.tiny import REPO, make_moe_checkpoint, tiny_config, write_experiment
 from tests.tiny_gguf import write_tiny_gguf
 
 
@@ -25,7 +25,21 @@ def _shard_bytes(tree):
     for case in itertools.product(['data=2,fsdp=2,tensor=2', 'fsdp=4'], ['lora', 'full'])])
 def test_compiles_and_counts_what_the_trainer_places(tiny_llama_dir, chat_data, monkeypatch, method,
                                                      topology):
-    config = tiny_config(tiny_llama_dir, chat_data, **{'peft.method': method, 'train.batch_size': 8})
+    check_against_trainer(tiny_config(tiny_llama_dir, chat_data, **{'peft.method': method, 'train.batch_size': 8}),
+                          topology, monkeypatch)
+
+
+@pytest.mark.parametrize('method', ['lora', pytest.param('full', marks=pytest.mark.slow)])
+def test_moe_with_expert_parallelism(chat_data, monkeypatch, method, tmp_path):
+    """A tiny Qwen2-MoE (8 experts, a shared expert), LoRA on attention and every expert, experts over expert=4."""
+    path = make_moe_checkpoint(str(tmp_path / 'moe'), 'qwen2_moe')
+    config = tiny_config(path, chat_data, **{'peft.method': method, 'train.batch_size': 8})
+    report = check_against_trainer(config, 'fsdp=2,expert=4', monkeypatch)
+    assert report['mesh']['expert'] == 4
+
+
+def check_against_trainer(config, topology, monkeypatch):
+    """compile_check's report of `config` on fake CPU devices, checked against the state the trainer places."""
     topo = compile_check.parse_topology(topology)
     from ftjax.models import loading
     with monkeypatch.context() as m:  # no weights are read
@@ -45,6 +59,7 @@ def test_compiles_and_counts_what_the_trainer_places(tiny_llama_dir, chat_data, 
     state_bytes = report['trainable_bytes'] + report['frozen_bytes'] + report['optimizer_bytes']
     assert report['argument_bytes'] >= state_bytes and report['temp_bytes'] > 0
     assert report['alias_bytes'] >= report['trainable_bytes']  # the donated state is updated in place
+    return report
 
 
 def test_gguf_metadata_gives_the_same_architecture(tiny_llama_dir, tmp_path):

@@ -27,36 +27,10 @@ transformers = pytest.importorskip('transformers')
 
 TOL = 1e-5
 SEQ = 12
-FAMILIES = {  # model_type -> (transformers class, config class, fields)
-    'qwen3_moe': ('Qwen3MoeForCausalLM', 'Qwen3MoeConfig', dict(
-        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=96, norm_topk_prob=True,
-        head_dim=32)),
-    'qwen2_moe': ('Qwen2MoeForCausalLM', 'Qwen2MoeConfig', dict(
-        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
-        intermediate_size=96)),
-    'mixtral': ('MixtralForCausalLM', 'MixtralConfig', dict(
-        num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=4)),
-    'olmoe': ('OlmoeForCausalLM', 'OlmoeConfig', dict(
-        num_experts=8, num_experts_per_tok=3, intermediate_size=32, clip_qkv=0.5)),
-    'granitemoe': ('GraniteMoeForCausalLM', 'GraniteMoeConfig', dict(
-        num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, embedding_multiplier=2.0,
-        residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=3.0)),
-}
+FAMILIES = tiny.MOE_FAMILIES
 # Fields that, reverted to the dense Llama's value, must move the logits (each family sets some of them)
 REVERT = dict(norm_topk_prob=False, clip_qkv=None, embed_multiplier=None, residual_multiplier=None,
               logits_scaling=None, query_scale=None, sliding_window=None)
-
-
-def make_moe_checkpoint(path, family, seed=0):
-    cls, config_cls, extra = FAMILIES[family]
-    tok = tiny.make_tokenizer()
-    cfg = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-               max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.1, router_aux_loss_coef=0.02,
-               bos_token_id=tok.bos_token_id, eos_token_id=None, pad_token_id=tok.pad_token_id, **extra)
-    torch.manual_seed(seed)
-    model = getattr(transformers, cls)(getattr(transformers, config_cls)(**cfg))
-    tiny._perturb_norms(model, torch)
-    return tiny._save(model.eval(), tok, path)
 
 
 @pytest.fixture(scope='module')
@@ -65,7 +39,7 @@ def moe_dir(tmp_path_factory):
 
     def get(family):
         if family not in made:
-            made[family] = make_moe_checkpoint(str(tmp_path_factory.mktemp(family)), family)
+            made[family] = tiny.make_moe_checkpoint(str(tmp_path_factory.mktemp(family)), family)
         return made[family]
     return get
 
@@ -96,8 +70,9 @@ def test_logits_and_aux_loss_match_transformers(moe_dir, family):
     with torch.no_grad():
         out = hf_model(path)(torch.tensor(ids), output_router_logits=True)
     theirs, their_aux = out.logits.numpy(), float(out.aux_loss)
+    whole = cfg.num_experts / cfg.experts_per_token  # capacity factor at which nothing is dropped
     for impl in moe.IMPLS:
-        ours, aux = forward(cfg, params, ids, moe_impl=impl)
+        ours, aux = forward(cfg, params, ids, moe_impl=impl, moe_capacity_factor=whole)
         err = np.abs(ours - theirs).max()
         print(f'{family} {impl}: max |d logits| {err:.2e} (logits up to {np.abs(theirs).max():.1f}), '
               f'aux loss {aux:.6f} vs {their_aux:.6f}')
@@ -108,8 +83,9 @@ def test_logits_and_aux_loss_match_transformers(moe_dir, family):
             assert np.abs(other - theirs).max() > 100 * TOL, field
 
 
-def test_ragged_equals_dense_with_expert_lora(moe_dir):
-    """Loss and gradients of both expert paths, with adapters on every expert (non-zero B) and padding rows."""
+def test_expert_paths_agree_with_expert_lora(moe_dir):
+    """Loss and gradients of the ragged, dense and capacity paths (capacity factor experts / k: nothing dropped),
+    with adapters on every expert (non-zero B) and padding rows; a capacity of half the tokens drops some."""
     pre = load_pretrained(moe_dir('qwen2_moe'))
     c = lora_config()
     p, _ = peft.prepare(pre, c, jax.random.key(0))
@@ -119,19 +95,32 @@ def test_ragged_equals_dense_with_expert_lora(moe_dir):
     ids = ids_of(pre.config, (3, SEQ), seed=5)
     seg = np.ones_like(ids)
     seg[2, 7:] = 0  # padding: out of the routing statistics
+    whole = p.config.num_experts / p.config.experts_per_token
 
-    def loss(prm, impl):
-        model = build_model(dataclasses.replace(p.config, moe_impl=impl))
+    def loss(prm, impl, factor=whole):
+        model = build_model(dataclasses.replace(p.config, moe_impl=impl, moe_capacity_factor=factor))
         logits, state = model.apply({'params': prm}, ids, None, seg, mutable=['intermediates'])
         aux = moe.aux_losses(state['intermediates']['router'], p.config.num_experts)
         return jnp.mean(jnp.square(logits) * seg[..., None]) + aux['load_balance']
-    (l1, g1), (l2, g2) = [jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, impl) for impl in moe.IMPLS]
-    np.testing.assert_allclose(l1, l2, rtol=1e-6)
-    flat1, flat2 = traverse_util.flatten_dict(g1), traverse_util.flatten_dict(g2)
-    assert ('layers', 'moe', 'gate_proj', 'lora_a') in flat1 and flat1.keys() == flat2.keys()
-    for k in flat1:
-        np.testing.assert_allclose(flat1[k], flat2[k], rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(flat2[k]).max())),
-                                   err_msg='/'.join(k))
+    run = jax.jit(jax.value_and_grad(loss), static_argnums=(1, 2))
+    want_l, want_g = run(params, 'dense')
+    want = traverse_util.flatten_dict(want_g)
+    assert ('layers', 'moe', 'gate_proj', 'lora_a') in want
+    for impl in ('ragged', 'capacity'):
+        got_l, got_g = run(params, impl)
+        np.testing.assert_allclose(got_l, want_l, rtol=1e-6, err_msg=impl)
+        got = traverse_util.flatten_dict(got_g)
+        assert got.keys() == want.keys()
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(want[k]).max())),
+                                       err_msg=f"{impl}: {'/'.join(k)}")
+    dropped, _ = run(params, 'capacity', 0.5)
+    assert np.isfinite(dropped) and abs(float(dropped) - float(want_l)) > 1e-4
+    for factor, some in ((whole, False), (0.5, True)):  # the metric: the fraction past the slots
+        model = build_model(dataclasses.replace(p.config, moe_impl='capacity', moe_capacity_factor=factor))
+        _, state = model.apply({'params': params}, ids, None, seg, mutable=['intermediates'])
+        frac = float(moe.aux_losses(state['intermediates']['router'], p.config.num_experts)['dropped'])
+        assert (0.0 < frac < 1.0) if some else frac == 0.0, (factor, frac)
 
 
 @pytest.mark.parametrize('family', ['mixtral', pytest.param('olmoe', marks=pytest.mark.slow)])
@@ -250,8 +239,10 @@ def test_config_round_trip():
 
 @pytest.mark.parametrize('mesh_shape,impl', [
     ({'data': 2, 'fsdp': 2, 'expert': 2}, 'ragged'),
+    ({'expert': 8}, 'ragged'),  # one expert per shard, fewer than k = 2: the shard's assignments capped at tokens
     pytest.param({'fsdp': 2, 'expert': 4}, 'ragged', marks=pytest.mark.slow),
     pytest.param({'fsdp': 2, 'expert': 4}, 'dense', marks=pytest.mark.slow),
+    pytest.param({'fsdp': 2, 'expert': 4}, 'capacity', marks=pytest.mark.slow),
     pytest.param({'data': 2, 'tensor': 2, 'expert': 2}, 'ragged', marks=pytest.mark.slow),
 ])
 def test_expert_sharded_equals_one_device(moe_dir, mesh_shape, impl):
@@ -263,7 +254,7 @@ def test_expert_sharded_equals_one_device(moe_dir, mesh_shape, impl):
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: x + 0.05 * jax.random.normal(jax.random.key(len(path)), x.shape)
         if path[-1].key == 'lora_b' else x, p.params)
-    model = build_model(dataclasses.replace(p.config, moe_impl=impl))
+    model = build_model(dataclasses.replace(p.config, moe_impl=impl, moe_capacity_factor=4.0))  # nothing dropped
     ids = ids_of(pre.config, (8, SEQ), seed=6)
 
     def loss(prm, x):
@@ -311,3 +302,20 @@ def test_upcycled_model_starts_as_the_dense_one_and_exports_as_mixtral(tmp_path)
         upcycle.upcycle(pre, experts=4, top_k=2)
     with pytest.raises(ConfigError, match='upcycle_top_k=5 must be in'):
         upcycle.upcycle(dense, experts=4, top_k=5)
+
+
+def test_peft_export_of_attention_and_shared_expert_adapters(moe_dir, tmp_path):
+    """Adapters on attention and on Qwen2-MoE's shared expert (nn.Linear modules in transformers) export to a PEFT
+    adapter that peft loads onto transformers' model with ftjax's logits."""
+    peft_lib = pytest.importorskip('peft')
+    path = moe_dir('qwen2_moe')
+    c = lora_config(**{'peft.lora.targets': ['(q|k|v|o)_proj$', 'shared_(gate|up|down)_proj$']})
+    trained, _, _ = train(load_pretrained(path), c, steps=2)
+    ids = ids_of(trained.config, seed=3)
+    ours = np.asarray(trained.model.apply({'params': trained.params}, ids))
+    adapter = export.export_peft(trained, str(tmp_path / 'peft'))
+    with torch.no_grad():
+        model = peft_lib.PeftModel.from_pretrained(hf_model(path), adapter).eval()
+        err = np.abs(model(torch.tensor(ids)).logits.numpy() - ours).max()
+    print(f'qwen2_moe PEFT export (attention + shared expert): max |d logits| {err:.2e}')
+    assert err < 1e-4

@@ -237,3 +237,35 @@ def build(pre, c, rng=0):
     state = jax.jit(lambda p: state_lib.create_state(p, mask, tx, c.model.frozen_dtype))(pre.params)
     step = jax.jit(make_train_step(pre.model, c, tx, schedule), donate_argnums=0)
     return pre, mask, tx, schedule, state, step
+
+
+MOE_FAMILIES = {  # model_type -> (transformers class, config class, fields): tests/test_moe.py
+    'qwen3_moe': ('Qwen3MoeForCausalLM', 'Qwen3MoeConfig', dict(
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=96, norm_topk_prob=True,
+        head_dim=32)),
+    'qwen2_moe': ('Qwen2MoeForCausalLM', 'Qwen2MoeConfig', dict(
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+        intermediate_size=96)),
+    'mixtral': ('MixtralForCausalLM', 'MixtralConfig', dict(
+        num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=4)),
+    'olmoe': ('OlmoeForCausalLM', 'OlmoeConfig', dict(
+        num_experts=8, num_experts_per_tok=3, intermediate_size=32, clip_qkv=0.5)),
+    'granitemoe': ('GraniteMoeForCausalLM', 'GraniteMoeConfig', dict(
+        num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, embedding_multiplier=2.0,
+        residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=3.0)),
+}
+
+
+def make_moe_checkpoint(path, family, seed=0):
+    """A tiny random mixture-of-experts `family` model (float32, 2 layers) saved by transformers."""
+    import torch
+    import transformers
+    cls, config_cls, extra = MOE_FAMILIES[family]
+    tok = make_tokenizer()
+    cfg = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.1, router_aux_loss_coef=0.02,
+               bos_token_id=tok.bos_token_id, eos_token_id=None, pad_token_id=tok.pad_token_id, **extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls)(getattr(transformers, config_cls)(**cfg))
+    _perturb_norms(model, torch)
+    return _save(model.eval(), tok, path)

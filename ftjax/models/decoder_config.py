@@ -92,7 +92,8 @@ class LlamaConfig:
     kernels: str = 'cpu'  # resolved config.model.kernels: 'cpu', 'xla', 'splash', 'cudnn' (`ftjax.models.kernels`)
     context_parallel: str = 'all_gather'  # with a 'context' mesh axis > 1 (`ftjax.models.context`): or 'ring'
     context_load_balance: bool = True  # zig-zag order of the sequence over the context shards
-    moe_impl: str = 'ragged'  # or 'dense' (every expert on every token)
+    moe_impl: str = 'ragged'  # or 'dense' (every expert on every token), 'capacity' (a slot buffer per expert)
+    moe_capacity_factor: float = 1.25  # 'capacity': slots per expert = factor x tokens x k / experts
     router_z_loss_coef: float = 0.0
     lora: Optional[LoraSpec] = None
 

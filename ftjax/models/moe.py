@@ -8,6 +8,8 @@ the load-balancing and z auxiliary losses.
   experts     y = sum_k w_k * down_e(act(gate_e(h)) * up_e(h)), e the k-th chosen expert
               'ragged': tokens sorted by expert, `jax.lax.ragged_dot` per projection (compute ~ k / experts of dense)
               'dense':  every expert on every token, combined with the routing weights (the reference; small counts)
+              'capacity': GShard's dispatch: each expert's first ceil(capacity_factor x tokens x k / experts)
+                        assignments in a [experts, slots] buffer, batched matmuls, the rest dropped (weight 0)
   aux loss    transformers' `load_balancing_loss_func`: experts * sum_e f_e * P_e, f_e the fraction of top-k
               assignments to e and P_e its mean router probability, both pooled over layers and non-padding tokens;
               z-loss (ST-MoE): mean logsumexp(logits)^2
@@ -37,8 +39,9 @@ from ftjax.models.layers import ACTIVATIONS, Dense
 
 EXPERT_AXIS = 'expert'  # the mesh axis the experts are split over (ftjax.sharding.MESH_AXES)
 ROUTERS = ('softmax_topk', 'topk_softmax')
-IMPLS = ('ragged', 'dense')
-STATS = ('counts', 'probs', 'z', 'rows')  # per layer, summed over non-padding tokens (`Moe` returns them)
+IMPLS = ('ragged', 'dense', 'capacity')
+STATS = ('counts', 'probs', 'z', 'rows')  # per layer, summed over non-padding tokens (`Moe` returns them;
+# with moe_impl='capacity' also 'dropped', the fraction of assignments past the experts' slots)
 
 
 def route(logits, k, router='softmax_topk', norm_topk_prob=True):
@@ -72,8 +75,11 @@ def aux_losses(stats, num_experts):
     f = jnp.sum(stats['counts'], axis=0) / rows  # [experts], sums to k
     p = jnp.sum(stats['probs'], axis=0) / rows  # [experts], sums to 1
     load = f / jnp.maximum(jnp.sum(f), 1e-9)
-    return {'load_balance': num_experts * jnp.sum(jax.lax.stop_gradient(f) * p),
-            'z': jnp.sum(stats['z']) / rows, 'expert_load': load}
+    out = {'load_balance': num_experts * jnp.sum(jax.lax.stop_gradient(f) * p),
+           'z': jnp.sum(stats['z']) / rows, 'expert_load': load}
+    if 'dropped' in stats:  # moe_impl='capacity': the fraction of assignments dropped, over the layers
+        out['dropped'] = jnp.mean(stats['dropped'])
+    return out
 
 
 def aux_loss_sums(stats, cfg, count):
@@ -87,6 +93,8 @@ def aux_loss_sums(stats, cfg, count):
         loss = loss + cfg.router_z_loss_coef * aux['z']
     metrics = {'router_aux_loss': aux['load_balance'], 'router_z_loss': aux['z'],
                'expert_load_max': jnp.max(load), 'expert_load_min': jnp.min(load)}
+    if 'dropped' in aux:
+        metrics['expert_dropped'] = aux['dropped']
     return loss * count, {f'{k}_sum': jax.lax.stop_gradient(v) * count for k, v in metrics.items()}
 
 
@@ -134,11 +142,13 @@ def project(x, mats, sizes):
     return y
 
 
-def apply_experts(x, idx, w, projs, impl, act, fused, first=0):
+def apply_experts(x, idx, w, projs, impl, act, fused, first=0, capacity_factor=1.0, num_experts=None):
     """sum_k w_k * expert_{idx_k}(x) of the experts `first` .. `first` + local - 1 (the rest contribute 0).
 
     x [tokens, embed]; idx, w [tokens, k]; projs: {'gate_up' or 'gate' and 'up', 'down': `ExpertDense` matrices}
-    holding `local` experts; -> [tokens, embed] float32."""
+    holding `local` experts of `num_experts` (default: local); impl 'capacity': each expert takes at most
+    ceil(capacity_factor x tokens x k / num_experts) assignments, in token order, the rest dropped;
+    -> [tokens, embed] float32."""
     n, k = idx.shape
     local = projs['down'][0][0].shape[0]
     ids = idx - first  # local expert ids; outside [0, local): another shard's
@@ -160,21 +170,47 @@ def apply_experts(x, idx, w, projs, impl, act, fused, first=0):
     key = jnp.where(mine, ids, local).reshape(-1)  # [tokens * k]; others' assignments sorted last, in no group
     order = jnp.argsort(key, stable=True)  # assignments grouped by expert
     sizes = jnp.bincount(key, length=local + 1)[:local].astype(jnp.int32)  # [local]
-    ys = ffn(jnp.take(x, order // k, axis=0), sizes)  # [tokens * k, embed], sorted
+    if impl == 'capacity':
+        return _capacity(x, key, order, sizes, w, ffn, local, k, math.ceil(
+            capacity_factor * n * k / (num_experts or local)))
+    cap = n * min(k, local)  # a token picks an expert once: at most this many assignments are this shard's
+    ys = ffn(jnp.take(x, order[:cap] // k, axis=0), sizes)  # [cap, embed], sorted by expert
+    if cap < n * k:  # the other shards' assignments: zeros
+        ys = jnp.concatenate([ys, jnp.zeros((n * k - cap, ys.shape[-1]), ys.dtype)])
     ys = jnp.take(ys, jnp.argsort(order), axis=0).reshape(n, k, -1)  # back to token-major
     return jnp.einsum('nkd,nk->nd', ys.astype(jnp.float32), w)
 
 
-def sharded_experts(x, idx, w, projs, impl, act, fused, batch):
+def _capacity(x, key, order, sizes, w, ffn, local, k, slots):
+    """Capacity dispatch (GShard's): each local expert's first `slots` assignments (in token order) copied into a
+    [local, slots] buffer, one batched matmul per projection, the results taken back; the rest dropped (weight 0)."""
+    nk, d = key.shape[0], x.shape[-1]
+    slots = max(1, min(slots, nk))
+    sorted_key = key[order]  # [tokens * k], grouped by expert, others' (== local) last
+    starts = jnp.cumsum(sizes) - sizes  # [local]
+    rank = jnp.arange(nk) - jnp.take(starts, jnp.minimum(sorted_key, local - 1))  # place within its expert
+    keep = (sorted_key < local) & (rank < slots)
+    dest = jnp.where(keep, sorted_key * slots + rank, local * slots)  # the slot of each sorted assignment
+    src = jnp.full((local * slots + 1,), nk, jnp.int32).at[dest].set(order.astype(jnp.int32))[:-1]  # slot -> assignment
+    xp = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])  # row n: an empty slot
+    xb = jnp.take(xp, src // k, axis=0).reshape(local, slots, d).transpose(1, 0, 2)  # [slots, local, embed]
+    yb = ffn(xb, None).transpose(1, 0, 2).reshape(local * slots, d)  # [local * slots, embed]
+    yb = jnp.concatenate([yb, jnp.zeros((1, d), yb.dtype)])
+    slot_of = jnp.zeros((nk,), jnp.int32).at[order].set(dest.astype(jnp.int32))  # assignment -> slot (or empty)
+    ys = jnp.take(yb, slot_of, axis=0).reshape(-1, k, d)  # [tokens, k, embed]
+    return jnp.einsum('nkd,nk->nd', ys.astype(jnp.float32), w)
+
+
+def sharded_experts(x, idx, w, projs, impl, act, fused, batch, capacity_factor=1.0):
     """`apply_experts` with the experts split over the 'expert' mesh axis (`shard_map`): each shard gathers the
     tokens of its expert group (the rows the batch axes gave the other 'expert' shards), computes its own experts
     on them and reduce-scatters the sums back (one all-gather of the tokens and one reduce-scatter per layer)."""
     mesh = jax.sharding.get_abstract_mesh()
     sizes = {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
     ex = sizes.get(EXPERT_AXIS, 1)
-    if ex == 1:
-        return apply_experts(x, idx, w, projs, impl, act, fused)
     e = projs['down'][0][0].shape[0]
+    if ex == 1:
+        return apply_experts(x, idx, w, projs, impl, act, fused, 0, capacity_factor, e)
     if e % ex:
         raise ConfigError(f"mesh.expert={ex} must divide the model's {e} experts.")
     rows = tuple(a for a in BATCH_AXES if a in sizes)  # how the batch rows (and so the tokens) are split
@@ -185,7 +221,7 @@ def sharded_experts(x, idx, w, projs, impl, act, fused, batch):
         first = jax.lax.axis_index(EXPERT_AXIS) * (e // ex)
         if split:  # this expert group's tokens
             x, idx, w = (jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True) for a in (x, idx, w))
-        y = apply_experts(x, idx, w, projs, impl, act, fused, first)
+        y = apply_experts(x, idx, w, projs, impl, act, fused, first, capacity_factor, e)
         if split:
             return jax.lax.psum_scatter(y, EXPERT_AXIS, scatter_dimension=0, tiled=True)
         return jax.lax.psum(y, EXPERT_AXIS)
@@ -209,6 +245,10 @@ class Moe(nn.Module):
                        name='router')(x).astype(jnp.float32)  # [tokens, experts]; never adapted
         w, idx = route(logits, k, cfg.router, cfg.norm_topk_prob)  # [tokens, k]
         stats = routing_stats(logits, idx, valid.reshape(-1))
+        if cfg.moe_impl == 'capacity':  # assignments past each expert's slots (counted as if in one group)
+            slots = max(1, min(math.ceil(cfg.moe_capacity_factor * b * t * k / e), b * t * k))
+            over = jnp.bincount(idx.reshape(-1), length=e) - slots
+            stats['dropped'] = jnp.sum(jnp.maximum(over, 0)).astype(jnp.float32) / (b * t * k)
         expert = lambda n, axes, name, width: ExpertDense(  # noqa: E731
             e, n, axes, cfg.lora, cfg.dtype, cfg.param_dtype, name=name)(width)
         up_axes, down_axes = ('expert', 'embed', 'mlp'), ('expert', 'mlp', 'embed')
@@ -218,7 +258,8 @@ class Moe(nn.Module):
             projs = {'gate': expert(f, up_axes, 'gate_proj', d), 'up': expert(f, up_axes, 'up_proj', d)}
         projs['down'] = expert(d, down_axes, 'down_proj', f)
         act = ACTIVATIONS[cfg.activation]
-        y = sharded_experts(x, idx, w, projs, cfg.moe_impl, act, cfg.fused_gate_up, b)  # [tokens, embed] float32
+        y = sharded_experts(x, idx, w, projs, cfg.moe_impl, act, cfg.fused_gate_up, b,
+                            cfg.moe_capacity_factor)  # [tokens, embed] float32
         if cfg.shared_expert_size:  # Qwen2-MoE: a dense MLP on every token, gated by sigmoid(h @ w_g)
             dense = lambda n, axes, name: Dense(  # noqa: E731
                 n, axes, lora=cfg.lora, dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernels=cfg.kernels, name=name)
