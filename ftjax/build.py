@@ -23,7 +23,7 @@ from ftjax import data as data_lib
 from ftjax.data import templates
 from ftjax import state as state_lib
 from ftjax.errors import ConfigError, MissingFileError
-from ftjax.models import abstract_variables, adapters, build_model, convert, gguf_io, packaged, quantize, upcycle
+from ftjax.models import abstract_variables, adapters, build_model, convert, gguf_io, moe, packaged, quantize
 from ftjax.models.loading import Pretrained, require_tokenizer
 from ftjax.models.heads import task_of
 from ftjax.pretrained import load_pretrained
@@ -89,7 +89,7 @@ def load_start(config):
         if m.adapter and not m.adapter_merge:
             raise ConfigError('config.model.upcycle_experts with config.model.adapter: upcycle the merged model '
                               '(--config.model.adapter_merge=true) or train the adapter on the dense one.')
-        pre = upcycle.upcycle(merge_adapter(pre) if m.adapter_merge else pre, m.upcycle_experts, m.upcycle_top_k,
+        pre = moe.upcycle(merge_adapter(pre) if m.adapter_merge else pre, m.upcycle_experts, m.upcycle_top_k,
                               m.upcycle_noise, seed=config.train.seed)
     require_tokenizer(pre, f'config.model.path={m.path!r}')
     templates.apply(pre.tokenizer, getattr(pre.config, 'model_type', None), config.data.chat_template,

@@ -59,7 +59,7 @@ SCHEMA = [
       "(None: the checkpoint's router_aux_loss_coef)", NON_NEGATIVE, kind=float),
     K('model.router_z_loss_coef', 0.0, 'MoE: weight of the router z-loss (ST-MoE: mean logsumexp(router logits)^2)',
       NON_NEGATIVE),
-    K('model.upcycle_experts', 0, 'sparse upcycling (ftjax/models/upcycle.py): turn the dense decoder into a MoE of '
+    K('model.upcycle_experts', 0, 'sparse upcycling (ftjax/models/moe.py): turn the dense decoder into a MoE of '
       'this many experts, each a copy of its MLP (0: off)', NON_NEGATIVE),
     K('model.upcycle_top_k', 2, 'upcycling: experts per token (renormalised top-k: the upcycled model starts equal '
       'to the dense one)', POSITIVE_INT),

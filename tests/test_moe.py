@@ -281,15 +281,14 @@ def test_expert_sharded_equals_one_device(moe_dir, mesh_shape, impl):
 def test_upcycled_model_starts_as_the_dense_one_and_exports_as_mixtral(tmp_path):
     """Sparse upcycling: 4 copies of each MLP, top-2 renormalised, computes what the dense Llama did; after a full
     fine-tuning step it exports as a Mixtral that transformers reads back with ftjax's logits."""
-    from ftjax.models import upcycle
     dense = load_pretrained(tiny.make_llama_checkpoint(str(tmp_path / 'llama')))
-    pre = upcycle.upcycle(dense, experts=4, top_k=2, seed=0)
+    pre = moe.upcycle(dense, experts=4, top_k=2, seed=0)
     assert (pre.config.model_type, pre.config.num_experts, pre.config.experts_per_token) == ('mixtral', 4, 2)
     ids = ids_of(pre.config, seed=7)
     want = np.asarray(dense.model.apply({'params': dense.params}, ids))
     got, _ = forward(pre.config, pre.params, ids)
     assert np.abs(got - want).max() < TOL
-    noisy = upcycle.upcycle(dense, experts=4, top_k=2, noise=0.1, seed=0)
+    noisy = moe.upcycle(dense, experts=4, top_k=2, noise=0.1, seed=0)
     assert np.abs(forward(noisy.config, noisy.params, ids)[0] - want).max() > 100 * TOL
     trained, _, _ = train(pre, lora_config(**{'peft.method': 'full', 'optim.learning_rate': 1e-3}), steps=1)
     ours = np.asarray(trained.model.apply({'params': trained.params}, ids))
@@ -299,9 +298,9 @@ def test_upcycled_model_starts_as_the_dense_one_and_exports_as_mixtral(tmp_path)
         assert type(back).__name__ == 'MixtralForCausalLM'
         assert np.abs(back(torch.tensor(ids)).logits.numpy() - ours).max() < 1e-4
     with pytest.raises(ConfigError, match='already has 4 experts'):
-        upcycle.upcycle(pre, experts=4, top_k=2)
+        moe.upcycle(pre, experts=4, top_k=2)
     with pytest.raises(ConfigError, match='upcycle_top_k=5 must be in'):
-        upcycle.upcycle(dense, experts=4, top_k=5)
+        moe.upcycle(dense, experts=4, top_k=5)
 
 
 def test_peft_export_of_attention_and_shared_expert_adapters(moe_dir, tmp_path):

@@ -21,14 +21,21 @@ theirs and reduce-scatters the sums back (`sharded_experts`): dropless, no capac
 one reduce-scatter of [tokens, embed] per layer. An all-to-all dispatch (sending each assignment only to its
 expert's shard) would move k / experts of that; it is not built.
 
+Sparse upcycling (`upcycle`, config.model.upcycle_experts; Komatsuzaki et al., 2022): a dense Llama / Mistral /
+Qwen3 turned into a Mixtral / Qwen3-MoE whose every expert starts as a copy of the layer's MLP (plus optional
+noise), with a new router. With renormalised top-k weights and no noise it computes exactly what the dense model
+did (the k chosen copies are weighted by numbers that sum to 1); fine-tuning lets the experts drift apart.
+
 LoRA on the experts: one adapter per expert, `lora_a` [experts, in, r] and `lora_b` [experts, r, out] beside
 the stacked `kernel` [experts, in, out] (merged by `ftjax.models.adapters.merge` as any other kernel).
 """
+import dataclasses
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from ftjax.errors import ConfigError
@@ -69,14 +76,16 @@ def routing_stats(logits, idx, valid):
 
 
 def aux_losses(stats, num_experts):
-    """Every layer's stats (leaves with a leading [layers] axis) -> {'load_balance', 'z', 'expert_load'}:
-    the pooled losses, and each expert's share of the top-k assignments [experts] (1 / experts when balanced)."""
+    """Every layer's stats (leaves with a leading [layers] axis) -> {'load_balance', 'z', 'expert_load',
+    'layer_load_max'}: the pooled losses, each expert's share of the top-k assignments over the layers [experts]
+    (1 / experts when balanced), and the largest share of any expert in any one layer x experts (1 when balanced)."""
     rows = jnp.maximum(jnp.sum(stats['rows']), 1.0)
     f = jnp.sum(stats['counts'], axis=0) / rows  # [experts], sums to k
     p = jnp.sum(stats['probs'], axis=0) / rows  # [experts], sums to 1
     load = f / jnp.maximum(jnp.sum(f), 1e-9)
+    per_layer = stats['counts'] / jnp.maximum(jnp.sum(stats['counts'], axis=-1, keepdims=True), 1e-9)  # [layers, e]
     out = {'load_balance': num_experts * jnp.sum(jax.lax.stop_gradient(f) * p),
-           'z': jnp.sum(stats['z']) / rows, 'expert_load': load}
+           'z': jnp.sum(stats['z']) / rows, 'expert_load': load, 'layer_load_max': jnp.max(per_layer) * num_experts}
     if 'dropped' in stats:  # moe_impl='capacity': the fraction of assignments dropped, over the layers
         out['dropped'] = jnp.mean(stats['dropped'])
     return out
@@ -92,7 +101,8 @@ def aux_loss_sums(stats, cfg, count):
     if cfg.router_z_loss_coef:
         loss = loss + cfg.router_z_loss_coef * aux['z']
     metrics = {'router_aux_loss': aux['load_balance'], 'router_z_loss': aux['z'],
-               'expert_load_max': jnp.max(load), 'expert_load_min': jnp.min(load)}
+               'expert_load_max': jnp.max(load), 'expert_load_min': jnp.min(load),  # pooled over the layers
+               'expert_load_max_layer': jax.lax.stop_gradient(aux['layer_load_max'])}  # the busiest of any layer
     if 'dropped' in aux:
         metrics['expert_dropped'] = aux['dropped']
     return loss * count, {f'{k}_sum': jax.lax.stop_gradient(v) * count for k, v in metrics.items()}
@@ -142,17 +152,19 @@ def project(x, mats, sizes):
     return y
 
 
-def apply_experts(x, idx, w, projs, impl, act, fused, first=0, capacity_factor=1.0, num_experts=None):
+def apply_experts(x, idx, w, projs, impl, act, fused, first=0, capacity_factor=1.0, num_experts=None, valid=None):
     """sum_k w_k * expert_{idx_k}(x) of the experts `first` .. `first` + local - 1 (the rest contribute 0).
 
     x [tokens, embed]; idx, w [tokens, k]; projs: {'gate_up' or 'gate' and 'up', 'down': `ExpertDense` matrices}
     holding `local` experts of `num_experts` (default: local); impl 'capacity': each expert takes at most
-    ceil(capacity_factor x tokens x k / num_experts) assignments, in token order, the rest dropped;
-    -> [tokens, embed] float32."""
+    ceil(capacity_factor x tokens x k / num_experts) assignments, in token order, the rest dropped; valid [tokens]:
+    padding (False) is dispatched to no expert (its MLP output is 0); -> [tokens, embed] float32."""
     n, k = idx.shape
     local = projs['down'][0][0].shape[0]
     ids = idx - first  # local expert ids; outside [0, local): another shard's
     mine = (ids >= 0) & (ids < local)
+    if valid is not None:
+        mine = mine & valid[:, None]
     w = jnp.where(mine, w, 0.0)
     dtype = projs['down'][0][0].dtype
     x = x.astype(dtype)
@@ -201,7 +213,7 @@ def _capacity(x, key, order, sizes, w, ffn, local, k, slots):
     return jnp.einsum('nkd,nk->nd', ys.astype(jnp.float32), w)
 
 
-def sharded_experts(x, idx, w, projs, impl, act, fused, batch, capacity_factor=1.0):
+def sharded_experts(x, idx, w, projs, impl, act, fused, batch, capacity_factor=1.0, valid=None):
     """`apply_experts` with the experts split over the 'expert' mesh axis (`shard_map`): each shard gathers the
     tokens of its expert group (the rows the batch axes gave the other 'expert' shards), computes its own experts
     on them and reduce-scatters the sums back (one all-gather of the tokens and one reduce-scatter per layer)."""
@@ -210,25 +222,26 @@ def sharded_experts(x, idx, w, projs, impl, act, fused, batch, capacity_factor=1
     ex = sizes.get(EXPERT_AXIS, 1)
     e = projs['down'][0][0].shape[0]
     if ex == 1:
-        return apply_experts(x, idx, w, projs, impl, act, fused, 0, capacity_factor, e)
+        return apply_experts(x, idx, w, projs, impl, act, fused, 0, capacity_factor, e, valid)
     if e % ex:
         raise ConfigError(f"mesh.expert={ex} must divide the model's {e} experts.")
     rows = tuple(a for a in BATCH_AXES if a in sizes)  # how the batch rows (and so the tokens) are split
     rows = rows if rows and batch % math.prod(sizes[a] for a in rows) == 0 else None
     split = rows is not None and EXPERT_AXIS in rows
 
-    def per_shard(x, idx, w, projs):
+    def per_shard(x, idx, w, valid, projs):
         first = jax.lax.axis_index(EXPERT_AXIS) * (e // ex)
         if split:  # this expert group's tokens
-            x, idx, w = (jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True) for a in (x, idx, w))
-        y = apply_experts(x, idx, w, projs, impl, act, fused, first, capacity_factor, e)
+            x, idx, w, valid = (jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True) for a in (x, idx, w, valid))
+        y = apply_experts(x, idx, w, projs, impl, act, fused, first, capacity_factor, e, valid)
         if split:
             return jax.lax.psum_scatter(y, EXPERT_AXIS, scatter_dimension=0, tiled=True)
         return jax.lax.psum(y, EXPERT_AXIS)
     tok = P(rows, None)
     weights = jax.tree.map(lambda a: P(EXPERT_AXIS, *(None,) * (a.ndim - 1)), projs)
-    return jax.shard_map(per_shard, in_specs=(tok, tok, tok, weights), out_specs=tok, check_vma=False)(
-        x, idx, w, projs)
+    valid = jnp.ones(x.shape[:1], bool) if valid is None else valid
+    return jax.shard_map(per_shard, in_specs=(tok, tok, tok, P(rows), weights), out_specs=tok, check_vma=False)(
+        x, idx, w, valid, projs)
 
 
 class Moe(nn.Module):
@@ -247,8 +260,8 @@ class Moe(nn.Module):
         stats = routing_stats(logits, idx, valid.reshape(-1))
         if cfg.moe_impl == 'capacity':  # assignments past each expert's slots (counted as if in one group)
             slots = max(1, min(math.ceil(cfg.moe_capacity_factor * b * t * k / e), b * t * k))
-            over = jnp.bincount(idx.reshape(-1), length=e) - slots
-            stats['dropped'] = jnp.sum(jnp.maximum(over, 0)).astype(jnp.float32) / (b * t * k)
+            over = jnp.bincount(jnp.where(valid.reshape(-1, 1), idx, e).reshape(-1), length=e + 1)[:e] - slots
+            stats['dropped'] = jnp.sum(jnp.maximum(over, 0)) / jnp.maximum(jnp.sum(valid) * k, 1).astype(jnp.float32)
         expert = lambda n, axes, name, width: ExpertDense(  # noqa: E731
             e, n, axes, cfg.lora, cfg.dtype, cfg.param_dtype, name=name)(width)
         up_axes, down_axes = ('expert', 'embed', 'mlp'), ('expert', 'mlp', 'embed')
@@ -258,8 +271,8 @@ class Moe(nn.Module):
             projs = {'gate': expert(f, up_axes, 'gate_proj', d), 'up': expert(f, up_axes, 'up_proj', d)}
         projs['down'] = expert(d, down_axes, 'down_proj', f)
         act = ACTIVATIONS[cfg.activation]
-        y = sharded_experts(x, idx, w, projs, cfg.moe_impl, act, cfg.fused_gate_up, b,
-                            cfg.moe_capacity_factor)  # [tokens, embed] float32
+        y = sharded_experts(x, idx, w, projs, cfg.moe_impl, act, cfg.fused_gate_up, b, cfg.moe_capacity_factor,
+                            valid.reshape(-1))  # [tokens, embed] float32; padding goes to no expert
         if cfg.shared_expert_size:  # Qwen2-MoE: a dense MLP on every token, gated by sigmoid(h @ w_g)
             dense = lambda n, axes, name: Dense(  # noqa: E731
                 n, axes, lora=cfg.lora, dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernels=cfg.kernels, name=name)
@@ -271,3 +284,47 @@ class Moe(nn.Module):
                          name='shared_expert_gate')(x)  # [tokens, 1]
             y = y + (jax.nn.sigmoid(gate.astype(jnp.float32)) * sy.astype(jnp.float32))
         return y.astype(cfg.dtype).reshape(b, t, d), stats
+
+
+# --- sparse upcycling ---------------------------------------------------------------------------------------
+
+UPCYCLE_TARGETS = {'llama': 'mixtral', 'mistral': 'mixtral', 'qwen3': 'qwen3_moe'}
+
+
+def upcycle(pre, experts: int, top_k: int, noise: float = 0.0, seed: int = 0):
+    """A `Pretrained` dense decoder -> the same with `experts` copies of each MLP, `top_k` per token; `noise`: the
+    experts' weights times (1 + noise * N(0, 1)); the router N(0, 0.02), seeded."""
+    cfg = pre.config
+    model_type = getattr(cfg, 'model_type', None)
+    if cfg.num_experts:
+        raise ConfigError(f"config.model.upcycle_experts={experts}: the model already has {cfg.num_experts} experts.")
+    if model_type not in UPCYCLE_TARGETS:
+        raise ConfigError(f"config.model.upcycle_experts: a {model_type!r} model cannot be upcycled (supported: "
+                          f"{sorted(UPCYCLE_TARGETS)}, into {sorted(set(UPCYCLE_TARGETS.values()))}).")
+    if not 1 <= top_k <= experts:
+        raise ConfigError(f"config.model.upcycle_top_k={top_k} must be in [1, model.upcycle_experts={experts}].")
+    if cfg.fused_gate_up or cfg.mlp_bias:
+        raise ConfigError("config.model.upcycle_experts: the MLP has fused or biased projections, which ftjax's "
+                          "experts do not hold.")
+    rng = np.random.default_rng(seed)
+    params = dict(pre.params)
+    layers = dict(params['layers'])
+    moe = {}
+    for name in ('gate_proj', 'up_proj', 'down_proj'):
+        w = np.asarray(layers.pop(name)['kernel'])  # [layers, in, out]
+        copies = np.repeat(w[:, None], experts, axis=1)  # [layers, experts, in, out]
+        if noise:
+            copies = copies * (1 + noise * rng.standard_normal(copies.shape)).astype(copies.dtype)
+        moe[name] = {'kernel': copies}
+    router = rng.normal(0.0, 0.02, (cfg.num_layers, cfg.hidden_size, experts))  # [layers, embed, experts]
+    moe['router'] = {'kernel': router.astype(np.asarray(moe['down_proj']['kernel']).dtype)}
+    layers['moe'] = moe
+    params['layers'] = layers
+    new = dataclasses.replace(cfg, model_type=UPCYCLE_TARGETS[model_type], num_experts=experts, experts_per_token=top_k,
+                              moe_intermediate_size=cfg.intermediate_size, norm_topk_prob=True,
+                              router_aux_loss_coef=0.001 if UPCYCLE_TARGETS[model_type] == 'qwen3_moe' else 0.02)
+    drop = ('architectures', 'model_type', 'intermediate_size', 'moe_intermediate_size', 'num_experts',
+            'num_local_experts', 'num_experts_per_tok')
+    hf = {k: v for k, v in (pre.hf_config or {}).items() if k not in drop}
+    model = type(pre.model)(new)
+    return dataclasses.replace(pre, model=model, params=params, config=new, hf_config={**hf, **new.to_hf(hf)})
