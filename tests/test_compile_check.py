@@ -29,7 +29,7 @@ def test_compiles_and_counts_what_the_trainer_places(tiny_llama_dir, chat_data, 
                           topology, monkeypatch)
 
 
-@pytest.mark.parametrize('method', ['lora', pytest.param('full', marks=pytest.mark.slow)])
+@pytest.mark.parametrize('method', ['lora', pytest.param('full', marks=[pytest.mark.slow, pytest.mark.variants])])
 def test_moe_with_expert_parallelism(chat_data, monkeypatch, method, tmp_path):
     """A tiny Qwen2-MoE (8 experts, a shared expert), LoRA on attention and every expert, experts over expert=4."""
     path = make_moe_checkpoint(str(tmp_path / 'moe'), 'qwen2_moe')

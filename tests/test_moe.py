@@ -241,9 +241,9 @@ def test_config_round_trip():
     ({'data': 2, 'fsdp': 2, 'expert': 2}, 'ragged'),
     ({'expert': 8}, 'ragged'),  # one expert per shard, fewer than k = 2: the shard's assignments capped at tokens
     pytest.param({'fsdp': 2, 'expert': 4}, 'ragged', marks=pytest.mark.slow),
-    pytest.param({'fsdp': 2, 'expert': 4}, 'dense', marks=pytest.mark.slow),
-    pytest.param({'fsdp': 2, 'expert': 4}, 'capacity', marks=pytest.mark.slow),
-    pytest.param({'data': 2, 'tensor': 2, 'expert': 2}, 'ragged', marks=pytest.mark.slow),
+    pytest.param({'fsdp': 2, 'expert': 4}, 'dense', marks=[pytest.mark.slow, pytest.mark.variants]),
+    pytest.param({'fsdp': 2, 'expert': 4}, 'capacity', marks=[pytest.mark.slow, pytest.mark.variants]),
+    pytest.param({'data': 2, 'tensor': 2, 'expert': 2}, 'ragged', marks=[pytest.mark.slow, pytest.mark.variants]),
 ])
 def test_expert_sharded_equals_one_device(moe_dir, mesh_shape, impl):
     """The experts split over the 'expert' mesh axis of the 8 fake CPU devices (tokens gathered per expert group,
