@@ -153,8 +153,7 @@ def test_splash_mask_is_the_causal_window_mask():
 def test_splash_under_a_mesh_shards_rows_and_heads():
     """With a mesh set, splash runs per device under shard_map (rows over data x fsdp, heads over tensor)."""
     q, k, v, seg = _qkv(2)
-    mesh = jax.make_mesh((2, 1, 2, 1), sharding.MESH_AXES, devices=jax.devices()[:4],
-                         axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    mesh = sharding.make_mesh({'data': 2, 'tensor': 2}, jax.devices()[:4])
     mask = kernels.causal_mask(seg)
     want = reference_attention(q, k, v, mask)
     with jax.set_mesh(mesh):
@@ -277,8 +276,7 @@ def test_loss_chunk_counts_tokens_per_device(barrier):
 
 def test_batch_shards_reads_the_mesh():
     assert sharding.batch_shards() == 1
-    mesh = jax.make_mesh((2, 2, 2, 1), sharding.MESH_AXES, devices=jax.devices()[:8],
-                         axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2}, jax.devices()[:8])
     seen = []
     with jax.set_mesh(mesh):
         jax.jit(lambda x: seen.append(sharding.batch_shards()) or x)(jnp.ones((8,)))

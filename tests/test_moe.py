@@ -123,7 +123,7 @@ def test_expert_paths_agree_with_expert_lora(moe_dir):
         assert (0.0 < frac < 1.0) if some else frac == 0.0, (factor, frac)
 
 
-@pytest.mark.parametrize('family', ['mixtral', pytest.param('olmoe', marks=pytest.mark.slow)])
+@pytest.mark.parametrize('family', ['mixtral', pytest.param('olmoe', marks=[pytest.mark.slow, pytest.mark.variants])])
 def test_greedy_generation_matches_transformers(moe_dir, family):
     path = moe_dir(family)
     pre = load_pretrained(path)
@@ -198,6 +198,7 @@ def test_lora_on_experts_trains_and_exports_merged(moe_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.variants  # CI: full fine-tuning of a MoE runs in test_upcycled_model_... and the compile check
 def test_full_and_router_frozen_fine_tuning(moe_dir, tmp_path):
     """Full fine-tuning exports to transformers exactly; partial with the router frozen trains the rest only."""
     path = moe_dir('mixtral')
