@@ -117,15 +117,7 @@ def test_logits_match_transformers(family_dir, family):
 def test_greedy_generation_matches_transformers(family_dir, family):
     """Two prompts in one left-padded batch (KV cache, sliding layers masked by slot) against transformers'
     generate on each alone; the continuation runs past the window, and without the window it would differ."""
-    path = family_dir(family)
-    pre = load_pretrained(path)
-    r = np.random.RandomState(1)
-    prompts = [r.randint(0, pre.config.vocab_size, n).tolist() for n in (6, 3)]
-    ours = infer.generate(pre, prompts, max_new_tokens=10, eos_ids=[])
-    ref = hf_model(path)
-    with torch.no_grad():
-        theirs = [ref.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False)[0, len(p):].tolist()
-                  for p in prompts]
+    pre, prompts, ours, theirs = tiny.greedy_against_transformers(family_dir(family))
     print(f'{family}: ftjax {ours}\n{" " * len(family)}  transformers {theirs}')
     assert ours == theirs
     cfg = dataclasses.replace(pre.config, sliding_window=None)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from ftjax import export, infer, optim, peft, sharding, train_step
+from ftjax import export, optim, peft, sharding, train_step
 from ftjax import state as state_lib
 from ftjax.config import DEFAULT_RULES, default_config
 from ftjax.errors import ConfigError, ModelError
@@ -125,15 +125,7 @@ def test_expert_paths_agree_with_expert_lora(moe_dir):
 
 @pytest.mark.parametrize('family', ['mixtral', pytest.param('olmoe', marks=[pytest.mark.slow, pytest.mark.variants])])
 def test_greedy_generation_matches_transformers(moe_dir, family):
-    path = moe_dir(family)
-    pre = load_pretrained(path)
-    r = np.random.RandomState(1)
-    prompts = [r.randint(0, pre.config.vocab_size, n).tolist() for n in (6, 3)]
-    ours = infer.generate(pre, prompts, max_new_tokens=10, eos_ids=[])
-    ref = hf_model(path)
-    with torch.no_grad():
-        theirs = [ref.generate(torch.tensor([q]), max_new_tokens=10, do_sample=False)[0, len(q):].tolist()
-                  for q in prompts]
+    _, _, ours, theirs = tiny.greedy_against_transformers(moe_dir(family))
     assert ours == theirs
 
 

@@ -11,11 +11,12 @@ import os
 import jax
 import numpy as np
 
-from ftjax import optim, peft
+from ftjax import infer, optim, peft
 from ftjax import state as state_lib
 from ftjax import workdir as workdir_lib
 from ftjax.train_step import make_train_step
 from ftjax.config import default_config, default_data_config, override
+from ftjax.models import load_pretrained
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
@@ -269,3 +270,19 @@ def make_moe_checkpoint(path, family, seed=0):
     model = getattr(transformers, cls)(getattr(transformers, config_cls)(**cfg))
     _perturb_norms(model, torch)
     return _save(model.eval(), tok, path)
+
+
+def greedy_against_transformers(path, new_tokens=10):
+    """(ftjax's, transformers') greedy continuations of a 6- and a 3-token prompt of the HF model at `path`: ftjax
+    decodes both in one left-padded batch, transformers each alone."""
+    import torch
+    import transformers
+    pre = load_pretrained(path)
+    r = np.random.RandomState(1)
+    prompts = [r.randint(0, pre.config.vocab_size, n).tolist() for n in (6, 3)]
+    ours = infer.generate(pre, prompts, max_new_tokens=new_tokens, eos_ids=[])
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = [ref.generate(torch.tensor([q]), max_new_tokens=new_tokens, do_sample=False)[0, len(q):].tolist()
+                  for q in prompts]
+    return pre, prompts, ours, theirs
