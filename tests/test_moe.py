@@ -189,6 +189,31 @@ def test_lora_on_experts_trains_and_exports_merged(moe_dir, tmp_path):
         export.export_peft(trained, str(tmp_path / 'peft'))
 
 
+def test_preference_step_adds_the_load_balancing_loss(moe_dir):
+    """SimPO on a MoE model (LoRA on the experts): the step's loss is the preference loss + coef x load balance,
+    and the routing metrics are reported, as in the LM objective."""
+    pre = load_pretrained(moe_dir('mixtral'))
+    t = SEQ
+    seg = np.array([[1] * (t // 2) + [2] * (t // 2)] * 2, np.int32)
+    ids = ids_of(pre.config, (2, t + 1), seed=8).astype(np.int32)
+    mask = np.tile(np.array([0, 0] + [1] * (t // 2 - 2), np.float32), (2, 2))
+    pos = np.tile(np.arange(t // 2, dtype=np.int32), (2, 2))
+    batch = {'input_ids': ids[:, :-1], 'target_ids': ids[:, 1:], 'loss_mask': mask, 'segment_ids': seg,
+             'positions': pos}
+    first = {}
+    for coef in (0.5, 0.0):
+        c = lora_config(**{'model.router_aux_loss_coef': coef, 'align.loss': 'simpo', 'align.reference': 'none'})
+        c.data.format = 'preference'
+        p, mask_ = peft.prepare(pre, c, jax.random.key(0))
+        tx, schedule = optim.make_optimizer(c, state_lib.partition(p.params, mask_)[0], c.train.steps)
+        state = state_lib.create_state(p.params, mask_, tx)
+        _, metrics = jax.jit(train_step.make_train_step(p.model, c, tx, schedule))(state, batch, jax.random.key(0))
+        first[coef] = {k: float(v) for k, v in metrics.items()}
+    assert first[0.5]['router_aux_loss'] > 1.0 and 'expert_load_max' in first[0.5]
+    np.testing.assert_allclose(first[0.5]['loss'] - first[0.0]['loss'], 0.5 * first[0.5]['router_aux_loss'],
+                               rtol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.variants  # CI: full fine-tuning of a MoE runs in test_upcycled_model_... and the compile check
 def test_full_and_router_frozen_fine_tuning(moe_dir, tmp_path):

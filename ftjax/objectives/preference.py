@@ -46,6 +46,7 @@ from flax import traverse_util
 from ftjax import sharding
 from ftjax.data import layout
 from ftjax.errors import ConfigError
+from ftjax.models import moe
 from ftjax.models.adapters import is_adapter
 from ftjax.models.heads import lm_head_kernel
 from ftjax.objectives import logprobs
@@ -103,16 +104,19 @@ def segment_sums(values, loss_mask, segment_ids):
     return jnp.stack([jnp.sum(values * w * (segment_ids == s), axis=-1) for s in (1, 2)], axis=-1)
 
 
-def answer_logps(model, params, batch, rng=None, chunk_tokens=512):
+def answer_logps(model, params, batch, rng=None, chunk_tokens=512, router=False):
     """(summed answer log-probs [batch, 2], answer token counts [batch, 2]) of a preference batch; `chunk_tokens`
-    counts tokens per device."""
+    counts tokens per device. With `router`, a MoE model's routing statistics come third (None when dense)."""
     kw = dict(deterministic=rng is None, rngs=None if rng is None else {'dropout': rng})
-    hidden = model.apply({'params': params}, batch['input_ids'], batch.get('positions'), batch['segment_ids'],
-                         return_hidden=True, **kw)  # [batch, seq, embed]
+    moe_model = router and getattr(model.cfg, 'num_experts', 0)
+    out = model.apply({'params': params}, batch['input_ids'], batch.get('positions'), batch['segment_ids'],
+                      return_hidden=True, mutable=['intermediates'] if moe_model else False, **kw)
+    hidden, stats = (out[0], out[1]['intermediates']['router']) if moe_model else (out, None)  # [batch, seq, embed]
     lp = logprobs.token_logps(hidden, lm_head_kernel(params, model.cfg), batch['target_ids'], chunk_tokens,
                               sharding.batch_shards(), getattr(model.cfg, 'final_softcap', None))  # [batch, seq]
     seg = batch['segment_ids']
-    return segment_sums(lp, batch['loss_mask'], seg), segment_sums(jnp.ones_like(lp), batch['loss_mask'], seg)
+    got = segment_sums(lp, batch['loss_mask'], seg), segment_sums(jnp.ones_like(lp), batch['loss_mask'], seg)
+    return (*got, stats) if router else got
 
 
 def base_model(model):
@@ -240,6 +244,8 @@ def finalize(sums):
     metrics = {name: sums[name] / pairs for name in METRICS}
     if 'nll_sum' in sums:  # orpo: its SFT part, per chosen answer token
         metrics['nll'] = sums['nll_sum'] / jnp.maximum(sums['nll_tokens'], 1.0)
+    metrics.update({k[:-len('_sum')]: v / pairs for k, v in sums.items()  # MoE routing metrics (`moe.aux_loss_sums`)
+                    if k.startswith(('router_', 'expert_')) and k.endswith('_sum')})
     return jnp.ones((), jnp.float32), {'accuracy': metrics['rewards/accuracy'], 'num_tokens': sums['pairs'], **metrics}
 
 
@@ -253,9 +259,13 @@ def make(config) -> Objective:
     def sums(model, trainable, frozen, batch, rng, norms):
         if s.reference == 'adapters_off':
             check_adapters_only(trainable)
-        logps, counts = answer_logps(model, combine(trainable, frozen), batch, rng, chunk)
+        logps, counts, stats = answer_logps(model, combine(trainable, frozen), batch, rng, chunk, router=True)
         ref = reference_logps(model, s, frozen, batch, chunk)
-        return loss_and_sums(s, logps, counts, ref, *norms)
+        loss, got = loss_and_sums(s, logps, counts, ref, *norms)
+        if stats is not None:  # MoE: the load-balancing (and z) losses, weighted by this micro-batch's pairs
+            aux, extra = moe.aux_loss_sums(stats, model.cfg, got['pairs'])
+            loss, got = loss + aux / norms[0], {**got, **extra}
+        return loss, got
 
     def eval_sums(model, params, batch):
         logps, counts = answer_logps(model, params, batch, None, chunk)
