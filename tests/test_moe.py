@@ -189,21 +189,27 @@ def test_lora_on_experts_trains_and_exports_merged(moe_dir, tmp_path):
         export.export_peft(trained, str(tmp_path / 'peft'))
 
 
-def test_preference_step_adds_the_load_balancing_loss(moe_dir):
-    """SimPO on a MoE model (LoRA on the experts): the step's loss is the preference loss + coef x load balance,
-    and the routing metrics are reported, as in the LM objective."""
+@pytest.mark.parametrize('objective', ['simpo', 'grpo'])
+def test_preference_and_grpo_steps_add_the_load_balancing_loss(moe_dir, objective):
+    """SimPO and GRPO on a MoE model (LoRA on the experts): the step's loss is the objective's + coef x load
+    balance, and the routing metrics are reported, as in the LM objective."""
     pre = load_pretrained(moe_dir('mixtral'))
     t = SEQ
-    seg = np.array([[1] * (t // 2) + [2] * (t // 2)] * 2, np.int32)
     ids = ids_of(pre.config, (2, t + 1), seed=8).astype(np.int32)
-    mask = np.tile(np.array([0, 0] + [1] * (t // 2 - 2), np.float32), (2, 2))
-    pos = np.tile(np.arange(t // 2, dtype=np.int32), (2, 2))
-    batch = {'input_ids': ids[:, :-1], 'target_ids': ids[:, 1:], 'loss_mask': mask, 'segment_ids': seg,
-             'positions': pos}
+    batch = {'input_ids': ids[:, :-1], 'target_ids': ids[:, 1:]}
+    if objective == 'simpo':  # a chosen and a rejected answer per row
+        batch.update(segment_ids=np.array([[1] * (t // 2) + [2] * (t // 2)] * 2, np.int32),
+                     loss_mask=np.tile(np.array([0, 0] + [1] * (t // 2 - 2), np.float32), (2, 2)),
+                     positions=np.tile(np.arange(t // 2, dtype=np.int32), (2, 2)))
+    else:  # a prompt and a completion per row, with the rollout's log-probs and advantages
+        batch.update(segment_ids=np.ones((2, t), np.int32), positions=np.tile(np.arange(t, dtype=np.int32), (2, 1)),
+                     loss_mask=np.tile(np.array([0] * 4 + [1] * (t - 4), np.float32), (2, 1)),
+                     old_logps=np.full((2, t), -3.0, np.float32), advantages=np.array([1.0, -1.0], np.float32))
     first = {}
     for coef in (0.5, 0.0):
-        c = lora_config(**{'model.router_aux_loss_coef': coef, 'align.loss': 'simpo', 'align.reference': 'none'})
-        c.data.format = 'preference'
+        c = lora_config(**{'model.router_aux_loss_coef': coef, 'align.loss': objective, 'align.beta': 0.0})
+        if objective == 'simpo':
+            c.data.format, c.align.reference, c.align.beta = 'preference', 'none', 2.0
         p, mask_ = peft.prepare(pre, c, jax.random.key(0))
         tx, schedule = optim.make_optimizer(c, state_lib.partition(p.params, mask_)[0], c.train.steps)
         state = state_lib.create_state(p.params, mask_, tx)

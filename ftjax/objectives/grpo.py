@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from ftjax import sharding
 from ftjax.data import layout
 from ftjax.errors import ConfigError
+from ftjax.models import moe
 from ftjax.models.heads import lm_head_kernel
 from ftjax.objectives import logprobs
 from ftjax.objectives.objective import Objective
@@ -134,7 +135,9 @@ def finalize(sums):
     tokens = jnp.maximum(sums['tokens'], 1.0)
     count = jnp.maximum(sums['clip_count'], 1.0)
     metrics = {'kl': sums['kl'] / tokens, 'entropy': sums['entropy'] / tokens, 'num_tokens': sums['tokens'],
-               **{k: sums[k] / count for k in METRICS if k.startswith(('clip', 'ratio'))}}
+               **{k: sums[k] / count for k in METRICS if k.startswith(('clip', 'ratio'))},
+               **{k[:-len('_sum')]: v / jnp.maximum(sums['rows'], 1.0) for k, v in sums.items()  # MoE routing
+                  if k.startswith(('router_', 'expert_')) and k.endswith('_sum')}}
     return jnp.ones((), jnp.float32), metrics
 
 
@@ -147,13 +150,17 @@ def before_after(before, after):
     return '\n'.join(lines)
 
 
-def completion_logps(model, params, batch, rng=None, chunk_tokens=512, entropy=False):
-    """log p of every target [batch, seq] (and the entropy per position, with `entropy`) of a GRPO batch."""
+def completion_logps(model, params, batch, rng=None, chunk_tokens=512, entropy=False, router=False):
+    """log p of every target [batch, seq] (and the entropy per position, with `entropy`) of a GRPO batch; with
+    `router`, (that, a MoE model's routing statistics or None)."""
     kw = dict(deterministic=rng is None, rngs=None if rng is None else {'dropout': rng})
-    hidden = model.apply({'params': params}, batch['input_ids'], batch.get('positions'), batch['segment_ids'],
-                         return_hidden=True, **kw)  # [batch, seq, embed]
-    return logprobs.token_logps(hidden, lm_head_kernel(params, model.cfg), batch['target_ids'], chunk_tokens,
-                                sharding.batch_shards(), getattr(model.cfg, 'final_softcap', None), entropy=entropy)
+    moe_model = router and getattr(model.cfg, 'num_experts', 0)
+    out = model.apply({'params': params}, batch['input_ids'], batch.get('positions'), batch['segment_ids'],
+                      return_hidden=True, mutable=['intermediates'] if moe_model else False, **kw)
+    hidden, stats = (out[0], out[1]['intermediates']['router']) if moe_model else (out, None)  # [batch, seq, embed]
+    got = logprobs.token_logps(hidden, lm_head_kernel(params, model.cfg), batch['target_ids'], chunk_tokens,
+                               sharding.batch_shards(), getattr(model.cfg, 'final_softcap', None), entropy=entropy)
+    return (got, stats) if router else got
 
 
 def make(config) -> Objective:
@@ -170,9 +177,14 @@ def make(config) -> Objective:
     def sums(model, trainable, frozen, batch, rng, norms):
         if s.beta != 0.0:
             check_adapters_only(trainable)
-        logps, ent = completion_logps(model, combine(trainable, frozen), batch, rng, chunk, entropy=True)
-        return loss_and_sums(s, logps, batch['old_logps'], reference(model, frozen, batch), batch['advantages'],
-                             batch['loss_mask'], *norms, entropy=ent)
+        (logps, ent), stats = completion_logps(model, combine(trainable, frozen), batch, rng, chunk, entropy=True,
+                                               router=True)
+        loss, got = loss_and_sums(s, logps, batch['old_logps'], reference(model, frozen, batch), batch['advantages'],
+                                  batch['loss_mask'], *norms, entropy=ent)
+        if stats is not None:  # MoE: the load-balancing (and z) losses, weighted by this micro-batch's rows
+            aux, extra = moe.aux_loss_sums(stats, model.cfg, got['rows'])
+            loss, got = loss + aux / norms[0], {**got, **extra}
+        return loss, got
 
     def eval_sums(model, params, batch):
         logps = completion_logps(model, params, batch, None, chunk)
