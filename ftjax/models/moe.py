@@ -17,9 +17,10 @@ the load-balancing and z auxiliary losses.
 Expert parallelism (`mesh.expert`): the stacked experts are split over the 'expert' mesh axis, which also splits
 the batch everywhere else (data parallel). In each MoE MLP every 'expert' shard all-gathers the tokens of its
 expert group (the rows the other shards of the axis hold), runs its own experts on the assignments that are
-theirs and reduce-scatters the sums back (`sharded_experts`): dropless, no capacity factor, one all-gather and
-one reduce-scatter of [tokens, embed] per layer. An all-to-all dispatch (sending each assignment only to its
-expert's shard) would move k / experts of that; it is not built.
+theirs (by `model.moe_impl`; a shard's ragged buffer holds at most tokens x min(k, its experts) rows) and
+reduce-scatters the sums back (`sharded_experts`): one all-gather and one reduce-scatter of [tokens, embed] per
+layer. An all-to-all dispatch (sending each assignment only to its expert's shard) would move k / experts of that;
+it is not built.
 
 Sparse upcycling (`upcycle`, config.model.upcycle_experts; Komatsuzaki et al., 2022): a dense Llama / Mistral /
 Qwen3 turned into a Mixtral / Qwen3-MoE whose every expert starts as a copy of the layer's MLP (plus optional
