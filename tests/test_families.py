@@ -22,7 +22,7 @@ import pytest
 from flax import traverse_util
 
 import ftjax
-from ftjax import export, infer, optim, peft, sharding, train_step
+from ftjax import export, infer, sharding
 from ftjax import state as state_lib
 from ftjax.config import DEFAULT_RULES, default_config
 from ftjax.errors import ModelError
@@ -126,16 +126,6 @@ def test_greedy_generation_matches_transformers(family_dir, family):
     assert unwindowed != theirs
 
 
-def lora_config(**over):
-    c = default_config()
-    c.peft.method, c.peft.lora.rank, c.peft.lora.alpha = 'lora', 4, 8.0
-    c.optim.learning_rate, c.optim.schedule, c.optim.warmup_steps = 5e-2, 'constant', 0
-    c.model.kernels, c.train.loss_chunk = 'cpu', 64
-    for k, v in over.items():
-        c[k.split('.')[0]][k.split('.')[1]] = v
-    return c
-
-
 def lm_batch(cfg, rows=2, seed=2):
     ids = ids_of(cfg, (rows, SEQ + 1), seed).astype(np.int32)
     return {'input_ids': ids[:, :-1], 'target_ids': ids[:, 1:], 'loss_mask': np.ones((rows, SEQ), np.float32)}
@@ -143,11 +133,8 @@ def lm_batch(cfg, rows=2, seed=2):
 
 def lora_steps(pre, steps=2):
     """`pre` after `steps` LoRA steps of the real train step (every attention and MLP projection adapted)."""
-    c = lora_config()
-    p, mask = peft.prepare(pre, c, jax.random.key(0))
-    tx, schedule = optim.make_optimizer(c, state_lib.partition(p.params, mask)[0], c.train.steps)
-    state = state_lib.create_state(p.params, mask, tx)
-    step = jax.jit(train_step.make_train_step(p.model, c, tx, schedule))
+    c = tiny.lora_test_config()
+    p, _, _, _, state, step = tiny.build(pre, c)
     batch, losses = lm_batch(pre.config), []
     for i in range(steps):
         state, metrics = step(state, batch, jax.random.key(i))

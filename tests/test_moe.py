@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from ftjax import export, optim, peft, sharding, train_step
+from ftjax import export, peft, sharding
 from ftjax import state as state_lib
-from ftjax.config import DEFAULT_RULES, default_config
+from ftjax.config import DEFAULT_RULES
 from ftjax.errors import ConfigError, ModelError
 from ftjax.models import LlamaConfig, abstract_variables, build_model, load_pretrained, moe
 from tests import tiny
@@ -87,7 +87,7 @@ def test_expert_paths_agree_with_expert_lora(moe_dir):
     """Loss and gradients of the ragged, dense and capacity paths (capacity factor experts / k: nothing dropped),
     with adapters on every expert (non-zero B) and padding rows; a capacity of half the tokens drops some."""
     pre = load_pretrained(moe_dir('qwen2_moe'))
-    c = lora_config()
+    c = tiny.lora_test_config()
     p, _ = peft.prepare(pre, c, jax.random.key(0))
     params = jax.tree_util.tree_map_with_path(  # B = 0 at init would hide the adapters' path
         lambda path, x: x + 0.05 * jax.random.normal(jax.random.key(len(path)), x.shape)
@@ -129,26 +129,9 @@ def test_greedy_generation_matches_transformers(moe_dir, family):
     assert ours == theirs
 
 
-def lora_config(**over):
-    c = default_config()
-    c.peft.method, c.peft.lora.rank, c.peft.lora.alpha = 'lora', 4, 8.0
-    c.optim.learning_rate, c.optim.schedule, c.optim.warmup_steps = 5e-2, 'constant', 0
-    c.model.kernels, c.train.loss_chunk = 'cpu', 64
-    for k, v in over.items():
-        section, key = k.rsplit('.', 1)
-        node = c
-        for part in section.split('.'):
-            node = node[part]
-        node[key] = v
-    return c
-
-
 def train(pre, c, steps=3):
     """`pre` after `steps` real train steps of config `c`; (trained Pretrained, per-step metrics)."""
-    p, mask = peft.prepare(pre, c, jax.random.key(0))
-    tx, schedule = optim.make_optimizer(c, state_lib.partition(p.params, mask)[0], c.train.steps)
-    state = state_lib.create_state(p.params, mask, tx)
-    step = jax.jit(train_step.make_train_step(p.model, c, tx, schedule))
+    p, _, _, _, state, step = tiny.build(pre, c)
     ids = ids_of(pre.config, (2, SEQ + 1), seed=2).astype(np.int32)
     batch = {'input_ids': ids[:, :-1], 'target_ids': ids[:, 1:], 'loss_mask': np.ones((2, SEQ), np.float32)}
     history = []
@@ -164,7 +147,7 @@ def test_lora_on_experts_trains_and_exports_merged(moe_dir, tmp_path):
     the merged Hugging Face export reads back in transformers with ftjax's logits."""
     path = moe_dir('qwen3_moe')
     pre = load_pretrained(path)
-    trained, history, state = train(pre, lora_config(**{'model.router_aux_loss_coef': 0.5}))
+    trained, history, state = train(pre, tiny.lora_test_config(**{'model.router_aux_loss_coef': 0.5}))
     flat = traverse_util.flatten_dict(trained.params)
     e, d = pre.config.num_experts, pre.config.hidden_size
     assert flat[('layers', 'moe', 'gate_proj', 'lora_a')].shape == (2, e, d, 4)
@@ -173,7 +156,7 @@ def test_lora_on_experts_trains_and_exports_merged(moe_dir, tmp_path):
     assert not any(k[-1] != 'lora_a' and k[-1] != 'lora_b' for k in traverse_util.flatten_dict(state.trainable))
     first, last = history[0], history[-1]
     assert last['loss'] < first['loss'] and first['router_aux_loss'] > 1.0  # k=2 when balanced
-    _, without, _ = train(pre, lora_config(**{'model.router_aux_loss_coef': 0.0}), steps=1)
+    _, without, _ = train(pre, tiny.lora_test_config(**{'model.router_aux_loss_coef': 0.0}), steps=1)
     np.testing.assert_allclose(first['loss'] - without[0]['loss'], 0.5 * first['router_aux_loss'], rtol=1e-5)
     assert first['expert_load_max'] >= 1.0 >= first['expert_load_min']
     ids = ids_of(pre.config, seed=3)
@@ -207,13 +190,11 @@ def test_preference_and_grpo_steps_add_the_load_balancing_loss(moe_dir, objectiv
                      old_logps=np.full((2, t), -3.0, np.float32), advantages=np.array([1.0, -1.0], np.float32))
     first = {}
     for coef in (0.5, 0.0):
-        c = lora_config(**{'model.router_aux_loss_coef': coef, 'align.loss': objective, 'align.beta': 0.0})
+        c = tiny.lora_test_config(**{'model.router_aux_loss_coef': coef, 'align.loss': objective, 'align.beta': 0.0})
         if objective == 'simpo':
             c.data.format, c.align.reference, c.align.beta = 'preference', 'none', 2.0
-        p, mask_ = peft.prepare(pre, c, jax.random.key(0))
-        tx, schedule = optim.make_optimizer(c, state_lib.partition(p.params, mask_)[0], c.train.steps)
-        state = state_lib.create_state(p.params, mask_, tx)
-        _, metrics = jax.jit(train_step.make_train_step(p.model, c, tx, schedule))(state, batch, jax.random.key(0))
+        _, _, _, _, state, step = tiny.build(pre, c)
+        _, metrics = step(state, batch, jax.random.key(0))
         first[coef] = {k: float(v) for k, v in metrics.items()}
     assert first[0.5]['router_aux_loss'] > 1.0 and 'expert_load_max' in first[0.5]
     np.testing.assert_allclose(first[0.5]['loss'] - first[0.0]['loss'], 0.5 * first[0.5]['router_aux_loss'],
@@ -226,7 +207,7 @@ def test_full_and_router_frozen_fine_tuning(moe_dir, tmp_path):
     """Full fine-tuning exports to transformers exactly; partial with the router frozen trains the rest only."""
     path = moe_dir('mixtral')
     pre = load_pretrained(path)
-    c = lora_config(**{'peft.method': 'full', 'optim.learning_rate': 1e-3})
+    c = tiny.lora_test_config(**{'peft.method': 'full', 'optim.learning_rate': 1e-3})
     trained, history, _ = train(pre, c)
     assert history[-1]['loss'] < history[0]['loss']
     ids = ids_of(pre.config, seed=3)
@@ -236,7 +217,7 @@ def test_full_and_router_frozen_fine_tuning(moe_dir, tmp_path):
     assert np.abs(ours - back).max() < 1e-4
     for regex, want in (('moe/(gate|up|down)_proj', {f'layers/moe/{m}_proj/kernel' for m in ('gate', 'up', 'down')}),
                         ('router', {'layers/moe/router/kernel'})):  # the router frozen, or only the router
-        _, _, state = train(pre, lora_config(**{'peft.method': 'partial', 'peft.trainable': [regex]}), steps=1)
+        _, _, state = train(pre, tiny.lora_test_config(**{'peft.method': 'partial', 'peft.trainable': [regex]}), steps=1)
         assert {'/'.join(k) for k in traverse_util.flatten_dict(state.trainable)} == want
 
 
@@ -274,7 +255,7 @@ def test_expert_sharded_equals_one_device(moe_dir, mesh_shape, impl):
     sums reduce-scattered), with fsdp / data / tensor: loss (with the load-balancing term) and the gradients of
     every parameter, LoRA on the experts included, equal the unsharded step's."""
     pre = load_pretrained(moe_dir('qwen2_moe'))
-    p, _ = peft.prepare(pre, lora_config(), jax.random.key(0))
+    p, _ = peft.prepare(pre, tiny.lora_test_config(), jax.random.key(0))
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: x + 0.05 * jax.random.normal(jax.random.key(len(path)), x.shape)
         if path[-1].key == 'lora_b' else x, p.params)
@@ -314,7 +295,7 @@ def test_upcycled_model_starts_as_the_dense_one_and_exports_as_mixtral(tmp_path)
     assert np.abs(got - want).max() < TOL
     noisy = moe.upcycle(dense, experts=4, top_k=2, noise=0.1, seed=0)
     assert np.abs(forward(noisy.config, noisy.params, ids)[0] - want).max() > 100 * TOL
-    trained, _, _ = train(pre, lora_config(**{'peft.method': 'full', 'optim.learning_rate': 1e-3}), steps=1)
+    trained, _, _ = train(pre, tiny.lora_test_config(**{'peft.method': 'full', 'optim.learning_rate': 1e-3}), steps=1)
     ours = np.asarray(trained.model.apply({'params': trained.params}, ids))
     out = export.export_hf(trained, str(tmp_path / 'hf'))
     with torch.no_grad():
@@ -332,7 +313,7 @@ def test_peft_export_of_attention_and_shared_expert_adapters(moe_dir, tmp_path):
     adapter that peft loads onto transformers' model with ftjax's logits."""
     peft_lib = pytest.importorskip('peft')
     path = moe_dir('qwen2_moe')
-    c = lora_config(**{'peft.lora.targets': ['(q|k|v|o)_proj$', 'shared_(gate|up|down)_proj$']})
+    c = tiny.lora_test_config(**{'peft.lora.targets': ['(q|k|v|o)_proj$', 'shared_(gate|up|down)_proj$']})
     trained, _, _ = train(load_pretrained(path), c, steps=2)
     ids = ids_of(trained.config, seed=3)
     ours = np.asarray(trained.model.apply({'params': trained.params}, ids))

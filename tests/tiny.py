@@ -286,3 +286,19 @@ def greedy_against_transformers(path, new_tokens=10):
         theirs = [ref.generate(torch.tensor([q]), max_new_tokens=new_tokens, do_sample=False)[0, len(q):].tolist()
                   for q in prompts]
     return pre, prompts, ours, theirs
+
+
+def lora_test_config(**over):
+    """LoRA r=4 on the default targets at a constant 5e-2 (a few steps move a tiny model), CPU kernels; `over`:
+    {'section.key': value} (nested sections too)."""
+    c = default_config()
+    c.peft.method, c.peft.lora.rank, c.peft.lora.alpha = 'lora', 4, 8.0
+    c.optim.learning_rate, c.optim.schedule, c.optim.warmup_steps = 5e-2, 'constant', 0
+    c.model.kernels, c.train.loss_chunk = 'cpu', 64
+    for k, v in over.items():
+        section, key = k.rsplit('.', 1)
+        node = c
+        for part in section.split('.'):
+            node = node[part]
+        node[key] = v
+    return c

@@ -109,6 +109,21 @@ def aux_loss_sums(stats, cfg, count):
     return loss * count, {f'{k}_sum': jax.lax.stop_gradient(v) * count for k, v in metrics.items()}
 
 
+def hidden_states(model, params, ids, positions, segment_ids, router=False, **kw):
+    """`model.apply(..., return_hidden=True)` -> (hidden [batch, seq, embed], the routing statistics of every layer
+    when `router` and the model has experts, else None): what the objectives' losses read."""
+    experts = router and getattr(model.cfg, 'num_experts', 0)
+    out = model.apply({'params': params}, ids, positions, segment_ids, return_hidden=True,
+                      mutable=['intermediates'] if experts else False, **kw)
+    return (out[0], out[1]['intermediates']['router']) if experts else (out, None)
+
+
+def routing_metrics(sums, denom):
+    """The '<name>_sum' routing metrics of `aux_loss_sums` in an objective's sums, each divided by `denom`."""
+    return {k[:-len('_sum')]: v / denom for k, v in sums.items()
+            if k.startswith(('router_', 'expert_')) and k.endswith('_sum')}
+
+
 class ExpertDense(nn.Module):
     """Per-expert linear maps: kernel [experts, in, out] (+ LoRA per expert). Returns its matrices as a list of
     (w [experts, in, out or r], b None or [experts, r, out] scaled), the input of `apply_experts`."""

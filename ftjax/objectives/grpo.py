@@ -136,8 +136,7 @@ def finalize(sums):
     count = jnp.maximum(sums['clip_count'], 1.0)
     metrics = {'kl': sums['kl'] / tokens, 'entropy': sums['entropy'] / tokens, 'num_tokens': sums['tokens'],
                **{k: sums[k] / count for k in METRICS if k.startswith(('clip', 'ratio'))},
-               **{k[:-len('_sum')]: v / jnp.maximum(sums['rows'], 1.0) for k, v in sums.items()  # MoE routing
-                  if k.startswith(('router_', 'expert_')) and k.endswith('_sum')}}
+               **moe.routing_metrics(sums, jnp.maximum(sums['rows'], 1.0))}  # a MoE model's, per row
     return jnp.ones((), jnp.float32), metrics
 
 
@@ -154,10 +153,8 @@ def completion_logps(model, params, batch, rng=None, chunk_tokens=512, entropy=F
     """log p of every target [batch, seq] (and the entropy per position, with `entropy`) of a GRPO batch; with
     `router`, (that, a MoE model's routing statistics or None)."""
     kw = dict(deterministic=rng is None, rngs=None if rng is None else {'dropout': rng})
-    moe_model = router and getattr(model.cfg, 'num_experts', 0)
-    out = model.apply({'params': params}, batch['input_ids'], batch.get('positions'), batch['segment_ids'],
-                      return_hidden=True, mutable=['intermediates'] if moe_model else False, **kw)
-    hidden, stats = (out[0], out[1]['intermediates']['router']) if moe_model else (out, None)  # [batch, seq, embed]
+    hidden, stats = moe.hidden_states(model, params, batch['input_ids'], batch.get('positions'),
+                                      batch['segment_ids'], router, **kw)  # [batch, seq, embed]
     got = logprobs.token_logps(hidden, lm_head_kernel(params, model.cfg), batch['target_ids'], chunk_tokens,
                                sharding.batch_shards(), getattr(model.cfg, 'final_softcap', None), entropy=entropy)
     return (got, stats) if router else got

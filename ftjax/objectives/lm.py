@@ -20,10 +20,8 @@ def forward(model, params, batch, *, rng=None, loss_chunk=512, router=False):
     device (the batch split over the mesh's data x fsdp axes). With `router`, a MoE model's routing statistics
     (`ftjax.models.moe`) come fourth (None for a dense model)."""
     kw = dict(deterministic=rng is None, rngs=None if rng is None else {'dropout': rng})
-    moe_model = router and getattr(model.cfg, 'num_experts', 0)
-    out = model.apply({'params': params}, batch['input_ids'], batch.get('positions'), batch.get('segment_ids'),
-                      return_hidden=True, mutable=['intermediates'] if moe_model else False, **kw)
-    hidden, stats = (out[0], out[1]['intermediates']['router']) if moe_model else (out, None)  # [batch, seq, embed]
+    hidden, stats = moe.hidden_states(model, params, batch['input_ids'], batch.get('positions'),
+                                      batch.get('segment_ids'), router, **kw)  # [batch, seq, embed]
     head = lm_head_kernel(params, model.cfg)  # [embed, vocab]
     barrier = getattr(model.cfg, 'kernels', 'cpu') == 'cpu'  # the CPU layout of the head gradient
     sums = logprobs.cross_entropy(hidden, head, batch['target_ids'], batch['loss_mask'], loss_chunk,

@@ -108,10 +108,8 @@ def answer_logps(model, params, batch, rng=None, chunk_tokens=512, router=False)
     """(summed answer log-probs [batch, 2], answer token counts [batch, 2]) of a preference batch; `chunk_tokens`
     counts tokens per device. With `router`, a MoE model's routing statistics come third (None when dense)."""
     kw = dict(deterministic=rng is None, rngs=None if rng is None else {'dropout': rng})
-    moe_model = router and getattr(model.cfg, 'num_experts', 0)
-    out = model.apply({'params': params}, batch['input_ids'], batch.get('positions'), batch['segment_ids'],
-                      return_hidden=True, mutable=['intermediates'] if moe_model else False, **kw)
-    hidden, stats = (out[0], out[1]['intermediates']['router']) if moe_model else (out, None)  # [batch, seq, embed]
+    hidden, stats = moe.hidden_states(model, params, batch['input_ids'], batch.get('positions'),
+                                      batch['segment_ids'], router, **kw)  # [batch, seq, embed]
     lp = logprobs.token_logps(hidden, lm_head_kernel(params, model.cfg), batch['target_ids'], chunk_tokens,
                               sharding.batch_shards(), getattr(model.cfg, 'final_softcap', None))  # [batch, seq]
     seg = batch['segment_ids']
@@ -244,8 +242,7 @@ def finalize(sums):
     metrics = {name: sums[name] / pairs for name in METRICS}
     if 'nll_sum' in sums:  # orpo: its SFT part, per chosen answer token
         metrics['nll'] = sums['nll_sum'] / jnp.maximum(sums['nll_tokens'], 1.0)
-    metrics.update({k[:-len('_sum')]: v / pairs for k, v in sums.items()  # MoE routing metrics (`moe.aux_loss_sums`)
-                    if k.startswith(('router_', 'expert_')) and k.endswith('_sum')})
+    metrics.update(moe.routing_metrics(sums, pairs))  # a MoE model's, per pair
     return jnp.ones((), jnp.float32), {'accuracy': metrics['rewards/accuracy'], 'num_tokens': sums['pairs'], **metrics}
 
 
