@@ -35,7 +35,7 @@ from ftjax.config import DEFAULT_RULES
 from ftjax.errors import ConfigError
 from ftjax.infer import prompts as prompts_lib, sampling, scoring, unrolled
 from ftjax.infer.scoring import fetch
-from ftjax.models import abstract_variables, llama
+from ftjax.models import abstract_variables, heads, llama
 from ftjax.objectives import logprobs as logprobs_lib
 
 NO_TOKEN = -1  # an output slot after a row's end
@@ -67,9 +67,10 @@ def head_logits(head, hidden, softcap, vocab_major: bool = False):
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'vocab_major'))
-def _split(model, params, vocab_major):
-    rest, per_layer, head = unrolled.split(params, model.cfg)
-    return rest, per_layer, head.T if vocab_major else head
+def _head(model, params, vocab_major):
+    """The LM head as the decode loop holds it (`vocab_major`), materialised once per batch."""
+    head = heads.lm_head_kernel(params, model.cfg)  # [embed, vocab]
+    return head.T if vocab_major else head
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'length', 'mode'))
@@ -256,7 +257,8 @@ class Sampler:
         done = np.arange(len(tokens)) >= len(batch)  # dummy rows are done from the start
         tokens_d, pad_d = self.put_rows(tokens, pad)
         # the decode loop's own buffers (`unrolled`)
-        rest, per_layer, head = _split(self.model, params, vocab_major(len(tokens)))
+        rest, per_layer = unrolled.split(params, self.model.cfg)
+        head = _head(self.model, params, vocab_major(len(tokens)))
         length = width  # prefill attends over the prompt's slots only; the first chunk grows the cache
         tok, logp, caches = _prefill(self.model, params, head, tokens_d, pad_d, key, temp, top_p, length=length,
                                      mode=mode)
