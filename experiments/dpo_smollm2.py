@@ -35,6 +35,7 @@ From an SFT model (`:dpo,from_sft`, reduced: a 10-step quickstart SFT, 93.8% exa
 generation exact match 93.8% -> 6.2% (likelihood displacement: greedy runs past the closing brace); lr 5e-5 ->
 margin 0.085, exact match kept at 93.8% (docs/results/dpo_smollm2.md).
 """
+from ftjax import synthetic
 from ftjax.config import default_config, parse_arg, smoke as smoke_config
 
 VARIANTS = ('dpo', 'ipo', 'simpo', 'orpo')
@@ -48,10 +49,7 @@ def get_config(arg='dpo'):
     c.peft.method = 'lora'
     c.peft.lora.rank = 8
     c.peft.lora.alpha = 16.0
-    c.data.path = 'synthetic:extract_json_pref/train.jsonl'  # written under ~/.cache/ftjax when the run starts
-    c.data.eval_path = 'synthetic:extract_json_pref/eval.jsonl'
-    c.data.format = 'preference'
-    c.data.max_length = 320  # a pair: two chat-templated sequences of ~130 SmolLM2 tokens
+    synthetic.use_preference_task(c)  # data.*, eval.* (ftjax/synthetic.py)
     c.align.loss = variant
     c.align.beta = {'dpo': 0.1, 'ipo': 0.1, 'simpo': 2.0, 'orpo': 0.1}[variant]
     c.align.simpo_gamma = 0.5
@@ -64,10 +62,6 @@ def get_config(arg='dpo'):
     c.train.eval_every = 30
     c.train.eval_batches = 4  # 32 held-out pairs
     c.train.checkpoint_every = 30
-    c.eval.generate = 32
-    c.eval.scorer = 'json'
-    c.eval.max_new_tokens = 40
-    c.eval.batch_size = 16
     if 'from_sft' in flags:  # the SFT stage: the quickstart's LoRA run (a path: read when the run loads the model)
         c.model.adapter = SFT_RUN
         c.model.adapter_merge = True

@@ -151,7 +151,10 @@ class Throughput:
 
 
 def significant(x, digits=4):
-    """`x` with `digits` significant digits: 0.2720186 -> '0.2720', 12.3456 -> '12.35', 1234567 -> '1.235e+06'."""
+    """`x` with `digits` significant digits: 0.2720186 -> '0.2720', 12.3456 -> '12.35', 1234567 -> '1.235e+06';
+    an int (a count, e.g. eval/examples) as it is."""
+    if isinstance(x, int) and not isinstance(x, bool):
+        return str(x)
     try:
         x = float(x)
     except (TypeError, ValueError):

@@ -8,19 +8,32 @@ or `python -m ftjax evaluate --workdir`) `harness.json`, whose task metrics beco
 columns. A sweep's workdir holds one such directory per grid point and `sweep.json` (the grid), whose keys
 become the table's first columns; without it, the columns are the config keys whose values differ between
 the runs.
+
+Runs of one configuration with different seeds (`ftjax sweep --seeds=N`, or a `train.seed` grid) are grouped
+(`grouped`): per configuration the seed count, mean, standard deviation and a 95% bootstrap interval of one
+metric (over seeds; over the held-out examples for a single run; `ftjax.stats`), and, given a baseline
+(`--baseline=KEY=VALUE`: each row against the row that has VALUE for KEY and the same other values), the
+difference of the means with its interval, marked where the interval excludes 0. Written as
+results_by_config.csv / .md, with seed_curves.png (mean curves over the seeds, min-max bands).
 """
 import csv
 import json
 import math
 import os
 
-from ftjax.errors import MissingFileError, WorkdirError
+from ftjax import stats
+from ftjax.errors import ConfigError, MissingFileError, WorkdirError
 from ftjax.workdir import CONFIG_FILE, HARNESS_FILE, METRICS_FILE, SUMMARY_FILE, RunDir
 
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE)
 SWEEP_FILE = 'sweep.json'
 ERROR_FILE = 'sweep_error.txt'  # written by a sweep (ftjax.sweep) when a run raised or its process failed
 LOWER_IS_BETTER = ('loss', 'perplexity', 'error')
+SEED_KEY = 'train.seed'
+# the metric a grouped table shows when none is named: the first of these a finished run has
+METRICS = ('final eval/accuracy', 'final gen/exact_match', 'final eval/reward', 'final eval/rewards/accuracy',
+           'final eval/loss')
+ROW_FIELDS = ('run', 'path', 'status', 'step', 'train loss')
 
 
 def _read_json(path):
@@ -69,7 +82,7 @@ def best_metrics(metrics):
     best = {}
     for row in metrics:
         for k, v in row.items():
-            if not (k.startswith('eval/') or k.startswith('gen/')) or not _is_number(v):
+            if not (k.startswith('eval/') or k.startswith('gen/')) or not _is_number(v) or k.endswith('/examples'):
                 continue
             prev = best.get(k)
             if prev is None or (v < prev if lower_is_better(k) else v > prev):
@@ -230,9 +243,165 @@ def plot_loss_curves(runs, path):
     return path
 
 
-def write_all(workdir):
-    """results.csv, results.md and loss_curves.png in `workdir`; returns the rows."""
+# --- seeds of one configuration: grouped, with intervals --------------------------------------------------
+
+def config_keys(rows):
+    """The table's config columns (the grid's keys, or the keys that differ between the runs)."""
+    return [c for c in columns(rows) if c not in ROW_FIELDS and not c.startswith(('final ', 'best '))
+            and c not in ('trainable params', 'tokens/s', 'wall s')]
+
+
+def has_seeds(rows):
+    """Whether some configuration of `rows` ran with more than one seed."""
+    keys = [k for k in config_keys(rows) if k != SEED_KEY]
+    labels = [json.dumps([r.get(k) for k in keys], sort_keys=True) for r in rows]
+    return SEED_KEY in config_keys(rows) and len(set(labels)) < len(labels)
+
+
+def default_metric(rows):
+    for metric in METRICS:
+        if any(_is_number(r.get(metric)) for r in rows if r['status'] == 'finished'):
+            return metric
+    raise ConfigError(f'no finished run has any of {", ".join(METRICS)}; name the metric, e.g. '
+                      f'--metric="final eval/loss".')
+
+
+def _parse_baseline(baseline, keys):
+    key, sep, value = (baseline or '').partition('=')
+    if not sep or key not in keys:
+        raise ConfigError(f'--baseline={baseline}: expected KEY=VALUE with KEY one of the configuration keys '
+                          f'{keys} (e.g. --baseline={keys[0] if keys else "arg"}=...).')
+    return key, value
+
+
+def _text(value):
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def grouped(rows, metric=None, baseline=None, level=stats.LEVEL, resamples=stats.RESAMPLES):
+    """(metric, groups): the finished runs grouped by configuration (every config key but the seed); each
+    group {'values', 'runs', 'summary' (`stats.Summary`), 'diff' (vs its baseline: (delta, lo, hi) or None),
+    'differs', 'is_baseline'}. A single run's interval is over its examples (`eval/examples`,
+    `gen/examples`) for a share-of-examples metric."""
+    done = [r for r in rows if r['status'] == 'finished']
+    metric = metric or default_metric(rows)
+    if not any(metric in r for r in done):
+        names = sorted({k for r in done for k in r if k.startswith(('final ', 'best '))})
+        raise ConfigError(f'--metric={metric!r}: no finished run has it; the runs have {names}.')
+    keys = [k for k in config_keys(rows) if k != SEED_KEY]
+    counts = f"{metric.rsplit('/', 1)[0]}/examples"  # 'final eval/accuracy' -> 'final eval/examples'
+    groups = {}
+    for r in done:
+        if _is_number(r.get(metric)):
+            label = json.dumps([r.get(k) for k in keys], sort_keys=True)
+            groups.setdefault(label, {'values': {k: r.get(k) for k in keys}, 'runs': []})['runs'].append(r)
+    out = list(groups.values())
+    for g in out:
+        g['metric'] = [r[metric] for r in g['runs']]
+        g['examples'] = g['runs'][0].get(counts) if len(g['runs']) == 1 else None
+        g['summary'] = stats.summarize(g['metric'], g['examples'], level, resamples)
+        g['diff'] = g['differs'] = None
+        g['is_baseline'] = False
+    if baseline:
+        key, value = _parse_baseline(baseline, keys)
+        for g in out:
+            g['is_baseline'] = _text(g['values'][key]) == value
+        for g in out:
+            base = [b for b in out if b['is_baseline'] and all(
+                b['values'][k] == g['values'][k] for k in keys if k != key)]
+            if base and not g['is_baseline']:
+                b = base[0]
+                g['diff'] = stats.difference(g['metric'], b['metric'], g['examples'], b['examples'], level, resamples)
+                g['differs'] = stats.differs(g['diff'])
+    return metric, out
+
+
+def grouped_table(metric, groups, level=stats.LEVEL):
+    """Markdown: one row per configuration, the seed count, mean, std and interval of `metric`, and the
+    difference to the baseline row with its interval (marked * where it excludes 0)."""
+    keys = list(groups[0]['values']) if groups else []
+    pct = f'{level:.0%}'
+    head = keys + ['seeds', f'mean {metric}', 'std', f'{pct} interval', 'over', f'vs baseline ({pct} interval)']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for g in groups:
+        s = g['summary']
+        if g['is_baseline']:
+            vs = 'baseline'
+        elif g['diff'] is None:
+            vs = ''
+        else:
+            d, lo, hi = g['diff']
+            vs = f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]" + (' *' if g['differs'] else '')
+        interval = f'[{s.lo:.4f}, {s.hi:.4f}]' if s.over != 'none' else ''
+        cells = [_cell(k, g['values'][k]) for k in keys] + [str(s.n), f'{s.mean:.4f}', f'{s.std:.4f}', interval,
+                                                              s.over if s.over != 'none' else '', vs]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    note = (f'\n{metric}: mean over seeds; {pct} percentile bootstrap interval of the mean (over seeds, or over '
+            f'the held-out examples for a single run); * = the interval of the difference to the baseline '
+            f'excludes 0.\n')
+    return '\n'.join(lines) + '\n' + note
+
+
+def write_grouped(metric, groups, out_dir, level=stats.LEVEL):
+    """results_by_config.csv and .md, and seed_curves.png, in `out_dir`."""
+    keys = list(groups[0]['values']) if groups else []
+    with open(os.path.join(out_dir, 'results_by_config.csv'), 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(keys + ['metric', 'seeds', 'mean', 'std', 'lo', 'hi', 'over', 'level', 'diff', 'diff_lo',
+                                'diff_hi', 'differs', 'runs'])
+        for g in groups:
+            s, d = g['summary'], g['diff'] or (None, None, None)
+            writer.writerow([_text(g['values'][k]) for k in keys] + [metric, s.n, s.mean, s.std, s.lo, s.hi, s.over,
+                            level, *d, g['differs'], ' '.join(r['run'] for r in g['runs'])])
+    with open(os.path.join(out_dir, 'results_by_config.md'), 'w') as f:
+        f.write(grouped_table(metric, groups, level))
+    plot_seed_curves(metric, groups, os.path.join(out_dir, 'seed_curves.png'))
+
+
+def _curve(run_dirs, key):
+    """(steps, mean, min, max) of `key` over the runs, at the steps every run logged."""
+    per_run = [{m['step']: m[key] for m in RunDir(d).metrics() if _is_number(m.get(key))} for d in run_dirs]
+    steps = sorted(set.intersection(*[set(c) for c in per_run])) if per_run else []
+    values = [[c[s] for c in per_run] for s in steps]
+    return steps, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+
+def plot_seed_curves(metric, groups, path):
+    """Per configuration: the train loss and `metric`'s eval curve, mean over the seeds with a min-max band."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    logged = metric.removeprefix('final ').removeprefix('best ')
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
+    for g in groups:
+        label = ', '.join(_cell(k, v) for k, v in g['values'].items()) + f" (n={g['summary'].n})"
+        for ax, key in zip(axes[0], ('loss', logged)):
+            steps, mean, lo, hi = _curve([r['path'] for r in g['runs']], key)
+            if steps:
+                line, = ax.plot(steps, mean, marker='o' if key != 'loss' else None, label=label)
+                ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
+    for ax, title in zip(axes[0], ('train loss', logged)):
+        ax.set_title(f'{title} (mean over seeds, min-max band)')
+        ax.set_xlabel('step')
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize='small')
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_all(workdir, metric=None, baseline=None):
+    """results.csv, results.md and loss_curves.png in `workdir` (and, when a configuration ran with several
+    seeds or a metric / baseline is named, results_by_config.* and seed_curves.png); returns (rows, grouped
+    markdown or None)."""
     rows = collect(workdir)
     write_table(rows, workdir)
     plot_loss_curves(rows, os.path.join(workdir, 'loss_curves.png'))
-    return rows
+    if not (has_seeds(rows) or metric or baseline) or not any(r['status'] == 'finished' for r in rows):
+        return rows, None
+    metric, groups = grouped(rows, metric, baseline)
+    write_grouped(metric, groups, workdir)
+    return rows, grouped_table(metric, groups)

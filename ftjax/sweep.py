@@ -15,6 +15,12 @@ to each run's command. The command line: ftjax/cli/sweep.py.
 A grid value is split at commas outside brackets and quotes, and read as `--config.KEY=VALUE` reads it
 (`ftjax.config.parse_value`): `--grid=peft.lora.targets=['q_proj$'],['q_proj$','v_proj$']`. Every key and
 value is checked before anything runs.
+
+Two grid keys are not config keys: `--grid=arg=lora,full,bitfit` runs the experiment file with each argument
+(`get_config('lora,' + the --config's own argument)`: variants that set several keys at once, e.g. a
+method with its own learning rate), and `--seeds=N` adds `train.seed=0..N-1` to the grid, so that every
+configuration runs with N seeds; the report then groups the seeds of each configuration (mean, standard
+deviation, 95% interval: `ftjax.report.grouped`).
 """
 import dataclasses
 import difflib
@@ -35,8 +41,10 @@ from ftjax.errors import EXIT_PREEMPTED, ConfigError
 from ftjax.workdir import RunDir, config_dict, flatten
 
 ABBREVIATIONS = {'learning_rate': 'lr', 'batch_size': 'bs', 'weight_decay': 'wd', 'warmup_steps': 'warmup',
-                 'max_length': 'len', 'grad_accum': 'accum', 'method': ''}
+                 'max_length': 'len', 'grad_accum': 'accum', 'method': '', 'arg': ''}
 MAX_NAME = 100
+ARG = 'arg'  # the grid key of the experiment file's argument (--grid=arg=V1,V2)
+SEED = 'train.seed'  # the key --seeds=N sweeps
 
 
 @dataclasses.dataclass
@@ -166,18 +174,41 @@ def run_name(values, short):
     return name
 
 
-def plan(config_spec, grid_specs, workdir, overrides=()):
+def full_grid(grid_specs, seeds=0):
+    """The parsed --grid specs, with `train.seed=0..seeds-1` appended for --seeds=N (N > 0)."""
+    grid = parse_grid(grid_specs)
+    if seeds < 0:
+        raise ConfigError(f'--seeds={seeds}: give the number of seeds per configuration, e.g. --seeds=3.')
+    if seeds:
+        if SEED in [k for k, _ in grid]:
+            raise ConfigError(f'--seeds={seeds} and --grid={SEED}=...: give the seeds one way, not both.')
+        grid.append((SEED, [str(s) for s in range(seeds)]))
+    return grid
+
+
+def experiment_spec(config_spec, arg=None):
+    """The --config spec of one value of --grid=arg=...: 'file.py:ARG[,the spec's own argument]'."""
+    if arg is None:
+        return config_spec
+    path, _, own = config_spec.partition(':')
+    return f'{path}:{arg},{own}' if own else f'{path}:{arg}'
+
+
+def plan(config_spec, grid_specs, workdir, overrides=(), seeds=0):
     """Every run of the sweep, each value converted and applied: all errors surface here, before any run.
 
-    `overrides`: [(key, text), ...] of `--config.KEY=VALUE`, the same for every run."""
-    base = config_lib.apply_overrides(config_lib.load_experiment(config_spec), overrides)
-    grid = parse_grid(grid_specs)
+    `overrides`: [(key, text), ...] of `--config.KEY=VALUE`, the same for every run; `seeds`: --seeds=N."""
+    grid = full_grid(grid_specs, seeds)
     if not grid:
         raise ConfigError('no --grid given: pass at least one, e.g. --grid=peft.lora.rank=4,8,16.')
     both = sorted({key for key, _ in grid} & {key for key, _ in overrides})
     if both:
         raise ConfigError(f'--config.{both[0]} is also swept by --grid={both[0]}=...; give it once.')
-    typed = [(key, [convert(base, key, t) for t in texts]) for key, texts in grid]
+    args = dict(grid).get(ARG, [None])
+    bases = {a: config_lib.apply_overrides(config_lib.load_experiment(experiment_spec(config_spec, a)), overrides)
+             for a in args}  # an unknown variant fails here, named by the experiment file
+    base = bases[args[0]]
+    typed = [(key, texts if key == ARG else [convert(base, key, t) for t in texts]) for key, texts in grid]
     varied = [key for key, values in typed if len(values) > 1] or [key for key, _ in typed]
     short = _short_keys(varied)
     runs, seen = [], {}
@@ -187,7 +218,8 @@ def plan(config_spec, grid_specs, workdir, overrides=()):
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:  # two values that read the same once made filesystem-safe
             name = f'{name}-{seen[name]}'
-        runs.append(Run(name, os.path.join(workdir, name), values, config_lib.override(base, values)))
+        config = config_lib.override(bases[values.get(ARG)], {k: v for k, v in values.items() if k != ARG})
+        runs.append(Run(name, os.path.join(workdir, name), values, config))
     return runs
 
 
@@ -208,6 +240,8 @@ def check_existing(runs, overrides=()):
             continue
         flat = flatten(config_dict(RunDir(run.workdir).config()))  # laid over today's defaults: every key
         for key, value in {**_fixed(run, overrides), **run.values}.items():
+            if key == ARG:  # not a config key; its value names the sub-workdir
+                continue
             if json.dumps(flat.get(key)) != json.dumps(value if not isinstance(value, tuple) else list(value)):
                 raise ConfigError(f'{run.workdir} holds a run with {key}={flat.get(key)!r}, but this sweep would '
                                  f'run {key}={value!r} there; use a new --workdir, or delete that directory.')
@@ -219,23 +253,24 @@ def _flag_value(value):
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def commands(runs, config_spec, grid_specs, workdir, python='python', overrides=()):
+def commands(runs, config_spec, grid_specs, workdir, python='python', overrides=(), seeds=0):
     """One argv per run: `python -m ftjax train ... --config.key=value ...`, the --config.KEY overrides
     (as given) first. A grid over a list field runs each point as `python -m ftjax sweep ... --only=NAME`
     (in-process) instead, so that its value is read from the grid's own text."""
     fixed = [f'--config.{k}={text}' for k, text in overrides]
     if any(isinstance(v, (list, tuple)) for run in runs for v in run.values.values()):
-        grid = [f'--grid={g}' for g in grid_specs]
+        grid = [f'--grid={g}' for g in grid_specs] + ([f'--seeds={seeds}'] if seeds else [])
         return [[python, '-m', 'ftjax', 'sweep', f'--config={config_spec}', *grid, *fixed, f'--workdir={workdir}',
                  f'--only={run.name}'] for run in runs]
-    return [[python, '-m', 'ftjax', 'train', f'--config={config_spec}', f'--workdir={run.workdir}', *fixed,
-             *[f'--config.{k}={_flag_value(v)}' for k, v in run.values.items()]] for run in runs]
+    return [[python, '-m', 'ftjax', 'train', f'--config={experiment_spec(config_spec, run.values.get(ARG))}',
+             f'--workdir={run.workdir}', *fixed,
+             *[f'--config.{k}={_flag_value(v)}' for k, v in run.values.items() if k != ARG]] for run in runs]
 
 
-def write_sweep_file(workdir, config_spec, grid_specs, runs, overrides=()):
+def write_sweep_file(workdir, config_spec, grid_specs, runs, overrides=(), seeds=0):
     """DIR/sweep.json: the grid and the runs, so that the report shows the grid's keys (and pending runs)."""
     os.makedirs(workdir, exist_ok=True)
-    grid = parse_grid(grid_specs)
+    grid = full_grid(grid_specs, seeds)
     entries = [{'name': r.name, 'values': {k: list(v) if isinstance(v, tuple) else v for k, v in r.values.items()}}
                for r in runs]
     old = report._read_json(os.path.join(workdir, report.SWEEP_FILE))

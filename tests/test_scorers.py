@@ -96,5 +96,6 @@ def test_generation_eval_with_a_graded_scorer(tiny_llama_dir):
         assert res['samples'][0]['score'] == pytest.approx(1.0)
         assert res['score'] == pytest.approx(scores.aggregate(scorer, answers, [r for _, r in pairs]))
         assert res['exact_match'] == pytest.approx(sum(s['score'] == 1.0 for s in res['samples']) / 3)
-        assert evaluate.gen_metrics(res) == {'gen/exact_match': res['exact_match'], f'gen/{scorer}': res['score']}
+        assert evaluate.gen_metrics(res) == {'gen/exact_match': res['exact_match'], 'gen/examples': 3,
+                                             f'gen/{scorer}': res['score']}
         assert evaluate.headline(res) == (scorer, f"{res['score']:.3f}")

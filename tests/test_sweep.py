@@ -15,6 +15,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from ftjax import config as config_lib, report, sweep
+from ftjax.errors import ConfigError
 from ftjax.cli import report as report_cli, sweep as sweep_cli
 from tests import tiny
 
@@ -327,6 +328,95 @@ def test_report_main_and_errors(tmp_path, capsys):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match='holds no run'):
         report.collect(str(empty))
+
+
+# --- seeds, the experiment's argument as a grid key, grouped reports ------------------------------------
+
+VARIANTS = SCHEMA.replace("def get_config(arg=None):", """def get_config(arg=None):
+    method, *flags = (arg or 'lora').split(',')
+    if method not in ('lora', 'full'):
+        raise ValueError(f'unknown variant {method!r}')""").replace(
+    "c.optim = ml_collections.ConfigDict({'learning_rate': 1e-4, 'name': 'adamw'})",
+    "c.optim = ml_collections.ConfigDict({'learning_rate': 5e-4 if method == 'lora' else 5e-5, 'name': 'adamw'})"
+    "\n    c.peft.method = method\n    c.model.path = 'short' if 'short' in flags else 'tiny'")
+
+
+def test_seeds_and_arg_grid_plan_runs_and_commands(tmp_path):
+    exp = tmp_path / 'variants.py'
+    exp.write_text(VARIANTS)
+    runs = sweep.plan(f'{exp}:short', ['arg=lora,full'], str(tmp_path / 'w'), seeds=3)
+    assert [r.name for r in runs] == [f'{m}_seed{s}' for m in ('lora', 'full') for s in range(3)]
+    assert [(r.config.peft.method, r.config.optim.learning_rate, r.config.train.seed) for r in runs[2:4]] == [
+        ('lora', 5e-4, 2), ('full', 5e-5, 0)]
+    assert all(r.config.model.path == 'short' for r in runs)  # the --config's own argument kept: 'full,short'
+    argv = sweep.commands(runs, f'{exp}:short', ['arg=lora,full'], str(tmp_path / 'w'), seeds=3)[3]
+    assert argv[4:6] == [f'--config={exp}:full,short', f'--workdir={tmp_path}/w/full_seed0']
+    assert argv[6:] == ['--config.train.seed=0']
+    sweep.write_sweep_file(str(tmp_path / 'w'), f'{exp}:short', ['arg=lora,full'], runs, seeds=3)
+    grid = json.load(open(tmp_path / 'w' / 'sweep.json'))['grid']
+    assert grid == [['arg', ['lora', 'full']], ['train.seed', ['0', '1', '2']]]
+    with pytest.raises(ConfigError, match='give the seeds one way'):
+        sweep.plan(str(exp), ['train.seed=0,1'], str(tmp_path / 'w'), seeds=2)
+    with pytest.raises(ValueError, match="unknown variant 'dora'"):
+        sweep.plan(str(exp), ['arg=lora,dora'], str(tmp_path / 'w'))
+    only_seeds = sweep.plan(str(exp), [], str(tmp_path / 'v'), seeds=2)
+    assert [r.name for r in only_seeds] == ['seed0', 'seed1']
+
+
+def _seed_sweep(root, accuracies, examples=872):
+    """A finished sweep over arg x train.seed: {arg: [final eval/accuracy per seed]}."""
+    runs = []
+    for arg, accs in accuracies.items():
+        for seed, acc in enumerate(accs):
+            name = f'{arg}_seed{seed}'
+            _fake_run(os.path.join(root, name), {'train': {'steps': 2, 'seed': seed}}, [1.0, 0.5 + 0.1 * seed],
+                      {1: acc - 0.05, 2: acc}, key='eval/accuracy')
+            with open(os.path.join(root, name, 'summary.json')) as f:
+                summary = json.load(f)
+            summary['eval/examples'] = examples
+            with open(os.path.join(root, name, 'summary.json'), 'w') as f:
+                json.dump(summary, f)
+            runs.append({'name': name, 'values': {'arg': arg, 'train.seed': seed}})
+    with open(os.path.join(root, report.SWEEP_FILE), 'w') as f:
+        json.dump({'config': 'x.py', 'overrides': [], 'grid': [['arg', list(accuracies)],
+                                                               ['train.seed', ['0', '1', '2']]], 'runs': runs}, f)
+
+
+def test_grouped_report_by_configuration_with_a_baseline(tmp_path, capsys):
+    root = str(tmp_path)
+    _seed_sweep(root, {'full': [0.80, 0.81, 0.82], 'lora': [0.80, 0.83, 0.81], 'bitfit': [0.70, 0.71, 0.72]})
+    rows = report.collect(root)
+    assert report.has_seeds(rows) and report.default_metric(rows) == 'final eval/accuracy'
+    metric, groups = report.grouped(rows, baseline='arg=full')
+    by = {g['values']['arg']: g for g in groups}
+    assert metric == 'final eval/accuracy' and set(by) == {'full', 'lora', 'bitfit'}
+    assert by['lora']['summary'].n == 3 and by['lora']['summary'].mean == pytest.approx(0.8133333333)
+    assert (by['lora']['summary'].lo, by['lora']['summary'].hi) == pytest.approx((0.80, 0.83))  # 3 seeds: min, max
+    assert by['full']['is_baseline'] and by['full']['diff'] is None
+    assert by['lora']['differs'] is False and by['lora']['diff'][1] < 0 < by['lora']['diff'][2]
+    assert by['bitfit']['differs'] is True and by['bitfit']['diff'][0] == pytest.approx(-0.1)
+    assert report_cli.main([f'--workdir={root}', '--write', '--baseline=arg=full']) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith('| bitfit |'))
+    assert '| 3 | 0.7100 |' in line and '[0.7000, 0.7200] | seeds |' in line and line.endswith(' * |')
+    assert next(x for x in out.splitlines() if x.startswith('| full |')).endswith('| baseline |')
+    with open(os.path.join(root, 'results_by_config.csv')) as f:
+        back = {r['arg']: r for r in csv.DictReader(f)}
+    assert back['bitfit']['differs'] == 'True' and back['lora']['runs'] == 'lora_seed0 lora_seed1 lora_seed2'
+    assert os.path.getsize(os.path.join(root, 'seed_curves.png')) > 10_000
+    with pytest.raises(ConfigError, match='--baseline=rank=8: expected KEY=VALUE'):
+        report.grouped(rows, baseline='rank=8')
+    with pytest.raises(ConfigError, match="no finished run has it"):
+        report.grouped(rows, metric='final eval/f1')
+
+
+def test_a_single_run_gets_an_interval_over_its_examples(tmp_path):
+    root = str(tmp_path)
+    _seed_sweep(root, {'full': [0.80], 'lora': [0.81]})
+    metric, groups = report.grouped(report.collect(root), baseline='arg=full')
+    lora = next(g for g in groups if g['values']['arg'] == 'lora')
+    assert lora['summary'].over == 'examples' and lora['summary'].lo < 0.79 and lora['summary'].hi > 0.83
+    assert lora['differs'] is False  # one point on 872 examples is inside the noise
 
 
 # --- end to end -----------------------------------------------------------------------------------

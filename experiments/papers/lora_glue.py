@@ -24,6 +24,7 @@ Smoke (2 steps, ~15 s on the 2-core CPU; both tested in tests/test_experiments.p
   (and :mrpc,cpu,smoke)
 """
 from ftjax.config import default_config, parse_arg, smoke as smoke_config
+from ftjax.data.locations import SHARED_GLUE, use_shared_glue
 from ftjax.errors import ConfigError
 
 # task: (GLUE name, text field(s), num_labels, batch, epochs, lr, train rows)
@@ -35,8 +36,6 @@ TASKS = {
     'rte': ('rte', ('sentence1', 'sentence2'), 2, 32, 80, 5e-4, 2_490),
     'stsb': ('stsb', ('sentence1', 'sentence2'), 1, 16, 40, 4e-4, 5_749),
 }
-LOCAL = {'sst2': ('sst2', 'train.tsv', 'dev.tsv', ('sentence|content', None)),  # train and dev name it differently
-         'mrpc': ('mrpc', 'train.tsv', 'dev.tsv', ('#1 String', '#2 String'))}
 
 
 def get_config(arg='sst2'):
@@ -72,16 +71,11 @@ def get_config(arg='sst2'):
     c.train.checkpoint_every = c.train.eval_every
     c.train.keep_best_by = 'eval/accuracy'
     if cpu:
-        if task not in LOCAL:
+        if task not in SHARED_GLUE:
             raise ConfigError(f'experiments/papers/lora_glue.py:{task},cpu: the CPU variant exists for '
-                              f'{sorted(LOCAL)} only (local copies in ../shared/data).')
-        name, train, dev, (text, pair) = LOCAL[task]
+                              f'{sorted(SHARED_GLUE)} only (local copies in ../shared/data).')
         c.model.path = 'packaged:minilm'
-        c.data.path, c.data.eval_path = f'shared:{name}/{train}', f'shared:{name}/{dev}'
-        c.data.name, c.data.eval_split = None, None
-        c.data.fields.text, c.data.fields.text_pair = text, pair
-        if task == 'mrpc':
-            c.data.fields.label = 'Quality'
+        use_shared_glue(c, task)  # max length 128 for both
         c.data.max_length = 128
         c.train.steps = 600
         c.optim.warmup_steps = 36

@@ -76,3 +76,25 @@ def resolve(value, key='data.path'):
     if value.startswith(SYNTHETIC):
         return _synthetic(value, key)
     return value
+
+
+# GLUE tasks with a local copy under shared:NAME/: (train file, dev file, text column, pair column, label column,
+# max length). The local SST-2 names its text 'sentence' in train.tsv and 'content' in dev.tsv.
+SHARED_GLUE = {'sst2': ('train.tsv', 'dev.tsv', 'sentence|content', None, 'label', 64),
+               'mrpc': ('train.tsv', 'dev.tsv', '#1 String', '#2 String', 'Quality', 128)}
+
+
+def use_shared_glue(c, task):
+    """Points config `c` at the local copy of a GLUE task (shared:sst2, shared:mrpc) as a classification task:
+    data files, columns, unpacked rows of the task's max length (64 tokens for SST-2's sentences, 128 for MRPC's
+    pairs)."""
+    if task not in SHARED_GLUE:
+        raise ConfigError(f'GLUE task {task!r} has no local copy; the shared data holds {sorted(SHARED_GLUE)}.')
+    train, dev, text, pair, label, max_length = SHARED_GLUE[task]
+    c.data.path, c.data.eval_path = f'{SHARED}{task}/{train}', f'{SHARED}{task}/{dev}'
+    c.data.name, c.data.eval_split = None, None
+    c.data.fields.text, c.data.fields.text_pair, c.data.fields.label = text, pair, label
+    c.data.format = 'classification'
+    c.data.max_length = max_length
+    c.data.packing = False
+    return c

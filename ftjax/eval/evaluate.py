@@ -66,6 +66,7 @@ def eval_split(p_eval, state, dataset, config, batch_sh, task):
         result['eval/perplexity'] = float(math.exp(min(loss, 50.0)))
     else:
         result['eval/f1'] = macro_f1(np.concatenate(preds), np.concatenate(labels))
+        result['eval/examples'] = int(count)  # the held-out set's size: intervals over examples (ftjax.stats)
     return result
 
 
@@ -124,8 +125,9 @@ def generate_and_score(pre, pairs, scorer='exact', max_new_tokens=64, batch_size
 
 
 def gen_metrics(result):
-    """The metrics of a `generate_and_score` result: gen/exact_match, and gen/<scorer> for a graded scorer."""
-    out = {'gen/exact_match': result['exact_match']}
+    """The metrics of a `generate_and_score` result: gen/exact_match, gen/examples (the prompts scored), and
+    gen/<scorer> for a graded scorer."""
+    out = {'gen/exact_match': result['exact_match'], 'gen/examples': result['n']}
     if result.get('scorer', 'exact') not in scores.PASS_FAIL:
         out[f"gen/{result['scorer']}"] = result['score']
     return out
