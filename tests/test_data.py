@@ -9,6 +9,7 @@ import pytest
 
 from ftjax import data as data_lib
 from ftjax.data import formats, packing
+from ftjax.errors import DataError
 from tests import tiny
 
 IM_START, IM_END = 1, 2
@@ -183,6 +184,27 @@ def test_csv_quoted_reads_commas(tok, tmp_path):
     data = data_lib.build_dataset(make_cfg(tmp_path, path, format='prompt_completion', add_eos=False), tok)
     p, a = enc(tok, 'a, b'), enc(tok, 'c "d"')
     check_lm_row(first_row(data), 0, p + a, [0] * len(p) + [1] * len(a))
+
+
+def test_generation_eval_rows_come_from_the_training_loader(tmp_path):
+    """The raw rows a generation eval answers (`raw_rows`): a tsv eval file read as training reads it (prompt and
+    reference through the alpaca template), or the held-out fraction of the train file."""
+    path = tmp_path / 'dev.tsv'
+    path.write_text('label\tsentence\n1\ta fine film\n0\tdull\n1\tgreat\n', encoding='utf-8')
+    c = make_cfg(tmp_path, path, format='alpaca', fields={'instruction': 'sentence', 'output': 'label'},
+                 prompt_template_no_input='Review: {instruction}\nLabel:')
+    c.eval_path = str(path)
+    rows = data_lib.raw_rows(c, 'eval', 2)
+    assert rows == [{'label': '1', 'sentence': 'a fine film'}, {'label': '0', 'sentence': 'dull'}]
+    assert data_lib.prompt_and_answer(rows[1], c) == ('Review: dull\nLabel:', '0')
+    c.eval_path, c.eval_fraction = None, 0.34
+    held_out = data_lib.raw_rows(c, 'eval', 10)
+    everything = [{'label': '1', 'sentence': 'a fine film'}, {'label': '0', 'sentence': 'dull'},
+                  {'label': '1', 'sentence': 'great'}]
+    assert len(held_out) == 1 and held_out[0] in everything
+    c.eval_fraction = 0.0
+    with pytest.raises(DataError, match='no eval split'):
+        data_lib.raw_rows(c, 'eval', 1)
 
 
 # ---------------------------------------------------------------- truncation and packing

@@ -201,5 +201,19 @@ def load_raw(plan: SplitPlan, cfg, hub=True) -> RawSource:
     return RawSource(ds, list(files), starts, _hash(list(files) + [p._fingerprint for p in parts]))
 
 
+def raw_rows(cfg, split, limit):
+    """The first `limit` raw rows (dicts) of `split` ('eval', 'train', ...) from wherever the data config reads
+    it: a json / jsonl / csv / tsv / parquet file or directory, a hub data set, or the held-out fraction; the same
+    loader (and the same errors) as training. The generation eval's prompts and references come from here."""
+    plan = plan_split(cfg, split)
+    if plan is None:
+        raise DataError(f'no {split} split: set data.eval_path (a file, directory or hub name), data.eval_split or '
+                        f'data.eval_fraction.')
+    ds = load_raw(plan, cfg).dataset
+    if plan.holdout:
+        ds = ds.select(holdout_rows(len(ds), cfg.eval_fraction, plan.holdout))
+    return ds.select(range(min(int(limit), len(ds)))).to_list()
+
+
 def _hash(items):
     return hashlib.sha256('\n'.join(map(str, items)).encode()).hexdigest()[:16]

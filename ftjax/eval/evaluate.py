@@ -84,12 +84,14 @@ def macro_f1(pred, label):
 
 
 def generation_eval(pre, state, config, desc='generation eval'):
-    """Greedy answers to the first `eval.generate` prompts of `data.eval_path`, scored by `eval.scorer`;
-    `desc` names the model on the progress display ('base model answers', ...)."""
-    if not config.data.eval_path:
-        raise ConfigError("config.eval.generate > 0 needs config.data.eval_path (a json/jsonl file of held-out "
-                          "examples) to take prompts and reference answers from; set it or --config.eval.generate=0.")
-    rows = read_rows(data_lib.locations.resolve(config.data.eval_path, 'data.eval_path'))[:config.eval.generate]
+    """Greedy answers to the first `eval.generate` prompts of the eval split (`data.eval_path`: a json / jsonl /
+    csv / tsv / parquet file or a hub data set, `data.eval_split`, or the held-out `data.eval_fraction`, read as
+    training reads it), scored by `eval.scorer`; `desc` names the model on the progress display."""
+    if not (config.data.eval_path or config.data.eval_split or config.data.eval_fraction):
+        raise ConfigError("config.eval.generate > 0 needs held-out examples to take prompts and reference answers "
+                          "from: set config.data.eval_path (a file or hub data set), data.eval_split or "
+                          "data.eval_fraction, or --config.eval.generate=0.")
+    rows = data_lib.raw_rows(config.data, 'eval', config.eval.generate)
     pairs = prompts_and_references(rows, config.data)
     current = dataclasses.replace(pre, params=jax.device_get(state.params()))
     return generate_and_score(current, pairs, config.eval.scorer, config.eval.max_new_tokens, config.eval.batch_size,
