@@ -298,7 +298,8 @@ def grouped(rows, metric=None, baseline=None, level=stats.LEVEL, resamples=stats
     out = list(groups.values())
     for g in out:
         g['metric'] = [r[metric] for r in g['runs']]
-        g['examples'] = g['runs'][0].get(counts) if len(g['runs']) == 1 else None
+        sizes = {r.get(counts) for r in g['runs']}
+        g['examples'] = sizes.pop() if len(sizes) == 1 else None  # the held-out set's size, the same in every run
         g['summary'] = stats.summarize(g['metric'], g['examples'], level, resamples)
         g['diff'] = g['differs'] = None
         g['is_baseline'] = False
@@ -311,9 +312,14 @@ def grouped(rows, metric=None, baseline=None, level=stats.LEVEL, resamples=stats
                 b['values'][k] == g['values'][k] for k in keys if k != key)]
             if base and not g['is_baseline']:
                 b = base[0]
-                g['diff'] = stats.difference(g['metric'], b['metric'], g['examples'], b['examples'], level, resamples)
+                g['diff'] = stats.difference(g['metric'], b['metric'], _single(g), _single(b), level, resamples)
                 g['differs'] = stats.differs(g['diff'])
     return metric, out
+
+
+def _single(group):
+    """A group's example count when it is one run (its interval is over examples), else None (over seeds)."""
+    return group['examples'] if len(group['runs']) == 1 else None
 
 
 def grouped_table(metric, groups, level=stats.LEVEL):
@@ -321,7 +327,8 @@ def grouped_table(metric, groups, level=stats.LEVEL):
     difference to the baseline row with its interval (marked * where it excludes 0)."""
     keys = list(groups[0]['values']) if groups else []
     pct = f'{level:.0%}'
-    head = keys + ['seeds', f'mean {metric}', 'std', f'{pct} interval', 'over', f'vs baseline ({pct} interval)']
+    head = keys + ['seeds', f'mean {metric}', 'std', f'{pct} interval', 'over', f'{pct} interval, examples only',
+                   f'vs baseline ({pct} interval)']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for g in groups:
         s = g['summary']
@@ -333,11 +340,13 @@ def grouped_table(metric, groups, level=stats.LEVEL):
             d, lo, hi = g['diff']
             vs = f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]" + (' *' if g['differs'] else '')
         interval = f'[{s.lo:.4f}, {s.hi:.4f}]' if s.over != 'none' else ''
+        examples = f'[{s.examples_lo:.4f}, {s.examples_hi:.4f}]' if s.examples_lo is not None else ''
         cells = [_cell(k, g['values'][k]) for k in keys] + [str(s.n), f'{s.mean:.4f}', f'{s.std:.4f}', interval,
-                                                              s.over if s.over != 'none' else '', vs]
+                                                              s.over if s.over != 'none' else '', examples, vs]
         lines.append('| ' + ' | '.join(cells) + ' |')
     note = (f'\n{metric}: mean over seeds; {pct} percentile bootstrap interval of the mean (over seeds, or over '
-            f'the held-out examples for a single run); * = the interval of the difference to the baseline '
+            f'the held-out examples for a single run); examples only: each run\'s held-out examples resampled, the '
+            f'seeds fixed (the test set\'s share of the noise); * = the interval of the difference to the baseline '
             f'excludes 0.\n')
     return '\n'.join(lines) + '\n' + note
 
@@ -347,12 +356,12 @@ def write_grouped(metric, groups, out_dir, level=stats.LEVEL):
     keys = list(groups[0]['values']) if groups else []
     with open(os.path.join(out_dir, 'results_by_config.csv'), 'w', newline='') as f:
         writer = csv.writer(f)
-        writer.writerow(keys + ['metric', 'seeds', 'mean', 'std', 'lo', 'hi', 'over', 'level', 'diff', 'diff_lo',
-                                'diff_hi', 'differs', 'runs'])
+        writer.writerow(keys + ['metric', 'seeds', 'mean', 'std', 'lo', 'hi', 'over', 'examples_lo', 'examples_hi',
+                                'level', 'diff', 'diff_lo', 'diff_hi', 'differs', 'runs'])
         for g in groups:
             s, d = g['summary'], g['diff'] or (None, None, None)
             writer.writerow([_text(g['values'][k]) for k in keys] + [metric, s.n, s.mean, s.std, s.lo, s.hi, s.over,
-                            level, *d, g['differs'], ' '.join(r['run'] for r in g['runs'])])
+                            s.examples_lo, s.examples_hi, level, *d, g['differs'], ' '.join(r['run'] for r in g['runs'])])
     with open(os.path.join(out_dir, 'results_by_config.md'), 'w') as f:
         f.write(grouped_table(metric, groups, level))
     plot_seed_curves(metric, groups, os.path.join(out_dir, 'seed_curves.png'))

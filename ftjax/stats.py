@@ -31,6 +31,8 @@ class Summary:
     lo: float
     hi: float
     over: str  # 'seeds', 'examples' or 'none' (one value and no example count: no interval)
+    examples_lo: Optional[float] = None  # the interval over the held-out examples alone (None: no example count)
+    examples_hi: Optional[float] = None
 
 
 def _quantiles(samples, level):
@@ -74,6 +76,15 @@ def proportion_interval(p: float, n: int, level: float = LEVEL, resamples: int =
     return _quantiles(proportion_means(p, n, resamples, seed), level)
 
 
+def examples_interval(shares: Sequence[float], n: int, level: float = LEVEL, resamples: int = RESAMPLES,
+                      seed: int = 0) -> tuple:
+    """The interval of the mean of several runs' shares (each of the same `n` held-out examples) from resampling
+    each run's examples alone, the seeds held fixed: how much of the spread the finite test set explains."""
+    _check_level(level)
+    draws = [proportion_means(p, n, resamples, seed + i) for i, p in enumerate(shares)]
+    return _quantiles(np.mean(draws, axis=0), level)
+
+
 def _resampled(values, examples, resamples, seed):
     """The bootstrap distribution of one group's mean: over its seeds, or (one run with an example count) over
     its examples; None when there is neither (one value, no count)."""
@@ -87,7 +98,8 @@ def _resampled(values, examples, resamples, seed):
 def summarize(values: Sequence[float], examples: Optional[int] = None, level: float = LEVEL,
               resamples: int = RESAMPLES, seed: int = 0) -> Summary:
     """A group's `Summary`: over seeds when it has several values, else over `examples` (the held-out set's size,
-    for a share of examples right), else no interval (lo = hi = the value)."""
+    for a share of examples right), else no interval (lo = hi = the value); with `examples`, also the interval
+    over the examples alone (`examples_interval`)."""
     _check_level(level)
     x = np.asarray(values, np.float64)
     if x.size == 0:
@@ -95,7 +107,9 @@ def summarize(values: Sequence[float], examples: Optional[int] = None, level: fl
     dist, over = _resampled(list(x), examples, resamples, seed)
     lo, hi = _quantiles(dist, level) if dist is not None else (float(x[0]), float(x[0]))
     std = float(x.std(ddof=1)) if x.size > 1 else 0.0
-    return Summary(int(x.size), float(x.mean()), std, lo, hi, over)
+    ex = (examples_interval(list(x), int(examples), level, resamples, seed)
+          if examples and np.all((x >= 0.0) & (x <= 1.0)) else (None, None))
+    return Summary(int(x.size), float(x.mean()), std, lo, hi, over, *ex)
 
 
 def difference(values: Sequence[float], baseline: Sequence[float], examples: Optional[int] = None,

@@ -51,6 +51,17 @@ def test_interval_over_examples_is_the_binomial_one():
     assert 0.77 < s.lo < 0.8 < s.hi < 0.83  # about +-2.7 points: the finite dev set alone
 
 
+def test_interval_over_examples_of_several_seeds():
+    """Three runs of 0.8 on the same 872 examples: the examples-only interval of their mean is the binomial one
+    narrowed by sqrt(3) (three independent resamples averaged); the seed interval is a point."""
+    s = stats.summarize([0.8, 0.8, 0.8], examples=872)
+    assert s.over == 'seeds' and s.lo == s.hi == pytest.approx(0.8)
+    one = stats.summarize([0.8], examples=872)
+    width, single = s.examples_hi - s.examples_lo, one.examples_hi - one.examples_lo
+    assert width == pytest.approx(single / np.sqrt(3), rel=0.1)
+    assert stats.summarize([0.8, 2.5]).examples_lo is None  # not shares of examples: no such interval
+
+
 def test_one_value_without_examples_has_no_interval():
     s = stats.summarize([0.5])
     assert s.over == 'none' and s.lo == s.hi == 0.5
