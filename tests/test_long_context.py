@@ -66,7 +66,8 @@ SLOW = pytest.mark.slow
 @pytest.mark.parametrize('method,policies', [
     ('lora', ['offload_layer_inputs_and_projections', CUSTOM]),
     pytest.param('lora', ['full', 'save_qkv', 'offload_layer_inputs'], marks=SLOW),
-    pytest.param('full', ['full', *REMAT_PRESETS, CUSTOM], marks=SLOW),
+    # LoRA's two cases cover every preset; full fine-tuning under each is a variant (a minute of CI)
+    pytest.param('full', ['full', *REMAT_PRESETS, CUSTOM], marks=[SLOW, pytest.mark.variants]),
 ], ids=['lora', 'lora-more', 'full'])
 def test_remat_policies_give_the_gradients_of_no_remat(llama, method, policies):
     """Every preset and a custom policy (tensors on the device, offloaded to host memory, recomputed) trains
