@@ -1,5 +1,6 @@
 """GGUF loading (ftjax.models.gguf_io): names, layout, dequantization, q/k un-permutation, config,
 tokenizer, against tiny GGUFs written like llama.cpp does and against transformers on SmolLM2."""
+import dataclasses
 import importlib.util
 import os
 
@@ -155,7 +156,8 @@ def test_not_a_gguf_file(tiny_llama_dir, tmp_path, cut):
 def test_other_architecture(tiny_llama_dir, tmp_path):
     path = _convert(tiny_llama_dir, tmp_path, arch='gpt2')
     with pytest.raises(ValueError, match=r"tiny\.gguf: GGUF architecture 'gpt2' is not supported "
-                                         r"\(supported: gemma2, gemma3, llama, phi3, qwen2, qwen3\)"):
+                                         r"\(supported: gemma2, gemma3, granitemoe, llama, olmoe, phi3, qwen2, "
+                                         r"qwen2moe, qwen3, qwen3moe\)"):
         read_gguf(path)
 
 
@@ -226,3 +228,56 @@ def test_smollm2_matches_transformers_gguf_loading():
     print(f'SmolLM2 max |d logits| = {err:.2e} (logit scale {np.abs(theirs).max():.1f})')
     assert err < 1e-3  # float32 accumulation order over 30 layers; logits are O(10)
     assert ours[0, -1].argmax() == theirs[0, -1].argmax()
+
+
+# ------------------------------------------------------------------------------ mixtures of experts
+
+@pytest.mark.parametrize('family', sorted(tiny.MOE_FAMILIES))
+def test_moe_gguf_reads_as_its_source_checkpoint(family, tmp_path):
+    """llama.cpp's stacked experts (`ffn_*_exps` [experts, ff, hidden]; GraniteMoE's input_linear split into gate
+    and up), routers, shared expert and expert metadata read back as the transformers checkpoint: every tensor
+    equal, and the ftjax config built from the GGUF equal to the one built from config.json (a Mixtral GGUF is a
+    llama file with `llama.expert_count`; llama.cpp has no sliding window for it, so the source has none)."""
+    from ftjax.models.decoder_config import LlamaConfig
+    from tests.tiny_gguf import write_family_gguf
+
+    src = tiny.make_moe_checkpoint(str(tmp_path / 'hf'), family, **({'sliding_window': None}
+                                                                    if family == 'mixtral' else {}))
+    (tmp_path / 'gguf').mkdir()
+    hf, sd, _ = read_gguf(write_family_gguf(src, str(tmp_path / 'gguf' / 'tiny.gguf'), family))
+    source_cfg = transformers.AutoConfig.from_pretrained(src)
+    assert type(hf) is type(source_cfg) and hf.model_type == family
+    ref = load_file(os.path.join(src, 'model.safetensors'))
+    if source_cfg.tie_word_embeddings:
+        ref.pop('lm_head.weight', None)
+    assert set(sd) == set(ref)
+    for name, w in ref.items():
+        np.testing.assert_array_equal(sd[name], w, err_msg=name)
+    ours, want = LlamaConfig.from_hf(hf.to_dict()), LlamaConfig.from_hf(source_cfg.to_dict())
+    assert ours.router_aux_loss_coef == type(source_cfg)().router_aux_loss_coef  # a training setting: not stored
+    assert dataclasses.replace(ours, router_aux_loss_coef=want.router_aux_loss_coef) == want
+
+
+@pytest.mark.parametrize('family', ['qwen2_moe', 'qwen3_moe'])
+def test_moe_gguf_matches_transformers_gguf_loading(family, tmp_path):
+    """The families transformers' own GGUF loader reads: its model from the file has the source's logits, and
+    so has ftjax's model loaded from the same file (float32). transformers reads neither expert width from the
+    file (`{arch}.expert_feed_forward_length`, `expert_shared_feed_forward_length`: it keeps the config class's
+    defaults, Qwen3-30B-A3B's 768), so the source has the default widths."""
+    from tests.tiny_gguf import write_family_gguf
+
+    widths = {'qwen3_moe': dict(moe_intermediate_size=768),
+              'qwen2_moe': dict(moe_intermediate_size=1408, shared_expert_intermediate_size=5632)}[family]
+    src = tiny.make_moe_checkpoint(str(tmp_path / 'hf'), family, **widths)
+    (tmp_path / 'gguf').mkdir()
+    path = write_family_gguf(src, str(tmp_path / 'gguf' / 'tiny.gguf'), family)
+    ids = np.asarray([[5, 17, 42, 99, 3, 250, 8, 61]])
+    with torch.no_grad():
+        want = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()(
+            torch.tensor(ids)).logits.numpy()
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            str(tmp_path / 'gguf'), gguf_file='tiny.gguf', dtype=torch.float32).eval()(torch.tensor(ids)).logits.numpy()
+    model, params, _, _ = load_pretrained(path)
+    ours = np.asarray(model.apply({'params': params}, ids))
+    assert np.abs(theirs - want).max() < 1e-5
+    assert np.abs(ours - want).max() < 1e-5, np.abs(ours - want).max()

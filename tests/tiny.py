@@ -257,15 +257,16 @@ MOE_FAMILIES = {  # model_type -> (transformers class, config class, fields): te
 }
 
 
-def make_moe_checkpoint(path, family, seed=0):
-    """A tiny random mixture-of-experts `family` model (float32, 2 layers) saved by transformers."""
+def make_moe_checkpoint(path, family, seed=0, **over):
+    """A tiny random mixture-of-experts `family` model (float32, 2 layers) saved by transformers; `over` changes
+    the family's config fields."""
     import torch
     import transformers
     cls, config_cls, extra = MOE_FAMILIES[family]
     tok = make_tokenizer()
     cfg = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.1, router_aux_loss_coef=0.02,
-               bos_token_id=tok.bos_token_id, eos_token_id=None, pad_token_id=tok.pad_token_id, **extra)
+               bos_token_id=tok.bos_token_id, eos_token_id=None, pad_token_id=tok.pad_token_id, **{**extra, **over})
     torch.manual_seed(seed)
     model = getattr(transformers, cls)(getattr(transformers, config_cls)(**cfg))
     _perturb_norms(model, torch)

@@ -127,7 +127,10 @@ def _add_tokenizer(w, src_dir, vocab_size):
 # --- other architectures, written as llama.cpp's convert_hf_to_gguf.py writes them ------------------------
 
 GGUF_ARCH = {'llama': 'LLAMA', 'qwen2': 'QWEN2', 'qwen3': 'QWEN3', 'gemma2': 'GEMMA2', 'gemma3_text': 'GEMMA3',
-             'phi3': 'PHI3'}
+             'phi3': 'PHI3', 'qwen3_moe': 'QWEN3MOE', 'qwen2_moe': 'QWEN2MOE', 'olmoe': 'OLMOE',
+             'granitemoe': 'GRANITE_MOE', 'mixtral': 'LLAMA'}
+PERMUTED = ('llama', 'mixtral', 'granitemoe')  # llama.cpp's LlamaModel subclasses permute q/k (rope type NORM)
+_EXPERT = re.compile(r'^(model\.layers\.\d+\.(?:mlp|block_sparse_moe)\.experts)\.(\d+)\.(\w+)\.weight$')
 
 
 def family_config(model_type, tok):
@@ -172,7 +175,7 @@ def write_family_gguf(src_dir, out_path, model_type):
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_rope_freq_base(rope['rope_theta'])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    if model_type in ('llama', 'phi3'):
+    if model_type in ('phi3',) + PERMUTED:
         w.add_rope_dimension_count(head_dim)
     if head_dim != cfg.hidden_size // cfg.num_attention_heads or model_type.startswith('gemma'):
         w.add_key_length(head_dim)
@@ -182,23 +185,59 @@ def write_family_gguf(src_dir, out_path, model_type):
     if model_type == 'gemma2':
         w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
         w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    if model_type in MOE_TYPES:
+        _add_moe_metadata(w, cfg, model_type)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     _add_tokenizer(w, src_dir, cfg.vocab_size)
 
     names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    experts = {}  # (merged HF name, projection) -> {expert: [out, in]}: stacked as llama.cpp's converters do
     for name, t in load_file(os.path.join(src_dir, 'model.safetensors')).items():
         if name == 'lm_head.weight' and cfg.tie_word_embeddings:
             continue
         t = t.astype(np.float32)
-        if model_type == 'llama' and name.endswith('q_proj.weight'):
+        if model_type in PERMUTED and name.endswith('q_proj.weight'):
             t = permute(t, cfg.num_attention_heads)
-        elif model_type == 'llama' and name.endswith('k_proj.weight'):
+        elif model_type in PERMUTED and name.endswith('k_proj.weight'):
             t = permute(t, cfg.num_key_value_heads)
         if model_type.startswith('gemma') and name.endswith('norm.weight'):
             t = t + 1.0
-        w.add_tensor(names.get_name(name, try_suffixes=('.weight', '.bias')), t)
+        if name.endswith('shared_expert_gate.weight'):
+            t = t.reshape(-1)  # llama.cpp stores Qwen2-MoE's shared-expert gate [1, hidden] as [hidden]
+        m = _EXPERT.match(name)
+        if m:
+            experts.setdefault(f'{m.group(1)}.{m.group(3)}', {})[int(m.group(2))] = t
+        elif name.endswith('block_sparse_moe.input_linear.weight'):  # GraniteMoE: [experts, 2 ff, hidden], gate first
+            layer = name.split('.')[2]
+            for part, half in zip(('gate', 'up'), np.split(t, 2, axis=1)):
+                w.add_tensor(f'blk.{layer}.ffn_{part}_exps.weight', np.ascontiguousarray(half))
+        else:
+            w.add_tensor(names.get_name(name, try_suffixes=('.weight', '.bias')), t)
+    for merged, by_expert in experts.items():
+        stacked = np.stack([by_expert[e] for e in sorted(by_expert)])  # [experts, out, in]
+        w.add_tensor(names.get_name(merged + '.weight', try_suffixes=('.weight',)), stacked)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return out_path
+
+
+MOE_TYPES = ('qwen3_moe', 'qwen2_moe', 'olmoe', 'granitemoe', 'mixtral')
+
+
+def _add_moe_metadata(w, cfg, model_type):
+    """The expert keys llama.cpp's converters write for each family (convert_hf_to_gguf.py)."""
+    w.add_expert_count(getattr(cfg, 'num_experts', None) or cfg.num_local_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    if model_type in ('qwen3_moe', 'qwen2_moe'):
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if model_type == 'qwen2_moe':
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    if model_type == 'olmoe' and cfg.clip_qkv is not None:
+        w.add_clamp_kqv(cfg.clip_qkv)
+    if model_type == 'granitemoe':
+        w.add_embedding_scale(cfg.embedding_multiplier)
+        w.add_residual_scale(cfg.residual_multiplier)
+        w.add_attention_scale(cfg.attention_multiplier)
+        w.add_logit_scale(cfg.logits_scaling)

@@ -8,14 +8,20 @@ any HF directory:
     hf_config, state_dict, tokenizer = read_gguf("gemma-3-270m-q4_k_m.gguf")
 
 Architectures (`general.architecture` -> HF model_type): llama, qwen2, qwen3, gemma2, gemma3 ->
-gemma3_text, phi3. What differs from a HF checkpoint is undone here, as transformers' own GGUF
+gemma3_text, phi3, and the mixtures of experts qwen2moe -> qwen2_moe, qwen3moe -> qwen3_moe, olmoe, granitemoe and
+llama with `llama.expert_count` -> mixtral. What differs from a HF checkpoint is undone here, as transformers' own GGUF
 loader does (`modeling_gguf_pytorch_utils`, `integrations/ggml.py`):
   * ggml lists dimensions fastest-first, so a GGUF shape [in, out] is the numpy array [out, in];
   * quantized tensors (Q4_0 ... Q8_0, the K-quants Q2_K ... Q6_K, IQ*) are blocks of bytes,
     dequantized with `gguf.quants` (numpy);
-  * llama.cpp's converter permutes the rows of q_proj / k_proj of the *llama* architecture only (its
-    RoPE pairs neighbouring dimensions, HF's pairs the two halves of each head); `_unpermute` is the
-    inverse. Qwen, Gemma and Phi-3 tensors are stored unpermuted;
+  * llama.cpp's converter permutes the rows of q_proj / k_proj of the *llama* and *granitemoe*
+    architectures only (their RoPE pairs neighbouring dimensions, HF's pairs the two halves of each head);
+    `_unpermute` is the inverse. Qwen, OLMoE, Gemma and Phi-3 tensors are stored unpermuted;
+  * a mixture of experts stores each layer's experts stacked (`ffn_gate_exps` [experts, ff, hidden]); they are
+    split into the per-expert tensors a HF checkpoint holds (`mlp.experts.{e}.gate_proj.weight`; Mixtral's
+    w1 / w3 / w2), except GraniteMoE's, which HF stacks too (gate and up concatenated as `input_linear`). The
+    routing llama.cpp fixes per architecture (renormalised top-k weights for qwen3moe and Mixtral, not for
+    qwen2moe and OLMoE) is the config's unless the file says otherwise (`{arch}.expert_weights_norm`);
   * Gemma's RMSNorm multiplies by (1 + w): llama.cpp stores every `*norm.weight` as w + 1, so 1 is
     subtracted back (HF stores w);
   * what the metadata does not say is llama.cpp's fixed per-architecture choice: Gemma 3 global /
@@ -36,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 # general.architecture -> the Hugging Face model_type
 ARCHITECTURES = {'llama': 'llama', 'qwen2': 'qwen2', 'qwen3': 'qwen3', 'gemma2': 'gemma2', 'gemma3': 'gemma3_text',
-                 'phi3': 'phi3'}
+                 'phi3': 'phi3', 'qwen2moe': 'qwen2_moe', 'qwen3moe': 'qwen3_moe', 'olmoe': 'olmoe',
+                 'granitemoe': 'granitemoe'}  # 'llama' with experts: 'mixtral' (_model_type)
 SUPPORTED_ARCHITECTURES = tuple(sorted(ARCHITECTURES))
 GEMMA = ('gemma2', 'gemma3')
 
@@ -57,8 +64,22 @@ _QK_NORM = {'attn_q_norm': 'self_attn.q_norm', 'attn_k_norm': 'self_attn.k_norm'
 _PRE_NORMS = {'attn_norm': 'input_layernorm', 'ffn_norm': 'post_attention_layernorm'}  # [hidden]
 _GEMMA_NORMS = {'attn_norm': 'input_layernorm', 'post_attention_norm': 'post_attention_layernorm',
                 'ffn_norm': 'pre_feedforward_layernorm', 'post_ffw_norm': 'post_feedforward_layernorm'}
+_QWEN_MOE = {'ffn_gate_inp': 'mlp.gate',  # the router [experts, hidden]
+             'ffn_gate_exps': 'mlp.experts.{e}.gate_proj', 'ffn_up_exps': 'mlp.experts.{e}.up_proj',
+             'ffn_down_exps': 'mlp.experts.{e}.down_proj'}  # stored [experts, ff, hidden] / [experts, hidden, ff]
+_SHARED_EXPERT = {'ffn_gate_shexp': 'mlp.shared_expert.gate_proj', 'ffn_up_shexp': 'mlp.shared_expert.up_proj',
+                  'ffn_down_shexp': 'mlp.shared_expert.down_proj', 'ffn_gate_inp_shexp': 'mlp.shared_expert_gate'}
 _LAYER_NAMES = {  # per architecture: llama.cpp block tensor -> HF module inside model.layers.{i}
     'llama': {**_ATTENTION, **_MLP, **_PRE_NORMS},
+    'mixtral': {**_ATTENTION, **_PRE_NORMS, 'ffn_gate_inp': 'block_sparse_moe.gate',
+                'ffn_gate_exps': 'block_sparse_moe.experts.{e}.w1', 'ffn_up_exps': 'block_sparse_moe.experts.{e}.w3',
+                'ffn_down_exps': 'block_sparse_moe.experts.{e}.w2'},
+    'qwen2moe': {**_ATTENTION, **_PRE_NORMS, **_QWEN_MOE, **_SHARED_EXPERT},
+    'qwen3moe': {**_ATTENTION, **_PRE_NORMS, **_QK_NORM, **_QWEN_MOE},
+    'olmoe': {**_ATTENTION, **_PRE_NORMS, **_QK_NORM, **_QWEN_MOE},
+    'granitemoe': {**_ATTENTION, **_PRE_NORMS, 'ffn_gate_inp': 'block_sparse_moe.router.layer',
+                   'ffn_gate_exps': 'block_sparse_moe.input_linear', 'ffn_up_exps': 'block_sparse_moe.input_linear',
+                   'ffn_down_exps': 'block_sparse_moe.output_linear'},  # HF stacks these (gate, then up)
     'qwen2': {**_ATTENTION, **_MLP, **_PRE_NORMS},
     'qwen3': {**_ATTENTION, **_MLP, **_PRE_NORMS, **_QK_NORM},
     'gemma2': {**_ATTENTION, **_MLP, **_GEMMA_NORMS},
@@ -68,7 +89,8 @@ _LAYER_NAMES = {  # per architecture: llama.cpp block tensor -> HF module inside
              'ffn_up': 'mlp.gate_up_proj',     # [2 * intermediate, hidden], gate first
              'ffn_down': 'mlp.down_proj', **_PRE_NORMS},
 }
-_BIASES = {'qwen2': ('attn_q', 'attn_k', 'attn_v')}  # biases the HF model always has
+_BIASES = {'qwen2': ('attn_q', 'attn_k', 'attn_v'), 'qwen2moe': ('attn_q', 'attn_k', 'attn_v')}  # HF always has
+PERMUTED = ('llama', 'mixtral', 'granitemoe')  # q/k rows permuted by llama.cpp (rope type NORM)
 _LAYER_RE = re.compile(r'^blk\.(\d+)\.(\w+)\.(weight|bias)$')
 # Tensors llama.cpp adds that have no HF counterpart (Llama-3 RoPE frequency factors).
 _IGNORED = ('rope_freqs.weight',)
@@ -112,11 +134,13 @@ def read_gguf_config(path) -> dict:
 
 
 def _architecture(metadata, path):
+    """The file's layout: its `general.architecture`, or 'mixtral' for a llama file with experts (llama.cpp
+    writes Mixtral as llama)."""
     arch = metadata.get('general.architecture')
     if arch not in ARCHITECTURES:
         raise ModelError(f"{path}: GGUF architecture {arch!r} is not supported "
                          f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}).")
-    return arch
+    return 'mixtral' if arch == 'llama' and metadata.get('llama.expert_count') else arch
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -126,6 +150,7 @@ def _config(metadata, tensor_names, path):
     import transformers
 
     arch = metadata['general.architecture']
+    layout = _architecture(metadata, path)
     get = lambda key, default=None: metadata.get(f'{arch}.{key}', default)  # noqa: E731
 
     def need(key):
@@ -161,6 +186,8 @@ def _config(metadata, tensor_names, path):
     scaling = _rope_scaling(get, arch, path)
     if scaling:
         cfg['rope_scaling'] = scaling
+    if get('expert_count'):
+        cfg.update(_experts(get, need, layout, cfg['intermediate_size']))
     if arch in GEMMA:
         cfg.update(_gemma(get, arch, layers, hidden, heads, head_dim))
         if cfg['eos_token_id'] is not None and tokens is not None and '<end_of_turn>' in tokens:
@@ -172,7 +199,31 @@ def _config(metadata, tensor_names, path):
                              f"not supported; use a 4k-context Phi-3 (e.g. Phi-3-mini-4k-instruct).")
         if get('attention.sliding_window') is not None:
             cfg['sliding_window'] = int(get('attention.sliding_window'))
-    return transformers.AutoConfig.for_model(ARCHITECTURES[arch], **cfg)
+    return transformers.AutoConfig.for_model(ARCHITECTURES.get(layout, layout), **cfg)
+
+
+def _experts(get, need, layout, intermediate):
+    """The mixture-of-experts fields of the HF config: counts, expert widths, routing and (GraniteMoE) scales."""
+    experts, used = int(need('expert_count')), int(need('expert_used_count'))
+    width = int(get('expert_feed_forward_length', intermediate))
+    norm = get('expert_weights_norm')  # newer converters write it; else llama.cpp's per-architecture choice
+    norm = bool(norm) if norm is not None else layout in ('qwen3moe', 'mixtral', 'granitemoe')
+    if layout in ('qwen2moe', 'qwen3moe'):
+        out = dict(num_experts=experts, num_experts_per_tok=used, moe_intermediate_size=width, norm_topk_prob=norm,
+                   decoder_sparse_step=1, mlp_only_layers=[])
+        if layout == 'qwen2moe':
+            out['shared_expert_intermediate_size'] = int(get('expert_shared_feed_forward_length', 0))
+        return out
+    if layout == 'olmoe':
+        clip = get('attention.clamp_kqv')
+        return dict(num_experts=experts, num_experts_per_tok=used, intermediate_size=width, norm_topk_prob=norm,
+                    clip_qkv=None if clip is None else _f32(clip))
+    out = dict(num_local_experts=experts, num_experts_per_tok=used, intermediate_size=width)  # mixtral, granitemoe
+    if layout == 'granitemoe':  # llama.cpp's names of GraniteMoE's four multipliers
+        out.update(embedding_multiplier=_f32(get('embedding_scale', 1.0)),
+                   residual_multiplier=_f32(get('residual_scale', 1.0)),
+                   attention_multiplier=_f32(get('attention.scale', 1.0)), logits_scaling=_f32(get('logit_scale', 1.0)))
+    return out
 
 
 def _gemma(get, arch, layers, hidden, heads, head_dim):
@@ -227,17 +278,25 @@ def _state_dict(tensors, arch, hf_config, path):
         w = _hf_rows(_dequantize(tensor, path), name, arch, hf_config)
         if arch in GEMMA and name.endswith('norm.weight'):
             w -= 1.0  # llama.cpp stores Gemma's RMSNorm weight as 1 + w
-        state_dict[name] = w
+        if name.endswith('shared_expert_gate.weight'):
+            w = w.reshape(1, -1)  # [1, hidden] in HF; some converters squeeze it to [hidden]
+        if '{e}' in name:  # [experts, out, in]: one tensor per expert
+            state_dict.update({name.format(e=e): w[e] for e in range(w.shape[0])})
+        elif name in state_dict:  # GraniteMoE's input_linear: gate (ffn_gate_exps), then up, on the out axis
+            gate, up = (w, state_dict[name]) if 'ffn_gate_exps' in tensor.name else (state_dict[name], w)
+            state_dict[name] = np.concatenate([gate, up], axis=1)
+        else:
+            state_dict[name] = w
     _check_complete(state_dict, arch, hf_config, path)
     return state_dict
 
 
 def _hf_rows(w, name, arch, hf_config):
     """`w` [out, ...] (weights, or a quantized tensor's bytes [out, bytes per row]) with its rows in HF order:
-    llama.cpp permuted the rows of the llama architecture's q_proj / k_proj."""
-    if arch == 'llama' and '.q_proj.' in name:
+    llama.cpp permuted the rows of q_proj / k_proj of the llama-rope architectures (PERMUTED)."""
+    if arch in PERMUTED and '.q_proj.' in name:
         return _unpermute(w, hf_config.num_attention_heads)
-    if arch == 'llama' and '.k_proj.' in name:
+    if arch in PERMUTED and '.k_proj.' in name:
         return _unpermute(w, hf_config.num_key_value_heads)
     return w
 
@@ -252,8 +311,8 @@ def read_gguf_blocks(path):
     out = {}
     for tensor in header.tensors:
         kind = tensor.tensor_type.name
-        if tensor.name in _IGNORED or kind in ('F32', 'F16', 'BF16', 'F64'):
-            continue
+        if tensor.name in _IGNORED or kind in ('F32', 'F16', 'BF16', 'F64') or len(tensor.shape) > 2:
+            continue  # floats, and stacked experts (dequantized by read_gguf: model.quantize='gguf' keeps 2-D ones)
         name = _hf_name(tensor.name, arch, path)
         rows = np.array(tensor.data, np.uint8).reshape(tensor.shape[0], -1)  # a copy of the mapped bytes
         out[name] = (kind, _hf_rows(rows, name, arch, hf_config))
@@ -305,7 +364,8 @@ def _unpermute(w, n_head):
 
 def _check_complete(state_dict, arch, hf_config, path):
     expected = ['model.embed_tokens.weight', 'model.norm.weight']
-    per_layer = [f'{name}.weight' for name in _LAYER_NAMES[arch].values()]
+    experts = range(getattr(hf_config, 'num_experts', None) or getattr(hf_config, 'num_local_experts', 0) or 0)
+    per_layer = sorted({f'{name}.weight'.format(e=e) for name in _LAYER_NAMES[arch].values() for e in experts or [0]})
     per_layer += [f'{_LAYER_NAMES[arch][t]}.bias' for t in _BIASES.get(arch, ())]
     expected += [f'model.layers.{i}.{name}' for i in range(hf_config.num_hidden_layers) for name in per_layer]
     missing = [name for name in expected if name not in state_dict]

@@ -356,6 +356,9 @@ def gguf_params(flat, flat_mask, gguf: GGUFBlocks):
         found = None if leaf is None else _candidate(ours, leaf, flat_mask.get(ours))
         if found is None:
             continue
+        if '{e}' in name:  # one stacked leaf [layers, experts, in, out] of many GGUF experts: read dequantized
+            kept.append(f"{'/'.join(ours)} (experts, read dequantized)")
+            continue
         names = [name.format(i=i) for i in range(gguf.num_layers)] if '{i}' in name else [name]
         types = {raw[n_][0] if n_ in raw else 'F32' for n_ in names}
         rows = [raw[n_][1] for n_ in names if n_ in raw]
