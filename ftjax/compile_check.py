@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 
 import flax.linen as nn
@@ -213,11 +214,52 @@ def check(config, topology, devices=None, topology_name=None, keep_compiled=Fals
     }
     for key in ('argument', 'output', 'alias', 'temp', 'generated_code', 'host_temp'):
         out[f'{key}_bytes'] = getattr(mem, f'{key}_size_in_bytes', None) if mem is not None else None
-    found = kernels.kernel_names_in(compiled.as_text())
+    hlo = compiled.as_text()
+    out['collectives'] = collective_bytes(hlo)
+    found = kernels.kernel_names_in(hlo)
     out['attention'] = found[0] if found else ('cpu custom VJP' if config.model.kernels == 'cpu' else 'xla')
     out.update(_estimates(out, compiled.cost_analysis(), pre.config, topology_name))
     if keep_compiled:
         out['compiled'] = compiled
+    return out
+
+
+COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-to-all', 'ragged-all-to-all', 'all-reduce', 'collective-permute')
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.-]+) = (\([^=]*?\)|[a-z]\w*\[[\d,]*\]\S*) ([a-z-]+)\(([^)]*)\)')
+_SHAPE = re.compile(r'\b(pred|[a-z]+\d+(?:e\d+m\d+\w*)?)\[([\d,]*)\]')
+
+
+def _shape_bytes(text, last=False):
+    """Bytes of an HLO result type ('bf16[4,8,128]{...}' or a tuple of them; `last`: the tuple's last one)."""
+    shapes = _SHAPE.findall(text)
+    shapes = shapes[-1:] if last else shapes
+    bits = {'pred': 8}
+    total = 0
+    for dtype, dims in shapes:
+        width = bits.get(dtype) or int(re.sub(r'\D.*', '', dtype.lstrip('abcdefghijklmnopqrstuvwxyz')) or 32)
+        total += math.prod(int(d) for d in dims.split(',') if d) * width // 8
+    return total
+
+
+def collective_bytes(hlo_text):
+    """{kind: {'count', 'bytes'}} of the collectives in a compiled module's HLO text, per device: each op's
+    larger side (operand or result: what an all-gather receives, what a reduce-scatter sends), an async
+    `-start` counted once. A loop body (the scanned layers) is counted once, as XLA's cost analysis does."""
+    shapes, out = {}, {}
+    for line in hlo_text.splitlines():
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, result, op, args = m.groups()
+        start = op.endswith('-start')
+        shapes[name] = _shape_bytes(result, last=start)
+        kind = op[:-len('-start')] if start else op
+        if kind not in COLLECTIVES:
+            continue
+        operands = sum(shapes.get(a.strip().lstrip('%'), 0) for a in args.split(',') if a.strip().startswith('%'))
+        entry = out.setdefault(kind, {'count': 0, 'bytes': 0})
+        entry['count'] += 1
+        entry['bytes'] += max(shapes[name], operands)
     return out
 
 
@@ -289,6 +331,9 @@ def format_report(r):
     total = r['per_device_bytes']['total']
     if total is not None:
         lines.append(f"  total (args + outputs - aliased + temporaries)  {_size(total)}")
+    if r.get('collectives'):
+        lines.append('collectives per device (compiled HLO, the larger of operand and result; a loop body once): ' +
+                     ', '.join(f"{k} {v['count']} x {_size(v['bytes'])}" for k, v in sorted(r['collectives'].items())))
     if r.get('host_temp_bytes'):
         lines.append(f"  host memory (offloaded activations)  {_size(r['host_temp_bytes'])}")
     if 'hbm_bytes' in r:
@@ -305,7 +350,7 @@ def summary_json(r):
     """The last line the command prints: the report's headline numbers as one JSON object."""
     keys = ('platform', 'topology', 'devices', 'mesh', 'model', 'method', 'batch', 'kernels', 'attention',
             'quantize', 'frozen_bytes', 'per_device_bytes', 'hbm_bytes', 'fits', 'flops_per_step', 'estimate',
-            'compile_s')
+            'collectives', 'compile_s')
     return json.dumps({k: r[k] for k in keys if k in r})
 
 

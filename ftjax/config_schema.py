@@ -54,7 +54,12 @@ SCHEMA = [
       '(a buffer of model.moe_capacity_factor x tokens x k / experts slots per expert, batched matmuls, the '
       'assignments past it dropped)', one_of('ragged', 'dense', 'capacity')),
     K('model.moe_capacity_factor', 1.25, "model.moe_impl='capacity': slots per expert = factor x tokens x k / "
-      "experts (experts / k or more: nothing dropped)", POSITIVE),
+      "experts (experts / k or more: nothing dropped); model.moe_dispatch='all_to_all': slots per shard = factor x "
+      "tokens x k / mesh.expert (mesh.expert or more: nothing dropped)", POSITIVE),
+    K('model.moe_dispatch', 'gather', "with mesh.expert > 1 (ftjax/models/moe.py): gather (each shard all-gathers "
+      "its expert group's tokens and reduce-scatters the sums; dropless) or all_to_all (each assignment sent to its "
+      "expert's shard only, model.moe_capacity_factor slots per shard, the rest dropped)",
+      one_of('gather', 'all_to_all')),
     K('model.router_aux_loss_coef', None, "MoE: weight of the load-balancing loss added to the training loss "
       "(None: the checkpoint's router_aux_loss_coef)", NON_NEGATIVE, kind=float),
     K('model.router_z_loss_coef', 0.0, 'MoE: weight of the router z-loss (ST-MoE: mean logsumexp(router logits)^2)',

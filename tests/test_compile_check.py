@@ -113,3 +113,22 @@ def test_estimate_finds_the_largest_batch_that_fits(tiny_llama_dir, chat_data):
     assert '| offload_layer_inputs | 2 |' in table
     with pytest.raises(ValueError, match='--hbm_gib'):
         compile_check.estimate(config, topo, policies=['full'])
+
+
+def test_collective_bytes_of_hlo_text():
+    """Each collective's larger side (an all-gather's result, a reduce-scatter's operand), async starts once (the
+    tuple's last shape: the result), tuples summed, TPU layouts and sub-byte types read."""
+    hlo = '''  %param.1 = bf16[4,8,128]{2,1,0} parameter(0)
+  %all_to_all.3 = bf16[4,8,128]{2,1,0:T(8,128)(2,1)S(1)} all-to-all(%param.1), channel_id=1, dimensions={0}
+  %copy-done = bf16[4,8,128]{2,1,0} copy-done(%cs)
+  %all-gather.4 = bf16[16,8,128]{2,1,0:T(8,128)(2,1)S(1)} all-gather(%copy-done), channel_id=1, dimensions={0}
+  %reduce_scatter.7 = bf16[4,8,128]{2,1,0:T(8,128)(2,1)S(1)} reduce-scatter(%all-gather.4), channel_id=1
+  %ags = (f32[2,4]{1,0}, f32[8,4]{1,0}) all-gather-start(%p2), dimensions={0}
+  %agd = f32[8,4]{1,0} all-gather-done(%ags)
+  ROOT %ar = (f32[10]{0}, s4[6]{0}) all-reduce(%a, %b), to_apply=%add
+'''
+    assert compile_check.collective_bytes(hlo) == {
+        'all-to-all': {'count': 1, 'bytes': 4 * 8 * 128 * 2},
+        'all-gather': {'count': 2, 'bytes': 16 * 8 * 128 * 2 + 8 * 4 * 4},
+        'reduce-scatter': {'count': 1, 'bytes': 16 * 8 * 128 * 2},
+        'all-reduce': {'count': 1, 'bytes': 10 * 4 + 3}}

@@ -245,6 +245,8 @@ def test_config_round_trip():
 @pytest.mark.parametrize('mesh_shape,impl', [
     ({'data': 2, 'fsdp': 2, 'expert': 2}, 'ragged'),
     ({'expert': 8}, 'ragged'),  # one expert per shard, fewer than k = 2: the shard's assignments capped at tokens
+    ({'fsdp': 2, 'expert': 4}, 'all_to_all'),  # each assignment sent to its expert's shard, back, summed
+    pytest.param({'expert': 8}, 'all_to_all', marks=pytest.mark.slow),
     pytest.param({'fsdp': 2, 'expert': 4}, 'ragged', marks=pytest.mark.slow),
     pytest.param({'fsdp': 2, 'expert': 4}, 'dense', marks=[pytest.mark.slow, pytest.mark.variants]),
     pytest.param({'fsdp': 2, 'expert': 4}, 'capacity', marks=[pytest.mark.slow, pytest.mark.variants]),
@@ -253,13 +255,17 @@ def test_config_round_trip():
 def test_expert_sharded_equals_one_device(moe_dir, mesh_shape, impl):
     """The experts split over the 'expert' mesh axis of the 8 fake CPU devices (tokens gathered per expert group,
     sums reduce-scattered), with fsdp / data / tensor: loss (with the load-balancing term) and the gradients of
-    every parameter, LoRA on the experts included, equal the unsharded step's."""
+    every parameter, LoRA on the experts included, equal the unsharded step's. 'all_to_all' is
+    model.moe_dispatch='all_to_all' with moe_impl='ragged' and enough slots that nothing is dropped."""
+    dispatch = 'all_to_all' if impl == 'all_to_all' else 'gather'
+    impl = 'ragged' if impl == 'all_to_all' else impl
     pre = load_pretrained(moe_dir('qwen2_moe'))
     p, _ = peft.prepare(pre, tiny.lora_test_config(), jax.random.key(0))
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: x + 0.05 * jax.random.normal(jax.random.key(len(path)), x.shape)
         if path[-1].key == 'lora_b' else x, p.params)
-    model = build_model(dataclasses.replace(p.config, moe_impl=impl, moe_capacity_factor=4.0))  # nothing dropped
+    model = build_model(dataclasses.replace(p.config, moe_impl=impl, moe_capacity_factor=8.0,  # nothing dropped
+                                            moe_dispatch=dispatch))
     ids = ids_of(pre.config, (8, SEQ), seed=6)
 
     def loss(prm, x):
@@ -323,3 +329,37 @@ def test_peft_export_of_attention_and_shared_expert_adapters(moe_dir, tmp_path):
         err = np.abs(model(torch.tensor(ids)).logits.numpy() - ours).max()
     print(f'qwen2_moe PEFT export (attention + shared expert): max |d logits| {err:.2e}')
     assert err < 1e-4
+
+
+def test_all_to_all_dispatch_drops_exactly_the_assignments_past_its_slots():
+    """model.moe_dispatch='all_to_all' with fewer slots than assignments, on 4 'expert' shards of 8 experts (k=2,
+    random routing, one padding token): the output equals the one-device computation with exactly the assignments
+    past each source shard's `slots` for each destination shard (in token order) given weight 0, and the count it
+    reports is theirs."""
+    rng = np.random.default_rng(0)
+    ex, e, k, n, d, f = 4, 8, 2, 32, 16, 8  # n tokens in all: 8 per shard
+    x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(n)]), jnp.int32)
+    w = jnp.asarray(rng.uniform(size=(n, k)), jnp.float32)
+    valid = jnp.asarray(np.arange(n) != 5)
+    projs = {p: [(jnp.asarray(rng.normal(size=shape) * 0.3, jnp.float32), None)]
+             for p, shape in (('gate', (e, d, f)), ('up', (e, d, f)), ('down', (e, f, d)))}
+    factor = 0.75
+    slots = int(np.ceil(factor * (n // ex) * k / ex))  # 3 per (source, destination) shard pair
+    keep = np.ones((n, k), bool)
+    for src in range(ex):  # by hand: each source shard's assignments, in token order, per destination shard
+        used = [0] * ex
+        for t in range(src * n // ex, (src + 1) * n // ex):
+            for j in range(k):
+                if not valid[t]:
+                    continue
+                dst = int(idx[t, j]) // (e // ex)
+                keep[t, j] = used[dst] < slots
+                used[dst] += 1
+    want = moe.apply_experts(x, idx, jnp.where(keep, w, 0.0), projs, 'ragged', jax.nn.silu, False, 0, 1.0, e, valid)
+    mesh = sharding.make_mesh({'expert': ex}, jax.devices()[:ex])
+    with jax.set_mesh(mesh):
+        got, dropped = jax.jit(lambda *a: moe.sharded_experts(*a, 'ragged', jax.nn.silu, False, n, factor, valid,
+                                                              'all_to_all'))(x, idx, w, projs)
+    assert int(dropped) == int((~keep & np.asarray(valid)[:, None]).sum()) > 0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -94,6 +94,7 @@ class LlamaConfig:
     context_load_balance: bool = True  # zig-zag order of the sequence over the context shards
     moe_impl: str = 'ragged'  # or 'dense' (every expert on every token), 'capacity' (a slot buffer per expert)
     moe_capacity_factor: float = 1.25  # 'capacity': slots per expert = factor x tokens x k / experts
+    moe_dispatch: str = 'gather'  # with mesh.expert > 1: or 'all_to_all' (slots per shard: factor x tokens x k / ex)
     router_z_loss_coef: float = 0.0
     lora: Optional[LoraSpec] = None
 

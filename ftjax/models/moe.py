@@ -19,8 +19,12 @@ the batch everywhere else (data parallel). In each MoE MLP every 'expert' shard 
 expert group (the rows the other shards of the axis hold), runs its own experts on the assignments that are
 theirs (by `model.moe_impl`; a shard's ragged buffer holds at most tokens x min(k, its experts) rows) and
 reduce-scatters the sums back (`sharded_experts`): one all-gather and one reduce-scatter of [tokens, embed] per
-layer. An all-to-all dispatch (sending each assignment only to its expert's shard) would move k / experts of that;
-it is not built.
+layer (`model.moe_dispatch='gather'`, dropless). `model.moe_dispatch='all_to_all'` sends each assignment only to
+its expert's shard instead (`_all_to_all`): a [shards, slots, embed] buffer per shard, slots = capacity_factor x
+tokens x k / shards (the assignments past them dropped, reported as 'dropped'), one all-to-all there and one back.
+Per shard that moves ~2 x capacity_factor x k x tokens x embed against the gather's ~2 x tokens x embed (both x
+(shards - 1) / shards): smaller when capacity_factor x k < shards (Mixtral's top-2 of 8 on 8 shards), larger for
+Qwen3-MoE's top-8 (docs/performance.md measures both on TPU topologies).
 
 Sparse upcycling (`upcycle`, config.model.upcycle_experts; Komatsuzaki et al., 2022): a dense Llama / Mistral /
 Qwen3 turned into a Mixtral / Qwen3-MoE whose every expert starts as a copy of the layer's MLP (plus optional
@@ -87,7 +91,7 @@ def aux_losses(stats, num_experts):
     per_layer = stats['counts'] / jnp.maximum(jnp.sum(stats['counts'], axis=-1, keepdims=True), 1e-9)  # [layers, e]
     out = {'load_balance': num_experts * jnp.sum(jax.lax.stop_gradient(f) * p),
            'z': jnp.sum(stats['z']) / rows, 'expert_load': load, 'layer_load_max': jnp.max(per_layer) * num_experts}
-    if 'dropped' in stats:  # moe_impl='capacity': the fraction of assignments dropped, over the layers
+    if 'dropped' in stats:  # moe_impl='capacity' / moe_dispatch='all_to_all': the fraction dropped, over the layers
         out['dropped'] = jnp.mean(stats['dropped'])
     return out
 
@@ -229,16 +233,19 @@ def _capacity(x, key, order, sizes, w, ffn, local, k, slots):
     return jnp.einsum('nkd,nk->nd', ys.astype(jnp.float32), w)
 
 
-def sharded_experts(x, idx, w, projs, impl, act, fused, batch, capacity_factor=1.0, valid=None):
-    """`apply_experts` with the experts split over the 'expert' mesh axis (`shard_map`): each shard gathers the
-    tokens of its expert group (the rows the batch axes gave the other 'expert' shards), computes its own experts
-    on them and reduce-scatters the sums back (one all-gather of the tokens and one reduce-scatter per layer)."""
+def sharded_experts(x, idx, w, projs, impl, act, fused, batch, capacity_factor=1.0, valid=None, dispatch='gather'):
+    """`apply_experts` with the experts split over the 'expert' mesh axis (`shard_map`) -> (y [tokens, embed]
+    float32, the number of assignments the dispatch dropped). dispatch 'gather': each shard gathers the tokens of
+    its expert group (the rows the batch axes gave the other 'expert' shards), computes its own experts on them
+    and reduce-scatters the sums back (one all-gather of the tokens and one reduce-scatter per layer; nothing
+    dropped); 'all_to_all': `_all_to_all` (where the tokens are split over the 'expert' axis; else 'gather')."""
     mesh = jax.sharding.get_abstract_mesh()
     sizes = {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
     ex = sizes.get(EXPERT_AXIS, 1)
     e = projs['down'][0][0].shape[0]
+    none = jnp.zeros((), jnp.float32)
     if ex == 1:
-        return apply_experts(x, idx, w, projs, impl, act, fused, 0, capacity_factor, e, valid)
+        return apply_experts(x, idx, w, projs, impl, act, fused, 0, capacity_factor, e, valid), none
     if e % ex:
         raise ConfigError(f"mesh.expert={ex} must divide the model's {e} experts.")
     rows = tuple(a for a in BATCH_AXES if a in sizes)  # how the batch rows (and so the tokens) are split
@@ -247,17 +254,47 @@ def sharded_experts(x, idx, w, projs, impl, act, fused, batch, capacity_factor=1
 
     def per_shard(x, idx, w, valid, projs):
         first = jax.lax.axis_index(EXPERT_AXIS) * (e // ex)
+        if split and dispatch == 'all_to_all':
+            y, dropped = _all_to_all(x, idx, w, valid, projs, impl, act, fused, first, capacity_factor, e, ex)
+            return y, jax.lax.psum(dropped, rows)
         if split:  # this expert group's tokens
             x, idx, w, valid = (jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True) for a in (x, idx, w, valid))
         y = apply_experts(x, idx, w, projs, impl, act, fused, first, capacity_factor, e, valid)
         if split:
-            return jax.lax.psum_scatter(y, EXPERT_AXIS, scatter_dimension=0, tiled=True)
-        return jax.lax.psum(y, EXPERT_AXIS)
+            return jax.lax.psum_scatter(y, EXPERT_AXIS, scatter_dimension=0, tiled=True), none
+        return jax.lax.psum(y, EXPERT_AXIS), none
     tok = P(rows, None)
     weights = jax.tree.map(lambda a: P(EXPERT_AXIS, *(None,) * (a.ndim - 1)), projs)
     valid = jnp.ones(x.shape[:1], bool) if valid is None else valid
-    return jax.shard_map(per_shard, in_specs=(tok, tok, tok, P(rows), weights), out_specs=tok, check_vma=False)(
-        x, idx, w, valid, projs)
+    return jax.shard_map(per_shard, in_specs=(tok, tok, tok, P(rows), weights), out_specs=(tok, P()),
+                         check_vma=False)(x, idx, w, valid, projs)
+
+
+def _all_to_all(x, idx, w, valid, projs, impl, act, fused, first, capacity_factor, e, ex):
+    """One 'expert' shard's all-to-all dispatch: each of its assignments is copied into the buffer of its expert's
+    shard ([ex, slots, embed], in token order; past `slots` dropped), the buffers exchanged (`all_to_all`), this
+    shard's experts run on the rows received (one assignment each), the outputs exchanged back and summed per
+    token with the routing weights. -> (y [tokens, embed] float32, assignments dropped here)."""
+    n, d = x.shape
+    k, local = idx.shape[1], e // ex
+    slots = max(1, min(n * k, math.ceil(capacity_factor * n * k / ex)))
+    dest = jnp.where(valid[:, None], idx // local, ex).reshape(-1)  # [tokens * k] the shard of each; ex: padding
+    hot = jax.nn.one_hot(dest, ex, dtype=jnp.int32)  # [tokens * k, ex]; padding's row is 0
+    slot = jnp.sum((jnp.cumsum(hot, axis=0) - 1) * hot, axis=1)  # its place in that shard's buffer
+    keep = (dest < ex) & (slot < slots)
+    dest, slot = jnp.where(keep, dest, ex), jnp.where(keep, slot, 0)  # dest ex: dropped by the scatters
+    send = jnp.zeros((ex, slots, d), x.dtype).at[dest, slot].set(jnp.repeat(x, k, axis=0), mode='drop')
+    eid = jnp.full((ex, slots), -1, jnp.int32).at[dest, slot].set(idx.reshape(-1).astype(jnp.int32), mode='drop')
+    recv = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0)  # [ex source shards, slots, embed]: rows for my experts
+    rid = jax.lax.all_to_all(eid, EXPERT_AXIS, 0, 0).reshape(-1)  # [ex * slots] their experts; -1 empty
+    filled = rid >= 0
+    y = apply_experts(recv.reshape(ex * slots, d), jnp.where(filled, rid, first)[:, None],
+                      jnp.ones((ex * slots, 1), jnp.float32), projs, impl, act, fused, first, capacity_factor, e,
+                      filled)  # [ex * slots, embed]
+    back = jax.lax.all_to_all(y.reshape(ex, slots, d), EXPERT_AXIS, 0, 0)  # [ex expert shards, slots, embed]
+    got = back[jnp.minimum(dest, ex - 1), slot] * jnp.where(keep, w.reshape(-1), 0.0)[:, None]  # [tokens * k, embed]
+    dropped = jnp.sum(valid) * k - jnp.sum(keep)
+    return jnp.sum(got.reshape(n, k, d), axis=1), dropped.astype(jnp.float32)
 
 
 class Moe(nn.Module):
@@ -287,8 +324,10 @@ class Moe(nn.Module):
             projs = {'gate': expert(f, up_axes, 'gate_proj', d), 'up': expert(f, up_axes, 'up_proj', d)}
         projs['down'] = expert(d, down_axes, 'down_proj', f)
         act = ACTIVATIONS[cfg.activation]
-        y = sharded_experts(x, idx, w, projs, cfg.moe_impl, act, cfg.fused_gate_up, b, cfg.moe_capacity_factor,
-                            valid.reshape(-1))  # [tokens, embed] float32; padding goes to no expert
+        y, dropped = sharded_experts(x, idx, w, projs, cfg.moe_impl, act, cfg.fused_gate_up, b,
+                                     cfg.moe_capacity_factor, valid.reshape(-1), cfg.moe_dispatch)  # [tokens, embed]
+        if cfg.moe_dispatch == 'all_to_all':  # the assignments past the shards' buffers
+            stats['dropped'] = stats.get('dropped', 0.0) + dropped / jnp.maximum(jnp.sum(valid) * k, 1)
         if cfg.shared_expert_size:  # Qwen2-MoE: a dense MLP on every token, gated by sigmoid(h @ w_g)
             dense = lambda n, axes, name: Dense(  # noqa: E731
                 n, axes, lora=cfg.lora, dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernels=cfg.kernels, name=name)

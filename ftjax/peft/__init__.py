@@ -37,7 +37,7 @@ def _with_runtime(pre: Pretrained, model_cfg, platform: str) -> Pretrained:
         changes['kernels'] = kind
     if model_cfg.remat != pre.config.remat:
         changes['remat'] = model_cfg.remat
-    for key in ('context_parallel', 'context_load_balance', 'moe_impl', 'moe_capacity_factor',
+    for key in ('context_parallel', 'context_load_balance', 'moe_impl', 'moe_capacity_factor', 'moe_dispatch',
                 'router_z_loss_coef'):  # decoders only
         if hasattr(pre.config, key) and model_cfg[key] != getattr(pre.config, key):
             changes[key] = model_cfg[key]
