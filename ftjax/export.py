@@ -212,10 +212,14 @@ def export_peft(pre: Pretrained, out_dir, dtype='float32'):
         params[top] = adapters.merge({top: params[top]}, spec)[top]
     np_dtype = _np_dtype(dtype)
     adapted = adapters.adapted_paths(params)
+    experts = [p for p in adapted if p[:2] == ('layers', 'moe') and p[-1] in EXPERT_PROJECTIONS]
+    adapted = [p for p in adapted if p not in experts]
     missing = [p for p in adapted if p not in body]
     if missing:
         raise ModelError(f"Adapters on {['/'.join(p) for p in missing]} have no transformers module to attach to; "
                          f"export the merged weights with --format=hf.")
+    # experts: one rank for every target (gate and up fused: 2 x rank), ftjax's scale folded into each B
+    rank = 2 * spec.rank if any(p[-1] in ('gate_proj', 'up_proj') for p in experts) else spec.rank
     tensors = {}
     for path in adapted:
         mod = jax.device_get(get_path(params, path))
@@ -224,7 +228,13 @@ def export_peft(pre: Pretrained, out_dir, dtype='float32'):
                 if leaf in mod:
                     arr = np.asarray(mod[leaf] if i is None else mod[leaf][i])
                     arr = arr if leaf == 'lora_magnitude' else arr.T  # A: [r, in], B: [out, r], m: [out]
+                    if experts:
+                        arr = _padded(arr * spec.scale if leaf == 'lora_b' else arr, rank, leaf == 'lora_b')
                     tensors[f'{PEFT_PREFIX}{name}.{suffix}'] = np.ascontiguousarray(arr.astype(np_dtype))
+    target_parameters = None
+    if experts:
+        expert_tensors, target_parameters = _expert_adapters(params['layers']['moe'], cfg, spec, rank)
+        tensors.update({k: v.astype(np_dtype) for k, v in expert_tensors.items()})
     if head:
         head_params = jax.device_get({k: params[k] for k in {r[0][0] for r in head}})
         tensors.update({PEFT_PREFIX + k: v.astype(np_dtype)
@@ -236,12 +246,15 @@ def export_peft(pre: Pretrained, out_dir, dtype='float32'):
     adapter_config = {
         'peft_type': 'LORA', 'task_type': peft_task(cfg),
         'base_model_name_or_path': pre.path, 'revision': None, 'inference_mode': True,
-        'r': spec.rank, 'lora_alpha': spec.alpha, 'lora_dropout': spec.dropout, 'use_rslora': spec.rslora,
+        'r': rank if experts else spec.rank, 'lora_alpha': rank if experts else spec.alpha,  # experts: scale 1
+        'lora_dropout': spec.dropout, 'use_rslora': spec.rslora and not experts,
         'use_dora': spec.dora, 'target_modules': peft_target_modules(everything, chosen), 'bias': 'none',
         'fan_in_fan_out': False, 'init_lora_weights': True, 'layers_to_transform': None, 'layers_pattern': None,
         'rank_pattern': {}, 'alpha_pattern': {},
         'modules_to_save': list(MODULES_TO_SAVE[cfg.model_type]) if head else None,
     }
+    if target_parameters:
+        adapter_config['target_parameters'] = target_parameters
     _prepare_out_dir(out_dir)
     from safetensors.numpy import save_file
     save_file(tensors, os.path.join(out_dir, 'adapter_model.safetensors'), metadata={'format': 'pt'})
@@ -249,6 +262,54 @@ def export_peft(pre: Pretrained, out_dir, dtype='float32'):
     logging.info('Exported a rank-%d %s adapter (%d tensors) to %s.', spec.rank, 'DoRA' if spec.dora else 'LoRA',
                  len(tensors), out_dir)
     return out_dir
+
+
+EXPERT_PROJECTIONS = ('gate_proj', 'up_proj', 'gate_up_proj', 'down_proj')  # under params['layers']['moe']
+
+
+def _padded(arr, rank, columns):
+    """A LoRA factor with its rank axis (A [r, in]: rows; B [out, r]: `columns`) zero-padded to `rank` (exact)."""
+    r = arr.shape[-1] if columns else arr.shape[-2]
+    pad = [(0, 0)] * arr.ndim
+    pad[-1 if columns else -2] = (0, rank - r)
+    return np.pad(arr, pad)
+
+
+def _expert_adapters(moe, cfg, spec, rank):
+    """peft's LoRA of transformers 5's fused expert parameters (`target_parameters`: `gate_up_proj` [experts,
+    2 mlp, embed] and `down_proj` [experts, embed, mlp], each wrapped by peft's ParamWrapper): ftjax's per-expert
+    gate and up adapters fused into one of rank 2 x r (A stacked, B block-diagonal: exact), every factor padded to
+    `rank` and B scaled by ftjax's alpha / r (the config's scale is then 1). peft flattens the experts into its
+    lora_A [experts x rank, in] (expert-major) and lora_B [out, rank x experts] (expert-minor); nested wrappers:
+    the last target is outermost, each earlier one one `base_layer.` deeper. -> ({name: array}, targets)."""
+    def factors(name):  # (A [layers, experts, r, in], B [layers, experts, out, r] x scale) or None
+        mod = moe.get(name, {})
+        if 'lora_a' not in mod:
+            return None
+        a, b = (np.asarray(jax.device_get(mod[k]), np.float32) for k in ('lora_a', 'lora_b'))
+        return a.swapaxes(-1, -2), b.swapaxes(-1, -2) * spec.scale
+    gate_up = factors('gate_up_proj')
+    gate, up = factors('gate_proj'), factors('up_proj')
+    if gate or up:  # [gate; up] on the out axis, as transformers fuses them
+        layers, experts, r = cfg.num_layers, cfg.num_experts, spec.rank
+        d, f = cfg.hidden_size, cfg.moe_intermediate_size
+        a, b = np.zeros((layers, experts, 2 * r, d), np.float32), np.zeros((layers, experts, 2 * f, 2 * r), np.float32)
+        for k, part in enumerate((gate, up)):
+            if part:
+                a[:, :, k * r:(k + 1) * r], b[:, :, k * f:(k + 1) * f, k * r:(k + 1) * r] = part
+        gate_up = a, b
+    prefix = 'block_sparse_moe.experts' if cfg.model_type == 'granitemoe' else 'mlp.experts'
+    targets = [(n, t) for n, t in (('gate_up_proj', gate_up), ('down_proj', factors('down_proj'))) if t]
+    out = {}
+    for depth, (name, (a, b)) in enumerate(targets):
+        a, b = _padded(a, rank, False), _padded(b, rank, True)  # [layers, experts, rank, in], [.., out, rank]
+        module = prefix + '.base_layer' * (len(targets) - 1 - depth)
+        for i in range(cfg.num_layers):
+            key = f'{PEFT_PREFIX}model.layers.{i}.{module}'
+            out[f'{key}.lora_A.weight'] = np.ascontiguousarray(a[i].reshape(-1, a.shape[-1]))  # [experts x rank, in]
+            out[f'{key}.lora_B.weight'] = np.ascontiguousarray(
+                b[i].transpose(1, 2, 0).reshape(b.shape[-2], -1))  # [out, rank x experts]
+    return out, [f'{prefix}.{name}' for name, _ in targets]
 
 
 # --- a run's export -----------------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ step with LoRA on attention and experts (one adapter per expert), with the route
 the Hugging Face export of a trained model read back by transformers; refusals of what the decoder lacks.
 """
 import dataclasses
+import json
+import os
+import warnings
 
 import flax.linen as nn
 import jax
@@ -15,6 +18,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+import ftjax
 from ftjax import export, peft, sharding
 from ftjax import state as state_lib
 from ftjax.config import DEFAULT_RULES
@@ -144,7 +148,8 @@ def train(pre, c, steps=3):
 
 def test_lora_on_experts_trains_and_exports_merged(moe_dir, tmp_path):
     """One adapter per expert, stacked on the expert axis; the loss includes the load-balancing term (reported);
-    the merged Hugging Face export reads back in transformers with ftjax's logits."""
+    the merged Hugging Face export reads back in transformers with ftjax's logits, and so does the PEFT adapter
+    (attention as target_modules, the fused experts as peft's target_parameters) on transformers' base model."""
     path = moe_dir('qwen3_moe')
     pre = load_pretrained(path)
     trained, history, state = train(pre, tiny.lora_test_config(**{'model.router_aux_loss_coef': 0.5}))
@@ -168,8 +173,39 @@ def test_lora_on_experts_trains_and_exports_merged(moe_dir, tmp_path):
         back = hf_model(out)(torch.tensor(ids)).logits.numpy()
     print(f'qwen3_moe LoRA export: max |d logits| {np.abs(ours - back).max():.2e}')
     assert np.abs(ours - back).max() < 1e-4
-    with pytest.raises(ModelError, match="layers/moe/gate_proj.*export the merged weights"):
-        export.export_peft(trained, str(tmp_path / 'peft'))
+    adapter = export.export_peft(trained, str(tmp_path / 'peft'))
+    assert np.abs(_peft_logits(path, adapter, ids) - ours).max() < 1e-4
+    with pytest.raises(ModelError, match=r"target_parameters=\['mlp.experts.gate_up_proj', 'mlp.experts.down_proj'\] "
+                                         r"is not supported by ftjax"):
+        ftjax.load_pretrained(path, adapter=adapter)  # not read back into ftjax: one clear error
+
+
+def _peft_logits(path, adapter, ids):
+    """transformers' model of `path` with the PEFT adapter directory `adapter` loaded by peft: its logits."""
+    peft_lib = pytest.importorskip('peft')
+    with open(os.path.join(adapter, 'adapter_config.json')) as f:
+        assert json.load(f)['target_parameters']  # the experts' adapters ride on peft's ParamWrapper
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # peft: target_parameters is experimental
+        model = peft_lib.PeftModel.from_pretrained(hf_model(path), adapter).eval()
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+@pytest.mark.parametrize('family,targets', [
+    ('granitemoe', ['gate_up_proj$']),  # transformers' fused layout is ftjax's too: no rank padding
+    pytest.param('mixtral', ['down_proj$', 'up_proj$'], marks=pytest.mark.slow),  # up without gate: half zeros
+])
+def test_peft_export_of_expert_adapters_alone(moe_dir, family, targets, tmp_path):
+    """Adapters on the experts only (no target_modules) export to a PEFT adapter that peft applies to
+    transformers' fused expert parameters with ftjax's logits."""
+    path = moe_dir(family)
+    trained, _, _ = train(load_pretrained(path), tiny.lora_test_config(**{'peft.lora.targets': targets}), steps=2)
+    ids = ids_of(trained.config, seed=4)
+    ours = np.asarray(trained.model.apply({'params': trained.params}, ids))
+    adapter = export.export_peft(trained, str(tmp_path / 'peft'))
+    err = np.abs(_peft_logits(path, adapter, ids) - ours).max()
+    print(f'{family} PEFT export of expert adapters: max |d logits| {err:.2e}')
+    assert err < 1e-4
 
 
 @pytest.mark.parametrize('objective', ['simpo', 'grpo'])
