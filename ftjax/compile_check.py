@@ -13,7 +13,8 @@ Either way it builds the model from the checkpoint's config.json (or the
 GGUF metadata) with `jax.eval_shape` -- no weights are read --, applies the PEFT method, then lowers and
 compiles the trainer's own train step (`build.jit_train_step`) with the trainer's shardings for that mesh.
 Prints the per-device bytes of trainable params, frozen params and optimizer state, XLA's memory
-analysis of the compiled step (arguments, outputs, temporaries, generated code), and a last line of JSON
+analysis of the compiled step (arguments, outputs, temporaries, generated code), the collectives of the
+compiled HLO (count and bytes per kind: `collective_bytes`), and a last line of JSON
 (`summary_json`). `--config.model.quantize=nf4` (or int8) sizes a quantized frozen base (QLoRA) from the
 shapes alone (`ftjax.models.quantize`; 'gguf' needs the file's blocks and is refused).
 With fake CPU devices the XLA numbers are the CPU compiler's (TPU/GPU fuse differently:
