@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from ftjax.models import load_pretrained
+from ftjax.models import LlamaConfig, load_pretrained
 from ftjax.models.gguf_io import read_gguf
 from tests import tiny
-from tests.tiny_gguf import gguf_name, permute, write_tiny_gguf
+from tests.tiny_gguf import gguf_name, permute, read_back, write_family_gguf, write_tiny_gguf
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -238,19 +238,9 @@ def test_moe_gguf_reads_as_its_source_checkpoint(family, tmp_path):
     and up), routers, shared expert and expert metadata read back as the transformers checkpoint: every tensor
     equal, and the ftjax config built from the GGUF equal to the one built from config.json (a Mixtral GGUF is a
     llama file with `llama.expert_count`; llama.cpp has no sliding window for it, so the source has none)."""
-    from ftjax.models.decoder_config import LlamaConfig
-    from tests.tiny_gguf import write_family_gguf
-
     src = tiny.make_moe_checkpoint(str(tmp_path / 'hf'), family, **({'sliding_window': None}
                                                                     if family == 'mixtral' else {}))
-    (tmp_path / 'gguf').mkdir()
-    hf, sd, _ = read_gguf(write_family_gguf(src, str(tmp_path / 'gguf' / 'tiny.gguf'), family))
-    source_cfg = transformers.AutoConfig.from_pretrained(src)
-    assert type(hf) is type(source_cfg) and hf.model_type == family
-    ref = load_file(os.path.join(src, 'model.safetensors'))
-    if source_cfg.tie_word_embeddings:
-        ref.pop('lm_head.weight', None)
-    assert set(sd) == set(ref)
+    hf, sd, source_cfg, ref = read_back(src, tmp_path, family)
     for name, w in ref.items():
         np.testing.assert_array_equal(sd[name], w, err_msg=name)
     ours, want = LlamaConfig.from_hf(hf.to_dict()), LlamaConfig.from_hf(source_cfg.to_dict())
@@ -264,8 +254,6 @@ def test_moe_gguf_matches_transformers_gguf_loading(family, tmp_path):
     so has ftjax's model loaded from the same file (float32). transformers reads neither expert width from the
     file (`{arch}.expert_feed_forward_length`, `expert_shared_feed_forward_length`: it keeps the config class's
     defaults, Qwen3-30B-A3B's 768), so the source has the default widths."""
-    from tests.tiny_gguf import write_family_gguf
-
     widths = {'qwen3_moe': dict(moe_intermediate_size=768),
               'qwen2_moe': dict(moe_intermediate_size=1408, shared_expert_intermediate_size=5632)}[family]
     src = tiny.make_moe_checkpoint(str(tmp_path / 'hf'), family, **widths)

@@ -11,6 +11,8 @@ import gguf
 import numpy as np
 from safetensors.numpy import load_file
 
+from ftjax.models.gguf_io import read_gguf
+
 # The attention and MLP matrices: what llama.cpp quantizes (embeddings and norms it keeps wider).
 DEFAULT_Q8 = r'^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$'
 
@@ -241,3 +243,20 @@ def _add_moe_metadata(w, cfg, model_type):
         w.add_residual_scale(cfg.residual_multiplier)
         w.add_attention_scale(cfg.attention_multiplier)
         w.add_logit_scale(cfg.logits_scaling)
+
+
+def read_back(src_dir, tmp_path, model_type):
+    """The checkpoint in `src_dir` written as a GGUF by `write_family_gguf` and read by ftjax: (hf_config, state
+    dict, the source's config, the source's tensors less a tied lm_head), the config class, model_type and tensor
+    names checked equal."""
+    import transformers
+
+    os.makedirs(os.path.join(tmp_path, 'gguf'), exist_ok=True)
+    hf, sd, _ = read_gguf(write_family_gguf(src_dir, os.path.join(tmp_path, 'gguf', 'tiny.gguf'), model_type))
+    source_cfg = transformers.AutoConfig.from_pretrained(src_dir)
+    assert type(hf) is type(source_cfg) and hf.model_type == model_type
+    ref = load_file(os.path.join(src_dir, 'model.safetensors'))
+    if source_cfg.tie_word_embeddings:
+        ref.pop('lm_head.weight', None)
+    assert set(sd) == set(ref)
+    return hf, sd, source_cfg, ref
