@@ -161,14 +161,16 @@ SCHEMA = [
       'normaliser), dapo (token mean over the batch), bnpo (token mean per micro-batch)',
       one_of('dpo', 'ipo', 'simpo', 'orpo', 'grpo', 'dr_grpo', 'dapo', 'bnpo')),
     K('align.beta', 0.1, 'dpo / ipo / simpo: beta (dpo: KL strength; ipo: tau; simpo: reward scale, ~2); grpo '
-      'losses: weight of the k3 KL to the adapters-off reference (0 = no reference, nothing computed)',
+      'losses: weight of the k3 KL to the reference, the starting model (align.reference; 0 = no reference, '
+      'nothing computed)',
       NON_NEGATIVE),
     K('align.label_smoothing', 0.0, 'dpo / simpo: probability that a pair is flipped (conservative DPO)',
       BELOW_HALF),
     K('align.simpo_gamma', 0.5, 'simpo: target reward margin gamma', NON_NEGATIVE),
     K('align.orpo_lambda', 0.1, 'orpo: weight of the odds-ratio term beside the SFT loss', POSITIVE),
-    K('align.reference', 'auto', 'dpo / ipo reference: adapters_off (LoRA / DoRA: the base in the same step), '
-      'precomputed (base log-probs of every pair before training, cached), auto (by peft.method and '
+    K('align.reference', 'auto', 'dpo / ipo and grpo (beta > 0) reference: adapters_off (LoRA / DoRA: the base '
+      'in the same step), precomputed (the starting model\'s log-probs: of every pair before training, cached; '
+      'grpo: of each rollout, from a copy of the starting trainable weights), auto (by peft.method and '
       'model.adapter_merge)',
       one_of('auto', 'adapters_off', 'precomputed')),
     K('align.num_generations', 8, 'grpo: completions sampled per prompt (the group)', AT_LEAST_2),

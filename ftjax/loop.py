@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ftjax import checkpoint, data as data_lib, logs, optim, sharding
@@ -131,6 +132,10 @@ def setup(config, workdir):
     n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.trainable))
     n_total = n_trainable + quantize.num_weights(state.frozen)  # a quantized matrix counts its weights
 
+    # GRPO's 'precomputed' reference (full / partial, beta > 0): the starting trainable weights, copied before a
+    # resume replaces them; the frozen ones are read from the state (they never change)
+    initial = jax.tree.map(jnp.copy, state.trainable) if objective.name == 'grpo' and \
+        objective.reference == 'precomputed' else None
     mngr = checkpoint.make_manager(rundir.path, config.train)
     base_ref = checkpoint.base_reference(config.model.path, quantize.describe(config.model))
     trainable_sig = checkpoint.leaf_signature(state.trainable)
@@ -159,7 +164,8 @@ def setup(config, workdir):
                preempt=checkpoint.Preemption(mngr),
                result={'exit_code': 0, 'trainable_params': n_trainable, 'total_params': n_total})
     if run.rl:
-        it.bind(lambda: run.state.params())  # rollouts sample with the parameters as they train
+        it.bind(lambda: run.state.params(),  # rollouts sample with the parameters as they train
+                None if initial is None else lambda: state_lib.combine(initial, run.state.frozen))
     return run
 
 

@@ -174,10 +174,45 @@ def test_grpo_run_resumes_bit_exact(tiny_llama_dir, chat_data, tmp_path, mu):
 @pytest.mark.slow
 def test_compile_check_of_an_rl_config_with_a_reference(tiny_llama_dir, chat_data):
     """The GRPO step (beta > 0: the adapters-off reference in the same step) compiles for a mesh with its batch
-    layout (old_logps, advantages); full fine-tuning with beta > 0 is one error naming the fix."""
+    layout (old_logps, advantages); full fine-tuning with beta > 0 gets the per-token reference log-probs in its
+    batch, and asking it for the adapters-off reference is one error naming the fix."""
     from ftjax import compile_check
     config = tiny_rl_config(tiny_llama_dir, chat_data, **{'align.beta': 0.04, 'align.loss': 'dapo'})
     report = compile_check.check(config, compile_check.parse_topology('data=2,fsdp=2,tensor=2'))
     assert report['temp_bytes'] > 0 and report['argument_bytes'] > report['trainable_bytes']
-    with pytest.raises(ConfigError, match='beta > 0 needs peft.method lora or dora'):
-        grpo.settings(tiny_rl_config(tiny_llama_dir, chat_data, **{'align.beta': 0.04, 'peft.method': 'full'}))
+    full = tiny_rl_config(tiny_llama_dir, chat_data, **{'align.beta': 0.04, 'peft.method': 'full'})
+    assert grpo.settings(full).reference == 'precomputed'
+    assert compile_check.abstract_batch(full, None, None)['ref_logps'].shape == (8, 224)  # [batch, seq]
+    with pytest.raises(ConfigError, match="adapters_off' needs peft.method lora or dora.*reference=precomputed"):
+        grpo.settings(tiny_rl_config(tiny_llama_dir, chat_data, **{'align.beta': 0.04, 'peft.method': 'full',
+                                                                    'align.reference': 'adapters_off'}))
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_with_kl_keeps_the_starting_model_as_reference(tiny_llama_dir, chat_data, tmp_path):
+    """Full fine-tuning with beta > 0: each rollout carries the *starting* model's per-token log-probs (a copy of
+    the starting weights, taken before a resume replaces them), so the KL is ~0 at step 1 and grows as the policy
+    moves; a run stopped after step 2 and resumed logs the same KL and losses as an uninterrupted one."""
+    config = tiny_rl_config(tiny_llama_dir, chat_data, **{'peft.method': 'full', 'align.beta': 0.04,
+                                                         'train.steps': 3, 'train.checkpoint_every': 1,
+                                                         'optim.learning_rate': 1e-3})
+    whole = tmp_path / 'whole'
+    train_and_evaluate(config, str(whole))
+    rows = _rows(whole)
+    assert rows[0]['kl'] < 1e-6 and rows[-1]['kl'] > 1e-5, [r['kl'] for r in rows]
+    parts = tmp_path / 'parts'
+    train(setup(config, str(parts)), stop_at=2)
+    again = setup(config, str(parts))
+    assert again.step == 2
+    train(again)
+    for a, b in zip(rows, _rows(parts)):
+        for key in ('loss', 'kl', 'reward', 'grad_norm'):
+            assert a[key] == b[key], (a['step'], key, a[key], b[key])
+    batch = {k: jnp.asarray(v) for k, v in again.it.current[1].items()}  # step 3's rollout, sampled after resume
+    mask = np.asarray(batch['loss_mask']) > 0
+    start, _ = build.build_model_and_mask(config)
+    logps = jax.jit(lambda p, b: grpo.completion_logps(start.model, p, b))
+    assert np.abs(np.asarray(logps(start.params, batch)) - np.asarray(batch['ref_logps']))[mask].max() <= 1e-5
+    now = np.asarray(logps(jax.device_get(again.state.params()), batch))
+    assert np.abs(now - np.asarray(batch['ref_logps']))[mask].max() > 1e-3
+    finish(again)

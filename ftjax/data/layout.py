@@ -8,7 +8,9 @@
   preference      an lm batch of one pair per row (segment 1 chosen, 2 rejected), plus ref_logps [batch, 2]
                   (float32) when the reference's log-probs were computed before training
   grpo            an lm batch of one prompt + sampled completion per row (loss_mask on the completion), plus
-                  old_logps [batch, seq] (the sampler's log p of each completion token) and advantages [batch]
+                  old_logps [batch, seq] (the sampler's log p of each completion token) and advantages [batch],
+                  plus ref_logps [batch, seq] (float32) when the reference is the starting model held aside
+                  (full / partial fine-tuning with align.beta > 0)
 
 Any batch may add 'valid' [batch] (bool): the padding rows of a short last eval batch are False.
 """
@@ -29,7 +31,8 @@ CLASSIFICATION = {
     'token_type_ids': ((SEQ,), np.int32),  # [batch, seq] sentence A / B
     'label': ((), np.int32),  # [batch] class id
 }
-REFERENCE = {'ref_logps': ((2,), np.float32)}  # [batch, 2] the reference's chosen / rejected answer log-probs
+REFERENCE = {'preference': {'ref_logps': ((2,), np.float32)},  # [batch, 2] chosen / rejected answer log-probs
+             'grpo': {'ref_logps': ((SEQ,), np.float32)}}  # [batch, seq] log p of each completion token
 RL = {'old_logps': ((SEQ,), np.float32), 'advantages': ((), np.float32)}  # [batch, seq], [batch]
 VALID = {'valid': ((), np.bool_)}  # [batch] False on the padding rows of a short last eval batch
 LAYOUTS = {'lm': LM, 'classification': CLASSIFICATION, 'preference': LM, 'grpo': {**LM, **RL}}
@@ -41,10 +44,12 @@ REQUIRED = {'lm': ('input_ids', 'target_ids', 'loss_mask'), 'classification': ('
 
 def layout(task, reference=False, valid=False):
     """{key: (dims after the batch dim, dtype)} of a `task` batch ('lm', 'classification', 'preference');
-    `reference`: with precomputed reference log-probs; `valid`: with the eval batches' row flags."""
+    `reference`: with the reference's log-probs (computed before training, or at each rollout for grpo); `valid`: with the eval batches' row flags."""
     if task not in LAYOUTS:
         raise ValueError(f'no batch layout for the task {task!r}; the tasks are {sorted(LAYOUTS)}.')
-    return {**LAYOUTS[task], **(REFERENCE if reference else {}), **(VALID if valid else {})}
+    if reference and task not in REFERENCE:
+        raise ValueError(f'a {task!r} batch has no reference log-probs; {sorted(REFERENCE)} batches do.')
+    return {**LAYOUTS[task], **(REFERENCE[task] if reference else {}), **(VALID if valid else {})}
 
 
 def shapes(task, batch_size, max_length, **kw):

@@ -21,7 +21,10 @@ one ratio per row exp(mean over the row's tokens of (log p - old log p)) (`seque
   dr_grpo  sum l / (rows x rollout.max_new_tokens)
   dapo     sum l / the whole batch's completion tokens
 
-The reference (beta > 0) is the model with its adapters off on the frozen base (LoRA / DoRA): no second copy.
+The reference (beta > 0; `align.reference`, auto by `peft.method`) is the starting model: for LoRA / DoRA the
+model with its adapters off on the frozen base, in the same step (no second copy); for full / partial fine-tuning
+(or a loaded adapter trained on) 'precomputed': `ftjax.rl.Rollouts` keeps a copy of the starting trainable
+weights and each rollout batch carries their per-token log-probs as `ref_logps` [batch, seq].
 """
 import dataclasses
 
@@ -35,7 +38,7 @@ from ftjax.models import moe
 from ftjax.models.heads import lm_head_kernel
 from ftjax.objectives import logprobs
 from ftjax.objectives.objective import Objective
-from ftjax.objectives.preference import base_model, check_adapters_only, strip_adapters
+from ftjax.objectives.preference import base_model, check_adapters_only, resolve_reference, strip_adapters
 from ftjax.state import combine
 
 KEYS = layout.REQUIRED['grpo']  # the batch keys it reads
@@ -53,6 +56,7 @@ class Settings:
     level: str = 'token'  # importance sampling level
     max_completion_length: int = 64  # dr_grpo's constant normaliser
     grad_accum: int = 1  # bnpo divides each micro-batch's mean by it
+    reference: str = 'none'  # resolved: 'none' (beta = 0) | 'adapters_off' | 'precomputed'
 
 
 def settings(config):
@@ -61,12 +65,9 @@ def settings(config):
     if a.loss not in LOSSES:
         raise ConfigError(f'config.align.loss={a.loss!r} is not a GRPO loss ({list(LOSSES)}).')
     high = a.epsilon if a.epsilon_high is None else a.epsilon_high
-    if float(a.beta) > 0 and config.peft.method not in ('lora', 'dora'):
-        raise ConfigError(f"config.align.beta={a.beta} with peft.method={config.peft.method!r}: GRPO's reference is "
-                          f"the model with its adapters off, so beta > 0 needs peft.method lora or dora (a frozen "
-                          f"copy for full / partial is not built); set --config.align.beta=0.")
     return Settings(a.loss, float(a.beta), float(a.epsilon), float(high), a.importance_sampling_level,
-                    int(config.rollout.max_new_tokens), int(config.optim.grad_accum))
+                    int(config.rollout.max_new_tokens), int(config.optim.grad_accum),
+                    resolve_reference(config, float(a.beta) > 0))
 
 
 def token_losses(s: Settings, logps, old_logps, ref_logps, advantages, mask):
@@ -166,13 +167,15 @@ def make(config) -> Objective:
     chunk = int(config.train.loss_chunk)
 
     def reference(model, frozen, batch):
-        if s.beta == 0.0:
+        if s.reference == 'none':
             return None
+        if s.reference == 'precomputed':  # the starting model's, computed by the rollout
+            return batch['ref_logps']
         ref = completion_logps(base_model(model), strip_adapters(frozen), batch, None, chunk)
         return jax.lax.stop_gradient(ref)
 
     def sums(model, trainable, frozen, batch, rng, norms):
-        if s.beta != 0.0:
+        if s.reference == 'adapters_off':
             check_adapters_only(trainable)
         (logps, ent), stats = completion_logps(model, combine(trainable, frozen), batch, rng, chunk, entropy=True,
                                                router=True)
@@ -189,5 +192,5 @@ def make(config) -> Objective:
                                batch['loss_mask'], *normalisers(batch))
         return {'loss_sum': got['loss_sum'], 'correct': jnp.zeros((), jnp.float32), 'count': got['rows']}
 
-    return Objective('grpo', KEYS, sums, normalisers, finalize, eval_sums, 'adapters_off' if s.beta else 'none',
-                     before_after)
+    keys = KEYS + (('ref_logps',) if s.reference == 'precomputed' else ())
+    return Objective('grpo', keys, sums, normalisers, finalize, eval_sums, s.reference, before_after)

@@ -75,7 +75,16 @@ class Settings:
 def settings(config):
     """The `align.*` keys of a config, with `align.reference='auto'` resolved from `peft.method`."""
     a = config.align
-    if a.loss not in NEEDS_REFERENCE:
+    return Settings(a.loss, float(a.beta), float(a.label_smoothing), float(a.simpo_gamma), float(a.orpo_lambda),
+                    resolve_reference(config, a.loss in NEEDS_REFERENCE))
+
+
+def resolve_reference(config, needed=True):
+    """`align.reference` of an objective that needs a reference (`needed`; else 'none'), 'auto' resolved:
+    'adapters_off' when only adapters train on the starting model (LoRA / DoRA, a loaded adapter merged),
+    else 'precomputed' (the starting model's log-probs: before training for pairs, at each rollout for GRPO)."""
+    a = config.align
+    if not needed:
         reference = 'none'
     elif a.reference == 'auto':  # a loaded (SFT) adapter is part of the starting policy: merged, or precomputed
         m = config.model
@@ -92,8 +101,7 @@ def settings(config):
     if reference == 'adapters_off' and config.peft.method not in ('lora', 'dora'):
         raise ConfigError(f"config.align.reference='adapters_off' needs peft.method lora or dora (got "
                           f"{config.peft.method!r}): use --config.align.reference=precomputed.")
-    return Settings(a.loss, float(a.beta), float(a.label_smoothing), float(a.simpo_gamma), float(a.orpo_lambda),
-                    reference)
+    return reference
 
 
 # --- log-probs of the answers ---------------------------------------------------------------------------------

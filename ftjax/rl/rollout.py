@@ -2,7 +2,8 @@
 batch, the source the training loop takes its batches from when `align.loss` is an RL loss.
 
   it = Rollouts(config, pre, mesh, workdir)   # prompts of data.path (json / jsonl), rewards of align.rewards
-  it.bind(lambda: current_params)              # the trainer's parameters, read at each rollout
+  it.bind(lambda: current_params, reference)   # the trainer's parameters, read at each rollout (and the
+                                               # starting model's, when the batches carry the reference's log-probs)
   batch = next(it)                             # every align.num_iterations steps: a new rollout
   it.metrics, it.state / it.restore(state), it.evaluate()   # held-out greedy reward of the current params
 
@@ -11,7 +12,9 @@ Each rollout takes the next `rollout.prompts` prompts of a seeded permutation (a
 parameters (LoRA / DoRA / quantized leaves as the trainer holds them), with the seed fold(train.seed, rollout
 index): a resumed run samples what an uninterrupted one does. Rewards are scored on the host
 (`ftjax.rl.rewards`), normalised within each group (`align.scale_rewards`, TRL's formula), and the batch holds
-prompt + completion per row, the completion's tokens in `loss_mask`, the sampler's log-probs as `old_logps`.
+prompt + completion per row, the completion's tokens in `loss_mask`, the sampler's log-probs as `old_logps`
+and, when the GRPO reference is 'precomputed' (full / partial fine-tuning with align.beta > 0), the starting
+model's log-probs of the same tokens as `ref_logps`.
 With num_iterations > 1 the rollout batch is kept in `<workdir>/rollout.npz` so a run resumed between its
 iterations trains on the same batch. Every completion, its prompt and rewards are appended to
 `<workdir>/completions.jsonl` (a resumed run first drops the lines of the steps after its checkpoint).
@@ -31,6 +34,7 @@ from ftjax.errors import ConfigError
 from ftjax.eval.evaluate import last_user_message, read_rows
 from ftjax.infer import Sampler, encode_prompt
 from ftjax.infer.generation import cut
+from ftjax.objectives import grpo
 from ftjax.rl import rewards as rewards_lib
 
 
@@ -57,10 +61,11 @@ def _nanstd(x, axis=None):
     return np.sqrt(np.where(count > 1, var * count / np.maximum(count - 1, 1), np.nan))
 
 
-def batch_rows(prompts, completions, old_logps, adv, max_length, pad_id):
+def batch_rows(prompts, completions, old_logps, adv, max_length, pad_id, reference=False):
     """The GRPO batch (`ftjax.data.layout` 'grpo') of prompt + completion ids per row, right-padded to
-    `max_length`: input_ids / target_ids shifted by one, loss_mask and old_logps on the completion's targets."""
-    b = layout.empty('grpo', len(prompts), max_length, pad_id)
+    `max_length`: input_ids / target_ids shifted by one, loss_mask and old_logps on the completion's targets
+    (`reference`: with a zero 'ref_logps' for the reference's log-probs)."""
+    b = layout.empty('grpo', len(prompts), max_length, pad_id, reference=reference)
     for i, (p, c, lp) in enumerate(zip(prompts, completions, old_logps)):
         seq = list(p) + list(c)
         assert len(seq) <= max_length + 1, (len(seq), max_length)
@@ -104,12 +109,19 @@ class Rollouts:
         self.log = os.path.join(str(workdir), 'completions.jsonl') if workdir and jax.process_index() == 0 else None
         self.served = 0  # train steps served (the state)
         self.current = None  # (rollout index, host batch) of the iterations in progress
-        self.params = None
+        self.params = self.reference = None
+        self.with_reference = grpo.settings(c).reference == 'precomputed'
+        chunk = int(c.train.loss_chunk)
+        self._ref_logps = jax.jit(lambda p, b: grpo.completion_logps(pre.model, p, b, None, chunk))
         self.metrics = {}
 
-    def bind(self, params_fn):
-        """`params_fn()`: the trainer's current parameters, read at each rollout and evaluation."""
-        self.params = params_fn
+    def bind(self, params_fn, reference_fn=None):
+        """`params_fn()`: the trainer's current parameters, read at each rollout and evaluation; `reference_fn()`:
+        the starting model's (needed when the GRPO reference is 'precomputed'), read at each rollout."""
+        if self.with_reference and reference_fn is None:
+            raise ValueError("align.reference='precomputed': Rollouts.bind needs the starting model's parameters "
+                             '(reference_fn), whose log-probs each rollout batch carries as ref_logps.')
+        self.params, self.reference = params_fn, reference_fn
 
     # --- prompts --------------------------------------------------------------------------------------------
 
@@ -179,7 +191,7 @@ class Rollouts:
             if int(f['rollout']) != rollout:
                 return None
             self.metrics = json.loads(str(f['metrics']))  # the rollout's, as the uninterrupted run logs them
-            return {k: f[k] for k in layout.layout('grpo')}
+            return {k: f[k] for k in layout.layout('grpo', reference=self.with_reference)}
 
     def _rollout(self, rollout):
         if self.params is None:
@@ -197,8 +209,12 @@ class Rollouts:
         reward = np.where(np.all(np.isnan(table), axis=0), np.nan, np.nansum(table * self.weights[:, None], axis=0))
         adv, _, zero_std = advantages(reward, self.group, c.align.scale_rewards)
         batch = batch_rows([self.train[i][0] for i in rows], out.tokens, out.logprobs, adv, self.max_length,
-                           self.pad_id)
+                           self.pad_id, self.with_reference)
         t2 = time.perf_counter()
+        if self.with_reference:  # the starting model's log-probs of the same tokens (only the completion's count)
+            ref = self._ref_logps(self.reference(), {k: v for k, v in batch.items() if k != 'ref_logps'})
+            batch['ref_logps'] = np.asarray(jax.device_get(ref), np.float32) * batch['loss_mask']
+        t3 = time.perf_counter()
         lengths = np.asarray([len(t) for t in out.tokens])
         ended = np.asarray([bool(t) and t[-1] in self.sampler.eos for t in out.tokens])
         self.metrics = {
@@ -209,6 +225,7 @@ class Rollouts:
             'completions/mean_length': float(lengths.mean()), 'completions/max_length': float(lengths.max()),
             'completions/clipped_ratio': float(np.mean(~ended & (lengths >= self.max_new))),
             'time/rollout_s': t1 - t0, 'time/score_s': t2 - t1,
+            **({'time/reference_s': t3 - t2} if self.with_reference else {}),
             'rollout/tokens_per_s': float(lengths.sum() / max(t1 - t0, 1e-9))}
         self.last_texts = texts
         if self.log:
