@@ -130,7 +130,7 @@ def start_identity(config):
     precomputed reference's cache (`ftjax.objectives.reference.attach_reference`)."""
     m = config.model
     ident = {'base': checkpoint.base_reference(m.path)['sha256'],
-             'model': {k: v for k, v in m.to_dict().items() if k not in ('remat', 'scan_unroll')}}
+             'model': {k: v for k, v in m.to_dict().items() if k not in ('remat', 'scan_unroll', 'offload_frozen')}}
     if m.upcycle_experts:
         ident['upcycle_seed'] = config.train.seed  # the router's draw
     if m.adapter:
@@ -170,8 +170,20 @@ def state_shardings(model, params, mask, tx, config, mesh, rules):
     """
     param_sh = sharding.param_shardings(sharding.logical_specs(abstract_variables(model)), mesh, rules, params)
     abstract_state = jax.eval_shape(_state_fn(mask, tx, config), params)
-    return (abstract_state, sharding.tree_shardings(abstract_state, param_sh, mesh),
-            sharding.tree_shardings(params, param_sh, mesh))
+    state_sh = sharding.tree_shardings(abstract_state, param_sh, mesh)
+    host = lambda s: s.with_memory_kind('pinned_host')  # noqa: E731
+    if config.optim.offload_state:  # between steps in host memory; the step moves it in for the update
+        state_sh = state_sh.replace(opt_state=jax.tree.map(host, state_sh.opt_state))
+    if config.model.offload_frozen and 'layers' in state_sh.frozen:
+        # the layers' frozen matrices ([layers, in, out]); each scanned block copies its own in. The per-layer
+        # vectors ([layers, d]: norms, biases) stay: they are small, and the TPU compiler cannot slice one row
+        # of a packed bf16 [layers, d] array out of host memory ("Sublane slicing size must be multiple of
+        # element packing factor", libtpu 0.0.42.1)
+        frozen = dict(state_sh.frozen)
+        frozen['layers'] = jax.tree.map(lambda s, a: host(s) if a.ndim >= 3 else s, frozen['layers'],
+                                        abstract_state.frozen['layers'])
+        state_sh = state_sh.replace(frozen=type(state_sh.frozen)(frozen))
+    return abstract_state, state_sh, sharding.tree_shardings(params, param_sh, mesh)
 
 
 def _state_fn(mask, tx, config):

@@ -156,10 +156,12 @@ def abstract_batch(config, model, batch_sh):
                                  reference=objective.reference == 'precomputed')
 
 
-def _device_bytes(abstract, shardings):
-    """Bytes one device holds of a tree (the largest shard of each leaf)."""
+def _device_bytes(abstract, shardings, memory_kind='device'):
+    """Bytes one device holds of a tree in `memory_kind` ('device', or 'pinned_host': what optim.offload_state /
+    model.offload_frozen keep in host memory), the largest shard of each leaf."""
     return sum(math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
-               for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
+               for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings))
+               if (s.memory_kind or 'device') == memory_kind)
 
 
 def check(config, topology, devices=None, topology_name=None, keep_compiled=False):
@@ -212,8 +214,10 @@ def check(config, topology, devices=None, topology_name=None, keep_compiled=Fals
         'trainable_bytes': _device_bytes(abstract_state.trainable, state_sh.trainable),
         'frozen_bytes': _device_bytes(abstract_state.frozen, state_sh.frozen),
         'optimizer_bytes': _device_bytes(abstract_state.opt_state, state_sh.opt_state),
+        'offloaded_state_bytes': _device_bytes(abstract_state, state_sh, 'pinned_host'),
     }
-    for key in ('argument', 'output', 'alias', 'temp', 'generated_code', 'host_temp'):
+    for key in ('argument', 'output', 'alias', 'temp', 'generated_code', 'host_temp', 'host_argument', 'host_output',
+                'host_alias'):
         out[f'{key}_bytes'] = getattr(mem, f'{key}_size_in_bytes', None) if mem is not None else None
     hlo = compiled.as_text()
     out['collectives'] = collective_bytes(hlo)
@@ -322,7 +326,9 @@ def format_report(r):
              'per device:',
              f"  trainable params      {_size(r['trainable_bytes'])}",
              f"  frozen params         {_size(r['frozen_bytes'])}",
-             f"  optimizer state       {_size(r['optimizer_bytes'])}",
+             f"  optimizer state       {_size(r['optimizer_bytes'])}"
+             + (f"  (+ {_size(r['offloaded_state_bytes'])} of the state in host memory)"
+                if r.get('offloaded_state_bytes') else ''),
              f'compiled train step, per device (XLA memory analysis, {compiler}):',
              f"  arguments             {_size(r['argument_bytes'])}",
              f"  outputs               {_size(r['output_bytes'])}  ({_size(r['alias_bytes'])} aliased to donated "
@@ -337,6 +343,10 @@ def format_report(r):
                      ', '.join(f"{k} {v['count']} x {_size(v['bytes'])}" for k, v in sorted(r['collectives'].items())))
     if r.get('host_temp_bytes'):
         lines.append(f"  host memory (offloaded activations)  {_size(r['host_temp_bytes'])}")
+    if r.get('host_argument_bytes'):
+        lines.append(f"  host memory (arguments kept there: optim.offload_state, model.offload_frozen)  "
+                     f"{_size(r['host_argument_bytes'])} ({_size(r.get('host_alias_bytes') or 0)} aliased to donated "
+                     f"arguments)")
     if 'hbm_bytes' in r:
         e = r['estimate']
         lines.append(f"  HBM per chip          {_size(r['hbm_bytes'])}: fits: {str(r['fits']).lower()}")
@@ -351,7 +361,7 @@ def summary_json(r):
     """The last line the command prints: the report's headline numbers as one JSON object."""
     keys = ('platform', 'topology', 'devices', 'mesh', 'model', 'method', 'batch', 'kernels', 'attention',
             'quantize', 'frozen_bytes', 'per_device_bytes', 'hbm_bytes', 'fits', 'flops_per_step', 'estimate',
-            'collectives', 'compile_s')
+            'collectives', 'host_argument_bytes', 'compile_s')
     return json.dumps({k: r[k] for k in keys if k in r})
 
 

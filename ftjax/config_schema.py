@@ -71,6 +71,9 @@ SCHEMA = [
     K('model.upcycle_noise', 0.0, "upcycling: each expert's weights times (1 + noise x N(0, 1)) (0: exact copies)",
       NON_NEGATIVE),
     K('model.scan_unroll', 1, 'blocks unrolled per step of the layer scan', POSITIVE_INT),
+    K('model.offload_frozen', False, "keep the layers' frozen weights in host memory (pinned_host) and copy each "
+      'layer in inside the layer scan, one at a time (again in the backward pass when remat recomputes the '
+      'block): a LoRA / QLoRA base larger than the device memory; embeddings, head and norms stay on the device'),
     K('model.kernels', 'auto', "matmul/attention/loss kernels (ftjax/models/kernels.py): 'auto' = 'cpu' on the "
       "CPU (custom VJPs), 'splash' on TPU, 'cudnn' on GPU; 'xla' = plain XLA everywhere",
       one_of('auto', 'cpu', 'xla', 'splash', 'cudnn')),
@@ -111,6 +114,9 @@ SCHEMA = [
     K('optim.momentum', 0.9, 'sgd: momentum (0 = none)', FRACTION_BELOW_1),
     K('optim.clip_norm', 1.0, 'global-norm gradient clipping; 0 disables', NON_NEGATIVE),
     K('optim.grad_accum', 1, 'micro-batches per step (the batch is split k ways inside the step)', POSITIVE_INT),
+    K('optim.offload_state', False, 'keep the optimizer state in host memory (pinned_host) between steps; the '
+      'step moves it to the device for the update only, after the backward pass has freed its activations '
+      "(MaxText's optimizer_memory_host_offload; TPU, GPU and CPU)"),
     K('optim.lr_multipliers', [], "per-group learning rates, 'regex=multiplier' (the first match wins)",
       MULTIPLIERS, kind=list),
     # --- train ---

@@ -46,6 +46,7 @@ def make_train_step(model, config, tx, lr_schedule, objective=None):
     objective = objective_for(config, model) if objective is None else objective
     k = int(config.optim.grad_accum)
     skip_bad = config.train.nan_policy == 'skip'  # else 'halt' (ftjax.config.validate)
+    offload_state = bool(config.optim.offload_state)  # the state's shardings put it in pinned_host (build)
 
     def summed_loss(trainable, frozen, batch, rng, norms):  # (loss part, sums)
         return objective.sums(model, trainable, frozen, batch, rng, norms)
@@ -80,6 +81,8 @@ def make_train_step(model, config, tx, lr_schedule, objective=None):
         grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)  # gradient of the mean loss
         loss = loss_sum / denom
         grad_norm = optax.global_norm(grads)
+        if offload_state:  # in host memory between steps: on the device for the update only
+            state = state.replace(opt_state=jax.device_put(state.opt_state, jax.memory.Space.Device))
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -3,6 +3,10 @@ the tiny model (resume bit-exact)."""
 import dataclasses
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -10,13 +14,13 @@ import numpy as np
 import pytest
 
 from ftjax import build
-from ftjax.errors import ConfigError
+from ftjax.errors import EXIT_PREEMPTED, ConfigError
 from ftjax.loop import finish, setup, train, train_and_evaluate
 from ftjax.objectives import grpo
 from ftjax.objectives.preference import strip_adapters
 from ftjax.rl import rewards, rollout
 from ftjax.workdir import RunDir
-from tests.tiny import tiny_rl_config
+from tests.tiny import REPO, tiny_rl_config, write_experiment
 
 
 # --- rewards ------------------------------------------------------------------------------------------------
@@ -216,3 +220,39 @@ def test_full_fine_tuning_with_kl_keeps_the_starting_model_as_reference(tiny_lla
     now = np.asarray(logps(jax.device_get(again.state.params()), batch))
     assert np.abs(now - np.asarray(batch['ref_logps']))[mask].max() > 1e-3
     finish(again)
+
+
+@pytest.mark.slow
+def test_grpo_sigterm_mid_run_resumes_exactly(tiny_llama_dir, chat_data, tmp_path):
+    """A real SIGTERM while a GRPO run trains (in a separate process: the preemption handler saves and exits with
+    EXIT_PREEMPTED), then the same command again: every step's loss, reward and KL, and every sampled
+    completion, equal an uninterrupted run's."""
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', PYTHONPATH=REPO)
+    steps = 40
+    exp = write_experiment(tmp_path / 'exp.py', tiny_llama_dir, chat_data, config_fn='tiny_rl_config',
+                           **{'train.steps': steps, 'train.checkpoint_every': 100, 'train.eval_every': 100,
+                              'align.beta': 0.04})
+    run = lambda workdir: subprocess.Popen(  # noqa: E731
+        [sys.executable, '-m', 'ftjax', 'train', f'--config={exp}', f'--workdir={workdir}'], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stopped, whole = tmp_path / 'stopped', tmp_path / 'whole'
+    proc = run(stopped)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(_rows(stopped)) < 2:
+        time.sleep(0.2)
+    assert len(_rows(stopped)) >= 2, 'the run did not start training in time'
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == EXIT_PREEMPTED and 'preempted' in out, out
+    cut = len(_rows(stopped))
+    assert cut < steps
+    for workdir in (stopped, whole):
+        proc = run(workdir)
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
+    a, b = _rows(whole), _rows(stopped)
+    assert [r['step'] for r in a] == [r['step'] for r in b] == list(range(1, steps + 1))
+    for x, y in zip(a, b):
+        for key in ('loss', 'reward', 'kl', 'grad_norm'):
+            assert x[key] == y[key], (x['step'], key, x[key], y[key])
+    assert [c['completion'] for c in _completions(whole)] == [c['completion'] for c in _completions(stopped)]

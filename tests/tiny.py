@@ -156,19 +156,20 @@ def tiny_config(model_dir, data, **over):
     return override(c, over)  # dotted keys, e.g. **{'peft.lora.rank': 4}
 
 
-EXPERIMENT = '''from tests.tiny import tiny_config
+EXPERIMENT = '''from tests.tiny import {config_fn}
 
 
 def get_config(arg=None):
-    return tiny_config({model_dir!r}, {data!r}, **{over!r})
+    return {config_fn}({model_dir!r}, {data!r}, **{over!r})
 '''
 
 
-def write_experiment(path, model_dir, data, **over):
-    """An experiment file (for `--config=`) whose get_config() is tiny_config(model_dir, data, **over)."""
+def write_experiment(path, model_dir, data, config_fn='tiny_config', **over):
+    """An experiment file (for `--config=`) whose get_config() is tiny_config(model_dir, data, **over) (or
+    `config_fn`'s, e.g. 'tiny_rl_config')."""
     data = {'train': data['train'], 'eval': data['eval']}
     with open(path, 'w') as f:
-        f.write(EXPERIMENT.format(model_dir=model_dir, data=data, over=over))
+        f.write(EXPERIMENT.format(config_fn=config_fn, model_dir=model_dir, data=data, over=over))
     return str(path)
 
 

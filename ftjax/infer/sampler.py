@@ -35,7 +35,7 @@ from ftjax.config import DEFAULT_RULES
 from ftjax.errors import ConfigError
 from ftjax.infer import prompts as prompts_lib, sampling, scoring, unrolled
 from ftjax.infer.scoring import fetch
-from ftjax.models import abstract_variables, heads, llama
+from ftjax.models import abstract_variables, heads, layers, llama
 from ftjax.objectives import logprobs as logprobs_lib
 
 NO_TOKEN = -1  # an output slot after a row's end
@@ -182,9 +182,10 @@ class Sampler:
         return self._placed
 
     def place(self, params):
-        """Parameters sharded by the model's logical axes on the mesh (unchanged without a mesh)."""
+        """Parameters sharded by the model's logical axes on the mesh (unchanged without a mesh); weights a
+        trainer keeps in host memory (model.offload_frozen) are copied to the device for the decode loop."""
         if self.mesh is None:
-            return params
+            return layers.on_device(params)
         specs = sharding.logical_specs(abstract_variables(self.model))
         param_sh = sharding.tree_shardings(params, sharding.param_shardings(specs, self.mesh, self.rules, params),
                                            self.mesh)  # quantized leaves: per part

@@ -43,6 +43,7 @@ class BertConfig:
     param_dtype: Any = jnp.float32
     remat: str = 'none'
     scan_unroll: int = 1
+    offload_frozen: bool = False  # the layers' frozen weights in host memory, streamed in per layer
     kernels: str = 'cpu'  # resolved config.model.kernels (`ftjax.models.kernels`)
     lora: Optional[LoraSpec] = None
 
@@ -127,7 +128,7 @@ class Bert(nn.Module):
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         valid = attention_mask.astype(bool)
         mask = jnp.broadcast_to(valid[:, None, :], (b, t, t))  # [batch, q, kv]
-        block = layers.remat(BertBlock, cfg.remat)
+        block = layers.remat(BertBlock, cfg.remat, stream=cfg.offload_frozen)
         stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                         in_axes=(nn.broadcast,), length=cfg.num_layers, unroll=cfg.scan_unroll,
                         metadata_params={nn.PARTITION_NAME: 'layers'})

@@ -89,6 +89,7 @@ class LlamaConfig:
     param_dtype: Any = jnp.float32
     remat: str = 'none'
     scan_unroll: int = 1
+    offload_frozen: bool = False  # the layers' frozen weights in host memory, streamed in per layer
     kernels: str = 'cpu'  # resolved config.model.kernels: 'cpu', 'xla', 'splash', 'cudnn' (`ftjax.models.kernels`)
     context_parallel: str = 'all_gather'  # with a 'context' mesh axis > 1 (`ftjax.models.context`): or 'ring'
     context_load_balance: bool = True  # zig-zag order of the sequence over the context shards

@@ -223,8 +223,26 @@ def remat_policy(name: str):
         offload_src='device', offload_dst='pinned_host')
 
 
-def remat(block_cls, policy: str, static_argnums=()):
-    """Wraps a block in `nn.remat` with the policy config.model.remat names ('none' returns it unchanged)."""
+def remat(block_cls, policy: str, static_argnums=(), stream: bool = False):
+    """Wraps a block in `nn.remat` with the policy config.model.remat names ('none' returns it unchanged).
+
+    `stream` (config.model.offload_frozen): the block reads its parameters through `on_device`, so a layer's
+    weights kept in host memory are copied to the device inside the scan, one layer at a time (and again in the
+    backward pass when the block is rematerialised)."""
+    if stream:
+        block_cls = nn.map_variables(block_cls, 'params', trans_in_fn=on_device, init=True)
     if policy == 'none':
         return block_cls
     return nn.remat(block_cls, policy=remat_policy(policy), prevent_cse=False, static_argnums=static_argnums)
+
+
+def on_device(tree):
+    """`tree` with every leaf that lives in host memory (`pinned_host`) copied to the device; others unchanged.
+    Traced leaves inside `jit` (a layer's slice of an offloaded stacked weight) and placed arrays alike."""
+    def move(x):
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            kind = getattr(x.sharding, 'memory_kind', None)
+            return jax.device_put(x, x.sharding.with_memory_kind('device')) if kind == 'pinned_host' else x
+        space = getattr(jax.typeof(x), 'memory_space', None) if hasattr(x, 'shape') else None
+        return jax.device_put(x, jax.memory.Space.Device) if space == jax.memory.Space.Host else x
+    return jax.tree.map(move, tree)

@@ -184,7 +184,7 @@ class Llama(nn.Module):
             x = x * jnp.asarray(math.sqrt(cfg.hidden_size), cfg.dtype)
         if cfg.embed_multiplier is not None:  # Granite
             x = x * jnp.asarray(cfg.embed_multiplier, cfg.dtype)
-        block = layers.remat(LlamaBlock, cfg.remat)
+        block = layers.remat(LlamaBlock, cfg.remat, stream=cfg.offload_frozen)
         stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                         in_axes=(nn.broadcast,) * 6 + (0, 0),
                         length=cfg.num_layers, unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: 'layers'})

@@ -37,6 +37,8 @@ def _with_runtime(pre: Pretrained, model_cfg, platform: str) -> Pretrained:
         changes['kernels'] = kind
     if model_cfg.remat != pre.config.remat:
         changes['remat'] = model_cfg.remat
+    if model_cfg.offload_frozen != pre.config.offload_frozen:
+        changes['offload_frozen'] = bool(model_cfg.offload_frozen)
     for key in ('context_parallel', 'context_load_balance', 'moe_impl', 'moe_capacity_factor', 'moe_dispatch',
                 'router_z_loss_coef'):  # decoders only
         if hasattr(pre.config, key) and model_cfg[key] != getattr(pre.config, key):
