@@ -79,6 +79,17 @@ def test_params_passed_are_the_ones_used(varied, lora):
     np.testing.assert_allclose(np.stack(out.logprobs), np.stack(logps), atol=1e-6)
 
 
+def test_decoding_on_the_stacked_weights_equals_the_copies(lora):
+    """copy_layers=False (the layers sliced inside the decode program, no per-layer copies: RL rollouts'
+    `rollout.copy_layers`) samples the same tokens with the same log-probs, LoRA on, greedy and sampled."""
+    prompts = _prompts(lora.config.vocab_size, [6, 15, 3], seed=4)
+    for temperature in (0.0, 1.0):
+        runs = [Sampler(lora, batch_size=4, copy_layers=copy).sample(prompts, NEW, temperature=temperature, seed=2, eos_ids=[],
+                                                                     logprobs=True) for copy in (True, False)]
+        assert runs[0].tokens == runs[1].tokens
+        np.testing.assert_allclose(np.stack(runs[0].logprobs), np.stack(runs[1].logprobs), atol=1e-6)
+
+
 def test_n_samples_seeds_and_filters(varied):
     prompts = _prompts(varied.config.vocab_size, [4, 10], seed=2)
     greedy = generate(varied, prompts, NEW, eos_ids=[])

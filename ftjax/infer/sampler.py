@@ -150,7 +150,7 @@ class Sampler:
     replaces its parameters (e.g. the trainer's, LoRA/DoRA or quantized leaves included)."""
 
     def __init__(self, pretrained, batch_size: int = 8, mesh=None, rules=None, chunk: int = 16, params=None,
-                 eos_ids: Optional[Sequence[int]] = None, prompt_bucket: int = 32):
+                 eos_ids: Optional[Sequence[int]] = None, prompt_bucket: int = 32, copy_layers: bool = True):
         cfg = pretrained.config
         if getattr(cfg, 'family', None) != 'llama':
             raise ConfigError(f"{pretrained.path or 'this model'} is a {getattr(cfg, 'family', type(cfg).__name__)} "
@@ -162,6 +162,7 @@ class Sampler:
             raise ConfigError(f'prompt_bucket={prompt_bucket} must be a power of two (the smallest prompt width).')
         self.model, self.chunk, self.tokenizer = pretrained.model, int(chunk), pretrained.tokenizer
         self.prompt_bucket = int(prompt_bucket)
+        self.copy_layers = bool(copy_layers)  # per-layer weight copies for the decode loop (`unrolled.split`)
         self.mesh = mesh
         self.rules = sharding.rules_from_config(DEFAULT_RULES if rules is None else rules)
         self.shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
@@ -258,7 +259,7 @@ class Sampler:
         done = np.arange(len(tokens)) >= len(batch)  # dummy rows are done from the start
         tokens_d, pad_d = self.put_rows(tokens, pad)
         # the decode loop's own buffers (`unrolled`)
-        rest, per_layer = unrolled.split(params, self.model.cfg)
+        rest, per_layer = unrolled.split(params, self.model.cfg, self.copy_layers)
         head = _head(self.model, params, vocab_major(len(tokens)))
         length = width  # prefill attends over the prompt's slots only; the first chunk grows the cache
         tok, logp, caches = _prefill(self.model, params, head, tokens_d, pad_d, key, temp, top_p, length=length,

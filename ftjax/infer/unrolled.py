@@ -15,11 +15,17 @@ import jax.numpy as jnp
 from ftjax.models import kernels, layers, llama
 
 
-def split(params, cfg):
+def split(params, cfg, copy: bool = True):
     """(params without 'layers', a tuple of per-layer parameter trees). Sliced eagerly, not under `jit`: on the
     CPU the slices take milliseconds, while one jitted program with a buffer per layer and leaf took XLA 4 s to
-    compile for SmolLM2's 30 layers and 9 s for its upcycled MoE (JAX 0.10, 2-core Zen 3)."""
+    compile for SmolLM2's 30 layers and 9 s for its upcycled MoE (JAX 0.10, 2-core Zen 3).
+
+    `copy=False`: no per-layer copies; the stacked 'layers' tree itself, each layer sliced inside the decode
+    program (XLA's CPU backend then copies one layer at a time per step: slower on the CPU, but the layer
+    weights exist once, e.g. while RL rollouts sample with the trainer's parameters)."""
     rest = {k: v for k, v in params.items() if k != 'layers'}
+    if not copy:
+        return rest, params['layers']
     per_layer = tuple(jax.tree.map(lambda x, i=i: x[i], params['layers']) for i in range(cfg.num_layers))
     return rest, per_layer
 
@@ -46,7 +52,8 @@ def hidden_states(model, rest, per_layer, tokens, positions, caches, cache_index
     seg = jnp.ones((b, t), jnp.int32)
     block = llama.LlamaBlock(cfg)
     new = []
-    for i, (p, cache) in enumerate(zip(per_layer, caches)):
+    for i, cache in enumerate(caches):  # per_layer: copies (a tuple), or the stacked tree sliced here
+        p = per_layer[i] if isinstance(per_layer, tuple) else jax.tree.map(lambda a, i=i: a[i], per_layer)
         (x, cache), _ = block.apply({'params': p}, (x, cache), positions, mask, local_mask, seg, None,
                                     cache_index, jnp.int32(cfg.local_layers[i]), None)
         new.append(cache)

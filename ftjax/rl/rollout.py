@@ -103,7 +103,8 @@ class Rollouts:
         if len(self.train) < self.prompts_per_step:
             raise ConfigError(f'config.data.path={c.data.path!r} has {len(self.train)} prompts, fewer than '
                               f'rollout.prompts={self.prompts_per_step}.')
-        self.sampler = Sampler(pre, batch_size=self.prompts_per_step * self.group, mesh=mesh)
+        self.sampler = Sampler(pre, batch_size=self.prompts_per_step * self.group, mesh=mesh,
+                               copy_layers=c.rollout.copy_layers)
         self.pad_id = int(self.tok.pad_token_id if self.tok.pad_token_id is not None else self.sampler.eos[0])
         self.cache = os.path.join(str(workdir), 'rollout.npz') if workdir and self.iterations > 1 else None
         self.log = os.path.join(str(workdir), 'completions.jsonl') if workdir and jax.process_index() == 0 else None
