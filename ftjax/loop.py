@@ -134,8 +134,7 @@ def setup(config, workdir):
 
     # GRPO's 'precomputed' reference (full / partial, beta > 0): the starting trainable weights, copied before a
     # resume replaces them; the frozen ones are read from the state (they never change)
-    initial = jax.tree.map(jnp.copy, state.trainable) if objective.name == 'grpo' and \
-        objective.reference == 'precomputed' else None
+    initial = jax.tree.map(jnp.copy, state.trainable) if getattr(it, 'with_reference', False) else None
     mngr = checkpoint.make_manager(rundir.path, config.train)
     base_ref = checkpoint.base_reference(config.model.path, quantize.describe(config.model))
     trainable_sig = checkpoint.leaf_signature(state.trainable)

@@ -84,8 +84,8 @@ def test_decoding_on_the_stacked_weights_equals_the_copies(lora):
     `rollout.copy_layers`) samples the same tokens with the same log-probs, LoRA on, greedy and sampled."""
     prompts = _prompts(lora.config.vocab_size, [6, 15, 3], seed=4)
     for temperature in (0.0, 1.0):
-        runs = [Sampler(lora, batch_size=4, copy_layers=copy).sample(prompts, NEW, temperature=temperature, seed=2, eos_ids=[],
-                                                                     logprobs=True) for copy in (True, False)]
+        runs = [Sampler(lora, batch_size=4, copy_layers=copy).sample(
+            prompts, NEW, temperature=temperature, seed=2, eos_ids=[], logprobs=True) for copy in (True, False)]
         assert runs[0].tokens == runs[1].tokens
         np.testing.assert_allclose(np.stack(runs[0].logprobs), np.stack(runs[1].logprobs), atol=1e-6)
 

@@ -44,7 +44,8 @@ REQUIRED = {'lm': ('input_ids', 'target_ids', 'loss_mask'), 'classification': ('
 
 def layout(task, reference=False, valid=False):
     """{key: (dims after the batch dim, dtype)} of a `task` batch ('lm', 'classification', 'preference');
-    `reference`: with the reference's log-probs (computed before training, or at each rollout for grpo); `valid`: with the eval batches' row flags."""
+    `reference`: with the reference's log-probs (computed before training, or at each rollout for grpo);
+    `valid`: with the eval batches' row flags."""
     if task not in LAYOUTS:
         raise ValueError(f'no batch layout for the task {task!r}; the tasks are {sorted(LAYOUTS)}.')
     if reference and task not in REFERENCE:
