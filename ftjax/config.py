@@ -45,18 +45,25 @@ def _cross_checks(get):
                    f"align.num_generations = {get('rollout.prompts')} x {get('align.num_generations')}: set "
                    f"--config.train.batch_size={get('rollout.prompts') * get('align.num_generations')}.")
     yield lambda: _context_problem(get('mesh.context'), get('model.context_load_balance'), get('data.max_length'))
+    yield lambda: (get('data.pad_to_multiple_of') > 0 and
+                   _context_problem(get('mesh.context'), get('model.context_load_balance'),
+                                    get('data.pad_to_multiple_of'), 'data.pad_to_multiple_of'))
+    yield lambda: (get('align.loss') in RL_LOSSES and get('data.pad_to_multiple_of') > 0 and
+                   f"config.data.pad_to_multiple_of={get('data.pad_to_multiple_of')} trims batches read from data; "
+                   f"align.loss={get('align.loss')!r} trains on rollouts, which the sampler pads itself: set "
+                   f"--config.data.pad_to_multiple_of=0.")
     yield lambda: (sum(get(f'mesh.{a}') == -1 for a in MESH_AXES) > 1 and
                    f"config.mesh: only one of mesh.data/mesh.fsdp/mesh.tensor/mesh.context/mesh.expert may be -1, got "
                    f"{[get(f'mesh.{a}') for a in MESH_AXES]}.")
 
 
-def _context_problem(c, balance, max_length):
+def _context_problem(c, balance, max_length, key='data.max_length'):
     """Rows split over mesh.context = c (in 2c zig-zag pieces with load balancing) need a length they divide."""
     pieces = 2 * c if balance else c
     if c > 1 and max_length % pieces:
-        return (f"config.data.max_length={max_length} must be a multiple of {pieces} with mesh.context={c}"
+        return (f"config.{key}={max_length} must be a multiple of {pieces} with mesh.context={c}"
                 f"{' and model.context_load_balance (2 x context pieces)' if balance else ''}: set "
-                f"--config.data.max_length={-(-max_length // pieces) * pieces}.")
+                f"--config.{key}={-(-max_length // pieces) * pieces}.")
     return None
 
 

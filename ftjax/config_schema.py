@@ -245,6 +245,10 @@ SCHEMA = [
       POSITIVE_INT, kind=int),
     # --- data: length ---
     K('data.max_length', 512, 'tokens per row: the model sees [batch, max_length]', AT_LEAST_2),
+    K('data.pad_to_multiple_of', 0, 'batches padded to the smallest multiple of this holding their longest row '
+      '(at most max_length; each distinct length compiles once; dropout masks are drawn per shape, so with dropout '
+      'a cut batch is another draw); 0 = every batch max_length. LM, classification, preference batches (not '
+      'rollouts)', NON_NEGATIVE, kind=int),
     K('data.truncation', 'right', 'too long: keep the first tokens, keep the last (the answer survives), or '
       'drop the example (counted in stats)', one_of('right', 'left', 'drop')),
     K('data.packing', True, 'LM formats: several examples per row, attention and loss kept within each '

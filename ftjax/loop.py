@@ -124,7 +124,8 @@ def setup(config, workdir):
         train_data, eval_data = build_data(config, pre)
         it = data_lib.make_iterator(train_data, config.train.batch_size, config.train.seed,
                                     shuffle=config.data.shuffle, process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+                                    process_count=jax.process_count(),
+                                    pad_to_multiple_of=config.data.pad_to_multiple_of)
     trainable, _ = state_lib.partition(pre.params, mask)
     tx, schedule = optim.make_optimizer(config, trainable, config.train.steps)
     state, state_sh = sharded_state(pre, mask, tx, config, mesh, rules)
@@ -180,7 +181,6 @@ def train(run, stop_at=None):
         _evaluate_base(run)
     start = run.step
     meter = logs.Throughput()
-    tokens_per_batch = c.train.batch_size * c.data.max_length
     run.log.progress(start)  # the progress display (and its ETA clock) starts here
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
         for step in range(start, c.train.steps):
@@ -189,6 +189,7 @@ def train(run, stop_at=None):
                 break
             host = next(run.it)  # RL: sampled here, with the current params
             batch = data_lib.to_global(host, run.batch_sh)
+            tokens_per_batch = c.train.batch_size * host['input_ids'].shape[1]  # padded positions of the batch
             t0 = time.perf_counter()
             run.state, metrics = run.p_step(run.state, batch, jax.random.fold_in(run.key, step))
             metrics = jax.device_get(metrics)  # one sync per step: the NaN policy must see every step

@@ -44,6 +44,7 @@ RESUMABLE = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_b
              'train.keep_checkpoints', 'train.keep_best_by', 'train.resume', 'train.resume_step',
              'train.allow_config_change', 'train.nan_policy', 'train.max_nan_skips', 'train.loss_chunk',
              'optim.grad_accum', 'model.remat', 'model.scan_unroll', 'model.kernels', 'data.num_proc', 'data.cache_dir',
+             'data.pad_to_multiple_of',
              'eval.*', 'mesh.*')
 _ABSENT = '<absent>'
 

@@ -162,6 +162,19 @@ def test_unknown_missing_and_cross_key_errors():
         config_lib.validate(c)
     c.model.context_load_balance = False
     config_lib.validate(c)  # 100 = 25 tokens per shard
+    c.data.pad_to_multiple_of = 10  # cut batches must split over the context shards too
+    with pytest.raises(ConfigError, match=r'config.data.pad_to_multiple_of=10 must be a multiple of 4 with '
+                                          r'mesh.context=4: set --config.data.pad_to_multiple_of=12'):
+        config_lib.validate(c)
+    c.data.pad_to_multiple_of = 20
+    config_lib.validate(c)
+    c = valid_config()
+    c.align.loss, c.align.num_generations, c.rollout.prompts, c.train.batch_size = 'grpo', 4, 2, 8
+    config_lib.validate(c)
+    c.data.pad_to_multiple_of = 16
+    with pytest.raises(ConfigError, match=r"pad_to_multiple_of=16 trims batches read from data; align.loss='grpo' "
+                                          r"trains on rollouts.*--config.data.pad_to_multiple_of=0"):
+        config_lib.validate(c)
     # A group alone: the data pipeline checks its own part (data.path is required there too).
     d = config_lib.default_data_config()
     with pytest.raises(ConfigError, match='config.data.path is not set'):

@@ -322,6 +322,38 @@ def test_two_processes_slices_are_disjoint_and_cover_the_batch(tok, tmp_path):
         data_lib.make_iterator(data, 5, seed=1, process_index=0, process_count=2)
 
 
+def test_pad_to_multiple_of_trims_each_batch_to_its_longest_row(tok, tmp_path):
+    rows = [{'s': 'a' * (40 if i == 5 else 1 + (5 * i) % 17), 'y': i % 2} for i in range(13)]  # a char a token
+    c = make_cfg(tmp_path, tiny.write_jsonl(tmp_path / 'v.jsonl', rows), format='classification', max_length=24,
+                 fields={'text': 's', 'label': 'y'})
+    data = data_lib.build_dataset(c, tok)
+    lengths = data_lib.row_lengths(data)  # [13]
+    assert lengths.min() < 8 and lengths.max() == 24  # the longest was truncated to max_length
+    full = data_lib.make_iterator(data, 4, seed=2)
+    cut = data_lib.make_iterator(data, 4, seed=2, pad_to_multiple_of=8)
+    procs = [data_lib.make_iterator(data, 4, seed=2, process_index=p, process_count=2, pad_to_multiple_of=8)
+             for p in range(2)]
+    seen = set()
+    for step in range(8):
+        whole, short, parts = next(full), next(cut), [next(p) for p in procs]
+        need = int(lengths[full.indices(step)].max())
+        n = short['input_ids'].shape[1]
+        seen.add(n)
+        assert n == min(24, -(-need // 8) * 8)
+        for k in whole:  # the same rows, cut where every row is padding
+            width = n if whole[k].ndim == 2 else None
+            np.testing.assert_array_equal(short[k], whole[k][:, :width] if width else whole[k])
+            if width:
+                assert (whole[k][:, n:] == (tok.pad_token_id if k == 'input_ids' else 0)).all()
+            # each process builds its rows at the global batch's length, so the arrays join
+            np.testing.assert_array_equal(np.concatenate([parts[0][k], parts[1][k]]), short[k])
+    assert len(seen) > 1  # batches of different lengths were made
+    assert data_lib.batch_length(np.array([3, 9]), 24, 0) == 24
+    assert data_lib.batch_length(np.array([3, 9]), 24, 8) == 16
+    assert data_lib.batch_length(np.array([3, 23]), 24, 16) == 24  # never above max_length
+    assert data_lib.batch_length(np.array([0, 0]), 24, 8) == 8
+
+
 def test_to_global_on_a_one_device_mesh(tok, tmp_path):
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ('data', 'fsdp', 'tensor'))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ftjax import workdir as workdir_lib
-from tests.tiny import REPO, losses, tiny_config, write_experiment
+from tests.tiny import REPO, losses, make_bert_checkpoint, tiny_config, write_experiment
 
 
 def final_trainable(workdir):
@@ -173,3 +173,51 @@ def test_cli_rejects_unknown_key_and_used_workdir(tmp_path, tiny_llama_dir, chat
     again = subprocess.run([sys.executable, '-m', 'ftjax.train', f'--config={exp}', f'--workdir={tmp_path}/w',
                             '--config.train.resume=false'], cwd=REPO, env=env, capture_output=True, text=True)
     assert again.returncode != 0 and 'resume=False' in again.stderr
+
+
+def _sentences(tmp_path):
+    """A classification task whose rows run from 2 to 40 characters (the tiny tokenizer: a token each)."""
+    rows = [(' '.join(['good'] * (1 + i % 8)) if i % 2 else 'bad ' * (1 + (3 * i) % 9), i % 2) for i in range(24)]
+    data = tmp_path / 'sentences'
+    data.mkdir()
+    for name, part in (('train.tsv', rows), ('dev.tsv', rows[:8])):
+        (data / name).write_text('label\tsentence\n' + ''.join(f'{y}\t{s.strip()}\n' for s, y in part))
+    return {'data.path': str(data / 'train.tsv'), 'data.eval_path': str(data / 'dev.tsv'),
+            'data.format': 'classification', 'data.fields.text': 'sentence', 'data.max_length': 48,
+            'model.num_labels': 2, 'model.pooling': 'mean'}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('task', ['lm', 'classification'])
+def test_batches_cut_to_a_multiple_train_as_full_length_ones(tmp_path, tiny_llama_dir, chat_data, task,
+                                                              monkeypatch):
+    from ftjax import data as data_lib
+    from ftjax.loop import train_and_evaluate
+    widths, to_global = [], data_lib.to_global
+    monkeypatch.setattr(data_lib, 'to_global', lambda b, sh: widths.append(b['input_ids'].shape[1]) or to_global(b, sh))
+    if task == 'lm':  # chat rows of 212 to 250 tokens
+        model, over = tiny_llama_dir, {'data.max_length': 320}
+    else:  # without dropout: its masks are drawn per shape, so a cut batch would be another (fair) draw
+        model = make_bert_checkpoint(str(tmp_path / 'bert'), hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+        over = _sentences(tmp_path)
+    over = {**over, 'data.packing': False, 'train.steps': 4, 'train.eval_every': 2, 'train.eval_batches': 0,
+            'train.checkpoint_every': 2}
+    results = {}
+    for multiple in (0, 16):
+        widths.clear()
+        workdir = str(tmp_path / f'm{multiple}')
+        results[multiple] = train_and_evaluate(
+            tiny_config(model, chat_data, **over, **{'data.pad_to_multiple_of': multiple}), workdir)
+        results[multiple]['losses'] = losses(workdir)
+        results[multiple]['widths'] = set(widths)  # of every train and eval batch
+    full, cut = results[0], results[16]
+    max_length = 320 if task == 'lm' else 48
+    assert full['widths'] == {max_length}
+    assert all(w % 16 == 0 for w in cut['widths']) and min(cut['widths']) < max_length
+    assert sorted(full['losses']) == sorted(cut['losses']) == [1, 2, 3, 4]
+    np.testing.assert_allclose([cut['losses'][s] for s in range(1, 5)], [full['losses'][s] for s in range(1, 5)],
+                               rtol=2e-5)
+    np.testing.assert_allclose(cut['eval/loss'], full['eval/loss'], rtol=2e-5)
+    if task == 'classification':
+        assert cut['eval/accuracy'] == full['eval/accuracy']

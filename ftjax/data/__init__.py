@@ -19,9 +19,9 @@ from ftjax.data.check import validate_data
 from ftjax.data.dataset import TokenizedData, build_dataset
 from ftjax.data.formats import prompt_and_answer
 from ftjax.data.iterator import DataIterator, make_iterator, process_slice, to_global
-from ftjax.data.packing import take_rows
+from ftjax.data.packing import batch_length, row_lengths, take_rows
 from ftjax.data.sources import raw_rows
 
-__all__ = ['DataIterator', 'TokenizedData', 'build_dataset', 'check_data_config', 'default_data_config',
-           'locations', 'make_iterator', 'process_slice', 'prompt_and_answer', 'raw_rows', 'take_rows', 'to_global',
-           'validate_data']
+__all__ = ['DataIterator', 'TokenizedData', 'batch_length', 'build_dataset', 'check_data_config',
+           'default_data_config', 'locations', 'make_iterator', 'process_slice', 'prompt_and_answer', 'raw_rows',
+           'row_lengths', 'take_rows', 'to_global', 'validate_data']

@@ -4,7 +4,9 @@ Batches depend only on (seed, step). The rows of all epochs form one stream: epo
 permutation of the N rows drawn from `np.random.default_rng([seed, e])` (or 0..N-1 unshuffled),
 and global batch k is stream positions k*B .. k*B + B - 1. A batch that reaches past the end of an
 epoch takes its remaining rows from the start of the next one (nothing is dropped, and N < B works),
-so every row is seen once per epoch. The state is a few ints ({'step', ...}); restoring it gives
+so every row is seen once per epoch. With `pad_to_multiple_of` > 0 a batch's token dimension is the smallest
+multiple of it that holds the longest row of the global batch (data.max_length at most), so every process
+builds the same shape. The state is a few ints ({'step', ...}); restoring it gives
 exactly the batches an uninterrupted run would have seen.
 
 Multi-host: process p of P takes rows [p*B/P, (p+1)*B/P) of every global batch and materialises
@@ -15,7 +17,7 @@ import logging
 import jax
 import numpy as np
 
-from ftjax.data.packing import take_rows
+from ftjax.data.packing import batch_length, row_lengths, take_rows
 
 
 def process_slice(batch_size, process_index=0, process_count=1):
@@ -29,13 +31,16 @@ def process_slice(batch_size, process_index=0, process_count=1):
 class DataIterator:
     """`next(it)` -> this process's rows of the next global batch, a dict of numpy arrays."""
 
-    def __init__(self, data, batch_size, seed, shuffle=True, process_index=0, process_count=1, state=None):
+    def __init__(self, data, batch_size, seed, shuffle=True, process_index=0, process_count=1, state=None,
+                 pad_to_multiple_of=0):
         if len(data) == 0:
             raise ValueError('the data set has no rows.')
         if batch_size <= 0:
             raise ValueError(f'batch_size must be positive, got {batch_size}.')
         self.data, self.batch_size, self.seed, self.shuffle = data, int(batch_size), int(seed), bool(shuffle)
         self.local = process_slice(self.batch_size, process_index, process_count)
+        self.multiple = int(pad_to_multiple_of)
+        self._lengths = row_lengths(data) if self.multiple > 0 else None  # [num_rows]
         self.step = 0
         self._perms = {}
         if state is not None:
@@ -67,7 +72,10 @@ class DataIterator:
 
     def batch(self, step):
         """This process's rows of global batch `step`, without moving the iterator."""
-        return take_rows(self.data, self.indices(step)[self.local])
+        rows = self.indices(step)  # [batch_size], all processes'
+        length = None if self._lengths is None else batch_length(self._lengths[rows], self.data.max_length,
+                                                                  self.multiple)
+        return take_rows(self.data, rows[self.local], length=length)
 
     def __iter__(self):
         return self
@@ -99,9 +107,10 @@ class DataIterator:
         return self
 
 
-def make_iterator(data, batch_size, seed, shuffle=True, process_index=0, process_count=1, state=None):
+def make_iterator(data, batch_size, seed, shuffle=True, process_index=0, process_count=1, state=None,
+                  pad_to_multiple_of=0):
     """The batch iterator of `data` (a TokenizedData); `batch_size` is the global batch (all processes)."""
-    return DataIterator(data, batch_size, seed, shuffle, process_index, process_count, state)
+    return DataIterator(data, batch_size, seed, shuffle, process_index, process_count, state, pad_to_multiple_of)
 
 
 def to_global(batch, sharding):

@@ -97,21 +97,33 @@ def row_lengths(data):
     return sums[data.row_offsets[1:]] - sums[data.row_offsets[:-1]]
 
 
+def batch_length(lengths, max_length, multiple=0):
+    """The token dimension of a batch whose rows have `lengths` non-padding positions: `max_length`, or with
+    `multiple` > 0 the smallest multiple of it that holds the longest row, at most `max_length`
+    (data.pad_to_multiple_of: short batches cost less, and each distinct length compiles once)."""
+    if multiple <= 0:
+        return int(max_length)
+    longest = int(np.max(lengths, initial=1))
+    return int(min(max_length, -(-max(longest, 1) // multiple) * multiple))
+
+
 def efficiency(data):
     """Fraction of non-padding positions over all rows x max_length."""
     return float(row_lengths(data).sum() / max(len(data) * data.max_length, 1))
 
 
-def take_rows(data, rows, valid=None):
+def take_rows(data, rows, valid=None, length=None):
     """The batch arrays of `rows` (indices into the data's rows), laid out as `ftjax.data.layout` says for
-    `data.task`: [len(rows), max_length] (classification's label [len(rows)]). Preference rows are LM rows of
+    `data.task`: [len(rows), length] (`length`: data.max_length unless given; at least the rows' longest;
+    classification's label [len(rows)]). Preference rows are LM rows of
     two segments (1: chosen, 2: rejected), plus 'ref_logps' [len(rows), 2] once
     `ftjax.objectives.reference.attach_reference` has set `data.ref_logps`. With `valid` [len(rows)] bool (padding rows
     of a short last eval batch), adds 'valid' and zeroes the loss mask of invalid rows.
     """
     rows = np.asarray(rows, np.int64)
     reference = getattr(data, 'ref_logps', None) is not None
-    out = layout.empty(data.task, len(rows), data.max_length, data.pad_id, reference=reference,
+    length = data.max_length if length is None else int(length)
+    out = layout.empty(data.task, len(rows), length, data.pad_id, reference=reference,
                        valid=valid is not None)
     if data.task == 'classification':
         out['label'] = data.labels[data.row_examples[data.row_offsets[rows]]].astype(np.int32)

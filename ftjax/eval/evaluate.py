@@ -20,17 +20,22 @@ from ftjax.logs import Progress
 # --- loss / accuracy / F1 over the eval split ---------------------------------------------------------------
 
 
-def eval_batches(dataset, batch_size, limit=0):
-    """The eval split in order, in full batches (a short last batch is padded with masked rows)."""
+def eval_batches(dataset, batch_size, limit=0, pad_to_multiple_of=0):
+    """The eval split in order, in full batches (a short last batch is padded with masked rows); with
+    `pad_to_multiple_of` > 0, each batch only as long as its longest row needs (`data_lib.batch_length`)."""
     n = len(dataset)
+    lengths = data_lib.row_lengths(dataset) if pad_to_multiple_of > 0 else None  # [n]
     steps = math.ceil(n / batch_size)
     if limit:
         steps = min(steps, limit)
     for i in range(steps):
+        idx = np.arange(i * batch_size, min((i + 1) * batch_size, n))  # the global batch's real rows
+        length = None if lengths is None else data_lib.batch_length(lengths[idx], dataset.max_length,
+                                                                    pad_to_multiple_of)
         idx = np.arange(i * batch_size, (i + 1) * batch_size)
         idx = idx[data_lib.process_slice(batch_size, jax.process_index(), jax.process_count())]
         valid = idx < n
-        yield data_lib.take_rows(dataset, np.where(valid, idx, 0), valid)
+        yield data_lib.take_rows(dataset, np.where(valid, idx, 0), valid, length=length)
 
 
 def num_eval_batches(dataset, batch_size, limit=0):
@@ -44,7 +49,8 @@ def eval_split(p_eval, state, dataset, config, batch_sh, task):
     preds, labels = [], []
     total = num_eval_batches(dataset, config.train.batch_size, config.train.eval_batches)
     progress = Progress('eval', total, unit='batches', min_interval_s=10.0, leave=False)
-    for i, batch in enumerate(eval_batches(dataset, config.train.batch_size, config.train.eval_batches)):
+    for i, batch in enumerate(eval_batches(dataset, config.train.batch_size, config.train.eval_batches,
+                                           config.data.pad_to_multiple_of)):
         out = jax.device_get(p_eval(state, data_lib.to_global(batch, batch_sh)))
         progress.update(i + 1)
         for k, v in out.items():
