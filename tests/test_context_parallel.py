@@ -11,7 +11,7 @@ import pytest
 from ftjax import sharding
 from ftjax.config_schema import DEFAULT_RULES
 from ftjax.errors import ConfigError
-from ftjax.models import context, llama
+from ftjax.models import context, kernels, llama
 from ftjax.infer import Sampler
 from ftjax.models.loading import abstract_variables, load_pretrained
 
@@ -122,3 +122,44 @@ def test_decoding_under_a_context_mesh_is_unchanged(tiny_llama_dir, sizes):
     assert got.tokens == one.tokens
     for a, b in zip(got.logprobs, one.logprobs):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize('balanced,window,sizes', [
+    (True, None, dict(data=1, fsdp=1, tensor=1, context=4)),
+    (False, 200, dict(data=1, fsdp=2, tensor=2, context=2)),
+    (True, 'mixed', dict(data=2, fsdp=1, tensor=1, context=2)),
+])
+def test_splash_under_a_context_mesh_matches_the_plain_attention(balanced, window, sizes, monkeypatch):
+    """kernels=splash (the kernel in Pallas's interpreter) with the sequence over 'context': each shard's part
+    of one row-wide mask, the keys gathered and put back in row order; forward and gradients as the einsum
+    attention on one device, packed segments, zig-zag or not, a sliding window (fixed or a traced flag)."""
+    b, t, h, kvh, d = 2, 512, 4, 2, 32
+    r = np.random.RandomState(5)
+    q, k, v = (jnp.asarray(r.randn(b, t, n, d), jnp.float32) for n in (h, kvh, kvh))
+    seg = jnp.asarray(np.stack([np.concatenate([np.full(300, 1), np.full(150, 2), np.zeros(62)]), np.ones(t)]),
+                      jnp.int32)
+    index = jnp.broadcast_to(jnp.arange(t), (b, t))
+    w = jnp.asarray(r.randn(b, t, h, d), jnp.float32)  # a fixed cotangent
+    c = sizes['context']
+    perm = context.zigzag_order(t, c) if balanced else np.arange(t)
+    width, local = (50, jnp.asarray(True)) if window == 'mixed' else (window, None)
+
+    def plain(q, k, v):
+        return jnp.sum(kernels.chunked_attention(q, k, v, index, seg, index, seg, width, local) * w)
+
+    def split(q, k, v):  # the tokens in the shards' order, as the model deals them out
+        o = context.attention(q[:, perm], k[:, perm], v[:, perm], seg[:, perm], index[:, perm], 'all_gather',
+                              width, local=local, kernel='splash', balanced=balanced, interpret=True)
+        return jnp.sum(o * w[:, perm])
+    want = jax.value_and_grad(plain, argnums=(0, 1, 2))(q, k, v)
+    built, make = [], context._splash_kernel
+    monkeypatch.setattr(context, '_splash_kernel', lambda *a: built.append(a) or make(*a))
+    mesh = sharding.make_mesh(sizes, jax.devices()[:int(np.prod(list(sizes.values())))])
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(jax.value_and_grad(split, argnums=(0, 1, 2))).lower(q, k, v).as_text()
+        got = jax.jit(jax.value_and_grad(split, argnums=(0, 1, 2)))(q, k, v)
+    assert 'all-gather' in hlo or 'all_gather' in hlo
+    assert built and all(a[2] == c and a[3] == balanced for a in built)  # the splash path ran
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4)
+    for a, e, name in zip(got[1], want[1], 'qkv'):
+        np.testing.assert_allclose(a, e, rtol=2e-4, atol=2e-4, err_msg=f'd{name}')

@@ -101,7 +101,8 @@ class LlamaBlock(nn.Module):
                 o = context.attention(q.astype(cfg.dtype), k.astype(cfg.dtype), v.astype(cfg.dtype), segment_ids,
                                       order, cfg.context_parallel, cfg.sliding_window if any(flags) else None,
                                       local=is_local if mixed else None, scale=cfg.query_scale,
-                                      softcap=cfg.attn_softcap)
+                                      softcap=cfg.attn_softcap, kernel=cfg.kernels,
+                                      balanced=cfg.context_load_balance)
             elif mask is None:  # training / eval: a fused kernel over the segments (CPU: query chunks past Q_CHUNK)
                 window = cfg.sliding_window if any(flags) else None
                 o = kernels.self_attention(q.astype(cfg.dtype), k.astype(cfg.dtype), v.astype(cfg.dtype),
