@@ -383,51 +383,69 @@ ESTIMATE_POLICIES = ('full', 'save_qkv', 'offload_layer_inputs', 'offload_layer_
 
 
 def estimate(config, topology, devices=None, topology_name=None, policies=ESTIMATE_POLICIES, budget_bytes=None,
-             max_rows=64, log=functools.partial(print, flush=True)):
-    """For each remat policy, the largest per-device batch (rows of data.max_length tokens per data x fsdp
-    shard) whose train step compiles and fits: the chip's HBM for a TPU topology, else `budget_bytes`. Doubles
-    the rows from 1 until a step does not fit (or past `max_rows`), then bisects; returns [{'policy', 'rows',
-    'report' (the largest fitting step's `check`), 'compiles', 'capped' (rows == max_rows: more may fit)}]
-    (rows 0: not even one row fits)."""
-    ways = topology['data'] * topology['fsdp']
+             max_rows=64, log=functools.partial(print, flush=True), contexts=None):
+    """For each remat policy (and each context size in `contexts`, where given), the largest per-device batch
+    (rows of data.max_length tokens per data x fsdp shard) whose train step compiles and fits: the chip's HBM
+    for a TPU topology, else `budget_bytes`. Doubles the rows from 1 until a step does not fit (or past
+    `max_rows`), then bisects; returns [{'context', 'policy', 'rows', 'report' (the largest fitting step's
+    `check`), 'compiles', 'capped' (rows == max_rows: more may fit)}] (rows 0: not even one row fits). A
+    context size takes its devices from the fsdp axis (`context_mesh`)."""
     budget = memory_budget(topology_name, budget_bytes)
     rows_out = []
-    for policy in policies:
-        tried = {}
+    for context in contexts or [topology.get('context', 1)]:
+        topo = context_mesh(topology, context)
+        ways = topo['data'] * topo['fsdp']
+        for policy in policies:
+            tried = {}
 
-        def fits(rows):
-            c = config.copy_and_resolve_references()
-            c.model.remat, c.train.batch_size = policy, rows * ways
-            try:
-                r = check(c, topology, devices, topology_name)
-            except ConfigError as e:
-                if 'does not fit' not in str(e):
-                    raise
-                r = None
-            total = None if r is None else r['per_device_bytes']['total']
-            tried[rows] = r if total is not None and total <= budget else None
-            log(f"  {policy}: {rows} rows/device -> " + ('refused by the compiler' if r is None else
-                f"{_size(total)}{' (fits)' if tried[rows] else ' (over)'}"))
-            return tried[rows] is not None
-        lo, rows = 0, 1  # lo: the largest that fits so far
-        while rows <= max_rows and fits(rows):
-            lo, rows = rows, rows * 2
-        hi = min(rows, max_rows + 1)  # the smallest that does not fit (or one past the cap)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        rows_out.append({'policy': policy, 'rows': lo, 'report': tried.get(lo), 'compiles': len(tried),
-                         'capped': lo == max_rows})
+            def fits(rows):
+                c = config.copy_and_resolve_references()
+                c.model.remat, c.train.batch_size = policy, rows * ways
+                try:
+                    r = check(c, topo, devices, topology_name)
+                except ConfigError as e:
+                    if 'does not fit' not in str(e):
+                        raise
+                    r = None
+                total = None if r is None else r['per_device_bytes']['total']
+                tried[rows] = r if total is not None and total <= budget else None
+                log(f"  context {context}, {policy}: {rows} rows/device -> " + (
+                    'refused by the compiler' if r is None else
+                    f"{_size(total)}{' (fits)' if tried[rows] else ' (over)'}"))
+                return tried[rows] is not None
+            lo, rows = 0, 1  # lo: the largest that fits so far
+            while rows <= max_rows and fits(rows):
+                lo, rows = rows, rows * 2
+            hi = min(rows, max_rows + 1)  # the smallest that does not fit (or one past the cap)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+            rows_out.append({'context': context, 'policy': policy, 'rows': lo, 'report': tried.get(lo),
+                             'compiles': len(tried), 'capped': lo == max_rows})
     return rows_out
 
 
+def context_mesh(topology, context):
+    """`topology` ({axis: size}) with `context` devices per row along 'context', taken from (or given back to)
+    the fsdp axis, the device count unchanged."""
+    topo = {a: topology.get(a, 1) for a in sharding.MESH_AXES}
+    pool = topo['fsdp'] * topo['context']
+    if context < 1 or pool % context:
+        raise ConfigError(f"--contexts: {context} does not divide the fsdp x context devices of the mesh ({pool}: "
+                          f"fsdp={topo['fsdp']}, context={topo['context']}); give divisors of {pool}.")
+    return dict(topo, fsdp=pool // context, context=context)
+
+
 def format_estimate(results, budget_bytes):
-    lines = [f'| remat policy | largest rows per device | per device (HBM {_size(budget_bytes)}) | host memory | '
-             f'compiles |', '|---|---|---|---|---|']
+    contexts = len({e.get('context', 1) for e in results}) > 1  # a column only when the search varied it
+    lines = [f"|{' context (fsdp) |' if contexts else ''} remat policy | largest rows per device | per device "
+             f"(HBM {_size(budget_bytes)}) | host memory | compiles |", '|---' * (6 if contexts else 5) + '|']
     for e in results:
         r = e['report'] or {}
         total = (r.get('per_device_bytes') or {}).get('total')
         rows = f"{e['rows']}{'+' if e['capped'] else ''}"
-        lines.append(f"| {e['policy']} | {rows} | {_size(total)} | {_size(r.get('host_temp_bytes') or 0)} | "
+        mesh = r.get('mesh') or {}
+        where = f" {e.get('context', 1)} ({mesh.get('fsdp', '-')}) |" if contexts else ''
+        lines.append(f"|{where} {e['policy']} | {rows} | {_size(total)} | {_size(r.get('host_temp_bytes') or 0)} | "
                      f"{e['compiles']} |")
     return '\n'.join(lines)

@@ -10,6 +10,7 @@ import jax
 import pytest
 
 from ftjax import build, compile_check, optim, sharding
+from ftjax.errors import ConfigError
 from ftjax.state import partition
 from tests.tiny import REPO, make_moe_checkpoint, tiny_config, write_experiment
 from tests.tiny_gguf import write_tiny_gguf
@@ -113,6 +114,26 @@ def test_estimate_finds_the_largest_batch_that_fits(tiny_llama_dir, chat_data):
     assert '| offload_layer_inputs | 2 |' in table
     with pytest.raises(ValueError, match='--hbm_gib'):
         compile_check.estimate(config, topo, policies=['full'])
+
+
+@pytest.mark.slow  # four compiles
+def test_estimate_over_context_sizes_moves_devices_from_fsdp(tiny_llama_dir, chat_data):
+    """--contexts: each context size takes its devices from fsdp (the device count fixed), one search per
+    (context, policy), and the table gains a context column; a size that does not divide is one clear error."""
+    config = tiny_config(tiny_llama_dir, chat_data, **{'peft.method': 'lora', 'data.max_length': 64})
+    topo = compile_check.parse_topology('fsdp=4')
+    found = compile_check.estimate(config, topo, policies=['full'], budget_bytes=1 << 40, max_rows=2,
+                                   contexts=[1, 4])
+    assert [(e['context'], e['policy'], e['rows'], e['capped']) for e in found] == [(1, 'full', 2, True),
+                                                                                     (4, 'full', 2, True)]
+    assert found[0]['report']['mesh']['fsdp'] == 4 and found[0]['report']['mesh']['context'] == 1
+    assert found[1]['report']['mesh']['fsdp'] == 1 and found[1]['report']['mesh']['context'] == 4
+    assert found[1]['report']['batch'][0] == 2  # 2 rows per data x fsdp shard: the one fsdp shard
+    table = compile_check.format_estimate(found, 1 << 40)
+    print('\n' + table)
+    assert '| 4 (1) | full | 2+ |' in table and '| 1 (4) | full | 2+ |' in table
+    with pytest.raises(ConfigError, match='--contexts: 3 does not divide the fsdp x context devices'):
+        compile_check.estimate(config, topo, policies=['full'], budget_bytes=1 << 40, contexts=[3])
 
 
 def test_collective_bytes_of_hlo_text():

@@ -4,9 +4,11 @@ the report holds: `ftjax.compile_check`).
   python -m ftjax compile_check --config=experiments/quickstart.py --topology=v5e:2x2
   python -m ftjax compile_check --config=experiments/quickstart.py --topology=data=4,fsdp=2,tensor=1
   python -m ftjax compile_check --config=experiments/quickstart.py --topology=v5e:2x2 --estimate --seq=4096
+  python -m ftjax compile_check --config=... --topology=v5e:2x4 --estimate --seq=65536 --contexts=4,8
 
---estimate searches, per remat policy (--policies), the largest per-device batch whose step compiles and fits
-(the chip's HBM, or --hbm_gib on fake CPU devices) at --seq tokens per row, and prints a table.
+--estimate searches, per remat policy (--policies) and context size (--contexts: devices per row along the
+'context' axis, taken from fsdp), the largest per-device batch whose step compiles and fits (the chip's HBM, or
+--hbm_gib on fake CPU devices) at --seq tokens per row, and prints a table.
 """
 import math
 
@@ -32,6 +34,8 @@ def define_flags(flag_values=flags.FLAGS):
         flags.DEFINE_float('hbm_gib', None, '--estimate on fake CPU devices: the memory per device to fit in',
                            flag_values=fv)
         flags.DEFINE_integer('max_rows', 64, '--estimate: the largest per-device batch tried', flag_values=fv)
+        flags.DEFINE_list('contexts', None, '--estimate: context sizes to search too (each takes its devices from '
+                          'the fsdp axis), e.g. 1,4,8', flag_values=fv)
     flags.mark_flags_as_required(['config'], flag_values=fv)
     return fv
 
@@ -53,7 +57,9 @@ def main(argv):
         compile_check.use_fake_cpu_devices(math.prod(sizes.values()))
     if fv.estimate:
         budget = compile_check.memory_budget(name, None if fv.hbm_gib is None else int(fv.hbm_gib * (1 << 30)))
-        found = compile_check.estimate(config, sizes, devices, name, fv.policies, budget, fv.max_rows)
+        contexts = None if not fv.contexts else [_int_flag('--contexts', v) for v in fv.contexts]
+        found = compile_check.estimate(config, sizes, devices, name, fv.policies, budget, fv.max_rows,
+                                       contexts=contexts)
         print(f"estimate: {config.model.path} ({config.peft.method}), {name or 'fake CPU devices'}, mesh {sizes}, "
               f"{config.data.max_length} tokens per row", flush=True)
         print(compile_check.format_estimate(found, budget), flush=True)
@@ -61,6 +67,13 @@ def main(argv):
     report = compile_check.check(config, sizes, devices, topology_name=name)
     print(compile_check.format_report(report), flush=True)
     print(compile_check.summary_json(report), flush=True)
+
+
+def _int_flag(name, text):
+    try:
+        return int(text)
+    except ValueError:
+        raise app.UsageError(f'{name}: {text!r} is not an integer; give e.g. {name}=1,4,8.') from None
 
 
 def run(argv=None):
