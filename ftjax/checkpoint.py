@@ -142,18 +142,31 @@ def check_compatible(meta, base_ref, trainable_sig, where):
                               f"{sorted(ours - theirs)[:5]}). Use the peft.* settings of the run that wrote it.")
 
 
+_TERMINATING = []  # a SIGTERM reached this process: it stays asked to stop (a sweep starts no run after it)
+
+
+def sigterm_received():
+    """Whether a SIGTERM has reached this process since a `Preemption` first installed its handler."""
+    return bool(_TERMINATING)
+
+
 class Preemption:
-    """SIGTERM -> save at the next step boundary and exit with `ftjax.errors.EXIT_PREEMPTED`."""
+    """SIGTERM -> save at the next step boundary and exit with `ftjax.errors.EXIT_PREEMPTED`. The request is
+    kept for the process (`sigterm_received`), so a signal that lands while a run fails, or between the runs of a
+    sweep, still stops what comes next."""
 
     def __init__(self, mngr):
         self.mngr = mngr
-        self.requested = False
         if jax.process_count() == 1:
             signal.signal(signal.SIGTERM, self._handler)
 
     def _handler(self, signum, frame):
         logging.warning('SIGTERM received: saving at the next step boundary, then exiting.')
-        self.requested = True
+        _TERMINATING.append(signum)
+
+    @property
+    def requested(self):
+        return sigterm_received()
 
     def should_stop(self, step):
         if jax.process_count() > 1:

@@ -36,7 +36,7 @@ import traceback
 
 import ml_collections
 
-from ftjax import config as config_lib, loop, report
+from ftjax import checkpoint, config as config_lib, loop, report
 from ftjax.errors import EXIT_PREEMPTED, ConfigError
 from ftjax.workdir import RunDir, config_dict, flatten
 
@@ -299,9 +299,13 @@ def _clear_failure(run):
 
 
 def run_sequential(runs):
-    """Each unfinished run in this process, in order; a failing run is recorded and the sweep goes on."""
+    """Each unfinished run in this process, in order; a failing run is recorded and the sweep goes on, unless
+    the process was sent SIGTERM (then it starts nothing more)."""
     failed = 0
     for i, run in enumerate(runs, 1):
+        if checkpoint.sigterm_received():
+            say('SIGTERM received: no further runs started; rerun the same command to resume the sweep.')
+            return EXIT_PREEMPTED
         if report.finished(run.workdir, run.config.train.steps):
             say(f'[{i}/{len(runs)}] {run.name}: finished earlier, skipped')
             continue

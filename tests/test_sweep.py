@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import shlex
+import signal
 import sys
 import textwrap
 
@@ -14,8 +15,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from ftjax import config as config_lib, report, sweep
-from ftjax.errors import ConfigError
+from ftjax import checkpoint, config as config_lib, report, sweep
+from ftjax.errors import EXIT_PREEMPTED, ConfigError
 from ftjax.cli import report as report_cli, sweep as sweep_cli
 from tests import tiny
 
@@ -456,3 +457,23 @@ def test_smoke_sweep_2x2(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.count('finished earlier, skipped') == 4
     assert report_cli.main([f'--workdir={workdir}']) == 0
     assert capsys.readouterr().out.count('| finished |') == 4
+
+
+def test_sigterm_during_a_failing_run_stops_the_sequential_sweep(experiment, tmp_path, monkeypatch, no_validate):
+    """A SIGTERM that lands while a run fails (or between runs) is not lost with that run: no later run starts."""
+    calls = []
+    monkeypatch.setattr(checkpoint, '_TERMINATING', [])
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def train_and_evaluate(config, workdir):
+        calls.append(os.path.basename(workdir))
+        checkpoint.Preemption(None)  # the run's handler, as loop.setup installs it
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise OSError('its files went away')  # the run then fails before a step boundary
+
+    monkeypatch.setattr(sweep.loop, 'train_and_evaluate', train_and_evaluate)
+    try:
+        rc = sweep_cli.main([f'--config={experiment}', '--grid=peft.lora.rank=4,8', f'--workdir={tmp_path / "s"}'])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert rc == EXIT_PREEMPTED and calls == ['rank4']
