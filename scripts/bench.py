@@ -18,8 +18,8 @@ base stored int8 / nf4 / as the GGUF file's blocks; --quantize_double), --scan_u
 The step is the trainer's own (ftjax/loop.py): `build.build_model_and_mask`, the Optax chain of
 `optim.make_optimizer`, `build.sharded_state` and `build.jit_train_step` on a 1-device mesh, fed random
 token batches placed like the trainer's (`data.to_global`). Compilation is excluded; --steps steps are
-timed after one warm-up step. Printed: the CPU model and a matmul peak measured in the same run (one
-2048^3 matmul in the compute dtype on the same device, the MFU denominator), a table (step time median /
+timed after --warmup untimed steps (default 1). Printed: the CPU model and a matmul peak measured in the same
+run (one 2048^3 matmul in the compute dtype on the same device, the MFU denominator), a table (step time median /
 min / max, tokens/s, achieved TFLOP/s, MFU, peak memory, compile time) and, last, one JSON line with every
 figure. --compare=torch runs scripts/bench_torch.py (transformers + PEFT, same weights, batch, AdamW and
 LoRA modules; nothing of jax loaded) as a subprocess after the ftjax run, for its own peak RSS.
@@ -82,7 +82,9 @@ flags.DEFINE_integer('batch', None, 'Shortcut for --config.train.batch_size.')
 flags.DEFINE_alias('batch_size', 'batch')
 flags.DEFINE_integer('seq', None, 'Shortcut for --config.data.max_length (tokens per row).')
 flags.DEFINE_alias('seq_len', 'seq')
-flags.DEFINE_integer('steps', 4, 'Timed steps, after one warm-up step (the schedule still spans train.steps).')
+flags.DEFINE_integer('steps', 4, 'Timed steps, after --warmup steps (the schedule still spans train.steps).')
+flags.DEFINE_integer('warmup', 1, 'Untimed steps before the timed ones (0: time the first step after the '
+                     'ahead-of-time compile, for steps too long to run twice, e.g. 16k-token rows on a CPU).')
 flags.DEFINE_integer('rank', None, 'Shortcut: --config.peft.lora.rank=R and --config.peft.lora.alpha=2R.')
 flags.DEFINE_string('remat', None, 'Shortcut for --config.model.remat.')
 flags.DEFINE_string('dtype', None, 'Shortcut for --config.model.dtype (compute; bfloat16 on GPU/TPU), also the '
@@ -233,7 +235,7 @@ def random_batch(batch, seq, vocab_size):
 
 # --- the two runs ----------------------------------------------------------------------------------------
 
-def bench_ftjax(config, steps, profile=None):
+def bench_ftjax(config, steps, profile=None, warmup=1):
     """The trainer's state and compiled step (ftjax/loop.py) on a 1-device mesh, timed on random batches."""
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     rules = sharding.rules_from_config(config.mesh.rules)
@@ -255,7 +257,7 @@ def bench_ftjax(config, steps, profile=None):
     b, t = config.train.batch_size, config.data.max_length
     batch = data_lib.to_global(random_batch(b, t, model_cfg.vocab_size), batch_sh)
     key = jax.random.key(config.train.seed)
-    keys = [jax.random.fold_in(key, i) for i in range(steps + 1)]
+    keys = [jax.random.fold_in(key, i) for i in range(steps + warmup)]
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         t0 = time.perf_counter()
         compiled = p_step.lower(state, batch, key).compile()
@@ -263,11 +265,11 @@ def bench_ftjax(config, steps, profile=None):
         mem = compiled.memory_analysis()
         bench_torch.reset_peak_rss()
         times = []
-        for i in range(steps + 1):  # step 0 warms up
+        for i in range(steps + warmup):  # the first `warmup` steps are not timed
             t0 = time.perf_counter()
             state, metrics = compiled(state, batch, keys[i])
             jax.block_until_ready((state, metrics))
-            if i:
+            if i >= warmup:
                 times.append(time.perf_counter() - t0)
         if profile:
             with jax.profiler.trace(profile, create_perfetto_trace=True):
@@ -377,7 +379,7 @@ def main(argv):
     path = packaged.resolve(config.model.path)  # 'packaged:smollm2' -> the installed file, for torch too
     peak = matmul_peak(jnp.dtype(config.model.dtype))
     tokens = config.train.batch_size * config.data.max_length
-    ours = bench_ftjax(config, FLAGS.steps, FLAGS.profile)
+    ours = bench_ftjax(config, FLAGS.steps, FLAGS.profile, FLAGS.warmup)
     rows = [summarize('ftjax', ours, tokens, peak)]
     if FLAGS.compare == 'torch':
         theirs = run_torch(config, path, ours['lora_modules'], FLAGS.steps, FLAGS.torch_remat)

@@ -22,8 +22,8 @@ model, not from an MNLI-adapted one; seeds 0-2 instead of 5 seeds. The seed sets
 initialisation, the LoRA A initialisation and the data order.
 Measured (SST-2, 2026-12-03, 9 runs, 101 min on the 2-core CPU): full 0.8505, LoRA 0.8146, BitFit 0.8115 dev
 accuracy (mean of 3 seeds); LoRA - full = -0.0359 [-0.0409, -0.0306]: not reproduced at this budget
-(docs/results/papers_lora_vs_full.md). MRPC (8 runs, BitFit 2 seeds): full 0.7761, LoRA 0.7034, BitFit
-0.7194; LoRA - full = -0.0727 [-0.0825, -0.0613]: not reproduced either.
+(docs/results/papers_lora_vs_full.md). MRPC (9 runs): full 0.7761, LoRA 0.7034, BitFit 0.7165; LoRA - full =
+-0.0727 [-0.0825, -0.0613]: not reproduced either (full still rising at step 230, LoRA flat near the majority class).
 """
 from ftjax.config import default_config, parse_arg, smoke as smoke_config
 from ftjax.data.locations import use_shared_glue
