@@ -164,14 +164,10 @@ class Preemption:
         logging.warning('SIGTERM received: saving at the next step boundary, then exiting.')
         _TERMINATING.append(signum)
 
-    @property
-    def requested(self):
-        return sigterm_received()
-
     def should_stop(self, step):
         if jax.process_count() > 1:
             return self.mngr.reached_preemption(step)
-        return self.requested
+        return sigterm_received()
 
 
 COMMIT_MARKER = 'commit_success.txt'  # orbax writes it into a step directory last, just before the final rename

@@ -103,8 +103,8 @@ def batch_length(lengths, max_length, multiple=0):
     (data.pad_to_multiple_of: short batches cost less, and each distinct length compiles once)."""
     if multiple <= 0:
         return int(max_length)
-    longest = int(np.max(lengths, initial=1))
-    return int(min(max_length, -(-max(longest, 1) // multiple) * multiple))
+    longest = int(np.max(lengths, initial=1))  # at least 1: an all-padding batch still has one position
+    return int(min(max_length, -(-longest // multiple) * multiple))
 
 
 def efficiency(data):

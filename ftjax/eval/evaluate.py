@@ -29,10 +29,9 @@ def eval_batches(dataset, batch_size, limit=0, pad_to_multiple_of=0):
     if limit:
         steps = min(steps, limit)
     for i in range(steps):
-        idx = np.arange(i * batch_size, min((i + 1) * batch_size, n))  # the global batch's real rows
-        length = None if lengths is None else data_lib.batch_length(lengths[idx], dataset.max_length,
+        idx = np.arange(i * batch_size, (i + 1) * batch_size)  # the global batch (past n: padding rows)
+        length = None if lengths is None else data_lib.batch_length(lengths[idx[idx < n]], dataset.max_length,
                                                                     pad_to_multiple_of)
-        idx = np.arange(i * batch_size, (i + 1) * batch_size)
         idx = idx[data_lib.process_slice(batch_size, jax.process_index(), jax.process_count())]
         valid = idx < n
         yield data_lib.take_rows(dataset, np.where(valid, idx, 0), valid, length=length)

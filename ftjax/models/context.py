@@ -128,11 +128,8 @@ def _splash_kernel(t, heads, c, balanced, window, softcap, interpret):
     shard; zig-zag order when `balanced`). Its mask info is computed once per mask (splash caches it by the
     mask's hash); the kernel's arrays are made in each trace."""
     q_order = zigzag_order(t, c) if balanced else np.arange(t)
-    blk = min(kernels.SPLASH_BLOCK, t // c)
-    sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
-                          block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
     mask = sm.MultiHeadMask([_RowCausal(q_order, window, shard_count=c)] * heads)
-    return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=c, block_sizes=sizes,
+    return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=c, block_sizes=kernels.splash_block_sizes(t // c),
                               attn_logits_soft_cap=softcap, interpret=interpret)
 
 

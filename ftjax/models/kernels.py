@@ -341,14 +341,18 @@ def splash_mask(seq: int, heads: int, window=None):
     return sm.MultiHeadMask([one] * heads)
 
 
+def splash_block_sizes(t):
+    """Splash tiles of SPLASH_BLOCK (or `t`, for shorter query runs) along q and kv, forward and backward."""
+    blk = min(SPLASH_BLOCK, t)
+    return sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+                         block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+
+
 def _splash_rows(q, k, v, segment_ids, window=None, scale=None, softcap=None, interpret=False):
     """Splash attention on one device's rows: q [b, t, h, d], k/v [b, t, kvh, d], segment_ids [b, t]."""
     b, t, h, d = q.shape
-    blk = min(SPLASH_BLOCK, t)
-    sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
-                          block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
-    kernel = sk.make_splash_mha(splash_mask(t, h, window), head_shards=1, q_seq_shards=1, block_sizes=sizes,
-                                attn_logits_soft_cap=softcap, interpret=interpret)
+    kernel = sk.make_splash_mha(splash_mask(t, h, window), head_shards=1, q_seq_shards=1,
+                                block_sizes=splash_block_sizes(t), attn_logits_soft_cap=softcap, interpret=interpret)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     qs = (q * scale).astype(q.dtype).transpose(0, 2, 1, 3)  # [b, h, t, d]; splash does not scale
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kvh, t, d]
