@@ -282,8 +282,8 @@ def test_config_round_trip():
     ({'data': 2, 'fsdp': 2, 'expert': 2}, 'ragged'),
     ({'expert': 8}, 'ragged'),  # one expert per shard, fewer than k = 2: the shard's assignments capped at tokens
     ({'fsdp': 2, 'expert': 4}, 'all_to_all'),  # each assignment sent to its expert's shard, back, summed
-    pytest.param({'expert': 8}, 'all_to_all', marks=pytest.mark.slow),
-    pytest.param({'fsdp': 2, 'expert': 4}, 'ragged', marks=pytest.mark.slow),
+    pytest.param({'expert': 8}, 'all_to_all', marks=[pytest.mark.slow, pytest.mark.variants]),
+    pytest.param({'fsdp': 2, 'expert': 4}, 'ragged', marks=[pytest.mark.slow, pytest.mark.variants]),
     pytest.param({'fsdp': 2, 'expert': 4}, 'dense', marks=[pytest.mark.slow, pytest.mark.variants]),
     pytest.param({'fsdp': 2, 'expert': 4}, 'capacity', marks=[pytest.mark.slow, pytest.mark.variants]),
     pytest.param({'data': 2, 'tensor': 2, 'expert': 2}, 'ragged', marks=[pytest.mark.slow, pytest.mark.variants]),
