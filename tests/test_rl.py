@@ -223,7 +223,7 @@ def test_full_fine_tuning_with_kl_keeps_the_starting_model_as_reference(tiny_lla
 
 
 @pytest.mark.slow
-@pytest.mark.variants  # CI: the SIGTERM path is test_trainer's, GRPO's mid-rollout resume test_grpo_run_resumes_bit_exact
+@pytest.mark.variants  # CI: SIGTERM is test_trainer's; GRPO mid-rollout resume is test_grpo_run_resumes_bit_exact
 def test_grpo_sigterm_mid_run_resumes_exactly(tiny_llama_dir, chat_data, tmp_path):
     """A real SIGTERM while a GRPO run trains (in a separate process: the preemption handler saves and exits with
     EXIT_PREEMPTED), then the same command again: every step's loss, reward and KL, and every sampled

@@ -26,8 +26,7 @@ so the adapters-off reference is exactly the SFT model; 12 steps of batch 4 (48 
 2 warm-up steps: the budget at which docs/results/dpo_smollm2.md measured DPO's displacement on this CPU (one run of
 30 steps of batch 8 would take about an hour here); 16 held-out pairs and 16 held-out prompts scored before and
 after; each batch padded only to a multiple of 8 past its longest pair (`data.pad_to_multiple_of`); flag smoke
-(2 steps, tested in
-tests/test_experiments.py after a quickstart smoke run as the SFT stage). The seed sets the LoRA A
+(2 steps, tested in tests/test_experiments.py after a quickstart smoke run as the SFT stage). The seed sets the LoRA A
 initialisation and the order of the pairs; the SFT stage is the same for every seed. What differs from the
 papers: a 135M model, LoRA instead of full fine-tuning, a synthetic task with one right answer instead of human
 preference data, and exact match instead of win rates.
@@ -50,7 +49,7 @@ def get_config(arg='dpo'):
     c.peft.method = 'lora'
     c.peft.lora.rank = 8
     c.peft.lora.alpha = 16.0
-    synthetic.use_preference_task(c)  # data.*, eval.* (ftjax/synthetic.py)
+    synthetic.use_preference_task(c, eval_prompts=16)  # data.*, eval.*: 16 held-out prompts answered greedily
     c.align.loss = variant
     c.align.beta = {'dpo': 0.1, 'ipo': 0.1, 'simpo': 2.0}[variant]
     c.align.simpo_gamma = 0.5
@@ -61,7 +60,6 @@ def get_config(arg='dpo'):
     c.train.log_every = 1
     c.train.eval_every = c.train.checkpoint_every = 12
     c.train.eval_batches = 4  # 16 held-out pairs
-    c.eval.generate = 16  # held-out prompts answered greedily, before and after
     c.data.pad_to_multiple_of = 8
     if 'smoke' in flags:
         smoke_config(c, max_length=320)
