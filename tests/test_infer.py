@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftjax.infer import Sampler, generate, generate_text, sampling
+from ftjax.infer import Sampler, generate, generate_text, sampling, unrolled
 from ftjax.infer.prompts import bucket, left_pad
 from ftjax.infer.sampler import cache_length
 from ftjax.models import load_pretrained
@@ -88,6 +88,23 @@ def test_decoding_on_the_stacked_weights_equals_the_copies(lora):
             prompts, NEW, temperature=temperature, seed=2, eos_ids=[], logprobs=True) for copy in (True, False)]
         assert runs[0].tokens == runs[1].tokens
         np.testing.assert_allclose(np.stack(runs[0].logprobs), np.stack(runs[1].logprobs), atol=1e-6)
+
+
+def test_fused_projections_equal_the_separate_ones(varied):
+    """Without LoRA the decode loop's per-layer copies join q|k|v and gate|up (`unrolled.fused`: 4 matmuls per
+    layer instead of 7); the tokens and log-probs are those of the separate projections."""
+    rest, per_layer = unrolled.split(varied.params, varied.config)
+    assert {'qkv_proj', 'gate_up_proj'} <= set(per_layer[0]) and 'q_proj' not in per_layer[0]
+    assert per_layer[0]['qkv_proj']['kernel'].shape == (varied.config.hidden_size, varied.config.head_dim * (
+        varied.config.num_heads + 2 * varied.config.num_kv_heads))
+    prompts = _prompts(varied.config.vocab_size, [6, 15, 3], seed=4)
+    runs = []
+    for fuse in (True, False):
+        engine = Sampler(varied, batch_size=4)
+        engine.fuse = fuse
+        runs.append(engine.sample(prompts, NEW, temperature=1.0, seed=2, eos_ids=[], logprobs=True))
+    assert runs[0].tokens == runs[1].tokens
+    np.testing.assert_allclose(np.stack(runs[0].logprobs), np.stack(runs[1].logprobs), atol=1e-6)
 
 
 def test_n_samples_seeds_and_filters(varied):

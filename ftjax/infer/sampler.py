@@ -165,6 +165,7 @@ class Sampler:
         self.copy_layers = bool(copy_layers)  # per-layer weight copies for the decode loop (`unrolled.split`)
         self.mesh = mesh
         self.rules = sharding.rules_from_config(DEFAULT_RULES if rules is None else rules)
+        self.fuse = mesh is None or mesh.shape.get('tensor', 1) == 1  # `unrolled.fused`: no tensor-split kernels
         self.shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
         self.rows = -(-int(batch_size) // self.shards) * self.shards
         self.eos = list(prompts_lib.eos_token_ids(pretrained) if eos_ids is None else eos_ids)
@@ -259,7 +260,7 @@ class Sampler:
         done = np.arange(len(tokens)) >= len(batch)  # dummy rows are done from the start
         tokens_d, pad_d = self.put_rows(tokens, pad)
         # the decode loop's own buffers (`unrolled`)
-        rest, per_layer = unrolled.split(params, self.model.cfg, self.copy_layers)
+        rest, per_layer = unrolled.split(params, self.model.cfg, self.copy_layers, fuse=self.fuse)
         head = _head(self.model, params, vocab_major(len(tokens)))
         length = width  # prefill attends over the prompt's slots only; the first chunk grows the cache
         tok, logp, caches = _prefill(self.model, params, head, tokens_d, pad_d, key, temp, top_p, length=length,

@@ -3,31 +3,63 @@
 Inside the model's layer scan (`llama.Llama`) every layer's weights are a dynamic slice of the stacked
 [layers, ...] parameters, which XLA's CPU backend copies out before each matmul: at one token per row that
 copy costs as much as the matmuls themselves. Decoding therefore runs on `split` parameters: one tree per
-layer (each its own buffer, made once per `Sampler.sample` call), the LM head materialised as [embed, vocab]
-once, and one KV cache per layer ({'k','v'} [batch, kv_heads, kv_len, head_dim]) that the donated decode
-loop updates in place. Each layer is the model's own `llama.LlamaBlock`, so the math is the model's.
+layer (each its own buffer, made once per `Sampler.sample` call; q|k|v and gate|up joined where they are plain
+kernels: `fused`), the LM head materialised as [embed, vocab] once, and one KV cache per layer ({'k','v'}
+[batch, kv_heads, kv_len, head_dim]) that the donated decode loop updates in place. Each layer is the model's
+own `llama.LlamaBlock`, so the math is the model's.
 """
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 
-from ftjax.models import kernels, layers, llama
+from ftjax.models import kernels, layers, llama, quantize
 
 
-def split(params, cfg, copy: bool = True):
+FUSED = {'qkv_proj': ('q_proj', 'k_proj', 'v_proj'), 'gate_up_proj': ('gate_proj', 'up_proj')}  # the block's names
+
+
+def split(params, cfg, copy: bool = True, fuse: bool = True):
     """(params without 'layers', a tuple of per-layer parameter trees). Sliced eagerly, not under `jit`: on the
     CPU the slices take milliseconds, while one jitted program with a buffer per layer and leaf took XLA 4 s to
     compile for SmolLM2's 30 layers and 9 s for its upcycled MoE (JAX 0.10, 2-core Zen 3).
 
     `copy=False`: no per-layer copies; the stacked 'layers' tree itself, each layer sliced inside the decode
     program (XLA's CPU backend then copies one layer at a time per step: slower on the CPU, but the layer
-    weights exist once, e.g. while RL rollouts sample with the trainer's parameters)."""
+    weights exist once, e.g. while RL rollouts sample with the trainer's parameters).
+
+    `fuse`: each layer's copies of q/k/v and gate/up concatenated along their output axis (`fused`), so that a
+    decode step runs 4 matmuls per layer instead of 7."""
     rest = {k: v for k, v in params.items() if k != 'layers'}
     if not copy:
         return rest, params['layers']
     per_layer = tuple(jax.tree.map(lambda x, i=i: x[i], params['layers']) for i in range(cfg.num_layers))
-    return rest, per_layer
+    return rest, tuple(fused(p, cfg) for p in per_layer) if fuse else per_layer
+
+
+def fused(layer, cfg):
+    """One layer's parameters with q_proj | k_proj | v_proj as one 'qkv_proj' and gate_proj | up_proj as one
+    'gate_up_proj' (Phi-3's layout, which `llama.LlamaBlock` runs with cfg.fused_qkv / fused_gate_up), where
+    each part is a plain kernel (and bias): not under a LoRA/DoRA spec, not quantized. Each output column is
+    the same dot product as before (equal to float32 rounding)."""
+    if cfg.lora is not None:
+        return layer
+    out = dict(layer)
+    for name, parts in FUSED.items():
+        if not all(p in out and set(out[p]) <= {'kernel', 'bias'} and set(out[p]) == set(out[parts[0]])
+                   and not any(quantize.is_quantized(v) for v in out[p].values()) for p in parts):
+            continue
+        out[name] = {k: jnp.concatenate([out[p][k] for p in parts], axis=-1) for k in out[parts[0]]}
+        for p in parts:
+            del out[p]
+    return out
+
+
+def block_config(cfg, layer):
+    """The decoder config that runs `layer`'s parameters: fused_qkv / fused_gate_up where `fused` joined them."""
+    return dataclasses.replace(cfg, fused_qkv=cfg.fused_qkv or 'qkv_proj' in layer,
+                               fused_gate_up=cfg.fused_gate_up or 'gate_up_proj' in layer)
 
 
 def split_cache(cache, num_layers):
@@ -50,10 +82,10 @@ def hidden_states(model, rest, per_layer, tokens, positions, caches, cache_index
     if cfg.embed_scale:
         x = x * jnp.asarray(math.sqrt(cfg.hidden_size), cfg.dtype)
     seg = jnp.ones((b, t), jnp.int32)
-    block = llama.LlamaBlock(cfg)
     new = []
     for i, cache in enumerate(caches):  # per_layer: copies (a tuple), or the stacked tree sliced here
         p = per_layer[i] if isinstance(per_layer, tuple) else jax.tree.map(lambda a, i=i: a[i], per_layer)
+        block = llama.LlamaBlock(block_config(cfg, p))
         (x, cache), _ = block.apply({'params': p}, (x, cache), positions, mask, local_mask, seg, None,
                                     cache_index, jnp.int32(cfg.local_layers[i]), None)
         new.append(cache)
