@@ -12,7 +12,9 @@ tokens/s of each, their ratio, how many greedy tokens are identical, and the loa
 2 threads) is printed beside them when it is importable. Also prints the CPU and its float32 matmul peak.
 """
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -59,7 +61,7 @@ def torch_cell(model, prompts, new, reps):
     return best_time(run, reps)
 
 
-def llama_cpp_cell(path, prompts, new, reps):
+def llama_cpp_seconds(path, prompts, new, reps):
     """Seconds for the rows one after another (llama-cpp-python decodes one sequence per call)."""
     import llama_cpp
     llm = llama_cpp.Llama(model_path=path, n_ctx=max(len(p) for p in prompts) + new, n_threads=2, verbose=False)
@@ -73,6 +75,20 @@ def llama_cpp_cell(path, prompts, new, reps):
                     break
     run()
     return best_time(run, reps)[0]
+
+
+def llama_cpp_cell(path, prompts, new, reps):
+    """`llama_cpp_seconds` in a child process, or None with the reason printed: a crash in llama.cpp's native
+    code (seen: its AMX matmul, SIGSEGV, on an Intel Xeon with a -march=native build) leaves the other columns."""
+    child = (f'import json, sys; sys.path[:0] = [{SCRIPTS!r}]; import bench_generate as b; '
+             f'a = json.load(sys.stdin); print(b.llama_cpp_seconds(a["path"], a["prompts"], a["new"], a["reps"]))')
+    out = subprocess.run([sys.executable, '-c', child], capture_output=True, text=True,
+                         input=json.dumps({'path': path, 'prompts': prompts, 'new': new, 'reps': reps}))
+    if out.returncode:
+        print(f'llama.cpp: the child process ended with {out.returncode} (a negative number is the signal); its '
+              f'column is empty. Last stderr line: {(out.stderr.strip().splitlines() or [""])[-1][:200]}')
+        return None
+    return float(out.stdout.split()[-1])
 
 
 def main():
