@@ -9,9 +9,10 @@ in `--prompts`, `--batches` rows. Every shape is run once before it is timed, so
 first-call allocation (torch) are excluded; the time is the best of `--reps` calls. Prints, per cell: new
 tokens/s of each, their ratio, how many greedy tokens are identical, and the load average at that moment
 (numbers are only comparable on a quiet machine: load < ~2.5). llama.cpp (`llama-cpp-python`, the Q4_1 file,
-2 threads) is printed beside them when it is importable. Also prints the CPU and its float32 matmul peak.
+2 threads; each cell in a child process) is printed beside them when it is installed. Also prints the CPU and its float32 matmul peak.
 """
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -117,11 +118,10 @@ def main():
         import bench_torch
         hf = bench_torch.load_model(path, torch.float32).eval()
     cpp = None
-    if 'llama.cpp' in engines:
-        try:
-            import llama_cpp  # noqa: F401
+    if 'llama.cpp' in engines:  # imported in the child processes only (`llama_cpp_cell`)
+        if importlib.util.find_spec('llama_cpp') is not None:
             cpp = path
-        except ImportError:
+        else:
             print('llama.cpp: not installed (pip install llama-cpp-python), its column is empty')
     kw = {'chunk': args.chunk} if args.chunk else {}
     rng = np.random.default_rng(0)
