@@ -9,7 +9,8 @@ in `--prompts`, `--batches` rows. Every shape is run once before it is timed, so
 first-call allocation (torch) are excluded; the time is the best of `--reps` calls. Prints, per cell: new
 tokens/s of each, their ratio, how many greedy tokens are identical, and the load average at that moment
 (numbers are only comparable on a quiet machine: load < ~2.5). llama.cpp (`llama-cpp-python`, the Q4_1 file,
-2 threads; each cell in a child process) is printed beside them when it is installed. Also prints the CPU and its float32 matmul peak.
+2 threads; each cell in a child process) is printed beside them when it is installed. Also prints the CPU and
+its float32 matmul peak.
 """
 import argparse
 import importlib.util
