@@ -93,7 +93,7 @@ def test_decoding_on_the_stacked_weights_equals_the_copies(lora):
 def test_fused_projections_equal_the_separate_ones(varied):
     """Without LoRA the decode loop's per-layer copies join q|k|v and gate|up (`unrolled.fused`: 4 matmuls per
     layer instead of 7); the tokens and log-probs are those of the separate projections."""
-    rest, per_layer = unrolled.split(varied.params, varied.config)
+    _, per_layer = unrolled.split(varied.params, varied.config)
     assert {'qkv_proj', 'gate_up_proj'} <= set(per_layer[0]) and 'q_proj' not in per_layer[0]
     assert per_layer[0]['qkv_proj']['kernel'].shape == (varied.config.hidden_size, varied.config.head_dim * (
         varied.config.num_heads + 2 * varied.config.num_kv_heads))

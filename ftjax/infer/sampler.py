@@ -241,9 +241,10 @@ class Sampler:
         with self.context():
             scalars = self.put(np.float32(1.0 if mode.greedy else temperature), np.float32(top_p),
                                np.asarray(eos or [NO_TOKEN], np.int32))
+            buffers = unrolled.split(params, self.model.cfg, self.copy_layers, fuse=self.fuse)  # once per call
             for b in range(0, len(expanded), self.rows):
                 index = expanded[b:b + self.rows]
-                new, lp = self._batch(params, [rows[i] for i in index], index, max_new_tokens, stop, eos, mode,
+                new, lp = self._batch(params, buffers, [rows[i] for i in index], index, max_new_tokens, stop, eos, mode,
                                       jax.random.fold_in(key, b), *scalars)
                 tokens += new
                 logps += lp
@@ -251,7 +252,8 @@ class Sampler:
                     on_batch(len(tokens))
         return Samples(tokens, logps if logprobs else None)
 
-    def _batch(self, params, batch, index, max_new_tokens, stop, eos, mode, key, temp, top_p, eos_dev):
+    def _batch(self, params, buffers, batch, index, max_new_tokens, stop, eos, mode, key, temp, top_p, eos_dev):
+        """One batch of prompts; `buffers`: the decode loop's (rest, per_layer) parameters (`unrolled.split`)."""
         width = prompts_lib.bucket(max(len(r) for r in batch), self.prompt_bucket)
         final = width + max_new_tokens - 1  # slots of every token but the last new one
         tokens, pad = prompts_lib.left_pad(batch, width, self.rows_for(len(batch)))
@@ -259,8 +261,7 @@ class Sampler:
         logps = [[] for _ in batch]
         done = np.arange(len(tokens)) >= len(batch)  # dummy rows are done from the start
         tokens_d, pad_d = self.put_rows(tokens, pad)
-        # the decode loop's own buffers (`unrolled`)
-        rest, per_layer = unrolled.split(params, self.model.cfg, self.copy_layers, fuse=self.fuse)
+        rest, per_layer = buffers
         head = _head(self.model, params, vocab_major(len(tokens)))
         length = width  # prefill attends over the prompt's slots only; the first chunk grows the cache
         tok, logp, caches = _prefill(self.model, params, head, tokens_d, pad_d, key, temp, top_p, length=length,
