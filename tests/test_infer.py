@@ -107,6 +107,21 @@ def test_fused_projections_equal_the_separate_ones(varied):
     np.testing.assert_allclose(np.stack(runs[0].logprobs), np.stack(runs[1].logprobs), atol=1e-6)
 
 
+def test_weights_placed_once(varied):
+    """load_pretrained's parameters are host (numpy) arrays: the engine puts them on the device once and keeps the
+    decode loop's per-layer copies, so a second `sample` call moves no weight (a host leaf handed to a jitted
+    decode chunk is copied to the device at every chunk)."""
+    assert any(isinstance(x, np.ndarray) for x in jax.tree.leaves(varied.params))
+    prompts = _prompts(varied.config.vocab_size, [6, 15], seed=5)
+    engine = Sampler(varied, batch_size=2, chunk=4)
+    first = engine.sample(prompts, NEW, eos_ids=[])
+    buffers = engine.buffers()
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves((engine.params, buffers)))
+    again = engine.sample(prompts, NEW, eos_ids=[])
+    assert again.tokens == first.tokens and engine.buffers() is buffers
+    assert first.tokens == generate(varied, prompts, NEW, eos_ids=[])
+
+
 def test_n_samples_seeds_and_filters(varied):
     prompts = _prompts(varied.config.vocab_size, [4, 10], seed=2)
     greedy = generate(varied, prompts, NEW, eos_ids=[])

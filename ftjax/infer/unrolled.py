@@ -3,8 +3,8 @@
 Inside the model's layer scan (`llama.Llama`) every layer's weights are a dynamic slice of the stacked
 [layers, ...] parameters, which XLA's CPU backend copies out before each matmul: at one token per row that
 copy costs as much as the matmuls themselves. Decoding therefore runs on `split` parameters: one tree per
-layer (each its own buffer, made once per `Sampler.sample` call; q|k|v and gate|up joined where they are plain
-kernels: `fused`), the LM head materialised as [embed, vocab] once, and one KV cache per layer ({'k','v'}
+layer (each its own buffer, made once per `Sampler` for its own parameters and once per call for given ones;
+q|k|v and gate|up joined where they are plain kernels: `fused`), the LM head materialised as [embed, vocab] once, and one KV cache per layer ({'k','v'}
 [batch, kv_heads, kv_len, head_dim]) that the donated decode loop updates in place. Each layer is the model's
 own `llama.LlamaBlock`, so the math is the model's.
 """
