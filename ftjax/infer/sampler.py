@@ -186,10 +186,12 @@ class Sampler:
     def buffers(self, params=None):
         """The decode loop's (rest, per_layer) parameters (`unrolled.split`) of `params` (placed), made at each call;
         of the default ones (None), made once and kept, so that repeated `sample` calls copy no weight."""
+        split = functools.partial(unrolled.split, cfg=self.model.cfg, copy=self.copy_layers, fuse=self.fuse,
+                                  out_major=self.fuse and vocab_major(self.rows))
         if params is not None:
-            return unrolled.split(params, self.model.cfg, self.copy_layers, fuse=self.fuse)
+            return split(params)
         if self._buffers is None:
-            self._buffers = unrolled.split(self.params, self.model.cfg, self.copy_layers, fuse=self.fuse)
+            self._buffers = split(self.params)
         return self._buffers
 
     def place(self, params):

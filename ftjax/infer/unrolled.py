@@ -4,15 +4,17 @@ Inside the model's layer scan (`llama.Llama`) every layer's weights are a dynami
 [layers, ...] parameters, which XLA's CPU backend copies out before each matmul: at one token per row that
 copy costs as much as the matmuls themselves. Decoding therefore runs on `split` parameters: one tree per
 layer (each its own buffer, made once per `Sampler` for its own parameters and once per call for given ones;
-q|k|v and gate|up joined where they are plain kernels: `fused`), the LM head materialised as [embed, vocab] once, and one KV cache per layer ({'k','v'}
-[batch, kv_heads, kv_len, head_dim]) that the donated decode loop updates in place. Each layer is the model's
-own `llama.LlamaBlock`, so the math is the model's.
+q|k|v and gate|up joined where they are plain kernels: `fused`; from two rows on, 2-D kernels held [out, in]:
+`transposed`), the LM head materialised once, and one KV cache per layer ({'k','v'} [batch, kv_heads, kv_len,
+head_dim]) that the donated decode loop updates in place. Each layer is the model's own `llama.LlamaBlock`, so
+the math is the model's.
 """
 import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ftjax.models import kernels, layers, llama, quantize
 
@@ -20,7 +22,7 @@ from ftjax.models import kernels, layers, llama, quantize
 FUSED = {'qkv_proj': ('q_proj', 'k_proj', 'v_proj'), 'gate_up_proj': ('gate_proj', 'up_proj')}  # the block's names
 
 
-def split(params, cfg, copy: bool = True, fuse: bool = True):
+def split(params, cfg, copy: bool = True, fuse: bool = True, out_major: bool = False):
     """(params without 'layers', a tuple of per-layer parameter trees). Sliced eagerly, not under `jit`: on the
     CPU the slices take milliseconds, while one jitted program with a buffer per layer and leaf took XLA 4 s to
     compile for SmolLM2's 30 layers and 9 s for its upcycled MoE (JAX 0.10, 2-core Zen 3).
@@ -30,12 +32,39 @@ def split(params, cfg, copy: bool = True, fuse: bool = True):
     weights exist once, e.g. while RL rollouts sample with the trainer's parameters).
 
     `fuse`: each layer's copies of q/k/v and gate/up concatenated along their output axis (`fused`), so that a
-    decode step runs 4 matmuls per layer instead of 7."""
+    decode step runs 4 matmuls per layer instead of 7.
+
+    `out_major`: each copy's plain 2-D kernels held transposed (`transposed`), for batches of more than one row."""
     rest = {k: v for k, v in params.items() if k != 'layers'}
     if not copy:
         return rest, params['layers']
     per_layer = tuple(jax.tree.map(lambda x, i=i: x[i], params['layers']) for i in range(cfg.num_layers))
-    return rest, tuple(fused(p, cfg) for p in per_layer) if fuse else per_layer
+    per_layer = tuple(fused(p, cfg) for p in per_layer) if fuse else per_layer
+    return rest, tuple(transposed(p) for p in per_layer) if out_major else per_layer
+
+
+def transposed(tree):
+    """`tree` with every plain 2-D 'kernel' [in, out] held as 'kernel_t' [out, in] (a new buffer). With the
+    weights streamed from memory, XLA's CPU matmul of [16, 576] x [576, 3072] took 695 us as [in, out] and
+    579 us as [out, in] (2-core Intel Xeon, JAX 0.10; equal at one row); `untransposed` turns them back inside
+    the decode program, where the transpose folds into the matmul."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {k: transposed(v) for k, v in tree.items()}
+    kernel = out.get('kernel')
+    if isinstance(kernel, (jax.Array, np.ndarray)) and kernel.ndim == 2:  # not a QArray
+        out['kernel_t'] = jnp.transpose(out.pop('kernel'))
+    return out
+
+
+def untransposed(tree):
+    """The inverse of `transposed`, traced: 'kernel_t' [out, in] back to 'kernel' [in, out]."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {k: untransposed(v) for k, v in tree.items()}
+    if 'kernel_t' in out:
+        out['kernel'] = out.pop('kernel_t').T
+    return out
 
 
 def fused(layer, cfg):
@@ -84,7 +113,8 @@ def hidden_states(model, rest, per_layer, tokens, positions, caches, cache_index
     seg = jnp.ones((b, t), jnp.int32)
     new = []
     for i, cache in enumerate(caches):  # per_layer: copies (a tuple), or the stacked tree sliced here
-        p = per_layer[i] if isinstance(per_layer, tuple) else jax.tree.map(lambda a, i=i: a[i], per_layer)
+        p = untransposed(per_layer[i]) if isinstance(per_layer, tuple) else jax.tree.map(lambda a, i=i: a[i],
+                                                                                          per_layer)
         block = llama.LlamaBlock(block_config(cfg, p))
         (x, cache), _ = block.apply({'params': p}, (x, cache), positions, mask, local_mask, seg, None,
                                     cache_index, jnp.int32(cfg.local_layers[i]), None)
