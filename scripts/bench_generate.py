@@ -11,9 +11,8 @@ first-call allocation (torch) are excluded; the time is the best of `--reps` cal
 as transformers' model is loaded once); the `generate()` column is one warm `ftjax.generate` call, which builds
 a new engine and so places the weights again. Prints, per cell: new tokens/s of each, their ratio, how many
 greedy tokens are identical, and the load average at that moment (numbers are only comparable on a quiet
-machine: load < ~2.5). llama.cpp (`llama-cpp-python`, the Q4_1 file,
-2 threads; each cell in a child process) is printed beside them when it is installed. Also prints the CPU and
-its float32 matmul peak.
+machine: load < ~2.5). llama.cpp (`llama-cpp-python`, the Q4_1 file, 2 threads; each cell in a child process)
+is printed beside them when it is installed. Also prints the CPU and its float32 matmul peak.
 """
 import argparse
 import importlib.util
@@ -56,8 +55,8 @@ def ftjax_cell(pre, prompts, new, reps, **kw):
 
 
 def one_call_seconds(pre, prompts, new, **kw):
-    """Seconds of one `ftjax.generate` call (warm): a new engine, which places the weights again."""
-    generate(pre, prompts, new, eos_ids=[], **kw)
+    """Seconds of one `ftjax.generate` call after `ftjax_cell` compiled its programs: a new engine, which places
+    the weights again."""
     return best_time(lambda: generate(pre, prompts, new, eos_ids=[], **kw), 1)[0]
 
 

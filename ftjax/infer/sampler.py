@@ -199,7 +199,7 @@ class Sampler:
         trainer keeps in host memory (model.offload_frozen) are copied to the device for the decode loop. Host
         (numpy) leaves, as `load_pretrained` returns them, are put on the device here, once: left as they are, every
         jitted call (each decode chunk) would copy them again (the embedding and every layer's o_proj / down_proj:
-        257 MB per 16-token chunk for SmolLM2)."""
+        ~260 MB per 16-token chunk for SmolLM2)."""
         if self.mesh is None:
             return jax.device_put(layers.on_device(params))
         specs = sharding.logical_specs(abstract_variables(self.model))
