@@ -27,7 +27,9 @@ sentence encoder and two GLUE tasks instead of LLaMA-7B on eight commonsense-rea
 Measured (SST-2, 2026-12-04, 18 runs, 3,611 s on a 2-core Intel Xeon): dev accuracy LoRA 0.8211 / 0.8222 /
 0.8215 at r=2 / 8 / 32, DoRA 0.8161 / 0.8200 / 0.8249; DoRA - LoRA = -0.0050 [-0.0107, -0.0004] at r=2, -0.0023
 [-0.0080, +0.0034] at r=8, +0.0034 [-0.0004, +0.0069] at r=32: not reproduced (no low-rank gain; LoRA does not
-collapse at r=2 here), docs/results/papers_dora_vs_lora.md. MRPC: not run yet.
+collapse at r=2 here), docs/results/papers_dora_vs_lora.md. MRPC (18 runs, 7,822 s): LoRA 0.7067 / 0.7051 /
+0.7100, DoRA 0.7141 / 0.7149 / 0.7083; DoRA - LoRA = +0.0074 [-0.0041, +0.0172], +0.0098 [+0.0057, +0.0131],
+-0.0016 [-0.0049, +0.0000]: inconclusive (both near the majority class 0.684; examples-only noise +-2.5 points).
 """
 from ftjax.config import default_config, parse_arg, smoke as smoke_config
 from ftjax.data.locations import use_shared_glue
