@@ -14,7 +14,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ftjax.models import kernels, layers, llama, quantize
 
@@ -52,7 +51,7 @@ def transposed(tree):
         return tree
     out = {k: transposed(v) for k, v in tree.items()}
     kernel = out.get('kernel')
-    if isinstance(kernel, (jax.Array, np.ndarray)) and kernel.ndim == 2:  # not a QArray
+    if kernel is not None and not quantize.is_quantized(kernel) and kernel.ndim == 2:
         out['kernel_t'] = jnp.transpose(out.pop('kernel'))
     return out
 
@@ -113,8 +112,10 @@ def hidden_states(model, rest, per_layer, tokens, positions, caches, cache_index
     seg = jnp.ones((b, t), jnp.int32)
     new = []
     for i, cache in enumerate(caches):  # per_layer: copies (a tuple), or the stacked tree sliced here
-        p = untransposed(per_layer[i]) if isinstance(per_layer, tuple) else jax.tree.map(lambda a, i=i: a[i],
-                                                                                          per_layer)
+        if isinstance(per_layer, tuple):
+            p = untransposed(per_layer[i])
+        else:
+            p = jax.tree.map(lambda a, i=i: a[i], per_layer)
         block = llama.LlamaBlock(block_config(cfg, p))
         (x, cache), _ = block.apply({'params': p}, (x, cache), positions, mask, local_mask, seg, None,
                                     cache_index, jnp.int32(cfg.local_layers[i]), None)
