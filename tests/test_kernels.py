@@ -132,6 +132,25 @@ def test_decoding_mask_window():
     assert m[1].tolist() == [False, False, False, False, True, True, True, False]
 
 
+
+@pytest.mark.parametrize('rows', [1, 3])
+def test_decoding_attention_matches_the_reference(rows, monkeypatch):
+    """Attention from a KV cache ([batch, kv_heads, kv_len, head_dim]), one new query per row, a row's filled
+    slots only: the CPU kernels (one row: the batched dot; more: `_narrow_attention`) equal the reference."""
+    r = np.random.RandomState(rows)
+    s = 40
+    q = jnp.asarray(r.randn(rows, 1, H, D), jnp.float32)
+    kt, vt = (jnp.asarray(r.randn(rows, KVH, s, D), jnp.float32) for _ in range(2))
+    valid = jnp.asarray(np.arange(s)[None] >= np.arange(rows)[:, None] * 5)  # left padding of 0, 5, 10 slots
+    mask = kernels.causal_mask(None, jnp.full((rows, 1), 30), s, valid)  # [rows, 1, kv_len]
+    want = reference_attention(q, kt.transpose(0, 2, 1, 3), vt.transpose(0, 2, 1, 3), mask)
+    used = []
+    for name in ('_narrow_attention', '_attention'):
+        monkeypatch.setattr(kernels, name, lambda *a, f=getattr(kernels, name), n=name: used.append(n) or f(*a))
+    got = kernels.attend_heads_major(q, kt, vt, mask, jnp.float32, kernels='cpu')
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert used == ['_attention' if rows == 1 else '_narrow_attention']
+
 def test_the_cudnn_call_with_the_xla_implementation():
     """The arguments `self_attention` gives cuDNN (mask, is_causal, window), run by XLA's implementation."""
     q, k, v, seg = _qkv(1)

@@ -33,7 +33,7 @@ from ftjax.errors import ConfigError
 CHOICES = ('auto', 'cpu', 'xla', 'splash', 'cudnn')  # config.model.kernels
 AUTO = {'cpu': 'cpu', 'tpu': 'splash', 'gpu': 'cudnn', 'cuda': 'cudnn', 'rocm': 'xla'}
 BATCH_AXES, HEAD_AXIS = ('data', 'fsdp', 'expert'), 'tensor'  # mesh axes (ftjax.sharding.MESH_AXES)
-NARROW_Q = 16  # query rows per KV head up to which the CPU decodes with `_narrow_attention`
+NARROW_Q = 16  # query rows per KV head up to which the CPU decodes a batch of rows with `_narrow_attention`
 Q_CHUNK = 1024  # longer sequences: the einsum attention runs over query chunks of this many tokens (`chunked_attention`)
 SPLASH_BLOCK = 512  # splash tile along q and kv (smaller for short sequences)
 
@@ -144,14 +144,15 @@ def attend(q, k, v, mask, dtype, scale=None, softcap=None):
 
 def attend_heads_major(q, kt, vt, mask, dtype, scale=None, softcap=None, kernels=None):
     """`attend` with k, v laid out [batch, kv_heads, kv_len, head_dim] (the KV cache's layout: no transpose).
-    `kernels`: the model's setting when decoding from a KV cache; with 'cpu', a few query rows per KV head go
-    through `_narrow_attention` (None, as in training: always `_attention`)."""
+    `kernels`: the model's setting when decoding from a KV cache; with 'cpu', a batch of rows with a few query
+    rows per KV head goes through `_narrow_attention` (None, as in training: always `_attention`). One row keeps
+    the batched dot: SmolLM2 at 640 cache slots, 43.9 -> 39.7 ms per token with it (docs/performance.md)."""
     b, t, h, d = q.shape
     kvh, s = kt.shape[1], kt.shape[2]
     g = h // kvh
     qg = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)  # [b, kvh, g*t, d]
     m = jnp.broadcast_to(mask[:, None, None], (b, 1, g, t, s)).reshape(b, 1, g * t, s)  # [b, 1, g*t, kv_len]
-    attention = _narrow_attention if kernels == 'cpu' and g * t <= NARROW_Q else _attention
+    attention = _narrow_attention if kernels == 'cpu' and b > 1 and g * t <= NARROW_Q else _attention
     o = attention(qg.astype(dtype), kt.astype(dtype), vt.astype(dtype), m, scale, softcap)  # [b, kvh, g*t, d]
     return o.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
