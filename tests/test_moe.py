@@ -87,9 +87,11 @@ def test_logits_and_aux_loss_match_transformers(moe_dir, family):
             assert np.abs(other - theirs).max() > 100 * TOL, field
 
 
-def test_expert_paths_agree_with_expert_lora(moe_dir):
-    """Loss and gradients of the ragged, dense and capacity paths (capacity factor experts / k: nothing dropped),
-    with adapters on every expert (non-zero B) and padding rows; a capacity of half the tokens drops some."""
+@pytest.mark.parametrize('impl', ['ragged', pytest.param('capacity', marks=pytest.mark.slow)])
+def test_expert_paths_agree_with_expert_lora(moe_dir, impl):
+    """Loss and gradients of the ragged and capacity paths (capacity factor experts / k: nothing dropped) equal
+    the dense path's, with adapters on every expert (non-zero B) and padding rows; a capacity of half the
+    tokens drops some."""
     pre = load_pretrained(moe_dir('qwen2_moe'))
     c = tiny.lora_test_config()
     p, _ = peft.prepare(pre, c, jax.random.key(0))
@@ -110,21 +112,21 @@ def test_expert_paths_agree_with_expert_lora(moe_dir):
     want_l, want_g = run(params, 'dense')
     want = traverse_util.flatten_dict(want_g)
     assert ('layers', 'moe', 'gate_proj', 'lora_a') in want
-    for impl in ('ragged', 'capacity'):
-        got_l, got_g = run(params, impl)
-        np.testing.assert_allclose(got_l, want_l, rtol=1e-6, err_msg=impl)
-        got = traverse_util.flatten_dict(got_g)
-        assert got.keys() == want.keys()
-        for k in want:
-            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(want[k]).max())),
-                                       err_msg=f"{impl}: {'/'.join(k)}")
-    dropped, _ = run(params, 'capacity', 0.5)
-    assert np.isfinite(dropped) and abs(float(dropped) - float(want_l)) > 1e-4
-    for factor, some in ((whole, False), (0.5, True)):  # the metric: the fraction past the slots
-        model = build_model(dataclasses.replace(p.config, moe_impl='capacity', moe_capacity_factor=factor))
-        _, state = model.apply({'params': params}, ids, None, seg, mutable=['intermediates'])
-        frac = float(moe.aux_losses(state['intermediates']['router'], p.config.num_experts)['dropped'])
-        assert (0.0 < frac < 1.0) if some else frac == 0.0, (factor, frac)
+    got_l, got_g = run(params, impl)
+    np.testing.assert_allclose(got_l, want_l, rtol=1e-6, err_msg=impl)
+    got = traverse_util.flatten_dict(got_g)
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(want[k]).max())),
+                                   err_msg=f"{impl}: {'/'.join(k)}")
+    if impl == 'capacity':  # a capacity of half the tokens drops some, and the metric says how many
+        dropped, _ = run(params, 'capacity', 0.5)
+        assert np.isfinite(dropped) and abs(float(dropped) - float(want_l)) > 1e-4
+        for factor, some in ((whole, False), (0.5, True)):  # the metric: the fraction past the slots
+            model = build_model(dataclasses.replace(p.config, moe_impl='capacity', moe_capacity_factor=factor))
+            _, state = model.apply({'params': params}, ids, None, seg, mutable=['intermediates'])
+            frac = float(moe.aux_losses(state['intermediates']['router'], p.config.num_experts)['dropped'])
+            assert (0.0 < frac < 1.0) if some else frac == 0.0, (factor, frac)
 
 
 @pytest.mark.parametrize('family', ['mixtral', pytest.param('olmoe', marks=[pytest.mark.slow, pytest.mark.variants])])
@@ -146,6 +148,7 @@ def train(pre, c, steps=3):
     return trained, history, state
 
 
+@pytest.mark.slow  # ~17 s; test_peft_export_of_expert_adapters_alone stays in the fast lane
 def test_lora_on_experts_trains_and_exports_merged(moe_dir, tmp_path):
     """One adapter per expert, stacked on the expert axis; the loss includes the load-balancing term (reported);
     the merged Hugging Face export reads back in transformers with ftjax's logits, and so does the PEFT adapter
