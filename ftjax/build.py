@@ -49,7 +49,8 @@ def quantize_frozen(pre, mask, config):
     if kind == 'none':
         return pre
     gguf = gguf_blocks(packaged.resolve(m.path), pre.config) if kind == 'gguf' else None
-    params = quantize.quantize_params(pre.params, mask, kind, double=m.quantize_double, gguf=gguf)
+    params = quantize.quantize_params(pre.params, mask, kind, double=m.quantize_double, gguf=gguf,
+                                      embeddings=m.quantize_embedding)
     logging.info('model.quantize=%s: frozen %s, %.1f MiB of params', quantize.describe(m),
                  ', '.join(quantize.kinds_in(params)) or 'nothing quantized', quantize.nbytes(params) / 2**20)
     return dataclasses.replace(pre, params=params)

@@ -42,6 +42,8 @@ SCHEMA = [
       one_of('none', 'int8', 'nf4', 'gguf')),
     K('model.quantize_double', False, 'nf4: quantize the block scales too (double quantization, 4.5 -> ~4.13 '
       'bits per weight)'),
+    K('model.quantize_embedding', True, 'with model.quantize: the frozen token embedding too (in a tied model also '
+      'the LM head); false keeps it in frozen_dtype, as bitsandbytes / PEFT QLoRA do (linear layers only)'),
     K('model.remat', 'full', "rematerialisation of each block ('full' was faster and smaller on CPU, "
       "docs/performance.md); presets and 'custom:layer_input=offload,qkv=device,...' save named tensors on the device "
       "or offload them to host memory (ftjax/config_checks.py REMAT_*)", REMAT),

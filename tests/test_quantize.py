@@ -267,6 +267,24 @@ def test_quantized_lora_trains_and_keeps_no_float_copy(wide_llama_dir, chat_data
     assert mem.argument_size_in_bytes < float_bytes
 
 
+@pytest.mark.parametrize('kind', ['nf4', 'int8'])
+def test_linear_layers_only_keeps_the_embedding(wide_llama_dir, chat_data, kind):
+    """model.quantize_embedding=false (bitsandbytes' QLoRA: linear layers only): every frozen kernel quantized,
+    the token embedding (the tied LM head) kept as loaded; the base hash tells the two apart."""
+    plain, _ = build.build_model_and_mask(tiny_config(wide_llama_dir, chat_data, **{'mesh.tensor': 1}))
+    config = qconfig(wide_llama_dir, chat_data, kind, **{'model.quantize_embedding': False})
+    pre, _ = build.build_model_and_mask(config)
+    flat = traverse_util.flatten_dict(pre.params)
+    quantized = {'/'.join(p) for p, x in flat.items() if quantize.is_quantized(x)}
+    assert quantized == {f'layers/{m}/kernel' for m in
+                         ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')}
+    np.testing.assert_array_equal(flat[('embed', 'embedding')], plain.params['embed']['embedding'])
+    assert quantize.describe(config.model) == f'{kind}+linear'
+    both = qconfig(wide_llama_dir, chat_data, kind)
+    assert quantize.describe(both.model) == kind
+    assert quantize.is_quantized(build.build_model_and_mask(both)[0].params['embed']['embedding'])
+
+
 def test_blocks_stay_whole_on_8_devices(wide_llama_dir, chat_data):
     """data2 x fsdp2 x tensor2: the default rules split the K blocks (fsdp or tensor) and the channels, never a
     block; each device decodes its shard alone into its slice of the kernel."""

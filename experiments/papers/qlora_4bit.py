@@ -18,11 +18,13 @@ One command per task (4 bases x 3 seeds, then the grouped report, each base agai
 (A sweep may run a part of the grid first, e.g. --grid=arg=f32,nf4_dq; the full grid later skips what finished.)
 
 Variants (the arg): f32 (the float32 base) | int8 (per-output-channel int8) | nf4 (NF4, blocks of 64) | nf4_dq (NF4
-with double quantization: the block scales themselves in 8 bits); every frozen kernel and the embedding stored
-quantized and dequantized at each matmul (`model.quantize`, ftjax/models/quantize.py), LoRA r=8 on every linear
-layer in float32, 10 steps of batch 8 at learning rate 5e-4 (2 warm-up steps, cosine decay): a budget at which
-float32 exact match is not at its ceiling (the quickstart's 20 steps at 2e-3 reach it: float32 seed 0 answered
-100/100 on 2026-12-04, where every base would "match" for want of room to differ). Flag sst2: SST-2
+with double quantization: the block scales themselves in 8 bits) | nf4_dq_linear (nf4_dq on the linear layers
+only, the token embedding and so SmolLM2's tied LM head kept in float32, as the paper's bitsandbytes
+quantization does: `model.quantize_embedding=false`); every frozen kernel and (but in nf4_dq_linear) the
+embedding stored quantized and dequantized at each matmul (`model.quantize`, ftjax/models/quantize.py), LoRA r=8
+on every linear layer in float32, 10 steps of batch 8 at learning rate 5e-4 (2 warm-up steps, cosine decay): a
+budget at which float32 exact match is not at its ceiling (the quickstart's 20 steps at 2e-3 reach it: float32
+seed 0 answered 100/100 on 2026-12-04, where every base would "match" for want of room to differ). Flag sst2: SST-2
 (../shared/data/sst2) with SmolLM2 as a generator: the review in a chat turn, the digit of its label (1 positive, 0
 negative) as the answer, exact match of the greedy answer on the first 200 dev reviews. Flag smoke (2 steps; tested
 in tests/test_experiments.py). The seed sets the LoRA A initialisation and the data order.
@@ -36,7 +38,7 @@ int8, plain NF4 and the SST-2 task: not run yet.
 from ftjax import synthetic
 from ftjax.config import default_config, parse_arg, smoke as smoke_config
 
-VARIANTS = ('f32', 'int8', 'nf4', 'nf4_dq')
+VARIANTS = ('f32', 'int8', 'nf4', 'nf4_dq', 'nf4_dq_linear')
 SST2_PROMPT = ('Movie review: {instruction}\nIs this review positive or negative? Answer with one digit: 1 for '
                'positive, 0 for negative.')
 
@@ -46,7 +48,8 @@ def get_config(arg='nf4_dq'):
     c = default_config()
     c.model.path = 'packaged:smollm2'
     c.model.quantize = {'f32': 'none', 'int8': 'int8'}.get(variant, 'nf4')
-    c.model.quantize_double = variant == 'nf4_dq'
+    c.model.quantize_double = variant.startswith('nf4_dq')
+    c.model.quantize_embedding = variant != 'nf4_dq_linear'  # the paper (bitsandbytes): linear layers only
     c.peft.method = 'lora'
     c.peft.lora.rank = 8
     c.peft.lora.alpha = 16.0

@@ -100,11 +100,13 @@ def is_quantized(x):
 
 
 def describe(model_cfg):
-    """'none', 'int8', 'nf4', 'nf4+double' or 'gguf' from `config.model`: what the checkpoints' base hash covers."""
+    """'none', 'int8', 'nf4', 'nf4+double' or 'gguf' from `config.model` (+'+linear' when the embedding stays
+    unquantized): what the checkpoints' base hash covers."""
     kind = model_cfg.quantize
     if kind not in KINDS:
         raise ConfigError(f"config.model.quantize={kind!r} is not one of {list(KINDS)}.")
-    return kind + ('+double' if kind == 'nf4' and model_cfg.quantize_double else '')
+    linear = kind != 'none' and not model_cfg.quantize_embedding
+    return kind + ('+double' if kind == 'nf4' and model_cfg.quantize_double else '') + ('+linear' if linear else '')
 
 
 # --- dequantization (JAX, inside the jitted step) ---------------------------------------------------------
@@ -276,14 +278,15 @@ def quantize_nf4(m, double=False):
                 absmax_scale=scale.astype(np.float32), absmax_offset=offset.astype(np.float32))
 
 
-def _candidate(path, leaf, mask_leaf):
-    """(K, transpose) when the leaf may be quantized: a frozen Dense kernel or Embed table; else None."""
+def _candidate(path, leaf, mask_leaf, embeddings=True):
+    """(K, transpose) when the leaf may be quantized: a frozen Dense kernel or (`embeddings`) Embed table; else
+    None."""
     frozen = isinstance(mask_leaf, (bool, np.bool_)) and not mask_leaf  # LastLayers(n): partly trained
     if not frozen or is_quantized(leaf) or len(getattr(leaf, 'shape', ())) < 2:
         return None
     if path[-1] == 'kernel':
         return leaf.shape[-2], False
-    if path[-1] == 'embedding':
+    if path[-1] == 'embedding' and embeddings:
         return leaf.shape[-1], True
     return None
 
@@ -299,20 +302,22 @@ def _abstract(kind, lead, k, n, double):
     return dict(parts, absmax_q=s(nb, n, dtype=np.uint8), absmax_scale=s(n), absmax_offset=s())
 
 
-def quantize_params(params, mask, kind, double=False, gguf=None):
+def quantize_params(params, mask, kind, double=False, gguf=None, embeddings=True):
     """`params` with every frozen kernel / embedding (mask leaf False) as a QArray of `kind`; trainable leaves,
     vectors and matrices whose K does not fit the block stay as they are. Shape structs (`jax.eval_shape`,
-    `ftjax.compile_check`) give shape-struct QArrays. 'gguf' takes the file's blocks: `gguf` is a `GGUFBlocks`."""
+    `ftjax.compile_check`) give shape-struct QArrays. 'gguf' takes the file's blocks: `gguf` is a `GGUFBlocks`.
+    `embeddings=False`: the token embedding (and so a tied LM head) stays as it is, as bitsandbytes' QLoRA
+    quantizes linear layers only."""
     if kind not in KINDS:
         raise ConfigError(f"config.model.quantize={kind!r} is not one of {list(KINDS)}.")
     if kind == 'none':
         return params
     flat, flat_mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(mask)
     if kind == 'gguf':
-        return traverse_util.unflatten_dict(gguf_params(flat, flat_mask, gguf))
+        return traverse_util.unflatten_dict(gguf_params(flat, flat_mask, gguf, embeddings))
     kept = []
     for path, leaf in flat.items():
-        found = _candidate(path, leaf, flat_mask.get(path))
+        found = _candidate(path, leaf, flat_mask.get(path), embeddings)
         if found is None:
             continue
         k, transpose = found
@@ -344,7 +349,7 @@ class GGUFBlocks:
     num_layers: int
 
 
-def gguf_params(flat, flat_mask, gguf: GGUFBlocks):
+def gguf_params(flat, flat_mask, gguf: GGUFBlocks, embeddings=True):
     """The flat params with each frozen kernel / embedding replaced by the GGUF file's blocks for it, checked
     against the float values already loaded from the same file (layer 0). A stacked leaf whose layers mix
     Q4_0 / Q5_0 / Q8_0 is kept as Q8_0 (exact); one that mixes other types (Q4_K and Q6_K), or that the file
@@ -353,7 +358,7 @@ def gguf_params(flat, flat_mask, gguf: GGUFBlocks):
     kept = []
     for ours, name, _ in gguf.rows:
         leaf = flat.get(ours)
-        found = None if leaf is None else _candidate(ours, leaf, flat_mask.get(ours))
+        found = None if leaf is None else _candidate(ours, leaf, flat_mask.get(ours), embeddings)
         if found is None:
             continue
         if '{e}' in name:  # one stacked leaf [layers, experts, in, out] of many GGUF experts: read dequantized
