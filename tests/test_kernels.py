@@ -132,7 +132,6 @@ def test_decoding_mask_window():
     assert m[1].tolist() == [False, False, False, False, True, True, True, False]
 
 
-
 @pytest.mark.parametrize('rows', [1, 3])
 def test_decoding_attention_matches_the_reference(rows, monkeypatch):
     """Attention from a KV cache ([batch, kv_heads, kv_len, head_dim]), one new query per row, a row's filled
@@ -150,6 +149,7 @@ def test_decoding_attention_matches_the_reference(rows, monkeypatch):
     got = kernels.attend_heads_major(q, kt, vt, mask, jnp.float32, kernels='cpu')
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert used == ['_attention' if rows == 1 else '_narrow_attention']
+
 
 def test_the_cudnn_call_with_the_xla_implementation():
     """The arguments `self_attention` gives cuDNN (mask, is_causal, window), run by XLA's implementation."""
