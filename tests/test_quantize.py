@@ -46,6 +46,10 @@ def wide_llama_dir(tmp_path_factory):
                                  num_hidden_layers=3)
 
 
+FROZEN_KERNELS = {f'layers/{m}/kernel' for m in ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj',
+                                                  'down_proj')}  # a LoRA model's frozen linear layers
+
+
 def qconfig(model_dir, data, kind, **over):
     return tiny_config(model_dir, data, **{'model.quantize': kind, 'mesh.tensor': 1, **over})
 
@@ -247,9 +251,7 @@ def test_quantized_lora_trains_and_keeps_no_float_copy(wide_llama_dir, chat_data
     print(f'{kind}: losses {hist[:, 0].round(4).tolist()}')
     frozen, trainable = traverse_util.flatten_dict(state.frozen), traverse_util.flatten_dict(state.trainable)
     quantized = {'/'.join(p) for p, x in frozen.items() if quantize.is_quantized(x)}
-    assert quantized == {'embed/embedding'} | {f'layers/{m}/kernel' for m in
-                                                ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj',
-                                                 'down_proj')}
+    assert quantized == {'embed/embedding'} | FROZEN_KERNELS
     assert all(x.dtype == jnp.float32 and not quantize.is_quantized(x) for x in trainable.values())
     assert all(p[-1] in ('lora_a', 'lora_b') for p in trainable)
     assert hist[-1, 0] < hist[0, 0] - 0.05 and np.isfinite(hist).all()
@@ -276,8 +278,7 @@ def test_linear_layers_only_keeps_the_embedding(wide_llama_dir, chat_data, kind)
     pre, _ = build.build_model_and_mask(config)
     flat = traverse_util.flatten_dict(pre.params)
     quantized = {'/'.join(p) for p, x in flat.items() if quantize.is_quantized(x)}
-    assert quantized == {f'layers/{m}/kernel' for m in
-                         ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')}
+    assert quantized == FROZEN_KERNELS
     np.testing.assert_array_equal(flat[('embed', 'embedding')], plain.params['embed']['embedding'])
     assert quantize.describe(config.model) == f'{kind}+linear'
     both = qconfig(wide_llama_dir, chat_data, kind)
