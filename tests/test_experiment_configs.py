@@ -32,8 +32,8 @@ ARGS = {
     'experiments/grpo_smollm2.py': [f'{v}{s}' for v in ('grpo', 'dr_grpo', 'dapo', 'gspo', 'gemma3')
                                     for s in ('', ',smoke')],
     'experiments/moe_smollm2.py': [f'{v}{s}' for v in ('lora', 'full') for s in ('', ',smoke')],
-    'experiments/papers/lora_vs_full.py': [f'{v}{t}{s}' for v in ('full', 'lora', 'bitfit') for t in ('', ',mrpc')
-                                           for s in ('', ',smoke')],
+    'experiments/papers/lora_vs_full.py': [f'{v}{t}{s}' for v in ('full', 'lora', 'bitfit')
+                                           for t in ('', ',mrpc', ',mrpc,long') for s in ('', ',smoke')],
     'experiments/papers/dora_vs_lora.py': [f'{v}{t}{s}' for v in ('lora', 'dora') for t in (',sst2', ',mrpc')
                                            for s in ('', ',smoke')],
     'experiments/papers/qlora_4bit.py': [f'{v}{t}{s}' for v in ('f32', 'int8', 'nf4', 'nf4_dq', 'nf4_dq_linear')
