@@ -6,15 +6,24 @@ import os
 import shutil
 import tempfile
 
-# One persistent XLA compilation cache per test run, shared by the xdist workers and the subprocesses the tests
-# start (they inherit the environment): a program compiled once (the same tiny train step in a resume test's
-# three runs, SmolLM2's generation programs in several experiment smokes) is read back, not compiled again.
-# Created here in the first process (the controller), removed when it ends; a JAX_COMPILATION_CACHE_DIR the
-# user set is used as is and kept.
+# One persistent XLA compilation cache, shared by the xdist workers and the subprocesses the tests start (they
+# inherit the environment), and kept between runs: a program compiled once (the same tiny train step in a resume
+# test's three runs, SmolLM2's generation programs in several experiment smokes, every program of the previous
+# run of the fast lane) is read back, not compiled again. Every program is cached, however fast it compiled
+# (most of the suite's are tiny). XLA keys an entry by the program, the compile options and the jax/XLA
+# versions, so an edit that changes a program misses the cache; the oldest entries go past 2 GB.
+# Where: $FTJAX_TEST_XLA_CACHE, else ~/.cache/ftjax/tests-xla ($XDG_CACHE_HOME honoured); FTJAX_TEST_XLA_CACHE=run
+# gives a fresh directory removed when the run ends (no entry read from an earlier run). A
+# JAX_COMPILATION_CACHE_DIR the user set is used as is.
 _OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _OWN_CACHE = tempfile.mkdtemp(prefix="ftjax-tests-xla-cache-")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+    _where = os.environ.get("FTJAX_TEST_XLA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ftjax", "tests-xla")
+    if _where == "run":
+        _OWN_CACHE = _where = tempfile.mkdtemp(prefix="ftjax-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _where
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 1024 ** 3))
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # With libtpu installed (the `tpu` extra), JAX would try the TPU plugin first (and hold libtpu's lockfile):
 # the suite runs on the CPU; tests/test_tpu_compile.py compiles for TPU topologies without a TPU.

@@ -211,7 +211,7 @@ def test_peft_export_of_expert_adapters_alone(moe_dir, family, targets, tmp_path
     assert err < 1e-4
 
 
-@pytest.mark.parametrize('objective', ['simpo', 'grpo'])
+@pytest.mark.parametrize('objective', [pytest.param('simpo', marks=pytest.mark.slow), 'grpo'])
 def test_preference_and_grpo_steps_add_the_load_balancing_loss(moe_dir, objective):
     """SimPO and GRPO on a MoE model (LoRA on the experts): the step's loss is the objective's + coef x load
     balance, and the routing metrics are reported, as in the LM objective."""
@@ -282,7 +282,7 @@ def test_config_round_trip():
 
 
 @pytest.mark.parametrize('mesh_shape,impl', [
-    ({'data': 2, 'fsdp': 2, 'expert': 2}, 'ragged'),
+    pytest.param({'data': 2, 'fsdp': 2, 'expert': 2}, 'ragged', marks=pytest.mark.slow),
     ({'expert': 8}, 'ragged'),  # one expert per shard, fewer than k = 2: the shard's assignments capped at tokens
     ({'fsdp': 2, 'expert': 4}, 'all_to_all'),  # each assignment sent to its expert's shard, back, summed
     pytest.param({'expert': 8}, 'all_to_all', marks=[pytest.mark.slow, pytest.mark.variants]),
