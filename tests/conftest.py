@@ -11,19 +11,41 @@ import tempfile
 # test's three runs, SmolLM2's generation programs in several experiment smokes, every program of the previous
 # run of the fast lane) is read back, not compiled again. Every program is cached, however fast it compiled
 # (most of the suite's are tiny). XLA keys an entry by the program, the compile options and the jax/XLA
-# versions, so an edit that changes a program misses the cache; the oldest entries go past 2 GB.
+# versions, so an edit that changes a program misses the cache. Past 2 GB, a run starts by deleting the oldest
+# entries down to 1.5 GB (`_prune`; not JAX's own eviction, which puts a file lock around every read and write).
 # Where: $FTJAX_TEST_XLA_CACHE, else ~/.cache/ftjax/tests-xla ($XDG_CACHE_HOME honoured); FTJAX_TEST_XLA_CACHE=run
 # gives a fresh directory removed when the run ends (no entry read from an earlier run). A
 # JAX_COMPILATION_CACHE_DIR the user set is used as is.
-_OWN_CACHE = None
+def _prune(path, limit=2 * 1024 ** 3, keep=3 * 1024 ** 3 // 2):
+    """The oldest entries of the cache directory `path` deleted (by modification time) once it holds over `limit`
+    bytes, until it holds at most `keep`. An entry deleted while another run reads it is a miss there."""
+    try:
+        entries = [(st.st_mtime, st.st_size, e.path) for e in os.scandir(path) if e.is_file() for st in [e.stat()]]
+    except FileNotFoundError:
+        return
+    total = sum(size for _, size, _ in entries)
+    if total <= limit:
+        return
+    for _, size, name in sorted(entries):
+        if total <= keep:
+            break
+        try:
+            os.remove(name)
+        except FileNotFoundError:
+            pass
+        total -= size
+
+
+_OWN_CACHE = None  # a directory made for this run, removed when it ends
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _where = os.environ.get("FTJAX_TEST_XLA_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ftjax", "tests-xla")
     if _where == "run":
         _OWN_CACHE = _where = tempfile.mkdtemp(prefix="ftjax-tests-xla-cache-")
+    elif "PYTEST_XDIST_WORKER" not in os.environ:  # the controller, before the workers start
+        _prune(_where)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _where
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 1024 ** 3))
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # With libtpu installed (the `tpu` extra), JAX would try the TPU plugin first (and hold libtpu's lockfile):
 # the suite runs on the CPU; tests/test_tpu_compile.py compiles for TPU topologies without a TPU.
