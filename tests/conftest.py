@@ -6,16 +6,7 @@ import os
 import shutil
 import tempfile
 
-# One persistent XLA compilation cache, shared by the xdist workers and the subprocesses the tests start (they
-# inherit the environment), and kept between runs: a program compiled once (the same tiny train step in a resume
-# test's three runs, SmolLM2's generation programs in several experiment smokes, every program of the previous
-# run of the fast lane) is read back, not compiled again. Every program is cached, however fast it compiled
-# (most of the suite's are tiny). XLA keys an entry by the program, the compile options and the jax/XLA
-# versions, so an edit that changes a program misses the cache. Past 2 GB, a run starts by deleting the oldest
-# entries down to 1.5 GB (`_prune`; not JAX's own eviction, which puts a file lock around every read and write).
-# Where: $FTJAX_TEST_XLA_CACHE, else ~/.cache/ftjax/tests-xla ($XDG_CACHE_HOME honoured); FTJAX_TEST_XLA_CACHE=run
-# gives a fresh directory removed when the run ends (no entry read from an earlier run). A
-# JAX_COMPILATION_CACHE_DIR the user set is used as is.
+
 def _prune(path, limit=2 * 1024 ** 3, keep=3 * 1024 ** 3 // 2):
     """The oldest entries of the cache directory `path` deleted (by modification time) once it holds over `limit`
     bytes, until it holds at most `keep`. An entry deleted while another run reads it is a miss there."""
@@ -36,6 +27,16 @@ def _prune(path, limit=2 * 1024 ** 3, keep=3 * 1024 ** 3 // 2):
         total -= size
 
 
+# One persistent XLA compilation cache, shared by the xdist workers and the subprocesses the tests start (they
+# inherit the environment), and kept between runs: a program compiled once (the same tiny train step in a resume
+# test's three runs, SmolLM2's generation programs in several experiment smokes, every program of the previous
+# run of the fast lane) is read back, not compiled again. Every program is cached, however fast it compiled
+# (most of the suite's are tiny). XLA keys an entry by the program, the compile options and the jax/XLA
+# versions, so an edit that changes a program misses the cache. Past 2 GB, a run starts by deleting the oldest
+# entries down to 1.5 GB (`_prune`; not JAX's own eviction, which puts a file lock around every read and write).
+# Where: $FTJAX_TEST_XLA_CACHE, else ~/.cache/ftjax/tests-xla ($XDG_CACHE_HOME honoured); FTJAX_TEST_XLA_CACHE=run
+# gives a fresh directory removed when the run ends (no entry read from an earlier run). A
+# JAX_COMPILATION_CACHE_DIR the user set is used as is.
 _OWN_CACHE = None  # a directory made for this run, removed when it ends
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _where = os.environ.get("FTJAX_TEST_XLA_CACHE") or os.path.join(
