@@ -21,8 +21,8 @@ padded to a multiple of 16 holding their longest pair instead of to 128; same ra
 Variants (the arg): full | lora (r=8, alpha=8 on the query and value projections, as the paper) | bitfit (biases);
 each trains the new classification head too. Flags: sst2 (default) | mrpc, long (MRPC only), and smoke (2 steps;
 tested in tests/test_experiments.py). Learning rates per method (not tuned here): full 5e-5, LoRA 5e-4 (the
-paper's SST-2 value), BitFit 1e-3. What differs from the paper: a 6-layer, 22.7M-parameter sentence encoder (mean pooling)
-instead of RoBERTa-base; SST-2 for 300 steps of batch 32 (14% of one epoch; the paper: 60 epochs) at max
+paper's SST-2 value), BitFit 1e-3. What differs from the paper: a 6-layer, 22.7M-parameter sentence encoder
+(mean pooling) instead of RoBERTa-base; SST-2 for 300 steps of batch 32 (14% of one epoch; the paper: 60 epochs) at max
 length 64, MRPC for 230 steps of batch 32 (2 epochs; the paper: 30) at max length 128; MRPC from the pretrained
 model, not from an MNLI-adapted one; seeds 0-2 instead of 5 seeds. The seed sets the new head's
 initialisation, the LoRA A initialisation and the data order.
