@@ -41,6 +41,11 @@ _OWN_CACHE = None  # a directory made for this run, removed when it ends
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _where = os.environ.get("FTJAX_TEST_XLA_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ftjax", "tests-xla")
+    if _where != "run":
+        try:
+            os.makedirs(_where, exist_ok=True)
+        except OSError:  # a read-only home: a cache for this run only
+            _where = "run"
     if _where == "run":
         _OWN_CACHE = _where = tempfile.mkdtemp(prefix="ftjax-tests-xla-cache-")
     elif "PYTEST_XDIST_WORKER" not in os.environ:  # the controller, before the workers start
