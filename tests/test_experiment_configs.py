@@ -37,7 +37,7 @@ ARGS = {
     'experiments/papers/dora_vs_lora.py': [f'{v}{t}{s}' for v in ('lora', 'dora') for t in (',sst2', ',mrpc')
                                            for s in ('', ',smoke')],
     'experiments/papers/qlora_4bit.py': [f'{v}{t}{s}' for v in ('f32', 'int8', 'nf4', 'nf4_dq', 'nf4_dq_linear')
-                                         for t in ('', ',sst2')
+                                         for t in ('', ',sst2', ',sst2,long')
                                          for s in ('', ',smoke')],
     'experiments/papers/dpo_ipo_simpo.py': [f'{v}{s}' for v in ('dpo', 'ipo', 'simpo') for s in ('', ',smoke')],
 }

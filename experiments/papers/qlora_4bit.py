@@ -43,14 +43,19 @@ difference to float32 with its 95% interval over the seeds:
 """
 from ftjax import synthetic
 from ftjax.config import default_config, parse_arg, smoke as smoke_config
+from ftjax.errors import ConfigError
 
 VARIANTS = ('f32', 'int8', 'nf4', 'nf4_dq', 'nf4_dq_linear')
+LONG_SST2 = {'steps': 60, 'learning_rate': 1e-3, 'warmup_steps': 6}  # flag long: a budget float32 learns SST-2 at
 SST2_PROMPT = ('Movie review: {instruction}\nIs this review positive or negative? Answer with one digit: 1 for '
                'positive, 0 for negative.')
 
 
 def get_config(arg='nf4_dq'):
-    variant, flags = parse_arg(arg, 'nf4_dq', VARIANTS, 'experiments/papers/qlora_4bit.py', flags=('sst2', 'smoke'))
+    variant, flags = parse_arg(arg, 'nf4_dq', VARIANTS, 'experiments/papers/qlora_4bit.py', flags=('sst2', 'long', 'smoke'))
+    if 'long' in flags and 'sst2' not in flags:
+        raise ConfigError('experiments/papers/qlora_4bit.py: the long flag is the SST-2 budget at which float32 '
+                          'learns the task; write sst2,long.')
     c = default_config()
     c.model.path = 'packaged:smollm2'
     c.model.quantize = {'f32': 'none', 'int8': 'int8'}.get(variant, 'nf4')
@@ -76,6 +81,11 @@ def get_config(arg='nf4_dq'):
         c.data.prompt_template_no_input = SST2_PROMPT  # the files have no input column
         c.data.use_chat_template = True
         c.eval.generate, c.eval.scorer, c.eval.max_new_tokens = 200, 'exact', 3
+    if 'long' in flags:
+        c.train.steps = LONG_SST2['steps']
+        c.optim.learning_rate, c.optim.warmup_steps = LONG_SST2['learning_rate'], LONG_SST2['warmup_steps']
+        c.train.eval_every = c.train.checkpoint_every = LONG_SST2['steps'] // 6
+        c.train.eval_batches = 4
     if 'smoke' in flags:
         smoke_config(c, max_length=160)
     return c
