@@ -38,7 +38,7 @@ import ml_collections
 
 from ftjax import checkpoint, config as config_lib, loop, report
 from ftjax.errors import EXIT_PREEMPTED, ConfigError
-from ftjax.workdir import RunDir, config_dict, flatten
+from ftjax.workdir import RunDir, config_changes, config_dict, describe_changes, flatten, resumable
 
 ABBREVIATIONS = {'learning_rate': 'lr', 'batch_size': 'bs', 'weight_decay': 'wd', 'warmup_steps': 'warmup',
                  'max_length': 'len', 'grad_accum': 'accum', 'method': '', 'arg': ''}
@@ -233,18 +233,26 @@ def _fixed(run, overrides):
 
 
 def check_existing(runs, overrides=()):
-    """Refuses a sub-workdir whose earlier run used other values (a different grid, or other --config.KEY
-    overrides, in the same --workdir)."""
+    """Refuses a sub-workdir whose earlier run used other values (a different grid, other --config.KEY overrides,
+    or an experiment file changed since) in keys a run cannot change and continue (`workdir.RESUMABLE`): a
+    finished run with another config would otherwise be skipped and reported as this sweep's."""
     for run in runs:
-        if not RunDir(run.workdir).config_file.exists():
+        rundir = RunDir(run.workdir)
+        if not rundir.config_file.exists():
             continue
-        flat = flatten(config_dict(RunDir(run.workdir).config()))  # laid over today's defaults: every key
+        flat = flatten(config_dict(rundir.config()))  # laid over today's defaults: every key
         for key, value in {**_fixed(run, overrides), **run.values}.items():
             if key == ARG:  # not a config key; its value names the sub-workdir
                 continue
             if json.dumps(flat.get(key)) != json.dumps(value if not isinstance(value, tuple) else list(value)):
                 raise ConfigError(f'{run.workdir} holds a run with {key}={flat.get(key)!r}, but this sweep would '
                                  f'run {key}={value!r} there; use a new --workdir, or delete that directory.')
+        changed = {k: v for k, v in config_changes(rundir.stored_config() or {}, config_dict(run.config)).items()
+                   if not resumable(k)}
+        if changed:
+            raise ConfigError(f'{run.workdir} holds a run whose config differs from this sweep\'s in '
+                              f'{describe_changes(changed)} (the experiment file or its defaults changed since it '
+                              f'ran); use a new --workdir, or delete that directory.')
 
 
 def _flag_value(value):

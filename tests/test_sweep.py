@@ -15,7 +15,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from ftjax import checkpoint, config as config_lib, report, sweep
+from ftjax import checkpoint, config as config_lib, report, sweep, workdir as workdir_lib
 from ftjax.errors import EXIT_PREEMPTED, ConfigError
 from ftjax.cli import report as report_cli, sweep as sweep_cli
 from tests import tiny
@@ -211,10 +211,20 @@ def test_errors_before_anything_runs(experiment, tmp_path, monkeypatch):
 
 def test_refuses_a_sub_workdir_with_other_values(experiment, tmp_path):
     runs = sweep.plan(experiment, ['peft.lora.rank=4,8'], str(tmp_path))
-    _fake_run(runs[0].workdir, {'peft': {'lora': {'rank': 4}}}, [1.0])
-    sweep.check_existing(runs)  # the same value: fine (it resumes or is skipped)
+    stored = workdir_lib.config_dict(runs[0].config)
+    _fake_run(runs[0].workdir, stored, [1.0])
+    sweep.check_existing(runs)  # the same config: fine (it resumes or is skipped)
+    _fake_run(runs[0].workdir, dict(stored, train=dict(stored['train'], steps=50)), [1.0])
+    sweep.check_existing(runs)  # a run of other length continues (train.steps is resumable): fine
     _fake_run(runs[1].workdir, {'peft': {'lora': {'rank': 16}}}, [1.0])
     with pytest.raises(ValueError, match='rank8 holds a run with peft.lora.rank=16'):
+        sweep.check_existing(runs)
+    # The experiment file changed since a run finished (no grid key differs): refused, not skipped as done.
+    _fake_run(runs[1].workdir, workdir_lib.config_dict(runs[1].config), [1.0])
+    sweep.check_existing(runs)
+    _fake_run(runs[0].workdir, dict(stored, optim=dict(stored['optim'], learning_rate=1e-3)), [1.0])
+    with pytest.raises(ConfigError, match=r'rank4 holds a run whose config differs from this sweep.s in '
+                                          r'optim.learning_rate 0.001 -> 0.0001'):
         sweep.check_existing(runs)
 
 
@@ -228,9 +238,7 @@ def test_sequential_skips_finished_runs_and_records_failures(experiment, tmp_pat
         if config.peft.lora.rank == 8 and config.optim.learning_rate == 3e-4:
             raise FloatingPointError('non-finite loss')
         losses = [2.0 / (config.peft.lora.rank * config.optim.learning_rate * 1e4 * s) for s in range(1, 5)]
-        rc = {'peft': {'lora': {'rank': config.peft.lora.rank}}, 'optim': {'learning_rate': config.optim.learning_rate},
-              'train': {'steps': config.train.steps}}
-        _fake_run(workdir, rc, losses, {2: 1.5, 4: 1.7})
+        _fake_run(workdir, workdir_lib.config_dict(config), losses, {2: 1.5, 4: 1.7})  # config.json as train writes it
         return {'exit_code': 0}
 
     monkeypatch.setattr(sweep.loop, 'train_and_evaluate', train_and_evaluate)

@@ -46,7 +46,7 @@ from ftjax.config import default_config, parse_arg, smoke as smoke_config
 from ftjax.errors import ConfigError
 
 VARIANTS = ('f32', 'int8', 'nf4', 'nf4_dq', 'nf4_dq_linear')
-LONG_SST2 = {'steps': 60, 'learning_rate': 1e-3, 'warmup_steps': 6}  # flag long: a budget float32 learns SST-2 at
+LONG_SST2 = {'steps': 60, 'learning_rate': 2e-4, 'warmup_steps': 6}  # flag long: float32 learns SST-2 (0.705)
 SST2_PROMPT = ('Movie review: {instruction}\nIs this review positive or negative? Answer with one digit: 1 for '
                'positive, 0 for negative.')
 
