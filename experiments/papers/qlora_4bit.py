@@ -16,6 +16,8 @@ One command per task (4 bases x 3 seeds, then the grouped report, each base agai
       --seeds=3 --baseline=arg=f32 --metric='final gen/exact_match' --workdir=runs/papers/qlora_4bit_sst2
   python -m ftjax sweep --config=experiments/papers/qlora_4bit.py --grid=arg=f32,nf4_dq_linear --seeds=3 \
       --baseline=arg=f32 --metric='final gen/exact_match' --workdir=runs/papers/qlora_4bit  # the paper's setup
+  python -m ftjax sweep --config=experiments/papers/qlora_4bit.py:sst2,long --grid=arg=f32,int8,nf4,nf4_dq \
+      --seeds=3 --baseline=arg=f32 --metric='final gen/exact_match' --workdir=runs/papers/qlora_4bit_sst2_long
 
 (A sweep may run a part of the grid first, e.g. --grid=arg=f32,nf4_dq; the full grid later skips what finished.)
 
@@ -28,7 +30,9 @@ on every linear layer in float32, 10 steps of batch 8 at learning rate 5e-4 (2 w
 budget at which float32 exact match is not at its ceiling (the quickstart's 20 steps at 2e-3 reach it: float32
 seed 0 answered 100/100 on 2026-12-04, where every base would "match" for want of room to differ). Flag sst2: SST-2
 (../shared/data/sst2) with SmolLM2 as a generator: the review in a chat turn, the digit of its label (1 positive, 0
-negative) as the answer, exact match of the greedy answer on the first 200 dev reviews. Flag smoke (2 steps; tested
+negative) as the answer, exact match of the greedy answer on the first 200 dev reviews. Flag long (with sst2):
+60 steps at 2e-4 (6 warm-up), dev loss every 10, a budget at which float32 learns SST-2 (10 steps do not; 60 at
+1e-3 did not either: 0.54). Flag smoke (2 steps; tested
 in tests/test_experiments.py). The seed sets the LoRA A initialisation and the data order.
 What differs from the paper: a 135M model (the paper: 125M-65B), float32
 (not bfloat16) as the unquantized reference, a synthetic extraction task scored by exact match instead of GLUE /
@@ -39,7 +43,8 @@ difference to float32 with its 95% interval over the seeds:
   [-0.3567, -0.2967] and NF4 + DQ 0.5133, -0.3233 [-0.3467, -0.2967] (not reproduced); NF4 + DQ on the linear
   layers only (the paper's setup) 0.6900, -0.1467 [-0.1833, -0.1067] (not reproduced; half the gap).
   SST-2: float32 0.4767, int8 0.4817, NF4 0.5883, NF4 + DQ 0.5917: inconclusive, no base learned the task in 10
-  steps (float32 scores what answering "1" to every review scores, 0.475).
+  steps (float32 scores what answering "1" to every review scores, 0.475). sst2,long: float32 seed 0 0.705 (650 s);
+  the other bases not run yet.
 """
 from ftjax import synthetic
 from ftjax.config import default_config, parse_arg, smoke as smoke_config
@@ -52,7 +57,8 @@ SST2_PROMPT = ('Movie review: {instruction}\nIs this review positive or negative
 
 
 def get_config(arg='nf4_dq'):
-    variant, flags = parse_arg(arg, 'nf4_dq', VARIANTS, 'experiments/papers/qlora_4bit.py', flags=('sst2', 'long', 'smoke'))
+    variant, flags = parse_arg(arg, 'nf4_dq', VARIANTS, 'experiments/papers/qlora_4bit.py',
+                               flags=('sst2', 'long', 'smoke'))
     if 'long' in flags and 'sst2' not in flags:
         raise ConfigError('experiments/papers/qlora_4bit.py: the long flag is the SST-2 budget at which float32 '
                           'learns the task; write sst2,long.')
