@@ -61,7 +61,7 @@ def reference():
     def get(family):
         if family not in out:
             model = _model(family)
-            params = nn.unbox(model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))['params'])
+            params = nn.unbox(jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))['params'])
             out[family] = params, _loss_fn(model, _batch())(params)
         return out[family]
     return get

@@ -33,9 +33,13 @@ def varied(tmp_path_factory):
 def lora(varied):
     """`varied` with LoRA on every projection and non-zero B, so the adapters change the outputs."""
     pre = add_lora(varied, LoraSpec(rank=4, alpha=8.0), jax.random.key(0))
-    keys = iter(jax.random.split(jax.random.key(1), 64))
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, x: 0.3 * jax.random.normal(next(keys), x.shape, x.dtype) if p[-1].key == 'lora_b' else x, pre.params)
+
+    def nonzero_b(tree, keys):  # B = 0.3 x N(0, 1), one key per adapter in tree order
+        i = iter(range(len(keys)))
+        return jax.tree_util.tree_map_with_path(
+            lambda p, x: 0.3 * jax.random.normal(keys[next(i)], x.shape, x.dtype) if p[-1].key == 'lora_b' else x,
+            tree)
+    params = jax.jit(nonzero_b)(pre.params, jax.random.split(jax.random.key(1), 64))  # eagerly, every op compiles
     return dataclasses.replace(pre, params=params)
 
 
@@ -44,13 +48,25 @@ def _prompts(vocab, lengths, seed=0):
     return [rng.randint(0, vocab, n).tolist() for n in lengths]
 
 
+LOGP_LENGTH = 64  # every reference sequence right-padded to this (causal: the padding changes nothing before it)
+_LOGP_FNS = {}
+
+
 def _train_logps(pre, params, prompt, new):
-    """log p of each new token as the train step computes it: token_logps on the model's hidden states."""
-    ids = np.array([prompt + new])
-    hidden = pre.model.apply({'params': params}, ids, return_hidden=True)  # [1, seq, embed]
-    head = lm_head_kernel(params, pre.config)
-    logps = token_logps(hidden[:, :-1], head, ids[:, 1:], softcap=pre.config.final_softcap)  # [1, seq - 1]
-    return np.asarray(logps[0, len(prompt) - 1:])
+    """log p of each new token as the train step computes it: token_logps on the model's hidden states, jitted
+    like the step (one compile per model for every length; eagerly, each length compiled every op anew)."""
+    seq = prompt + new
+    assert len(seq) <= LOGP_LENGTH, len(seq)
+    if id(pre.model) not in _LOGP_FNS:
+        def logps_of(params, ids):  # ids [1, LOGP_LENGTH] -> [1, LOGP_LENGTH - 1]
+            hidden = pre.model.apply({'params': params}, ids, return_hidden=True)  # [1, seq, embed]
+            head = lm_head_kernel(params, pre.config)
+            return token_logps(hidden[:, :-1], head, ids[:, 1:], softcap=pre.config.final_softcap)
+        _LOGP_FNS[id(pre.model)] = pre.model, jax.jit(logps_of)  # the model kept: its id is not reused
+    ids = np.zeros((1, LOGP_LENGTH), np.int32)
+    ids[0, :len(seq)] = seq
+    logps = _LOGP_FNS[id(pre.model)][1](params, ids)
+    return np.asarray(logps[0, len(prompt) - 1:len(seq) - 1])
 
 
 @pytest.mark.parametrize('temperature', [0.0, 1.0], ids=['greedy', 'sampled'])

@@ -235,7 +235,7 @@ def test_llama_kernels_compute_the_same_model(family):
                             num_kv_heads=2, head_dim=8, **FAMILY_FIELDS.get(family, {}))
     ids = jnp.asarray(np.random.RandomState(4).randint(0, 64, (2, 32)), jnp.int32)
     seg = jnp.asarray([[1] * 12 + [2] * 16 + [0] * 4, [1] * 32], jnp.int32)  # packed + padding; one row
-    params = llama.Llama(cfg).init(jax.random.key(0), ids)['params']
+    params = jax.jit(llama.Llama(cfg).init)(jax.random.key(0), ids)['params']  # jitted: eagerly, every op compiles
 
     def run(kind):
         model = llama.Llama(llama.LlamaConfig(**{**cfg.__dict__, 'kernels': kind}))
@@ -259,7 +259,7 @@ def test_long_rows_take_the_chunked_attention(family, monkeypatch):
     ids = jnp.asarray(np.random.RandomState(5).randint(0, 64, (2, 40)), jnp.int32)
     seg = jnp.asarray([[1] * 15 + [2] * 21 + [0] * 4, [1] * 40], jnp.int32)
     model = llama.Llama(cfg)
-    params = model.init(jax.random.key(0), ids)['params']
+    params = jax.jit(model.init)(jax.random.key(0), ids)['params']
     loss = lambda p: jnp.sum(model.apply({'params': p}, ids, None, seg) ** 2) / ids.size
     want_l, want_g = jax.jit(jax.value_and_grad(loss))(params)
     calls = []

@@ -301,9 +301,9 @@ def test_expert_sharded_equals_one_device(moe_dir, mesh_shape, impl):
     impl = 'ragged' if impl == 'all_to_all' else impl
     pre = load_pretrained(moe_dir('qwen2_moe'))
     p, _ = peft.prepare(pre, tiny.lora_test_config(), jax.random.key(0))
-    params = jax.tree_util.tree_map_with_path(
+    params = jax.jit(lambda tree: jax.tree_util.tree_map_with_path(  # jitted: eagerly, every op of it compiles
         lambda path, x: x + 0.05 * jax.random.normal(jax.random.key(len(path)), x.shape)
-        if path[-1].key == 'lora_b' else x, p.params)
+        if path[-1].key == 'lora_b' else x, tree))(p.params)
     model = build_model(dataclasses.replace(p.config, moe_impl=impl, moe_capacity_factor=8.0,  # nothing dropped
                                             moe_dispatch=dispatch))
     ids = ids_of(pre.config, (8, SEQ), seed=6)
