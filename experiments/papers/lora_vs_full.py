@@ -30,9 +30,9 @@ Measured (SST-2, 2026-12-03, 9 runs, 101 min on the 2-core CPU): full 0.8505, Lo
 accuracy (mean of 3 seeds); LoRA - full = -0.0359 [-0.0409, -0.0306]: not reproduced at this budget
 (docs/results/papers_lora_vs_full.md). MRPC (9 runs): full 0.7761, LoRA 0.7034, BitFit 0.7165; LoRA - full =
 -0.0727 [-0.0825, -0.0613]: not reproduced either (full still rising at step 230, LoRA flat near the majority class).
-MRPC six epochs (flag long, seed 0 only, 2026-12-04, Intel Xeon): full 0.8088, LoRA 0.7647, BitFit 0.7843; LoRA
-and BitFit flat over the last epochs, full still +0.5 points per epoch; LoRA - full = -0.0441 [-0.1005, +0.0123]
-over the dev examples: inconclusive until seeds 1-2 run.
+MRPC six epochs (flag long, 3 seeds, 2026-12-04/05, Intel Xeon): full 0.7958, LoRA 0.7729, BitFit 0.7786 (every
+run but full's seed 0 flat over its last two epochs); LoRA - full = -0.0229 [-0.0376, -0.0041] over the seeds: not
+reproduced, narrowly; BitFit - full = -0.0172 [-0.0310, +0.0008], inside the noise.
 """
 from ftjax.config import default_config, parse_arg, smoke as smoke_config
 from ftjax.data.locations import use_shared_glue
