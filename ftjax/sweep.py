@@ -8,7 +8,8 @@ Runs go one after another in this process (or N at a time as `python -m ftjax tr
 with --parallel=N), each in `DIR/<name>` named from its values (`rank4_lr0.0001`). A finished run
 is skipped and an interrupted one resumes from its checkpoint, so rerunning the command completes a
 sweep; a run directory whose stored config differs from the one the sweep would run there (other than in
-keys a run may change and continue, `workdir.RESUMABLE`) is refused before anything runs. At the end: DIR/results.csv, DIR/results.md and DIR/loss_curves.png (see ftjax/report.py).
+keys a run may change and continue, `workdir.RESUMABLE`) is refused before anything runs. At the end:
+DIR/results.csv, DIR/results.md and DIR/loss_curves.png (see ftjax/report.py).
 --print_commands prints one training command per run (for a cluster or a pod) and exits.
 `--config.KEY=VALUE` overrides (as for `ftjax train`) hold for every run of the grid and are passed on
 to each run's command. The command line: ftjax/cli/sweep.py.
