@@ -32,8 +32,8 @@ seed 0 answered 100/100 on 2026-12-04, where every base would "match" for want o
 (../shared/data/sst2) with SmolLM2 as a generator: the review in a chat turn, the digit of its label (1 positive, 0
 negative) as the answer, exact match of the greedy answer on the first 200 dev reviews. Flag long (with sst2):
 60 steps at 2e-4 (6 warm-up), dev loss every 10, a budget at which float32 learns SST-2 (10 steps do not; 60 at
-1e-3 did not either: 0.54). Flag smoke (2 steps; tested in tests/test_experiments.py). The seed sets the LoRA A initialisation and the data order.
-What differs from the paper: a 135M model (the paper: 125M-65B), float32
+1e-3 did not either: 0.54). Flag smoke (2 steps; tested in tests/test_experiments.py). The seed sets the LoRA A
+initialisation and the data order. What differs from the paper: a 135M model (the paper: 125M-65B), float32
 (not bfloat16) as the unquantized reference, a synthetic extraction task scored by exact match instead of GLUE /
 Super-NaturalInstructions / MMLU.
 Measured (2026-12-04, 2-core Intel Xeon; docs/results/papers_qlora_4bit.md), exact match, mean of 3 seeds, and the
