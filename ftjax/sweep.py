@@ -40,7 +40,7 @@ import ml_collections
 
 from ftjax import checkpoint, config as config_lib, loop, report
 from ftjax.errors import EXIT_PREEMPTED, ConfigError
-from ftjax.workdir import RunDir, config_changes, config_dict, describe_changes, flatten, resumable
+from ftjax.workdir import RunDir, blocking_changes, config_changes, config_dict, describe_changes, flatten
 
 ABBREVIATIONS = {'learning_rate': 'lr', 'batch_size': 'bs', 'weight_decay': 'wd', 'warmup_steps': 'warmup',
                  'max_length': 'len', 'grad_accum': 'accum', 'method': '', 'arg': ''}
@@ -249,8 +249,8 @@ def check_existing(runs, overrides=()):
             if json.dumps(flat.get(key)) != json.dumps(value if not isinstance(value, tuple) else list(value)):
                 raise ConfigError(f'{run.workdir} holds a run with {key}={flat.get(key)!r}, but this sweep would '
                                  f'run {key}={value!r} there; use a new --workdir, or delete that directory.')
-        changed = {k: v for k, v in config_changes(rundir.stored_config() or {}, config_dict(run.config)).items()
-                   if not resumable(k)}
+        # config() above refused a config.json that is not a JSON object, so stored_config() is a dict here
+        changed = blocking_changes(config_changes(rundir.stored_config(), config_dict(run.config)))
         if changed:
             raise ConfigError(f'{run.workdir} holds a run whose config differs from this sweep\'s in '
                               f'{describe_changes(changed)} (the experiment file or its defaults changed since it '

@@ -200,7 +200,7 @@ class RunDir:
                                f'so this run cannot be checked against the one that wrote them; use a new --workdir, '
                                f'or restore {self.config_file}.')
         changes = config_changes(stored, config_dict(config)) if stored is not None else {}
-        blocking = {k: v for k, v in changes.items() if not resumable(k)}
+        blocking = blocking_changes(changes)
         if blocking and not config.train.allow_config_change:
             raise WorkdirError(f'{self.path} holds another run: its {CONFIG_FILE} differs in '
                                f'{describe_changes(blocking)}. Use a new --workdir, or pass {OVERRIDE} to continue '
@@ -273,6 +273,11 @@ def _unflatten(flat):
 
 def resumable(key):
     return any(key == r or (r.endswith('.*') and key.startswith(r[:-1])) for r in RESUMABLE)
+
+
+def blocking_changes(changes):
+    """Of `config_changes`' {key: (stored, new)}, those in keys a run cannot change and continue (not RESUMABLE)."""
+    return {k: v for k, v in changes.items() if not resumable(k)}
 
 
 def _default(key):
