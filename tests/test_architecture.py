@@ -12,13 +12,12 @@ exception: every import runs ftjax/__init__.py first, which imports the function
 generate`) is an edge.
 """
 import ast
-import os
 import pathlib
 import re
 import subprocess
 import sys
 
-import pytest
+from tests import tiny
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = 'ftjax'
@@ -269,7 +268,7 @@ def test_generate_stays_the_function_after_importing_everything(tiny_llama_dir):
     """`ftjax.generate(pre, ids)` once broke ("module object is not callable") after anything imported a module
     named ftjax.generate. Every module of the package is imported (the commands too: importing defines no flag),
     then the README's Python example runs twice."""
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', PYTHONPATH=str(REPO))
+    env = tiny.subprocess_env()
     proc = subprocess.run([sys.executable, '-c', README_EXAMPLE.format(path=tiny_llama_dir)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

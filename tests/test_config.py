@@ -17,7 +17,7 @@ from ftjax.errors import EXIT_BAD_INPUT, ConfigError
 from tests import tiny
 from tests.tiny import REPO
 
-ENV = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+ENV = tiny.subprocess_env()
 EXPERIMENT = '''
 from ftjax.config import default_config, parse_arg
 

@@ -30,8 +30,7 @@ sys.meta_path = [NoTorch if f is importlib.machinery.PathFinder else f for f in 
 module, sys.argv = sys.argv[1], sys.argv[1:]
 runpy.run_module(module, run_name='__main__', alter_sys=True)
 """
-ENV = dict(os.environ, PYTHONPATH=tiny.REPO, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-           HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
+ENV = tiny.subprocess_env(HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
 for name in ('TRANSFORMERS_NO_ADVISORY_WARNINGS', 'TRANSFORMERS_VERBOSITY', 'HF_DATASETS_DISABLE_PROGRESS_BARS',
              'TF_CPP_MIN_LOG_LEVEL'):
     ENV.pop(name, None)  # the command line sets these itself

@@ -386,8 +386,7 @@ def test_import_refuses_other_base_model(checkpoint, tmp_path):
 
 # --- the command line on runs trained by ftjax.loop: build.restore_for_export -> export -> transformers / peft ----
 
-CLI_ENV = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-               HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
+CLI_ENV = tiny.subprocess_env(HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
 SENTENCES = [('great movie, loved it', 1), ('terrible plot, hated it', 0), ('a positive review', 1),
              ('a negative review', 0), ('loved the quick brown fox', 1), ('hated the lazy dog', 0)]
 

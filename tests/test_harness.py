@@ -266,7 +266,7 @@ def test_a_runs_fine_tuned_model_by_the_trainer_and_the_command_line(tmp_path, t
 def test_lm_evals_own_command_line(tmp_path, tiny_llama_dir, task_dir):
     """`python -m ftjax harness` is lm-eval's CLI (`lm_eval run ...`) with the model `ftjax` registered."""
     out = tmp_path / 'out'
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', PYTHONPATH=tiny.REPO)
+    env = tiny.subprocess_env(devices=2)
     proc = subprocess.run([sys.executable, '-m', 'ftjax', 'harness', '--model', 'ftjax', '--model_args',
                            f'pretrained={tiny_llama_dir},mesh_data=2', '--batch_size', '4', '--tasks', 'tiny_mc',
                            '--include_path', task_dir, '--limit', '4', '--output_path', str(out)],

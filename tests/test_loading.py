@@ -186,8 +186,7 @@ def test_a_model_without_a_tokenizer_cannot_train(root, tiny_llama_dir):
 
 def run_cli(*args):
     """`python -m ftjax ARGS` in a fresh process on one CPU device, offline -> (exit code, stderr)."""
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu',
-               HF_HUB_OFFLINE='1', PYTHONPATH=REPO)
+    env = tiny.subprocess_env(JAX_PLATFORMS='cpu', HF_HUB_OFFLINE='1')
     proc = subprocess.run([sys.executable, '-m', 'ftjax', *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     return proc.returncode, proc.stderr

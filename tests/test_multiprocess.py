@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from ftjax import logs, workdir as workdir_lib
-from tests.tiny import REPO, losses, tiny_config, write_experiment
+from tests.tiny import REPO, losses, tiny_config, write_experiment, subprocess_env
 
 TIMEOUT_S = 400
 RTOL = 1e-5
@@ -38,8 +38,7 @@ def _experiment(path, model_dir, data):
 
 def _launch(exp, workdir, devices, log, extra=()):
     """`python -m ftjax.train` with `devices` fake CPU devices; stdout / stderr go to `log`.out / .err."""
-    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
-               PYTHONPATH=REPO)
+    env = subprocess_env(devices, JAX_PLATFORMS='cpu')
     with open(f'{log}.out', 'w') as out, open(f'{log}.err', 'w') as err:
         return subprocess.Popen([sys.executable, '-m', 'ftjax.train', f'--config={exp}', f'--workdir={workdir}',
                                  *extra], cwd=REPO, env=env, stdout=out, stderr=err, text=True)

@@ -20,7 +20,7 @@ from ftjax.objectives import grpo
 from ftjax.objectives.preference import strip_adapters
 from ftjax.rl import rewards, rollout
 from ftjax.workdir import RunDir
-from tests.tiny import REPO, tiny_rl_config, write_experiment
+from tests.tiny import REPO, tiny_rl_config, write_experiment, subprocess_env
 
 
 # --- rewards ------------------------------------------------------------------------------------------------
@@ -228,7 +228,7 @@ def test_grpo_sigterm_mid_run_resumes_exactly(tiny_llama_dir, chat_data, tmp_pat
     """A real SIGTERM while a GRPO run trains (in a separate process: the preemption handler saves and exits with
     EXIT_PREEMPTED), then the same command again: every step's loss, reward and KL, and every sampled
     completion, equal an uninterrupted run's."""
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', PYTHONPATH=REPO)
+    env = subprocess_env()
     steps = 40
     exp = write_experiment(tmp_path / 'exp.py', tiny_llama_dir, chat_data, config_fn='tiny_rl_config',
                            **{'train.steps': steps, 'train.checkpoint_every': 100, 'train.eval_every': 100,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ftjax import workdir as workdir_lib
-from tests.tiny import REPO, losses, make_bert_checkpoint, tiny_config, write_experiment
+from tests.tiny import REPO, losses, make_bert_checkpoint, tiny_config, write_experiment, subprocess_env
 
 
 def final_trainable(workdir):
@@ -51,7 +51,7 @@ def _run(exp, workdir, env):
 @pytest.mark.slow
 def test_sigterm_saves_and_resumes_exactly(tmp_path, tiny_llama_dir, chat_data):
     from ftjax.errors import EXIT_PREEMPTED
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', PYTHONPATH=REPO)
+    env = subprocess_env()
     exp = _write_experiment(tmp_path / 'exp.py', tiny_llama_dir, chat_data, steps=400)
     ref_dir, pre_dir = str(tmp_path / 'ref'), str(tmp_path / 'pre')
     proc = _run(exp, pre_dir, env)
@@ -160,7 +160,7 @@ def test_config_errors_before_any_work(tmp_path, tiny_llama_dir, chat_data, monk
 
 @pytest.mark.slow
 def test_cli_rejects_unknown_key_and_used_workdir(tmp_path, tiny_llama_dir, chat_data):
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', PYTHONPATH=REPO)
+    env = subprocess_env()
     exp = _write_experiment(tmp_path / 'exp.py', tiny_llama_dir, chat_data, steps=1)
     bad = subprocess.run([sys.executable, '-m', 'ftjax.train', f'--config={exp}', f'--workdir={tmp_path}/w',
                           '--config.peft.lora.rnk=4'], cwd=REPO, env=env, capture_output=True, text=True)

@@ -27,7 +27,7 @@ from ftjax.errors import EXIT_BAD_INPUT, CheckpointError, ConfigError, DataError
 from tests import tiny
 from tests.tiny import REPO
 
-ENV = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+ENV = tiny.subprocess_env()
 RUN = {'train.steps': 4, 'train.checkpoint_every': 2, 'train.eval_every': 4}
 
 

@@ -37,6 +37,14 @@ _CORPUS = [
 ]
 
 
+def subprocess_env(devices=1, **extra):
+    """os.environ for a child process (`python -m ftjax ...`): `devices` fake CPU devices, the suite's other XLA
+    flags (tests/conftest.py: LLVM at -O0) kept, the repository importable, `extra` set on top."""
+    flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'xla_force_host_platform_device_count' not in f]
+    return dict(os.environ, XLA_FLAGS=' '.join([f'--xla_force_host_platform_device_count={devices}', *flags]),
+                PYTHONPATH=REPO, **extra)
+
+
 def make_tokenizer(vocab_size=320):
     """A byte-level BPE tokenizer with ChatML special tokens and chat template (SmolLM2-like)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
