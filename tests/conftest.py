@@ -54,7 +54,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # 8 fake CPU devices for the sharding tests. LLVM at -O0 (`xla_backend_optimization_level=0`: the level the CPU
 # backend hands LLVM's optimizer and code generator): compiling is most of the suite's time and running its tiny
-# programs is not, so the cold fast lane takes 3 min 47 s instead of 5 min 28 s (2-core Xeon, 2026-12-05; 417 s
+# programs is not, so the cold fast lane takes 3 min 51 s instead of 5 min 28 s (2-core Xeon, 2026-12-05; 425 s
 # user CPU against 625 s). The numbers are IEEE float32 either way, summed in another order: a tiny LoRA Llama's
 # gradients differ from -O2's by at most 5.1e-7 of each array's largest entry, inside every tolerance of the suite.
 # A child process keeps these flags (`tiny.subprocess_env`); a user's XLA_FLAGS is used as is.
