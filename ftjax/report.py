@@ -301,7 +301,7 @@ def grouped(rows, metric=None, baseline=None, level=stats.LEVEL, resamples=stats
         sizes = {r.get(counts) for r in g['runs']}
         g['examples'] = sizes.pop() if len(sizes) == 1 else None  # the held-out set's size, the same in every run
         g['summary'] = stats.summarize(g['metric'], g['examples'], level, resamples)
-        g['diff'] = g['differs'] = None
+        g['diff'] = g['differs'] = g['paired'] = g['paired_differs'] = None
         g['is_baseline'] = False
     if baseline:
         key, value = _parse_baseline(baseline, keys)
@@ -314,7 +314,22 @@ def grouped(rows, metric=None, baseline=None, level=stats.LEVEL, resamples=stats
                 b = base[0]
                 g['diff'] = stats.difference(g['metric'], b['metric'], _single(g), _single(b), level, resamples)
                 g['differs'] = stats.differs(g['diff'])
+                g['paired'] = _paired(g, b, level, resamples)
+                g['paired_differs'] = stats.differs(g['paired'])
     return metric, out
+
+
+def _paired(group, base, level, resamples):
+    """`stats.paired_difference` of `group` against `base` over the seeds both ran (2 or more, each once; the
+    same data order and init on both sides), else None."""
+    def by_seed(g):
+        seeds = [r.get(SEED_KEY) for r in g['runs']]
+        return dict(zip(seeds, g['metric'])) if None not in seeds and len(set(seeds)) == len(seeds) else {}
+    mine, theirs = by_seed(group), by_seed(base)
+    if len(mine) < 2 or set(mine) != set(theirs):
+        return None
+    seeds = sorted(mine)
+    return stats.paired_difference([mine[k] for k in seeds], [theirs[k] for k in seeds], level, resamples)
 
 
 def _single(group):
@@ -322,32 +337,35 @@ def _single(group):
     return group['examples'] if len(group['runs']) == 1 else None
 
 
+def _diff_cell(diff, differs):
+    return '' if diff is None else f'{diff[0]:+.4f} [{diff[1]:+.4f}, {diff[2]:+.4f}]' + (' *' if differs else '')
+
+
 def grouped_table(metric, groups, level=stats.LEVEL):
     """Markdown: one row per configuration, the seed count, mean, std and interval of `metric`, and the
-    difference to the baseline row with its interval (marked * where it excludes 0)."""
+    difference to the baseline row with its interval (marked * where it excludes 0); where a row ran the
+    baseline's seeds, also the difference paired by seed."""
     keys = list(groups[0]['values']) if groups else []
     pct = f'{level:.0%}'
+    paired = any(g['paired'] is not None for g in groups)
     head = keys + ['seeds', f'mean {metric}', 'std', f'{pct} interval', 'over', f'{pct} interval, examples only',
-                   f'vs baseline ({pct} interval)']
+                   f'vs baseline ({pct} interval)'] + ([f'vs baseline, paired by seed ({pct} interval)'] * paired)
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for g in groups:
         s = g['summary']
-        if g['is_baseline']:
-            vs = 'baseline'
-        elif g['diff'] is None:
-            vs = ''
-        else:
-            d, lo, hi = g['diff']
-            vs = f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]" + (' *' if g['differs'] else '')
+        vs = 'baseline' if g['is_baseline'] else _diff_cell(g['diff'], g['differs'])
+        vs_paired = ['baseline' if g['is_baseline'] else _diff_cell(g['paired'], g['paired_differs'])] * paired
         interval = f'[{s.lo:.4f}, {s.hi:.4f}]' if s.over != 'none' else ''
         examples = f'[{s.examples_lo:.4f}, {s.examples_hi:.4f}]' if s.examples_lo is not None else ''
         cells = [_cell(k, g['values'][k]) for k in keys] + [str(s.n), f'{s.mean:.4f}', f'{s.std:.4f}', interval,
-                                                              s.over if s.over != 'none' else '', examples, vs]
+                                                              s.over if s.over != 'none' else '', examples, vs,
+                                                              *vs_paired]
         lines.append('| ' + ' | '.join(cells) + ' |')
     note = (f'\n{metric}: mean over seeds; {pct} percentile bootstrap interval of the mean (over seeds, or over '
             f'the held-out examples for a single run); examples only: each run\'s held-out examples resampled, the '
             f'seeds fixed (the test set\'s share of the noise); * = the interval of the difference to the baseline '
-            f'excludes 0.\n')
+            f'excludes 0' + ('; paired by seed: the bootstrap over the per-seed differences (each run against '
+                             'the baseline run of its seed: same data order and init)' * paired) + '.\n')
     return '\n'.join(lines) + '\n' + note
 
 
@@ -357,11 +375,13 @@ def write_grouped(metric, groups, out_dir, level=stats.LEVEL):
     with open(os.path.join(out_dir, 'results_by_config.csv'), 'w', newline='') as f:
         writer = csv.writer(f)
         writer.writerow(keys + ['metric', 'seeds', 'mean', 'std', 'lo', 'hi', 'over', 'examples_lo', 'examples_hi',
-                                'level', 'diff', 'diff_lo', 'diff_hi', 'differs', 'runs'])
+                                'level', 'diff', 'diff_lo', 'diff_hi', 'differs', 'paired_diff', 'paired_lo',
+                                'paired_hi', 'paired_differs', 'runs'])
         for g in groups:
-            s, d = g['summary'], g['diff'] or (None, None, None)
+            s, d, pd = g['summary'], g['diff'] or (None, None, None), g['paired'] or (None, None, None)
             writer.writerow([_text(g['values'][k]) for k in keys] + [metric, s.n, s.mean, s.std, s.lo, s.hi, s.over,
-                            s.examples_lo, s.examples_hi, level, *d, g['differs'], ' '.join(r['run'] for r in g['runs'])])
+                            s.examples_lo, s.examples_hi, level, *d, g['differs'], *pd, g['paired_differs'],
+                            ' '.join(r['run'] for r in g['runs'])])
     with open(os.path.join(out_dir, 'results_by_config.md'), 'w') as f:
         f.write(grouped_table(metric, groups, level))
     plot_seed_curves(metric, groups, os.path.join(out_dir, 'seed_curves.png'))

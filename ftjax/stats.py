@@ -8,6 +8,8 @@ Two sources of noise, two intervals (`ftjax.report` prints both where it can):
                  i.e. Binomial(n, p) / n; the interval of the test set's finite size.
 A configuration differs from a baseline when the 95% interval of the difference of their means excludes 0
 (`difference`: each side resampled independently, over its seeds, or over its examples for a single run).
+Where both ran the same seeds, `paired_difference` resamples the per-seed differences instead: a seed that is
+lucky or unlucky for every configuration (the same data order) no longer widens the interval.
 
 With few seeds the bootstrap is coarse: for 3 seeds every resample is one of 27 equally likely triples, and
 the 2.5% / 97.5% quantiles of their means are the smallest and largest seed (each has probability 1/27 = 3.7%):
@@ -125,6 +127,19 @@ def difference(values: Sequence[float], baseline: Sequence[float], examples: Opt
         return None
     lo, hi = _quantiles(a - b, level)
     return float(np.mean(values) - np.mean(baseline)), lo, hi
+
+
+def paired_difference(values: Sequence[float], baseline: Sequence[float], level: float = LEVEL,
+                      resamples: int = RESAMPLES, seed: int = 0) -> tuple:
+    """(mean of values[i] - baseline[i], lo, hi): the bootstrap interval of the mean difference over pairs of runs
+    that share their seed (the same data order and initialisation of the new parts), so that what the seed does
+    to both sides cancels. With 3 pairs the interval is [smallest, largest] difference (see above)."""
+    a, b = np.asarray(values, np.float64), np.asarray(baseline, np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size < 2:
+        raise ValueError(f'a paired difference needs two equally long lists of 2 or more values, got {a.shape} '
+                         f'and {b.shape}.')
+    diff = a - b
+    return (float(diff.mean()), *mean_interval(diff, level, resamples, seed))
 
 
 def differs(diff: Optional[tuple]) -> Optional[bool]:

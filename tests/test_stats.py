@@ -82,6 +82,24 @@ def test_difference_to_a_baseline():
     assert stats.differs(many)
 
 
+def test_paired_difference_cancels_what_a_seed_does_to_both_sides():
+    """Seeds that move every configuration alike (here by 10 points each) hide a steady 2-point gap from the
+    unpaired interval; the per-seed differences are -0.02 each, so the paired interval is exactly that."""
+    base, other = [0.70, 0.80, 0.90], [0.68, 0.78, 0.88]
+    unpaired = stats.difference(other, base)
+    assert unpaired[1] < 0 < unpaired[2] and not stats.differs(unpaired)
+    paired = stats.paired_difference(other, base)
+    assert paired == pytest.approx((-0.02, -0.02, -0.02)) and stats.differs(paired)
+    # by hand: the bootstrap of the mean of the differences (-0.03, +0.01, -0.04); 3 pairs: [min, max]
+    d, lo, hi = stats.paired_difference([0.67, 0.81, 0.86], base)
+    assert (d, lo, hi) == pytest.approx((-0.02, -0.04, 0.01)) and not stats.differs((d, lo, hi))
+    assert (lo, hi) == pytest.approx(stats.mean_interval([-0.03, 0.01, -0.04]))
+    with pytest.raises(ValueError, match='two equally long lists of 2 or more'):
+        stats.paired_difference([0.5, 0.6], [0.5, 0.6, 0.7])
+    with pytest.raises(ValueError, match='two equally long lists of 2 or more'):
+        stats.paired_difference([0.5], [0.6])
+
+
 def test_resampling_is_seeded_and_bad_input_is_refused():
     assert stats.mean_interval([1.0, 2.0, 3.0, 5.0]) == stats.mean_interval([1.0, 2.0, 3.0, 5.0])
     with pytest.raises(ValueError, match='between 0 and 1'):

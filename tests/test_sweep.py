@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import shlex
+import shutil
 import signal
 import sys
 import textwrap
@@ -404,6 +405,10 @@ def test_grouped_report_by_configuration_with_a_baseline(tmp_path, capsys):
     assert by['full']['is_baseline'] and by['full']['diff'] is None
     assert by['lora']['differs'] is False and by['lora']['diff'][1] < 0 < by['lora']['diff'][2]
     assert by['bitfit']['differs'] is True and by['bitfit']['diff'][0] == pytest.approx(-0.1)
+    # paired by seed: lora - full per seed 0.00, +0.02, -0.01 (3 pairs: [min, max]); bitfit -0.10 every seed
+    assert by['lora']['paired'] == pytest.approx((0.01 / 3, -0.01, 0.02)) and by['lora']['paired_differs'] is False
+    assert by['bitfit']['paired'] == pytest.approx((-0.1, -0.1, -0.1)) and by['bitfit']['paired_differs'] is True
+    assert by['full']['paired'] is None
     assert report_cli.main([f'--workdir={root}', '--write', '--baseline=arg=full']) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith('| bitfit |'))
@@ -412,6 +417,8 @@ def test_grouped_report_by_configuration_with_a_baseline(tmp_path, capsys):
     with open(os.path.join(root, 'results_by_config.csv')) as f:
         back = {r['arg']: r for r in csv.DictReader(f)}
     assert back['bitfit']['differs'] == 'True' and back['lora']['runs'] == 'lora_seed0 lora_seed1 lora_seed2'
+    assert back['bitfit']['paired_differs'] == 'True' and float(back['lora']['paired_hi']) == pytest.approx(0.02)
+    assert 'paired by seed' in out
     assert os.path.getsize(os.path.join(root, 'seed_curves.png')) > 10_000
     with pytest.raises(ConfigError, match='--baseline=rank=8: expected KEY=VALUE'):
         report.grouped(rows, baseline='rank=8')
@@ -426,6 +433,24 @@ def test_a_single_run_gets_an_interval_over_its_examples(tmp_path):
     lora = next(g for g in groups if g['values']['arg'] == 'lora')
     assert lora['summary'].over == 'examples' and lora['summary'].lo < 0.79 and lora['summary'].hi > 0.83
     assert lora['differs'] is False  # one point on 872 examples is inside the noise
+    assert lora['paired'] is None  # one seed: nothing to pair over
+
+
+def test_runs_are_paired_by_their_seed_and_only_over_the_same_seeds(tmp_path):
+    """Pairs are matched by train.seed, not by position; a configuration that lacks one of the baseline's seeds
+    gets no paired difference (the unpaired one still)."""
+    root = str(tmp_path)
+    _seed_sweep(root, {'full': [0.70, 0.80, 0.90], 'lora': [0.68, 0.78, 0.88]})
+    rows = report.collect(root)
+    rows.reverse()  # the order runs are read in does not pair them
+    _, groups = report.grouped(rows, baseline='arg=full')
+    lora = next(g for g in groups if g['values']['arg'] == 'lora')
+    assert lora['paired'] == pytest.approx((-0.02, -0.02, -0.02)) and lora['paired_differs'] is True
+    assert lora['differs'] is False  # unpaired: the seeds' own 10-point steps hide the gap
+    shutil.rmtree(os.path.join(root, 'lora_seed2'))
+    _, groups = report.grouped(report.collect(root), baseline='arg=full')
+    lora = next(g for g in groups if g['values']['arg'] == 'lora')
+    assert lora['paired'] is None and lora['diff'] is not None
 
 
 # --- end to end -----------------------------------------------------------------------------------
