@@ -31,8 +31,9 @@ accuracy (mean of 3 seeds); LoRA - full = -0.0359 [-0.0409, -0.0306]: not reprod
 (docs/results/papers_lora_vs_full.md). MRPC (9 runs): full 0.7761, LoRA 0.7034, BitFit 0.7165; LoRA - full =
 -0.0727 [-0.0825, -0.0613]: not reproduced either (full still rising at step 230, LoRA flat near the majority class).
 MRPC six epochs (flag long, 3 seeds, 2026-12-04/05, Intel Xeon): full 0.7958, LoRA 0.7729, BitFit 0.7786 (every
-run but full's seed 0 flat over its last two epochs); LoRA - full = -0.0229 [-0.0376, -0.0041] over the seeds: not
-reproduced, narrowly; BitFit - full = -0.0172 [-0.0310, +0.0008], inside the noise.
+run but full's seed 0 flat over its last two epochs); LoRA - full = -0.0229 [-0.0376, -0.0041] over the seeds,
+paired by seed [-0.0441, +0.0000]; BitFit - full = -0.0172 [-0.0310, +0.0008], paired [-0.0245, -0.0025]:
+inconclusive (both below full in 5 of 6 seed pairs; which interval excludes 0 depends on the pairing).
 """
 from ftjax.config import default_config, parse_arg, smoke as smoke_config
 from ftjax.data.locations import use_shared_glue
