@@ -42,8 +42,10 @@ difference to float32 with its 95% interval over the seeds:
   [-0.3567, -0.2967] and NF4 + DQ 0.5133, -0.3233 [-0.3467, -0.2967] (not reproduced); NF4 + DQ on the linear
   layers only (the paper's setup) 0.6900, -0.1467 [-0.1833, -0.1067] (not reproduced; half the gap).
   SST-2: float32 0.4767, int8 0.4817, NF4 0.5883, NF4 + DQ 0.5917: inconclusive, no base learned the task in 10
-  steps (float32 scores what answering "1" to every review scores, 0.475). sst2,long: float32 seed 0 0.705 (650 s),
-  NF4 + DQ seed 0 0.670; the other runs not made yet.
+  steps (float32 scores what answering "1" to every review scores, 0.475). sst2,long (2026-12-05, 12 runs, ~11 min
+  each): float32 0.6683; int8 0.6767, paired by seed +0.0083 [-0.0250, +0.0400] (reproduced); NF4 0.6367, -0.0317
+  [-0.0800, +0.0150] and NF4 + DQ 0.6383, -0.0300 [-0.0750, +0.0200] (inconclusive: inside the noise, which still
+  admits an 8-point loss).
 """
 from ftjax import synthetic
 from ftjax.config import default_config, parse_arg, smoke as smoke_config
