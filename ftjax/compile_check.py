@@ -92,14 +92,19 @@ def parse_topology(text):
     return sizes
 
 
+def with_device_count(xla_flags, n):
+    """An XLA_FLAGS string with its fake CPU device count set to `n`, every other flag kept."""
+    kept = [f for f in (xla_flags or '').split() if 'xla_force_host_platform_device_count' not in f]
+    return ' '.join(kept + [f'--xla_force_host_platform_device_count={n}'])
+
+
 def use_fake_cpu_devices(n):
     """`n` CPU devices for this process; must run before anything initialises a JAX backend."""
     from jax._src import xla_bridge
     if xla_bridge.backends_are_initialized():
         raise RuntimeError('compile_check: a JAX backend was initialised before the fake devices could be set up; '
                            'run it as `python -m ftjax compile_check ...` in a fresh process.')
-    flags_ = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'xla_force_host_platform_device_count' not in f]
-    os.environ['XLA_FLAGS'] = ' '.join(flags_ + [f'--xla_force_host_platform_device_count={n}'])
+    os.environ['XLA_FLAGS'] = with_device_count(os.environ.get('XLA_FLAGS'), n)
     jax.config.update('jax_platforms', 'cpu')
     jax.config.update('jax_num_cpu_devices', n)
 

@@ -15,6 +15,7 @@ from ftjax import infer, optim, peft
 from ftjax import state as state_lib
 from ftjax import workdir as workdir_lib
 from ftjax.train_step import make_train_step
+from ftjax.compile_check import with_device_count
 from ftjax.config import default_config, default_data_config, override
 from ftjax.models import load_pretrained
 
@@ -40,9 +41,8 @@ _CORPUS = [
 def subprocess_env(devices=1, **extra):
     """os.environ for a child process (`python -m ftjax ...`): `devices` fake CPU devices, the suite's other XLA
     flags (tests/conftest.py: LLVM at -O0) kept, the repository importable, `extra` set on top."""
-    flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'xla_force_host_platform_device_count' not in f]
-    return dict(os.environ, XLA_FLAGS=' '.join([f'--xla_force_host_platform_device_count={devices}', *flags]),
-                PYTHONPATH=REPO, **extra)
+    return dict(os.environ, XLA_FLAGS=with_device_count(os.environ.get('XLA_FLAGS'), devices), PYTHONPATH=REPO,
+                **extra)
 
 
 def make_tokenizer(vocab_size=320):
