@@ -13,6 +13,11 @@ a new engine and so places the weights again. Prints, per cell: new tokens/s of 
 greedy tokens are identical, and the load average at that moment (numbers are only comparable on a quiet
 machine: load < ~2.5). llama.cpp (`llama-cpp-python`, the Q4_1 file, 2 threads; each cell in a child process)
 is printed beside them when it is installed. Also prints the CPU and its float32 matmul peak.
+
+`--floor` adds, per cell, a lower bound on ftjax's time on this machine with float32 weights and XLA's CPU dot
+(`floor_seconds`: the decode step's weight products alone, as measured on the engine's own buffers, plus the
+prefill at the matmul peak and the KV cache read at the measured bandwidth) as tokens/s, and transformers' time
+over it: the largest ratio any engine built on these products could show in that cell.
 """
 import argparse
 import importlib.util
@@ -26,12 +31,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, 'scripts')
 sys.path[:0] = [REPO, SCRIPTS]
 
-import jax.numpy as jnp  # noqa: E402  (after the path set-up: the script runs from a checkout)
+import jax  # noqa: E402  (after the path set-up: the script runs from a checkout)
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import cpu_probe  # noqa: E402  (scripts/cpu_probe.py: cpu_info)
-from ftjax.infer import Sampler, generate  # noqa: E402
-from ftjax.models import load_pretrained, packaged  # noqa: E402
+from ftjax.infer import Sampler, generate, sampler as sampler_lib, unrolled  # noqa: E402
+from ftjax.models import heads, load_pretrained, packaged  # noqa: E402
 
 
 def best_time(fn, reps):
@@ -52,6 +58,66 @@ def ftjax_cell(pre, prompts, new, reps, **kw):
     run()  # compiles every program of this shape, places the weights, makes the decode loop's per-layer copies
     seconds, out = best_time(run, reps)
     return seconds, np.asarray(out)
+
+
+def weight_products(cfg, x, per_layer, head):
+    """x: [rows, embed] -> logits [rows, vocab] through the weight products of a decode step only: every layer's
+    q|k|v, o, gate|up and down products (q standing in for attention's output) and the LM head, on the decode
+    loop's per-layer buffers (`Sampler.buffers`: fused, [out, in] from two rows on) and its head layout."""
+    h = x
+    for p in per_layer:
+        p = unrolled.untransposed(p)
+        q = (h @ p['qkv_proj']['kernel'])[:, :cfg.num_heads * cfg.head_dim]  # [rows, heads * head_dim]
+        h = h + q @ p['o_proj']['kernel']
+        gate, up = jnp.split(h @ p['gate_up_proj']['kernel'], 2, axis=-1)  # [rows, mlp]
+        h = h + (jax.nn.silu(gate) * up) @ p['down_proj']['kernel']
+    return sampler_lib.head_logits(head, h, None, sampler_lib.vocab_major(h.shape[0]))  # [rows, vocab]
+
+
+def engine_head(engine):
+    """The LM head as the engine's decode loop holds it for its row count."""
+    head = heads.lm_head_kernel(engine.params, engine.model.cfg)  # [embed, vocab]
+    return head.T if sampler_lib.vocab_major(engine.rows) else head
+
+
+def step_matmuls(engine, steps):
+    """A callable running a jitted loop of `steps` decode steps that do `weight_products` only (no attention over
+    the cache, norms, rotary, sampling) on the engine's own buffers, from rows of ones."""
+    cfg = engine.model.cfg
+    _, per_layer = engine.buffers()
+    head = engine_head(engine)
+
+    @jax.jit
+    def run(x, per_layer, head):  # x: [rows, embed]
+        step = lambda _, x: x + 1e-6 * weight_products(cfg, x, per_layer, head)[:, :cfg.hidden_size]  # noqa: E731
+        return jax.lax.fori_loop(0, steps, step, x)
+    x = jnp.ones((engine.rows, cfg.hidden_size), jnp.float32)
+    return lambda: run(x, per_layer, head).block_until_ready()
+
+
+def read_bandwidth(reps=5):
+    """Bytes/s of a jitted sum over 1 GiB of float32 on the default device (the rate a cache read can reach)."""
+    big = jnp.ones((1 << 28,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(big).block_until_ready()
+    return big.nbytes / best_time(lambda: total(big).block_until_ready(), reps)[0]
+
+
+def floor_seconds(pre, rows, length, new, peak, bandwidth, reps):
+    """A lower bound on the engine's time for a cell: the prefill's FLOPs (2 per non-embedding parameter and
+    prompt token, the LM head at the last position, the causal attention's two products) at the measured float32
+    matmul peak; then `new - 1` decode steps, each the measured time of `step_matmuls` (a loop of 32 steps, best
+    of `reps`) plus reading the KV cache's filled slots once at the measured read bandwidth."""
+    engine = Sampler(pre, batch_size=rows, eos_ids=[])
+    cfg = pre.config
+    layer_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(pre.params['layers']))
+    attention = 2 * 2 * cfg.num_layers * rows * cfg.num_heads * cfg.head_dim * length * (length + 1) // 2
+    prefill = (2 * layer_params * rows * length + 2 * cfg.vocab_size * cfg.hidden_size * rows + attention) / peak
+    slot_bytes = 2 * cfg.num_layers * rows * cfg.num_kv_heads * cfg.head_dim * 4  # k and v, float32, every layer
+    cache = sum(slot_bytes * (length + i) for i in range(1, new)) / bandwidth
+    run = step_matmuls(engine, 32)
+    run()
+    return prefill + (new - 1) * best_time(run, reps)[0] / 32 + cache
 
 
 def one_call_seconds(pre, prompts, new, **kw):
@@ -111,6 +177,8 @@ def main():
     parser.add_argument('--reps', type=int, default=2, help='timed calls per cell (the best is kept)')
     parser.add_argument('--engines', default='ftjax,transformers,llama.cpp', help='which to run')
     parser.add_argument('--chunk', type=int, default=0, help='ftjax decode chunk (0: the engine default)')
+    parser.add_argument('--floor', action='store_true',
+                        help='also print a lower bound on each cell\'s time (`floor_seconds`) and the ratio it allows')
     args = parser.parse_args()
     lengths = [int(x) for x in args.prompts.split(',')]
     batches = [int(x) for x in args.batches.split(',')]
@@ -120,7 +188,11 @@ def main():
     print(f"CPU: {info['model']} (family {info['family']} model {info['model_number']}, {' '.join(info['isa'])}; "
           f"{info['cores']} cores)")
     import bench  # scripts/bench.py (matmul_peak); imported here: it pulls in the trainer's modules
-    print(f'float32 matmul peak (jax, 2048^3): {bench.matmul_peak(jnp.float32) / 1e9:.1f} GFLOP/s')
+    peak = bench.matmul_peak(jnp.float32)
+    print(f'float32 matmul peak (jax, 2048^3): {peak / 1e9:.1f} GFLOP/s')
+    bandwidth = read_bandwidth() if args.floor else None
+    if args.floor:
+        print(f'read bandwidth (jax, sum over 1 GiB float32): {bandwidth / 1e9:.1f} GB/s')
     path = packaged.resolve('packaged:smollm2')
     pre = load_pretrained(path, jnp.float32)
     hf = None
@@ -139,7 +211,7 @@ def main():
     print(f'greedy, exactly {args.new} new tokens per row; compile time excluded (each shape warmed up first); '
           f'best of {args.reps}')
     print(f"{'prompt':>6} {'batch':>5} | {'ftjax tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'same tokens':>13} | "
-          f"{'llama.cpp':>9} | {'generate()':>10} | load")
+          f"{'llama.cpp':>9} | {'generate()':>10} | load" + (' | floor tok/s  hf/floor' if args.floor else ''))
     for length in lengths:
         for b in batches:
             prompts = rng.integers(100, pre.config.vocab_size, (b, length)).tolist()
@@ -154,10 +226,13 @@ def main():
                     same = f'{int(np.sum(ids == theirs))}/{theirs.size}'
             if cpp is not None:
                 cpp_s = llama_cpp_cell(cpp, prompts, args.new, 1)
+            floor = floor_seconds(pre, b, length, args.new, peak, bandwidth, args.reps) if args.floor else None
+            ceiling = f'{hf_s / floor:.2f}x' if floor and hf_s else '-'  # the best ratio the floor allows
             fmt = lambda s: f'{total / s:.1f}' if s else '-'  # noqa: E731
             ratio = f'{hf_s / ours:.2f}x' if ours and hf_s else '-'
             print(f'{length:>6} {b:>5} | {fmt(ours):>11} {fmt(hf_s):>9} {ratio:>6} {same:>13} | '
-                  f"{fmt(cpp_s) if cpp else 'n/a':>9} | {fmt(once):>10} | {os.getloadavg()[0]:.2f}", flush=True)
+                  f"{fmt(cpp_s) if cpp else 'n/a':>9} | {fmt(once):>10} | {os.getloadavg()[0]:.2f}"
+                  + (f' | {fmt(floor):>11} {ceiling:>8}' if args.floor else ''), flush=True)
 
 
 if __name__ == '__main__':

@@ -172,3 +172,35 @@ def test_flop_counts_follow_the_mode(bench, tiny_llama_dir):
     adapters = sum(int(np.prod(x.shape)) for p, x in jax.tree_util.tree_flatten_with_path(pres['lora'].params)[0]
                    if str(getattr(p[-1], 'key', '')) in ('lora_a', 'lora_b'))
     assert adapters > 0 and counts['lora'][0] == adapters
+
+
+@pytest.fixture(scope='module')
+def bench_generate():
+    """scripts/bench_generate.py as a module (nothing is parsed)."""
+    spec = importlib.util.spec_from_file_location('bench_generate', os.path.join(REPO, 'scripts', 'bench_generate.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize('rows', [1, 2])  # the engine's two layouts: kernels [in, out] at one row, [out, in] from two
+def test_generate_floor_runs_the_engines_weight_products(bench_generate, tiny_llama_dir, rows):
+    """The floor's products (`weight_products`, on the engine's fused, transposed buffers) equal the same products
+    of the stacked checkpoint weights: q of q|k|v, o, gate|up, down per layer, then the LM head."""
+    pre = load_pretrained(tiny_llama_dir, jax.numpy.float32)
+    cfg = pre.config
+    engine = bench_generate.Sampler(pre, batch_size=rows, eos_ids=[])
+    _, per_layer = engine.buffers()
+    x = np.random.default_rng(0).standard_normal((rows, cfg.hidden_size)).astype(np.float32)
+    out = np.asarray(jax.jit(lambda x, p, h: bench_generate.weight_products(cfg, x, p, h))(
+        x, per_layer, bench_generate.engine_head(engine)))  # [rows, vocab]
+    w = jax.tree.map(np.asarray, pre.params['layers'])
+    h = x
+    for i in range(cfg.num_layers):
+        h = h + (h @ w['q_proj']['kernel'][i]) @ w['o_proj']['kernel'][i]
+        gate, up = h @ w['gate_proj']['kernel'][i], h @ w['up_proj']['kernel'][i]
+        h = h + (gate / (1 + np.exp(-gate)) * up) @ w['down_proj']['kernel'][i]
+    expected = h @ np.asarray(bench_generate.heads.lm_head_kernel(pre.params, cfg))  # [rows, vocab]
+    assert out.shape == expected.shape == (rows, cfg.vocab_size)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    assert np.abs(bench_generate.step_matmuls(engine, 2)() - 1).max() > 0  # the loop runs these products
