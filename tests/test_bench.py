@@ -37,13 +37,18 @@ def run_bench(*args):
     return json.loads(lines[-1]), out.stdout
 
 
-@pytest.fixture(scope='module')
-def bench():
-    """scripts/bench.py as a module (its absl flags join this process's; nothing is parsed)."""
-    spec = importlib.util.spec_from_file_location('bench', os.path.join(REPO, 'scripts', 'bench.py'))
+def script_module(name):
+    """scripts/<name>.py as a module (nothing is parsed)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'scripts', f'{name}.py'))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope='module')
+def bench():
+    """scripts/bench.py as a module (its absl flags join this process's)."""
+    return script_module('bench')
 
 
 @pytest.mark.slow
@@ -176,11 +181,7 @@ def test_flop_counts_follow_the_mode(bench, tiny_llama_dir):
 
 @pytest.fixture(scope='module')
 def bench_generate():
-    """scripts/bench_generate.py as a module (nothing is parsed)."""
-    spec = importlib.util.spec_from_file_location('bench_generate', os.path.join(REPO, 'scripts', 'bench_generate.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module('bench_generate')
 
 
 @pytest.mark.parametrize('rows', [1, 2])  # the engine's two layouts: kernels [in, out] at one row, [out, in] from two
