@@ -104,6 +104,18 @@ def _decode_chunk(model, rest, per_layer, head, caches, tok, done, pad, start, l
     b = tok.shape[0]
     kv_valid = jnp.arange(caches[0]['k'].shape[2])[None, :] >= pad[:, None]  # [rows, cache length]
 
+    def carried(caches):
+        """The caches as the loop carries them: at one row without the row axis ([kv_heads, kv_len, head_dim]).
+        With it, XLA's CPU backend fused each layer's cache update twice (for the loop state and for attention's
+        view without the unit row axis) and copied every k and v cache four times per step (240 copies of
+        [1, 3, 551, 64] per SmolLM2 step); without it, once (1 x 512: 24.3-24.8 -> 28.5 tok/s, the same values;
+        docs/performance.md)."""
+        return jax.tree.map(lambda c: c[0], caches) if b == 1 else caches
+
+    def used(caches):
+        """The inverse of `carried`: the caches as the model reads them, [rows, kv_heads, kv_len, head_dim]."""
+        return jax.tree.map(lambda c: c[None], caches) if b == 1 else caches
+
     def running(state):
         i, _, done, *_ = state
         return (i < limit) & ~jnp.all(done)
@@ -111,18 +123,19 @@ def _decode_chunk(model, rest, per_layer, head, caches, tok, done, pad, start, l
     def step(state):
         i, tok, done, caches, out, logp = state
         slot = start + i
-        hidden, caches = unrolled.hidden_states(model, rest, per_layer, tok[:, None], (slot - pad)[:, None], caches,
-                                                slot, kv_valid)  # [rows, 1, embed]
+        hidden, caches = unrolled.hidden_states(model, rest, per_layer, tok[:, None], (slot - pad)[:, None],
+                                                used(caches), slot, kv_valid)  # [rows, 1, embed]
         logits = head_logits(head, hidden[:, 0], model.cfg.final_softcap, vocab_major(b))  # [rows, vocab]
         nxt = sampling.sample_logits(logits, jax.random.fold_in(key, slot), temperature, top_p, mode)
         out = jax.lax.dynamic_update_slice(out, jnp.where(done, NO_TOKEN, nxt)[:, None], (0, i))
         logp = jax.lax.dynamic_update_slice(logp, sampling.token_logp(logits, nxt)[:, None], (0, i))
-        return i + 1, nxt, done | jnp.isin(nxt, eos), caches, out, logp
+        return i + 1, nxt, done | jnp.isin(nxt, eos), carried(caches), out, logp
 
     out = jnp.full((b, steps), NO_TOKEN, jnp.int32)
     logp = jnp.zeros((b, steps), jnp.float32)
-    i, tok, done, caches, out, logp = jax.lax.while_loop(running, step, (jnp.int32(0), tok, done, caches, out, logp))
-    return out, logp, tok, done, caches, i
+    state = (jnp.int32(0), tok, done, carried(caches), out, logp)
+    i, tok, done, caches, out, logp = jax.lax.while_loop(running, step, state)
+    return out, logp, tok, done, used(caches), i
 
 
 def cache_length(needed: int, final: int) -> int:
