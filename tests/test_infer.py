@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftjax.infer import Sampler, generate, generate_text, sampling, unrolled
+from ftjax.infer import Sampler, generate, generate_text, sampler as sampler_lib, sampling, unrolled
 from ftjax.infer.prompts import bucket, left_pad
 from ftjax.infer.sampler import cache_length
 from ftjax.models import load_pretrained
@@ -158,6 +158,30 @@ def test_weights_placed_once(varied):
     again = engine.sample(prompts, NEW, eos_ids=[])
     assert again.tokens == first.tokens and engine.buffers() is buffers
     assert first.tokens == generate(varied, prompts, NEW, eos_ids=[])
+
+
+def test_one_row_decode_copies_each_cache_at_most_once(varied, monkeypatch):
+    """At one row the decode loop carries its KV caches without the row axis (`_decode_chunk`'s `carried`): XLA's
+    CPU backend then copies each layer's k or v cache at most once per step in the compiled loop. With the row
+    axis it fused each cache update twice and copied every cache four times per step (docs/performance.md)."""
+    calls = []
+    original = sampler_lib._decode_chunk
+
+    def spy(*args, **kw):  # the shapes of the last call, for lowering it again
+        calls.append((jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if isinstance(a, jax.Array)
+                                   else a, args), kw))
+        return original(*args, **kw)
+    monkeypatch.setattr(sampler_lib, '_decode_chunk', spy)
+    prompt = _prompts(varied.config.vocab_size, [40], seed=7)
+    assert Sampler(varied, batch_size=1, chunk=4).sample(prompt, NEW, eos_ids=[]).tokens == generate(
+        varied, prompt, NEW, eos_ids=[])
+    args, kw = calls[-1]
+    _, kv_heads, slots, head_dim = args[4][0]['k'].shape  # one layer's cache: [rows, kv_heads, slots, head_dim]
+    shapes = (f'f32[1,{kv_heads},{slots},{head_dim}]', f'f32[{kv_heads},{slots},{head_dim}]')
+    hlo = original.lower(*args, **kw).compile().as_text()
+    copies = [line for line in hlo.splitlines() if ' copy(' in line and line.split('= ')[1].startswith(shapes)]
+    caches = 2 * varied.config.num_layers
+    assert len(copies) <= caches, (len(copies), caches)
 
 
 def test_n_samples_seeds_and_filters(varied):
