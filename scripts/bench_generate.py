@@ -50,10 +50,9 @@ def best_time(fn, reps):
     return best, out
 
 
-def ftjax_cell(pre, prompts, new, reps, **kw):
-    """(seconds, new ids [batch, new]) of ftjax's greedy generation by one engine (`Sampler`, the weights placed
-    once, as transformers' model is loaded once), after one warm-up call of the same shape."""
-    engine = Sampler(pre, batch_size=len(prompts), eos_ids=[], **kw)
+def ftjax_cell(engine, prompts, new, reps):
+    """(seconds, new ids [batch, new]) of ftjax's greedy generation by one engine (`Sampler`, built once per cell:
+    the weights placed once, as transformers' model is loaded once), after one warm-up call of the same shape."""
     run = lambda: engine.sample(prompts, new).tokens  # noqa: E731
     run()  # compiles every program of this shape, places the weights, makes the decode loop's per-layer copies
     seconds, out = best_time(run, reps)
@@ -103,14 +102,13 @@ def read_bandwidth(reps=5):
     return big.nbytes / best_time(lambda: total(big).block_until_ready(), reps)[0]
 
 
-def floor_seconds(pre, rows, length, new, peak, bandwidth, reps):
+def floor_seconds(engine, length, new, peak, bandwidth, reps):
     """A lower bound on the engine's time for a cell: the prefill's FLOPs (2 per non-embedding parameter and
     prompt token, the LM head at the last position, the causal attention's two products) at the measured float32
     matmul peak; then `new - 1` decode steps, each the measured time of `step_matmuls` (a loop of 32 steps, best
     of `reps`) plus reading the KV cache's filled slots once at the measured read bandwidth."""
-    engine = Sampler(pre, batch_size=rows, eos_ids=[])
-    cfg = pre.config
-    layer_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(pre.params['layers']))
+    cfg, rows = engine.model.cfg, engine.rows
+    layer_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(engine.params['layers']))
     attention = 2 * 2 * cfg.num_layers * rows * cfg.num_heads * cfg.head_dim * length * (length + 1) // 2
     prefill = (2 * layer_params * rows * length + 2 * cfg.vocab_size * cfg.hidden_size * rows + attention) / peak
     slot_bytes = 2 * cfg.num_layers * rows * cfg.num_kv_heads * cfg.head_dim * 4  # k and v, float32, every layer
@@ -217,8 +215,9 @@ def main():
             prompts = rng.integers(100, pre.config.vocab_size, (b, length)).tolist()
             total = b * args.new
             ours, hf_s, same, cpp_s, once = None, None, '', None, None
+            engine = Sampler(pre, batch_size=b, eos_ids=[], **kw) if 'ftjax' in engines or args.floor else None
             if 'ftjax' in engines:
-                ours, ids = ftjax_cell(pre, prompts, args.new, args.reps, **kw)
+                ours, ids = ftjax_cell(engine, prompts, args.new, args.reps)
                 once = one_call_seconds(pre, prompts, args.new, **kw)
             if hf is not None:
                 hf_s, theirs = torch_cell(hf, prompts, args.new, args.reps)
@@ -226,7 +225,7 @@ def main():
                     same = f'{int(np.sum(ids == theirs))}/{theirs.size}'
             if cpp is not None:
                 cpp_s = llama_cpp_cell(cpp, prompts, args.new, 1)
-            floor = floor_seconds(pre, b, length, args.new, peak, bandwidth, args.reps) if args.floor else None
+            floor = floor_seconds(engine, length, args.new, peak, bandwidth, args.reps) if args.floor else None
             ceiling = f'{hf_s / floor:.2f}x' if floor and hf_s else '-'  # the best ratio the floor allows
             fmt = lambda s: f'{total / s:.1f}' if s else '-'  # noqa: E731
             ratio = f'{hf_s / ours:.2f}x' if ours and hf_s else '-'
